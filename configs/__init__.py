@@ -1,0 +1,1 @@
+"""Packaged configuration files (prompt vocabulary, training and edge configs)."""

@@ -1,0 +1,1 @@
+"""Web dashboard for site supervisors, fed by the edge runtime's MQTT topics."""

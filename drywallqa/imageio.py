@@ -1,0 +1,46 @@
+"""Robust image reading: EXIF orientation, grayscale, RGBA, palette and 16-bit inputs -> RGB uint8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be decoded; the message names the file."""
+
+
+def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
+    """Any H x W, H x W x 1/3/4 array of uint8/uint16/float -> H x W x 3 uint8 (alpha dropped)."""
+    a = np.asarray(array)
+    if a.dtype == np.uint16 or (a.dtype.kind in "iu" and a.max(initial=0) > 255):
+        a = (a.astype(np.float32) / 257.0).round().clip(0, 255).astype(np.uint8)
+    elif a.dtype.kind == "f":
+        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
+        a = (a * scale).round().clip(0, 255).astype(np.uint8)
+    else:
+        a = a.astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    elif a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif a.shape[2] == 4:
+        a = a[..., :3]
+    return np.ascontiguousarray(a)
+
+
+def read_image_rgb(path: str | Path) -> np.ndarray:
+    """Decode with EXIF orientation applied; raises ImageReadError naming the file on failure."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return to_rgb_uint8(np.asarray(im).astype(np.uint32))
+            if im.mode not in ("RGB", "L", "RGBA"):
+                im = im.convert("RGBA" if "A" in im.getbands() or im.mode == "P" else "RGB")
+            return to_rgb_uint8(np.asarray(im))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc

@@ -1,0 +1,29 @@
+"""Where the project keeps its files (shipped weights, exported models, configs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = Path(os.environ.get("DRYWALLQA_HOME", PACKAGE_DIR.parent))
+CONFIGS_DIR = PROJECT_ROOT / "configs"
+MODELS_DIR = PROJECT_ROOT / "models"
+EXPORTED_DIR = MODELS_DIR / "exported"
+SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+CACHE_DIR = PROJECT_ROOT / "cache"
+
+# Shipped model profiles: weights (fp16 safetensors, committed) -> exported ONNX (made by `drywallqa export`).
+PROFILES = {
+    "hrnet": "hrnet_w18_student",
+    "lite": "lite_effnet_lite0",
+}
+DEFAULT_PROFILE = "hrnet"
+
+
+def profile_weights(profile: str) -> Path:
+    return MODELS_DIR / f"{PROFILES[profile]}.safetensors"
+
+
+def profile_onnx(profile: str) -> Path:
+    return EXPORTED_DIR / f"{PROFILES[profile]}.onnx"

@@ -1,0 +1,104 @@
+"""MQTT payload schema (versioned): the one contract between the edge runtime and the dashboard.
+
+Topics, under `<prefix>/<device_id>/`:
+- `status`     retained, QoS 1: StatusPayload (also the last-will message, state="offline")
+- `detections` QoS 0, rate-limited: DetectionPayload (per-frame summary)
+- `alerts`     QoS 1: AlertPayload (unique event_id; consumers deduplicate on it)
+- `cmd`        inbound: CommandPayload (pause, resume, set_prompts, snapshot)
+- `snapshot`   QoS 1: SnapshotPayload (reply to a snapshot command, and the latest annotated frame)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+PAYLOAD_VERSION = 1
+
+TOPIC_STATUS = "status"
+TOPIC_DETECTIONS = "detections"
+TOPIC_ALERTS = "alerts"
+TOPIC_CMD = "cmd"
+TOPIC_SNAPSHOT = "snapshot"
+
+
+def topic(prefix: str, device_id: str, leaf: str) -> str:
+    return f"{prefix.rstrip('/')}/{device_id}/{leaf}"
+
+
+class Region(BaseModel):
+    bbox: tuple[int, int, int, int] = Field(description="x, y, width, height in source pixels")
+    area_px: int
+    skeleton_length_px: float | None = Field(default=None, description="cracks only")
+
+
+class ClassResult(BaseModel):
+    class_name: str
+    prompt: str
+    area_fraction: float = Field(ge=0.0, le=1.0)
+    region_count: int = Field(ge=0)
+    regions: list[Region] = Field(default_factory=list)
+    skeleton_length_px: float = Field(default=0.0, description="total crack skeleton length; 0 for other classes")
+    mean_confidence: float = Field(ge=0.0, le=1.0, description="mean probability inside the mask (0 if empty)")
+
+
+class StatusPayload(BaseModel):
+    version: int = PAYLOAD_VERSION
+    device_id: str
+    state: Literal["online", "offline", "paused"]
+    timestamp: float
+    model: str = ""
+    source: str = ""
+    source_state: str = Field(default="", description="e.g. open, reconnecting, stalled, ended")
+    prompts: list[str] = Field(default_factory=list)
+    frames_processed: int = 0
+    frames_dropped: int = 0
+    frames_corrupt: int = 0
+    fps: float = 0.0
+    spooled_alerts: int = 0
+
+
+class DetectionPayload(BaseModel):
+    version: int = PAYLOAD_VERSION
+    device_id: str
+    frame_id: int
+    timestamp: float
+    width: int
+    height: int
+    inference_ms: float
+    results: list[ClassResult]
+    preview_jpeg_b64: str | None = Field(default=None, description="small JPEG with masks drawn, when enabled")
+
+
+class AlertPayload(BaseModel):
+    version: int = PAYLOAD_VERSION
+    event_id: str = Field(description="unique per alert; consumers deduplicate on it")
+    device_id: str
+    timestamp: float
+    frame_id: int
+    class_name: str
+    prompt: str
+    rule: str = Field(description="which threshold fired, e.g. 'area_fraction>=0.01'")
+    area_fraction: float
+    skeleton_length_px: float = 0.0
+    region_count: int = 0
+    mean_confidence: float = 0.0
+    persisted_frames: int = Field(default=1, description="consecutive frames the condition held")
+    snapshot_jpeg_b64: str = Field(description="JPEG of the frame with the mask drawn on it, base64")
+
+
+class CommandPayload(BaseModel):
+    version: int = PAYLOAD_VERSION
+    command: Literal["pause", "resume", "set_prompts", "snapshot"]
+    prompts: list[str] | None = None
+    request_id: str | None = None
+
+
+class SnapshotPayload(BaseModel):
+    version: int = PAYLOAD_VERSION
+    device_id: str
+    timestamp: float
+    frame_id: int
+    request_id: str | None = None
+    jpeg_b64: str

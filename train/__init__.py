@@ -1,0 +1,1 @@
+"""Training side: data preparation, text encoders, teacher/student models, distillation (needs torch)."""

@@ -1,0 +1,99 @@
+"""Shipped weights: a safetensors file (fp16 by default) whose header metadata rebuilds the model.
+
+Header metadata (all strings): architecture, profile, classes (JSON list), prompts (JSON list, the
+order of the baked embedding rows), prompt_class (JSON list of class indices), text_encoder,
+thresholds (JSON dict), input_size (JSON [h, w]), data_fingerprint, version, recipe (JSON).
+The prompt embeddings themselves are tensors in the file (the model's buffers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from drywallqa.train.models.segmenter import Segmenter, build_segmenter
+
+
+@dataclass
+class CheckpointInfo:
+    architecture: str
+    profile: str
+    classes: list[str]
+    prompts: list[str]
+    prompt_class: list[int]
+    text_encoder: str
+    thresholds: dict[str, float]
+    input_size: tuple[int, int] = (512, 512)
+    data_fingerprint: str = ""
+    version: str = "0.1.0"
+    recipe: dict = field(default_factory=dict)
+
+    def to_header(self) -> dict[str, str]:
+        return {
+            "architecture": self.architecture,
+            "profile": self.profile,
+            "classes": json.dumps(self.classes),
+            "prompts": json.dumps(self.prompts),
+            "prompt_class": json.dumps(self.prompt_class),
+            "text_encoder": self.text_encoder,
+            "thresholds": json.dumps(self.thresholds),
+            "input_size": json.dumps(list(self.input_size)),
+            "data_fingerprint": self.data_fingerprint,
+            "version": self.version,
+            "recipe": json.dumps(self.recipe),
+        }
+
+    @classmethod
+    def from_header(cls, header: dict[str, str]) -> CheckpointInfo:
+        return cls(
+            architecture=header["architecture"],
+            profile=header["profile"],
+            classes=json.loads(header["classes"]),
+            prompts=json.loads(header["prompts"]),
+            prompt_class=json.loads(header["prompt_class"]),
+            text_encoder=header["text_encoder"],
+            thresholds={k: float(v) for k, v in json.loads(header["thresholds"]).items()},
+            input_size=tuple(json.loads(header.get("input_size", "[512, 512]"))),
+            data_fingerprint=header.get("data_fingerprint", ""),
+            version=header.get("version", "0.1.0"),
+            recipe=json.loads(header.get("recipe", "{}")),
+        )
+
+
+def save_weights(model: Segmenter, info: CheckpointInfo, path: str | Path, fp16: bool = True) -> Path:
+    """Weights only (no optimizer), fp16 by default; buffers (incl. prompt embeddings) included."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if fp16 and v.is_floating_point():
+            v = v.half()
+        state[k] = v
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=info.to_header())
+    return path
+
+
+def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[Segmenter, CheckpointInfo]:
+    """Rebuild the model from a shipped file; returns it in eval mode, fp32."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights at {path}")
+    with safe_open(str(path), framework="pt", device=map_location) as f:
+        header = f.metadata() or {}
+        missing = [k for k in ("architecture", "classes", "prompts", "prompt_class") if k not in header]
+        if missing:
+            raise ValueError(f"{path}: not a DrywallQA checkpoint, header lacks {missing}")
+        state = {k: f.get_tensor(k).float() if f.get_tensor(k).is_floating_point() else f.get_tensor(k)
+                 for k in f.keys()}
+    info = CheckpointInfo.from_header(header)
+    model = build_segmenter(info.architecture, state["prompt_embeddings"], state["prompt_class"], len(info.classes))
+    model.load_state_dict(state)
+    return model.eval(), info

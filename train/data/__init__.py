@@ -1,0 +1,1 @@
+"""Dataset reading: labels to pixel masks, grouped splits, decoded/resized caches."""

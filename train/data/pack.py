@@ -1,0 +1,63 @@
+"""Pack the training split into compact JPEG/PNG blobs (< 64 MiB per part) for a lent GPU machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from drywallqa.train.data.examples import load_example
+from drywallqa.train.data.sources import dataset_specs, load_data_config, yolo_records
+from drywallqa.train.data.split import grouped_split
+
+
+def encode(record, size: int, quality: int, box_strategy: str):
+    image, mask, _ = load_example(record, box_strategy)
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
+    jpg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1]
+    png = cv2.imencode(".png", ((mask >= 128) * 255).astype(np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])[1]
+    return jpg.tobytes(), png.tobytes()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".gpu")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--quality", type=int, default=72)
+    ap.add_argument("--parts", type=int, default=2)
+    args = ap.parse_args()
+    cfg = load_data_config()
+    classes = ["crack", "taping"]
+    records = []
+    for spec in dataset_specs(cfg):
+        recs = yolo_records(spec)
+        split = grouped_split(spec.name, [r.image_path.name for r in recs], cfg["split"]["val_fraction"],
+                              cfg["split"]["seed"])
+        records += [r for r in recs if split[r.image_path.name] == "train"]
+    with ThreadPoolExecutor(4) as pool:
+        blobs = list(pool.map(lambda r: encode(r, args.size, args.quality, cfg["box_strategy"]), records))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for part in range(args.parts):
+        idx = list(range(part, len(records), args.parts))
+        jpg = [blobs[i][0] for i in idx]
+        png = [blobs[i][1] for i in idx]
+        d = out / f"part{part}"
+        d.mkdir(exist_ok=True)
+        np.save(d / "jpg.npy", np.frombuffer(b"".join(jpg), np.uint8))
+        np.save(d / "jpg_len.npy", np.array([len(b) for b in jpg], np.int64))
+        np.save(d / "png.npy", np.frombuffer(b"".join(png), np.uint8))
+        np.save(d / "png_len.npy", np.array([len(b) for b in png], np.int64))
+        meta = [{"id": records[i].image_id, "dataset": records[i].dataset,
+                 "class": classes.index(records[i].class_name)} for i in idx]
+        (d / "meta.json").write_text(json.dumps(meta))
+        print(part, len(idx), sum(map(len, jpg)) / 2**20, "MiB jpg", sum(map(len, png)) / 2**20, "MiB png")
+
+
+if __name__ == "__main__":
+    main()

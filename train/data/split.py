@@ -1,0 +1,50 @@
+"""Deterministic train/validation split grouped by base photo.
+
+Roboflow names every augmented variant of one photo `<base>_jpg.rf.<hash>.jpg`; all variants of a base
+land on the same side, so validation measures skill, not memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+_RF = re.compile(r"^(?P<base>.+?)_(?:jpg|jpeg|png|bmp|webp)\.rf\.[0-9a-f]+$", re.IGNORECASE)
+
+
+def base_name(filename: str) -> str:
+    """'00002_jpg.rf.4edd53.jpg' -> '00002'; names without the Roboflow suffix are their own base."""
+    stem = Path(filename).stem
+    match = _RF.match(stem)
+    return match.group("base") if match else stem
+
+
+def _bucket(dataset: str, base: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{dataset}:{base}".encode()).hexdigest()
+    return int(digest[:12], 16) / float(1 << 48)
+
+
+def grouped_split(dataset: str, filenames: Iterable[str], val_fraction: float = 0.15, seed: int = 0) -> dict[str, str]:
+    """Map each file name to 'train' or 'val' by hashing its base name (stable under added files)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    return {f: ("val" if _bucket(dataset, base_name(f), seed) < val_fraction else "train") for f in filenames}
+
+
+def write_split(path: str | Path, split: dict[str, dict[str, str]], seed: int, val_fraction: float) -> None:
+    """split: dataset -> {file name -> 'train'|'val'}; written sorted so the file diffs cleanly."""
+    payload = {
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "grouping": "roboflow base photo (<base>_jpg.rf.<hash>)",
+        "datasets": {ds: dict(sorted(files.items())) for ds, files in sorted(split.items())},
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+
+def read_split(path: str | Path) -> dict[str, dict[str, str]]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))["datasets"]

@@ -1,0 +1,1 @@
+"""Segmentation models: encoders, decoders and the prompt-conditioned head, composed like smp."""

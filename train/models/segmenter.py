@@ -1,0 +1,167 @@
+"""Prompt-conditioned segmenters: encoder -> decoder -> FiLM head, with prompt embeddings baked in.
+
+`Segmenter` composes an encoder+decoder that yields a stride-4 feature map with a `FiLMHead` that
+turns each prompt embedding into a per-channel scale and shift (FiLM) and then into a mask logit.
+The frozen text embeddings of the whole vocabulary are registered buffers, so the exported graph
+needs no text encoder; one forward pass yields the logits of every class (or every listed prompt).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drywallqa.train.models.effnet_lite import EfficientNetLite0Encoder
+from drywallqa.train.models.hrnet import HRNetW18, conv_bn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FPNDecoder(nn.Module):
+    """Light FPN: lateral 1x1 convs, top-down sum, then every level upsampled to stride 4 and summed."""
+
+    def __init__(self, in_channels: tuple[int, ...], channels: int = 64) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.smooth = nn.ModuleList(conv_bn(channels, channels, 3) for _ in in_channels)
+        self.out_channels = channels
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        lat = [conv(f) for conv, f in zip(self.lateral, feats, strict=True)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="bilinear",
+                                                    align_corners=False)
+        size = lat[0].shape[-2:]
+        out = self.smooth[0](lat[0])
+        for i in range(1, len(lat)):
+            out = out + F.interpolate(self.smooth[i](lat[i]), size=size, mode="bilinear", align_corners=False)
+        return out
+
+
+class LiteEncoderDecoder(nn.Module):
+    def __init__(self, channels: int = 64) -> None:
+        super().__init__()
+        self.encoder = EfficientNetLite0Encoder()
+        self.decoder = FPNDecoder(self.encoder.out_channels, channels)
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class HRNetEncoderDecoder(nn.Module):
+    """HRNetV2-W18 with its standard 1x1 fusion layer over the concatenated branches."""
+
+    def __init__(self, channels: int = 64) -> None:
+        super().__init__()
+        self.encoder = HRNetW18()
+        c = self.encoder.out_channels
+        self.decoder = nn.Sequential(conv_bn(c, c, 1), conv_bn(c, channels, 3))
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class FiLMHead(nn.Module):
+    """Conditions a feature map on prompt embeddings: y = relu(f * (1 + gamma(e)) + beta(e)) -> logit."""
+
+    def __init__(self, channels: int, embed_dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.film = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2 * channels))
+        nn.init.zeros_(self.film[-1].weight)
+        nn.init.zeros_(self.film[-1].bias)
+        self.conv = nn.Conv2d(channels, channels // 2, 1)
+        self.out = nn.Conv2d(channels // 2, 1, 1)
+        self.bias_from_text = nn.Linear(embed_dim, 1)
+
+    def forward(self, feat: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """feat: N x C x h x w; emb: K x E (shared) or N x K x E -> logits N x K x h x w."""
+        n, c, h, w = feat.shape
+        if emb.dim() == 2:
+            emb = emb.unsqueeze(0).expand(n, -1, -1)
+        k = emb.shape[1]
+        gamma, beta = self.film(emb).chunk(2, dim=-1)  # N x K x C
+        y = feat.unsqueeze(1) * (1 + gamma[..., None, None]) + beta[..., None, None]  # N x K x C x h x w
+        y = torch.relu(y).reshape(n * k, c, h, w)
+        y = self.out(torch.relu(self.conv(y))).reshape(n, k, h, w)
+        return y + self.bias_from_text(emb)[..., None]
+
+
+class Segmenter(nn.Module):
+    """encoder-decoder + FiLM head + baked prompt embeddings (buffers, not inputs)."""
+
+    def __init__(
+        self,
+        body: nn.Module,
+        prompt_embeddings: torch.Tensor,
+        prompt_class: torch.Tensor,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        self.body = body
+        embed_dim = prompt_embeddings.shape[1]
+        self.head = FiLMHead(body.out_channels, embed_dim)
+        self.register_buffer("prompt_embeddings", prompt_embeddings.float().clone())  # P x E, L2-normalised
+        self.register_buffer("prompt_class", prompt_class.long().clone())  # P
+        class_emb = torch.stack([
+            F.normalize(prompt_embeddings[prompt_class == c].float().mean(0), dim=0) for c in range(num_classes)
+        ])
+        self.register_buffer("class_embeddings", class_emb)  # C x E: centroid of each class's synonyms
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor, prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: normalised N x 3 x H x W. prompt_ids: None (every class), K or N x K prompt indices.
+
+        Returns logits N x K x H x W at the input resolution.
+        """
+        feat = self.features(x)
+        emb = self.class_embeddings if prompt_ids is None else self.prompt_embeddings[prompt_ids]
+        logits = self.head(feat, emb)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ExportWrapper(nn.Module):
+    """The deployable graph: uint8 NHWC RGB in, per-class probabilities N x C x H x W out."""
+
+    def __init__(self, model: Segmenter) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+        x = (x - self.model.mean) / self.model.std
+        return torch.sigmoid(self.model(x))
+
+
+ARCHITECTURES = {
+    "hrnet_w18": HRNetEncoderDecoder,
+    "effnet_lite0_fpn": LiteEncoderDecoder,
+}
+
+
+def build_segmenter(
+    architecture: str,
+    prompt_embeddings: torch.Tensor,
+    prompt_class: torch.Tensor,
+    num_classes: int,
+    pretrained_encoder: bool = False,
+) -> Segmenter:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    body = ARCHITECTURES[architecture]()
+    if pretrained_encoder:
+        if architecture != "effnet_lite0_fpn":
+            raise ValueError(f"no pretrained weights exist offline for {architecture!r}; it trains from scratch")
+        body.encoder.load_imagenet()
+    return Segmenter(body, prompt_embeddings, prompt_class, num_classes)
+
+
+def normalize_input(x_uint8_nchw: torch.Tensor, model: Segmenter) -> torch.Tensor:
+    return (x_uint8_nchw.float() / 255.0 - model.mean) / model.std
