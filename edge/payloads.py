@@ -57,6 +57,9 @@ class StatusPayload(BaseModel):
     frames_corrupt: int = 0
     fps: float = 0.0
     spooled_alerts: int = 0
+    spool_dropped: int = Field(default=0, description="alerts dropped (oldest first) because the spool was full")
+    frames_reopened: int = Field(default=0, description="times the source was reopened after a failure")
+    last_error: str = Field(default="", description="latest source / command error, for operators")
 
 
 class DetectionPayload(BaseModel):

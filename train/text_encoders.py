@@ -79,3 +79,36 @@ def cosine_similarity_fn(embeddings: TextEmbeddings, encoder: str = "minilm", cl
         return [float(embeddings.vectors[index[k]] @ q) if k in index else 0.0 for k in known]
 
     return similarity
+
+
+def save_embeddings(emb: TextEmbeddings, path: str | Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"vectors": emb.vectors.contiguous()}, str(path),
+              metadata={"encoder": emb.encoder, "prompts": json.dumps(emb.prompts)})
+
+
+def load_embeddings(path: str | Path) -> TextEmbeddings:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        return TextEmbeddings(meta["encoder"], json.loads(meta["prompts"]), f.get_tensor("vectors").float())
+
+
+def vocabulary_embeddings(prompts: list[str], encoder: str = "minilm", clip_path: str | None = None,
+                          cache: str | Path | None = None) -> TextEmbeddings:
+    """Embed the vocabulary once; reuse a cache file when it holds exactly these prompts from this encoder."""
+    if cache and Path(cache).exists():
+        emb = load_embeddings(cache)
+        if emb.prompts == list(prompts) and emb.encoder.split(":")[0] == encoder:
+            return emb
+    emb = embed_prompts(list(prompts), encoder, clip_path)
+    if cache:
+        save_embeddings(emb, cache)
+    return emb

@@ -9,15 +9,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
+
+# Names the rasterisation rule; part of the data fingerprint so caches made by an older rule are told apart.
+MASK_RULE = "pixel-centre sampling, non-zero winding, half-open edges (v2)"
 
 
 @dataclass
 class LabelObject:
     class_id: int
-    kind: str  # "polygon" or "box"
-    points: np.ndarray  # polygon: K x 2 (x, y) in pixels; box: (x0, y0, x1, y1) in pixels
+    kind: str  # "polygon", "box" or "mask"
+    points: np.ndarray  # polygon: K x 2 (x, y) in pixels; box: (x0, y0, x1, y1) in pixels; mask: H x W bool
 
 
 @dataclass
@@ -73,12 +75,53 @@ def read_yolo_labels(path: str | Path, width: int, height: int) -> ParsedLabels:
     return out
 
 
+def polygon_coverage(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bool H x W: pixels whose centre (c + 0.5, r + 0.5) lies inside the polygon (non-zero winding rule).
+
+    Exact sampling at pixel centres, the same rule `filled_box` uses, so a polygon tracing a box gives
+    exactly that box's pixels. Edges are half-open in y (top-left rule): a centre on a shared edge is
+    counted once, and a degenerate (zero-area) polygon covers nothing.
+    """
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    out = np.zeros((height, width), bool)
+    if len(pts) < 3:
+        return out
+    x0, y0 = pts[:, 0], pts[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    r_lo = max(int(np.floor(pts[:, 1].min() - 0.5)), 0)
+    r_hi = min(int(np.ceil(pts[:, 1].max() - 0.5)), height - 1)
+    if r_hi < r_lo:
+        return out
+    yc = np.arange(r_lo, r_hi + 1, dtype=np.float64)[:, None] + 0.5  # R x 1 row centres
+    up = (y0 <= yc) & (yc < y1)  # R x E edges crossing the row going down the image (+1)
+    down = (y1 <= yc) & (yc < y0)  # ... going up (-1)
+    crosses = up | down
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xs = np.where(crosses, x0 + (yc - y0) * (x1 - x0) / (y1 - y0), np.inf)
+    direction = np.where(up, 1, np.where(down, -1, 0))
+    order = np.argsort(xs, axis=1, kind="stable")
+    xs = np.take_along_axis(xs, order, axis=1)
+    winding = np.cumsum(np.take_along_axis(direction, order, axis=1), axis=1)
+    # Interval k spans [xs[k], xs[k+1]) and is inside where the winding number after crossing k is non-zero.
+    inside = (winding[:, :-1] != 0) & np.isfinite(xs[:, 1:])
+    rows, ks = np.nonzero(inside)
+    c0 = np.clip(np.ceil(xs[rows, ks] - 0.5), 0, width).astype(np.int64)
+    c1 = np.clip(np.ceil(xs[rows, ks + 1] - 0.5), 0, width).astype(np.int64)
+    keep = c1 > c0
+    diff = np.zeros((len(yc), width + 1), np.int32)
+    np.add.at(diff, (rows[keep], c0[keep]), 1)
+    np.add.at(diff, (rows[keep], c1[keep]), -1)
+    out[r_lo:r_hi + 1] = np.cumsum(diff[:, :width], axis=1) > 0
+    return out
+
+
 def rasterize_polygon(mask: np.ndarray, points: np.ndarray) -> None:
-    """Fill a polygon given in pixel coordinates (pixel centres at integer + 0.5, like COCO)."""
-    # cv2 treats integer coordinates as pixel centres; shift by -0.5 and use 4 fractional bits.
-    shift = 4
-    pts = np.round((points - 0.5) * (1 << shift)).astype(np.int32).reshape(-1, 1, 2)
-    cv2.fillPoly(mask, [pts], 255, lineType=cv2.LINE_8, shift=shift)
+    """Fill a polygon given in pixel coordinates (pixel centres at integer + 0.5, like COCO).
+
+    Only pixels whose centre is inside are set (cv2.fillPoly would also set every pixel the outline
+    touches, growing each polygon by about one pixel, which matters for thin cracks).
+    """
+    mask[polygon_coverage(points, *mask.shape)] = 255
 
 
 def filled_box(mask: np.ndarray, box: np.ndarray) -> None:
@@ -116,6 +159,12 @@ def rasterize(objects: list[LabelObject], height: int, width: int, box_strategy:
     for obj in objects:
         if obj.kind == "polygon":
             rasterize_polygon(mask, obj.points)
-        else:
+        elif obj.kind == "box":
             BOX_MASK_STRATEGIES[box_strategy](mask, obj.points)
+        elif obj.kind == "mask":
+            if obj.points.shape != mask.shape:
+                raise ValueError(f"mask object of shape {obj.points.shape} does not match image {mask.shape}")
+            mask[obj.points.astype(bool)] = 255
+        else:
+            raise ValueError(f"unknown label object kind {obj.kind!r}")
     return mask

@@ -48,3 +48,38 @@ def write_split(path: str | Path, split: dict[str, dict[str, str]], seed: int, v
 
 def read_split(path: str | Path) -> dict[str, dict[str, str]]:
     return json.loads(Path(path).read_text(encoding="utf-8"))["datasets"]
+
+
+def leaked_bases(split: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    """dataset -> base photos that appear on more than one side (must be empty)."""
+    leaks: dict[str, list[str]] = {}
+    for dataset, files in split.items():
+        sides: dict[str, set[str]] = {}
+        for name, side in files.items():
+            sides.setdefault(base_name(name), set()).add(side)
+        bad = sorted(b for b, s in sides.items() if len(s) > 1)
+        if bad:
+            leaks[dataset] = bad
+    return leaks
+
+
+def split_sizes(split: dict[str, dict[str, str]]) -> dict[str, dict[str, int]]:
+    """dataset -> {'train': images, 'val': images, 'train_bases': n, 'val_bases': n}."""
+    out: dict[str, dict[str, int]] = {}
+    for dataset, files in split.items():
+        row = {"train": 0, "val": 0, "train_bases": 0, "val_bases": 0}
+        bases: dict[str, set[str]] = {"train": set(), "val": set()}
+        for name, side in files.items():
+            row[side] = row.get(side, 0) + 1
+            bases.setdefault(side, set()).add(base_name(name))
+        row["train_bases"], row["val_bases"] = len(bases["train"]), len(bases["val"])
+        out[dataset] = row
+    return out
+
+
+def files_in_split(split: dict[str, dict[str, str]], dataset: str, side: str) -> list[str]:
+    """Sorted file names of one dataset on one side ('train' or 'val')."""
+    if dataset not in split:
+        raise KeyError(f"dataset {dataset!r} is not in the split file (known: {sorted(split)}); "
+                       f"run `drywallqa data split`")
+    return sorted(f for f, s in split[dataset].items() if s == side)

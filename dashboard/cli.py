@@ -1,0 +1,137 @@
+"""`drywallqa dashboard`: serve the live web dashboard for one MQTT broker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+TOKEN_ENV = "DRYWALLQA_DASHBOARD_TOKEN"
+MQTT_PASSWORD_ENVS = ("DRYWALLQA_DASHBOARD_MQTT_PASSWORD", "DRYWALLQA_MQTT__PASSWORD")
+
+
+def default_store_path() -> Path:
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "drywallqa" / "dashboard.sqlite"
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"port must be an integer, got {text!r}") from exc
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "dashboard",
+        help="serve the live web dashboard (devices, frames, figures, alerts) for one MQTT broker",
+        description=(
+            "Serve a web page with live data from the edge devices on one MQTT broker: online state, latest "
+            "annotated frame, area and crack-length figures, and alerts to filter and acknowledge. Also opens "
+            "predicted-mask folders and eval reports at /review. Listening beyond loopback requires a token "
+            f"({TOKEN_ENV} or --token-file); put it behind a TLS reverse proxy (see dashboard/README.md)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs a token)")
+    p.add_argument("--port", type=_port, default=8080, help="HTTP port (0: any free port)")
+    p.add_argument("--token-file", type=Path, help=f"file holding the access token (else ${TOKEN_ENV})")
+    p.add_argument(
+        "--store", type=Path, default=None, help=f"SQLite file for alerts and acks [{default_store_path()}]"
+    )
+    p.add_argument("--max-alerts", type=int, default=2000, help="alerts kept in the store (oldest dropped)")
+    p.add_argument(
+        "--review-root",
+        type=Path,
+        action="append",
+        default=None,
+        help="folder under which /review may open images, masks and reports (repeatable) [current folder]",
+    )
+    g = p.add_argument_group("MQTT broker")
+    g.add_argument("--mqtt-host", default="127.0.0.1")
+    g.add_argument("--mqtt-port", type=_port, default=1883)
+    g.add_argument(
+        "--prefix", default="drywallqa", help="topic prefix: <prefix>/<device>/status|detections|..."
+    )
+    g.add_argument("--mqtt-username", default=None)
+    g.add_argument("--mqtt-tls-ca", default=None, help="CA file; enables TLS to the broker")
+    g.add_argument(
+        "--client-id", default="", help="MQTT client id (stable, for a persistent session) [host name]"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.set_defaults(func=run)
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SystemExit(f"drywallqa dashboard: cannot read --token-file: {exc}") from exc
+        if not token:
+            raise SystemExit(f"drywallqa dashboard: token file {args.token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def run(args: argparse.Namespace) -> int:
+    from .auth import AuthConfigError
+    from .bridge import BrokerConfig
+    from .server import DashboardApp, DashboardConfig
+    from .store import StoreError
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.max_alerts < 1:
+        raise SystemExit("drywallqa dashboard: --max-alerts must be at least 1")
+    password = next((os.environ[e] for e in MQTT_PASSWORD_ENVS if os.environ.get(e)), None)
+    config = DashboardConfig(
+        host=args.host,
+        port=args.port,
+        token=_read_token(args),
+        store_path=args.store or default_store_path(),
+        review_roots=args.review_root or [Path.cwd()],
+        max_alerts=args.max_alerts,
+        broker=BrokerConfig(
+            host=args.mqtt_host,
+            port=args.mqtt_port,
+            prefix=args.prefix,
+            client_id=args.client_id,
+            username=args.mqtt_username,
+            password=password,
+            tls_ca=args.mqtt_tls_ca,
+        ),
+    )
+    try:
+        app = DashboardApp(config)
+    except (AuthConfigError, StoreError) as exc:
+        raise SystemExit(f"drywallqa dashboard: {exc}") from exc
+    except OSError as exc:
+        raise SystemExit(f"drywallqa dashboard: cannot listen on {args.host}:{args.port}: {exc}") from exc
+    print(
+        f"DrywallQA dashboard on {app.url} (broker {config.broker.url}, store {config.store_path})",
+        file=sys.stderr,
+    )
+    import contextlib
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: app.stopping.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        app.serve_forever()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m drywallqa.dashboard`), same options as `drywallqa dashboard`."""
+    parser = argparse.ArgumentParser(prog="drywallqa")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["dashboard", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)

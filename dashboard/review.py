@@ -1,0 +1,133 @@
+"""Offline review: pair a folder of images with a folder of predicted masks and draw the masks on them.
+
+Mask files follow the contract in drywallqa/masks.py: `<imageID>__<prompt_with_underscores>.png`.
+Only folders under the configured review roots may be opened (the page takes folder paths as parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from drywallqa.imageio import ImageReadError, read_image_rgb
+from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
+from drywallqa.vocab import load_vocabulary, prompt_to_filename_part
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+CLASS_COLORS_RGB = {"crack": (255, 40, 40), "taping": (40, 140, 255)}
+OTHER_COLOR_RGB = (255, 200, 0)
+
+
+class ReviewError(ValueError):
+    """A review request that cannot be served (folder missing, outside the allowed roots, bad file)."""
+
+
+@dataclass
+class MaskFile:
+    prompt_part: str
+    class_name: str | None
+    path: Path
+
+
+@dataclass
+class ReviewItem:
+    image_id: str
+    image: Path
+    masks: list[MaskFile] = field(default_factory=list)
+
+
+@dataclass
+class ReviewListing:
+    items: list[ReviewItem]
+    orphan_masks: list[Path]  # masks whose image ID matches no image
+
+
+def resolve_under(path: str, roots: list[Path], want_dir: bool) -> Path:
+    """Resolve `path` (absolute, or relative to the first root) and require it to lie under a root."""
+    if not path:
+        raise ReviewError("no path given")
+    if not roots:
+        raise ReviewError("review is disabled: start the dashboard with --review-root DIR")
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = roots[0] / candidate
+    candidate = candidate.resolve()
+    if not any(candidate == r or r in candidate.parents for r in roots):
+        raise ReviewError(f"{path} is outside the review roots ({', '.join(str(r) for r in roots)})")
+    if want_dir and not candidate.is_dir():
+        raise ReviewError(f"{path} is not a folder")
+    if not want_dir and not candidate.is_file():
+        raise ReviewError(f"{path} is not a file")
+    return candidate
+
+
+def _class_by_part() -> dict[str, str]:
+    vocab = load_vocabulary()
+    return {prompt_to_filename_part(p): c for c in vocab.classes for p in vocab.prompts_by_class[c]}
+
+
+def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
+    images = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    items = {p.stem: ReviewItem(p.stem, p) for p in images}
+    orphans: list[Path] = []
+    if masks_dir is not None:
+        classes = _class_by_part()
+        for mask in sorted(masks_dir.glob(f"*{SEPARATOR}*{MASK_SUFFIX}")):
+            image_id, part = mask.name[: -len(MASK_SUFFIX)].rsplit(SEPARATOR, 1)
+            item = items.get(image_id)
+            if item is None:
+                orphans.append(mask)
+            else:
+                item.masks.append(MaskFile(part, classes.get(part), mask))
+    return ReviewListing(list(items.values()), orphans)
+
+
+def find_item(images_dir: Path, masks_dir: Path | None, image_id: str) -> ReviewItem:
+    for item in list_review(images_dir, masks_dir).items:
+        if item.image_id == image_id:
+            return item
+    raise ReviewError(f"no image with ID {image_id!r} in {images_dir}")
+
+
+def render_overlay(item: ReviewItem, max_side: int = 1024, alpha: float = 0.45) -> tuple[bytes, list[str]]:
+    """JPEG of the image with every mask tinted by class and outlined; also a list of per-mask problems."""
+    try:
+        image = read_image_rgb(item.image)
+    except ImageReadError as exc:
+        raise ReviewError(str(exc)) from exc
+    h, w = image.shape[:2]
+    out = image.astype(np.float32)
+    outlines: list[tuple[np.ndarray, tuple[int, int, int]]] = []
+    problems: list[str] = []
+    for mask_file in item.masks:
+        try:
+            mask = read_mask(mask_file.path)
+        except OSError as exc:
+            problems.append(str(exc))
+            continue
+        if mask.ndim == 3:
+            problems.append(f"{mask_file.path.name}: has {mask.shape[2]} channels, expected 1")
+            mask = mask[..., 0]
+        if mask.shape != (h, w):
+            problems.append(
+                f"{mask_file.path.name}: size {mask.shape[1]}x{mask.shape[0]} differs from image {w}x{h}"
+            )
+            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        on = mask > 127
+        color = CLASS_COLORS_RGB.get(mask_file.class_name or "", OTHER_COLOR_RGB)
+        out[on] = out[on] * (1 - alpha) + np.array(color, np.float32) * alpha
+        outlines.append((on.astype(np.uint8), color))
+    result = out.round().clip(0, 255).astype(np.uint8)
+    for on, color in outlines:
+        contours, _ = cv2.findContours(on, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(result, contours, -1, color, max(1, round(max(h, w) / 400)))
+    scale = min(1.0, max_side / max(h, w))
+    if scale < 1.0:
+        result = cv2.resize(result, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(result, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise ReviewError(f"cannot encode overlay for {item.image.name}")
+    return buf.tobytes(), problems

@@ -1,0 +1,473 @@
+"""HTTP side: static page, JSON API, Server-Sent Events and the review pages, on a stdlib ThreadingHTTPServer."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import mimetypes
+import queue
+import threading
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.cookies import SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+from drywallqa.vocab import load_vocabulary
+
+from .auth import COOKIE_NAME, TokenAuth, check_auth_config
+from .bridge import BrokerConfig, MqttBridge
+from .review import IMAGE_SUFFIXES, ReviewError, find_item, list_review, render_overlay, resolve_under
+from .state import LiveState
+from .store import AlertStore
+
+log = logging.getLogger(__name__)
+
+REVIEW_FILE_SUFFIXES = IMAGE_SUFFIXES | {".html", ".htm", ".css", ".js", ".json", ".csv", ".txt", ".svg"}
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css",
+}
+
+
+@dataclass
+class DashboardConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    store_path: Path = Path("dashboard.sqlite")
+    review_roots: list[Path] = field(default_factory=list)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    heartbeat_s: float = 10.0
+    max_alerts: int = 2000
+
+
+class DashboardApp:
+    """Wires the store, live state, MQTT bridge and HTTP server together."""
+
+    def __init__(self, config: DashboardConfig) -> None:
+        check_auth_config(config.host, config.token)
+        self.config = config
+        self.auth = TokenAuth(config.token)
+        self.review_roots = [Path(r).expanduser().resolve() for r in config.review_roots]
+        self.store = AlertStore(config.store_path, max_alerts=config.max_alerts)
+        self.state = LiveState()
+        self.bridge = MqttBridge(config.broker, self.state, self.store)
+        self.stopping = threading.Event()
+        self.httpd = _Server((config.host, config.port), _Handler)
+        self.httpd.app = self
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.httpd.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def start(self) -> DashboardApp:
+        """Start the bridge and serve HTTP on a background thread (used by tests and `serve_forever`)."""
+        self.bridge.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            while not self.stopping.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Idempotent: stops HTTP (ending SSE streams), the MQTT bridge and closes the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.stopping.set()
+        self.state.publish("_close", {})  # wake every SSE handler so it returns
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.bridge.stop()
+        self.store.close()
+
+    def full_state(self) -> dict:
+        vocab = load_vocabulary()
+        return {
+            "devices": self.state.devices_json(),
+            "broker": self.state.broker_json(),
+            "alerts": self.store.alerts(limit=500),
+            "classes": list(vocab.classes),
+            "auth": self.auth.enabled,
+        }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    app: DashboardApp
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "DrywallQA-Dashboard"
+    sys_version = ""
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    @property
+    def app(self) -> DashboardApp:
+        return self.server.app
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _cookies(self) -> dict[str, str]:
+        jar = SimpleCookie()
+        try:
+            jar.load(self.headers.get("Cookie", ""))
+        except Exception:
+            return {}
+        return {k: m.value for k, m in jar.items()}
+
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, data: object, status: int = 200) -> None:
+        self._send(status, json.dumps(data).encode(), "application/json", {"Cache-Control": "no-store"})
+
+    def _error(self, status: int, message: str) -> None:
+        if self.path.startswith("/api/") or "json" in self.headers.get("Accept", ""):
+            self._json({"error": message}, status)
+        else:
+            self._send(
+                status,
+                _page("Error", f"<p class='error'>{html.escape(message)}</p>"),
+                "text/html; charset=utf-8",
+            )
+
+    def _redirect(self, location: str, headers: dict[str, str] | None = None) -> None:
+        self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": location, **(headers or {})})
+
+    def _authorized(self) -> bool:
+        return self.app.auth.allowed(self.headers.get("Authorization"), self._cookies())
+
+    def _read_body(self, limit: int = 64 * 1024) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > limit:
+            raise ValueError("request body too large")
+        return self.rfile.read(length) if length else b""
+
+    # --- dispatch ---------------------------------------------------------------------------------
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        path, query = url.path, parse_qs(url.query)
+        try:
+            if path == "/healthz":
+                return self._json({"ok": True, "broker_connected": self.app.state.broker.connected})
+            if path == "/login":
+                return self._send(200, _login_page(), "text/html; charset=utf-8")
+            if path == "/logout":
+                expired = f"{COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
+                return self._redirect("/login", {"Set-Cookie": expired})
+            if path.startswith("/static/"):
+                return self._static(path[len("/static/") :])
+            if not self._authorized():
+                if path.startswith("/api/") or path == "/events":
+                    return self._json({"error": "authentication required"}, 401)
+                return self._redirect("/login")
+            if path == "/":
+                return self._static("index.html")
+            if path == "/events":
+                return self._events()
+            if path == "/api/state":
+                return self._json(self.app.full_state())
+            if path == "/api/alerts":
+                return self._json(self._alerts(query))
+            parts = [unquote(p) for p in path.strip("/").split("/")]
+            if len(parts) == 3 and parts[0] == "alerts" and parts[2] == "snapshot.jpg":
+                return self._jpeg(self.app.store.snapshot(parts[1]), f"no snapshot for alert {parts[1]!r}")
+            if len(parts) == 3 and parts[0] == "devices" and parts[2] == "frame.jpg":
+                return self._jpeg(self.app.state.frame(parts[1]), f"no frame yet for device {parts[1]!r}")
+            if path == "/review":
+                return self._review(query)
+            if path == "/review/overlay.jpg":
+                return self._overlay(query)
+            if path.startswith("/review/files/"):
+                return self._review_file(path[len("/review/files/") :])
+            return self._error(404, f"no such page: {path}")
+        except ReviewError as exc:
+            return self._error(400, str(exc))
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        try:
+            if path == "/login":
+                return self._login()
+            if not self._authorized():
+                return self._json({"error": "authentication required"}, 401)
+            # A custom header cannot be sent cross-site without a CORS preflight, which we never grant.
+            if self.headers.get("X-DrywallQA") != "1":
+                return self._json({"error": "missing X-DrywallQA: 1 header"}, 403)
+            parts = [unquote(p) for p in path.strip("/").split("/")]
+            if len(parts) == 4 and parts[:2] == ["api", "alerts"] and parts[3] in ("ack", "unack"):
+                return self._ack(parts[2], parts[3] == "ack")
+            if len(parts) == 4 and parts[:2] == ["api", "devices"] and parts[3] == "snapshot":
+                try:
+                    request_id = self.app.bridge.request_snapshot(parts[2])
+                except ConnectionError as exc:
+                    return self._json({"error": str(exc)}, 503)
+                return self._json({"request_id": request_id}, 202)
+            return self._json({"error": f"no such endpoint: {path}"}, 404)
+        except ValueError as exc:
+            return self._json({"error": str(exc)}, 400)
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+
+    # --- handlers ---------------------------------------------------------------------------------
+    def _static(self, name: str) -> None:
+        if "/" in name or name.startswith("."):
+            return self._error(404, "no such file")
+        res = resources.files("drywallqa.dashboard").joinpath("static", name)
+        if not res.is_file():
+            return self._error(404, f"no such file: {name}")
+        ctype = STATIC_TYPES.get(Path(name).suffix, "application/octet-stream")
+        self._send(200, res.read_bytes(), ctype, {"Cache-Control": "no-cache"})
+
+    def _login(self) -> None:
+        form = parse_qs(self._read_body().decode("utf-8", "replace"))
+        token = (form.get("token") or [""])[0]
+        if not self.app.auth.enabled:
+            return self._redirect("/")
+        if not self.app.auth.check_token(token):
+            return self._send(401, _login_page("Wrong token."), "text/html; charset=utf-8")
+        cookie = f"{COOKIE_NAME}={self.app.auth.session_value()}; Path=/; HttpOnly; SameSite=Strict"
+        if self.headers.get("X-Forwarded-Proto") == "https":
+            cookie += "; Secure"
+        self._redirect("/", {"Set-Cookie": cookie})
+
+    def _alerts(self, query: dict[str, list[str]]) -> list[dict]:
+        cls = (query.get("class") or [""])[0] or None
+        include_acked = (query.get("include_acked") or ["1"])[0] not in ("0", "false", "no")
+        try:
+            limit = max(1, min(5000, int((query.get("limit") or ["500"])[0])))
+        except ValueError as exc:
+            raise ReviewError("limit must be an integer") from exc
+        return self.app.store.alerts(class_name=cls, include_acked=include_acked, limit=limit)
+
+    def _ack(self, event_id: str, ack: bool) -> None:
+        body = self._read_body()
+        data = json.loads(body) if body.strip() else {}
+        if not isinstance(data, dict):
+            raise ValueError("body must be a JSON object")
+        try:
+            if ack:
+                self.app.store.acknowledge(
+                    event_id, by=str(data.get("by", "")), note=str(data.get("note", ""))
+                )
+            else:
+                self.app.store.unacknowledge(event_id)
+        except KeyError:
+            return self._json({"error": f"unknown alert {event_id!r}"}, 404)
+        item = self.app.store.get(event_id)
+        self.app.state.publish("alert", item or {})
+        self._json(item)
+
+    def _jpeg(self, data: bytes | None, missing: str) -> None:
+        if not data:
+            return self._error(404, missing)
+        self._send(200, data, "image/jpeg", {"Cache-Control": "private, max-age=3600"})
+
+    def _events(self) -> None:
+        if self.command == "HEAD":
+            return self._send(200, b"", "text/event-stream")
+        app = self.app
+        sub = app.state.subscribe()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
+            self.end_headers()
+            self._sse("state", app.full_state(), retry_ms=2000)
+            while not app.stopping.is_set():
+                if sub.needs_resync:
+                    sub.needs_resync = False
+                    self._sse("state", app.full_state())
+                try:
+                    name, data = sub.queue.get(timeout=app.config.heartbeat_s)
+                except queue.Empty:
+                    self.wfile.write(b": ping\n\n")
+                    self.wfile.flush()
+                    continue
+                if name == "_close":
+                    break
+                self._sse(name, data)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the browser went away
+        finally:
+            app.state.unsubscribe(sub)
+
+    def _sse(self, name: str, data: dict, retry_ms: int | None = None) -> None:
+        msg = f"event: {name}\ndata: {json.dumps(data)}\n\n"
+        if retry_ms is not None:
+            msg = f"retry: {retry_ms}\n" + msg
+        self.wfile.write(msg.encode())
+        self.wfile.flush()
+
+    # --- review -----------------------------------------------------------------------------------
+    def _review_dirs(self, query: dict[str, list[str]]) -> tuple[Path, Path | None]:
+        roots = self.app.review_roots
+        images = resolve_under((query.get("images") or [""])[0], roots, want_dir=True)
+        masks_arg = (query.get("masks") or [""])[0]
+        masks = resolve_under(masks_arg, roots, want_dir=True) if masks_arg else None
+        return images, masks
+
+    def _review(self, query: dict[str, list[str]]) -> None:
+        report = (query.get("report") or [""])[0]
+        if report:
+            return self._redirect(
+                self._file_url(resolve_under(report, self.app.review_roots, want_dir=False))
+            )
+        if not query.get("images"):
+            return self._send(200, _review_form(self.app.review_roots), "text/html; charset=utf-8")
+        images, masks = self._review_dirs(query)
+        listing = list_review(images, masks)
+        try:
+            offset = max(0, int((query.get("offset") or ["0"])[0]))
+        except ValueError as exc:
+            raise ReviewError("offset must be an integer") from exc
+        self._send(200, _review_page(self, images, masks, listing, offset), "text/html; charset=utf-8")
+
+    def _overlay(self, query: dict[str, list[str]]) -> None:
+        images, masks = self._review_dirs(query)
+        item = find_item(images, masks, (query.get("id") or [""])[0])
+        jpeg, problems = render_overlay(item)
+        headers = {"Cache-Control": "no-cache"}
+        if problems:
+            headers["X-Mask-Problems"] = "; ".join(problems)[:1000].encode("ascii", "replace").decode()
+        self._send(200, jpeg, "image/jpeg", headers)
+
+    def _file_url(self, path: Path) -> str:
+        for i, root in enumerate(self.app.review_roots):
+            if path == root or root in path.parents:
+                return f"/review/files/{i}/{quote(str(path.relative_to(root)))}"
+        raise ReviewError(f"{path} is outside the review roots")
+
+    def _review_file(self, rest: str) -> None:
+        index, _, rel = rest.partition("/")
+        roots = self.app.review_roots
+        if not index.isdigit() or int(index) >= len(roots):
+            return self._error(404, "no such review root")
+        path = resolve_under(str(roots[int(index)] / unquote(rel)), roots, want_dir=False)
+        if path.suffix.lower() not in REVIEW_FILE_SUFFIXES:
+            return self._error(403, f"file type {path.suffix!r} is not served")
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/"):
+            ctype += "; charset=utf-8"
+        self._send(200, path.read_bytes(), ctype, {"Cache-Control": "no-cache"})
+
+
+# --- server-rendered pages (small; the live page is static/index.html) --------------------------------
+def _page(title: str, body: str) -> bytes:
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(title)} - DrywallQA</title><link rel='stylesheet' href='/static/style.css'></head>"
+        f"<body><header><a href='/'>DrywallQA dashboard</a> <span>{html.escape(title)}</span></header>"
+        f"<main>{body}</main></body></html>"
+    ).encode()
+
+
+def _login_page(message: str = "") -> bytes:
+    note = f"<p class='error'>{html.escape(message)}</p>" if message else ""
+    return _page(
+        "Sign in",
+        f"{note}<form method='post' action='/login' class='login'><label>Access token "
+        "<input type='password' name='token' autocomplete='current-password' autofocus></label>"
+        "<button type='submit'>Sign in</button></form>",
+    )
+
+
+def _review_form(roots: list[Path]) -> bytes:
+    root_list = (
+        "".join(f"<li><code>{html.escape(str(r))}</code></li>" for r in roots)
+        or "<li>none (review disabled)</li>"
+    )
+    return _page(
+        "Review",
+        "<form method='get' action='/review' class='review-form'>"
+        "<label>Images folder <input name='images' size='60'></label>"
+        "<label>Masks folder <input name='masks' size='60'></label><button>Open</button></form>"
+        "<form method='get' action='/review' class='review-form'>"
+        "<label>Eval HTML report <input name='report' size='60'></label><button>Open report</button></form>"
+        f"<p>Allowed roots:</p><ul>{root_list}</ul>",
+    )
+
+
+PAGE_SIZE = 50
+
+
+def _review_page(handler: _Handler, images: Path, masks: Path | None, listing, offset: int) -> bytes:
+    base = {"images": str(images), **({"masks": str(masks)} if masks else {})}
+    items = listing.items[offset : offset + PAGE_SIZE]
+    rows = []
+    for item in items:
+        chips = (
+            "".join(
+                f"<a class='chip cls-{html.escape(m.class_name or 'other')}' href='{handler._file_url(m.path)}' "
+                f"target='_blank'>{html.escape(m.prompt_part)}</a>"
+                for m in item.masks
+            )
+            or "<span class='muted'>no masks</span>"
+        )
+        overlay = "/review/overlay.jpg?" + urlencode({**base, "id": item.image_id})
+        rows.append(
+            f"<figure class='review-item' data-image-id='{html.escape(item.image_id)}'>"
+            f"<figcaption><b>{html.escape(item.image_id)}</b> {chips}</figcaption>"
+            f"<div class='pair'><img loading='lazy' alt='image' src='{handler._file_url(item.image)}'>"
+            f"<img loading='lazy' alt='masks' class='overlay' src='{overlay}'></div></figure>"
+        )
+    nav = []
+    if offset > 0:
+        nav.append(
+            f"<a href='/review?{urlencode({**base, 'offset': max(0, offset - PAGE_SIZE)})}'>previous</a>"
+        )
+    if offset + PAGE_SIZE < len(listing.items):
+        nav.append(f"<a href='/review?{urlencode({**base, 'offset': offset + PAGE_SIZE})}'>next</a>")
+    orphans = (
+        f"<p class='warn'>{len(listing.orphan_masks)} mask file(s) match no image, e.g. "
+        f"<code>{html.escape(listing.orphan_masks[0].name)}</code></p>"
+        if listing.orphan_masks
+        else ""
+    )
+    summary = (
+        f"<p>{len(listing.items)} images in <code>{html.escape(str(images))}</code>"
+        + (f", masks from <code>{html.escape(str(masks))}</code>" if masks else ", no mask folder given")
+        + f"; showing {offset + 1 if items else 0}-{offset + len(items)}. {' | '.join(nav)}</p>"
+    )
+    return _page("Review", summary + orphans + "".join(rows))

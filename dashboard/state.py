@@ -1,0 +1,180 @@
+"""Live dashboard state (devices, latest frames, broker link) and the fan-out of changes to browsers."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from drywallqa.edge.payloads import DetectionPayload, SnapshotPayload, StatusPayload
+
+Event = tuple[str, dict]
+
+
+class Subscription:
+    """One browser's event queue. When it overflows (a slow client) it is flagged for a full resync
+    instead of blocking the MQTT thread or growing without bound."""
+
+    def __init__(self, maxsize: int = 500) -> None:
+        self.queue: queue.Queue[Event] = queue.Queue(maxsize=maxsize)
+        self.needs_resync = False
+
+    def put(self, event: Event) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            self.needs_resync = True
+            while True:  # drop the stale backlog; the client will get a fresh full state
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+
+
+@dataclass
+class DeviceView:
+    device_id: str
+    status: dict | None = None
+    detection: dict | None = None
+    frame_jpeg: bytes | None = None
+    frame_seq: int = 0
+    frame_source: str = ""
+    frame_timestamp: float = 0.0
+    last_seen: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "device_id": self.device_id,
+            "status": self.status,
+            "detection": self.detection,
+            "frame": (
+                {
+                    "url": f"/devices/{quote(self.device_id, safe='')}/frame.jpg?v={self.frame_seq}",
+                    "source": self.frame_source,
+                    "timestamp": self.frame_timestamp,
+                }
+                if self.frame_jpeg
+                else None
+            ),
+            "last_seen": self.last_seen,
+        }
+
+
+@dataclass
+class BrokerView:
+    url: str = ""
+    connected: bool = False
+    since: float = field(default_factory=time.time)
+    detail: str = "not connected yet"
+
+    def to_json(self) -> dict:
+        return {"url": self.url, "connected": self.connected, "since": self.since, "detail": self.detail}
+
+
+class LiveState:
+    """Thread-safe latest-value store; every change is published to all subscriptions."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._devices: dict[str, DeviceView] = {}
+        self.broker = BrokerView()
+        self.invalid_messages = 0
+        self.last_invalid = ""
+        self._subs: set[Subscription] = set()
+        self._frame_seq = 0
+
+    # --- subscriptions -------------------------------------------------------------------------
+    def subscribe(self) -> Subscription:
+        sub = Subscription()
+        with self._lock:
+            self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subs.discard(sub)
+
+    def subscriber_count(self) -> int:
+        with self._lock:
+            return len(self._subs)
+
+    def publish(self, name: str, data: dict) -> None:
+        with self._lock:
+            subs = list(self._subs)
+        for sub in subs:
+            sub.put((name, data))
+
+    # --- reads ---------------------------------------------------------------------------------
+    def devices_json(self) -> list[dict]:
+        with self._lock:
+            return [d.to_json() for d in sorted(self._devices.values(), key=lambda d: d.device_id)]
+
+    def frame(self, device_id: str) -> bytes | None:
+        with self._lock:
+            dev = self._devices.get(device_id)
+            return dev.frame_jpeg if dev else None
+
+    def broker_json(self) -> dict:
+        with self._lock:
+            data = self.broker.to_json()
+        data["invalid_messages"] = self.invalid_messages
+        data["last_invalid"] = self.last_invalid
+        return data
+
+    # --- writes (called from the MQTT thread) ---------------------------------------------------
+    def _device(self, device_id: str) -> DeviceView:
+        dev = self._devices.get(device_id)
+        if dev is None:
+            dev = self._devices[device_id] = DeviceView(device_id)
+        dev.last_seen = time.time()
+        return dev
+
+    def _set_frame(self, dev: DeviceView, jpeg: bytes, source: str, timestamp: float) -> None:
+        if timestamp < dev.frame_timestamp:  # an older snapshot arriving late must not replace a newer frame
+            return
+        self._frame_seq += 1
+        dev.frame_jpeg, dev.frame_seq, dev.frame_source, dev.frame_timestamp = (
+            jpeg,
+            self._frame_seq,
+            source,
+            timestamp,
+        )
+
+    def update_status(self, status: StatusPayload) -> None:
+        with self._lock:
+            dev = self._device(status.device_id)
+            dev.status = status.model_dump()
+            out = dev.to_json()
+        self.publish("device", out)
+
+    def update_detection(self, det: DetectionPayload, preview_jpeg: bytes | None) -> None:
+        with self._lock:
+            dev = self._device(det.device_id)
+            dev.detection = det.model_dump(exclude={"preview_jpeg_b64"})
+            if preview_jpeg:
+                self._set_frame(dev, preview_jpeg, "detection", det.timestamp)
+            out = dev.to_json()
+        self.publish("device", out)
+
+    def update_snapshot(self, snap: SnapshotPayload, jpeg: bytes) -> None:
+        with self._lock:
+            dev = self._device(snap.device_id)
+            self._set_frame(dev, jpeg, "snapshot", snap.timestamp)
+            out = dev.to_json()
+        self.publish("device", out)
+
+    def set_broker(self, connected: bool, detail: str) -> None:
+        with self._lock:
+            if connected != self.broker.connected:
+                self.broker.since = time.time()
+            self.broker.connected = connected
+            self.broker.detail = detail
+        self.publish("broker", self.broker_json())
+
+    def note_invalid(self, message: str) -> None:
+        with self._lock:
+            self.invalid_messages += 1
+            self.last_invalid = message[:500]
+        self.publish("broker", self.broker_json())

@@ -1,0 +1,163 @@
+"""Alert history and acknowledgements in one small SQLite file, so both survive page reloads and restarts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from drywallqa.edge.payloads import AlertPayload
+
+
+class StoreError(RuntimeError):
+    """The alert store file cannot be opened or is not a dashboard store."""
+
+
+@dataclass(frozen=True)
+class Ack:
+    event_id: str
+    acked_at: float
+    by: str
+    note: str
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    event_id    TEXT PRIMARY KEY,
+    device_id   TEXT NOT NULL,
+    timestamp   REAL NOT NULL,
+    class_name  TEXT NOT NULL,
+    payload     TEXT NOT NULL,          -- the AlertPayload JSON minus the snapshot
+    snapshot    BLOB NOT NULL,          -- decoded JPEG bytes
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (timestamp);
+CREATE TABLE IF NOT EXISTS acks (
+    event_id TEXT PRIMARY KEY,
+    acked_at REAL NOT NULL,
+    by       TEXT NOT NULL DEFAULT '',
+    note     TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+class AlertStore:
+    """Thread-safe store of alerts (deduplicated on event_id) and their acknowledgements.
+
+    `max_alerts` bounds the file: the oldest alerts beyond it are dropped (with their acks) on insert.
+    """
+
+    def __init__(self, path: str | Path, max_alerts: int = 2000) -> None:
+        self.path = Path(path)
+        self.max_alerts = max_alerts
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"cannot open dashboard store {self.path}: {exc}. Move the file away or pass another --store path."
+            ) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add_alert(self, alert: AlertPayload, snapshot_jpeg: bytes, received_at: float | None = None) -> bool:
+        """Insert an alert; returns False when its event_id was already stored (a duplicate delivery)."""
+        meta = alert.model_dump(exclude={"snapshot_jpeg_b64"})
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    alert.event_id,
+                    alert.device_id,
+                    alert.timestamp,
+                    alert.class_name,
+                    json.dumps(meta),
+                    sqlite3.Binary(snapshot_jpeg),
+                    received_at if received_at is not None else time.time(),
+                ),
+            )
+            inserted = cur.rowcount == 1
+            if inserted:
+                self._trim()
+        return inserted
+
+    def _trim(self) -> None:
+        (count,) = self._db.execute("SELECT COUNT(*) FROM alerts").fetchone()
+        excess = count - self.max_alerts
+        if excess > 0:
+            old = "SELECT event_id FROM alerts ORDER BY timestamp ASC LIMIT ?"
+            self._db.execute(f"DELETE FROM acks WHERE event_id IN ({old})", (excess,))
+            self._db.execute(f"DELETE FROM alerts WHERE event_id IN ({old})", (excess,))
+
+    def get(self, event_id: str) -> dict | None:
+        found = self.alerts(event_id=event_id, limit=1)
+        return found[0] if found else None
+
+    def alerts(
+        self,
+        class_name: str | None = None,
+        include_acked: bool = True,
+        limit: int = 500,
+        event_id: str | None = None,
+    ) -> list[dict]:
+        """Newest first, as JSON-ready dicts (no snapshot bytes; each has `acked`/`ack` fields)."""
+        sql = (
+            "SELECT a.payload, a.received_at, length(a.snapshot), k.acked_at, k.by, k.note FROM alerts a "
+            "LEFT JOIN acks k ON k.event_id = a.event_id WHERE 1=1"
+        )
+        args: list[object] = []
+        if event_id is not None:
+            sql += " AND a.event_id = ?"
+            args.append(event_id)
+        if class_name:
+            sql += " AND a.class_name = ?"
+            args.append(class_name)
+        if not include_acked:
+            sql += " AND k.event_id IS NULL"
+        sql += " ORDER BY a.timestamp DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        out = []
+        for payload, received_at, snapshot_size, acked_at, by, note in rows:
+            item = json.loads(payload)
+            item["received_at"] = received_at
+            url = f"/alerts/{quote(item['event_id'], safe='')}/snapshot.jpg"
+            item["snapshot_url"] = url if snapshot_size else None
+            item["acked"] = acked_at is not None
+            item["ack"] = {"acked_at": acked_at, "by": by, "note": note} if acked_at is not None else None
+            out.append(item)
+        return out
+
+    def snapshot(self, event_id: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT snapshot FROM alerts WHERE event_id = ?", (event_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def acknowledge(self, event_id: str, by: str = "", note: str = "") -> Ack:
+        """Mark an alert acknowledged (idempotent: the first ack is kept). KeyError if the alert is unknown."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM alerts WHERE event_id = ?", (event_id,)).fetchone() is None:
+                raise KeyError(event_id)
+            self._db.execute(
+                "INSERT OR IGNORE INTO acks VALUES (?, ?, ?, ?)",
+                (event_id, time.time(), by[:200], note[:1000]),
+            )
+            row = self._db.execute(
+                "SELECT acked_at, by, note FROM acks WHERE event_id = ?", (event_id,)
+            ).fetchone()
+        return Ack(event_id, row[0], row[1], row[2])
+
+    def unacknowledge(self, event_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM acks WHERE event_id = ?", (event_id,))
+        return cur.rowcount == 1

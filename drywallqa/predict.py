@@ -1,0 +1,191 @@
+"""`drywallqa predict`: text prompts + images -> one {0,255} PNG mask per image and prompt, at source size.
+
+A bad input (missing path, corrupt image) is reported by name, counted, and skipped; the run goes on
+and the exit status is non-zero at the end. An unknown prompt or a missing model stops before any work.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drywallqa.imageio import ImageReadError, read_image_rgb
+from drywallqa.masks import mask_filename, write_mask
+from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights
+from drywallqa.progress import progress_bar
+from drywallqa.vocab import prompt_to_filename_part
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MODEL_SUFFIXES = (".onnx", ".xml", ".engine", ".plan")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model file where one was asked for; the message says how to make one."""
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """A model path, or a profile name ('hrnet', 'lite') -> its exported ONNX file."""
+    name = str(model) if model is not None else DEFAULT_PROFILE
+    if name in PROFILES:
+        path = profile_onnx(name)
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"no exported model for profile {name!r} at {path}; run `drywallqa export --profile {name}` "
+                f"first (it exports {profile_weights(name)}), or pass --model path/to/model.onnx|.xml"
+            )
+        return path
+    path = Path(name)
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"model not found: {path} (give an .onnx/.xml file or a profile name: {', '.join(PROFILES)}; "
+            f"make one with `drywallqa export`)"
+        )
+    if path.suffix.lower() not in MODEL_SUFFIXES:
+        raise ModelNotFoundError(f"{path}: not a model file (expected one of {', '.join(MODEL_SUFFIXES)})")
+    return path
+
+
+def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files, folders (their images, not recursive) and globs -> (image paths in order, [(input, problem)])."""
+    found: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append(p)
+
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                problems.append((text, "folder holds no images"))
+            for p in images:
+                add(p)
+        elif path.is_file():
+            add(path)
+        elif glob.has_magic(text):
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            images = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                problems.append((text, "pattern matches no images"))
+            for p in images:
+                add(p)
+        else:
+            problems.append((text, "no such file or folder"))
+    return found, problems
+
+
+@dataclass
+class PredictSummary:
+    images: int = 0
+    masks: int = 0
+    out_dir: str = ""
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def format(self) -> str:
+        lines = [f"predict: {self.images} image(s) segmented, {self.masks} mask(s) written to {self.out_dir}; "
+                 f"{len(self.failures)} failed"]
+        lines += [f"  FAILED {name}: {why}" for name, why in self.failures]
+        return "\n".join(lines)
+
+
+def unique_prompts(prompts: Sequence[str]) -> list[str]:
+    """Drop prompts that would write the same file ('Segment Crack' and 'segment crack')."""
+    out, seen = [], set()
+    for p in prompts:
+        key = prompt_to_filename_part(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def predict(
+    segmenter,
+    prompts: Sequence[str],
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> PredictSummary:
+    """Segment every input with every prompt; `segmenter` is a drywallqa.edge.inference.PromptSegmenter."""
+    prompts = unique_prompts(prompts)
+    if not prompts:
+        raise ValueError("give at least one --prompt")
+    segmenter.resolve(prompts)  # unknown prompt -> UnknownPromptError before any work
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, problems = collect_inputs(inputs)
+    summary = PredictSummary(out_dir=str(out), failures=list(problems))
+    owners: dict[str, Path] = {}
+    bar = progress_bar(len(paths), "predict", progress)
+    batch: list[tuple[Path, object]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        try:
+            results = segmenter.masks_batch([im for _, im in batch], prompts)
+        except Exception as exc:  # one bad batch must not end the run; every image in it is reported
+            summary.failures += [(str(p), f"inference failed: {type(exc).__name__}: {exc}") for p, _ in batch]
+        else:
+            for (path, _), masks in zip(batch, results, strict=True):
+                try:
+                    for prompt, mask in masks.items():
+                        write_mask(out / mask_filename(path.stem, prompt), mask)
+                        summary.masks += 1
+                    summary.images += 1
+                except (OSError, ValueError) as exc:
+                    summary.failures.append((str(path), f"cannot write mask: {exc}"))
+        bar.update(len(batch))
+        batch.clear()
+
+    for path in paths:
+        if path.stem in owners:
+            summary.failures.append((str(path), f"same image id {path.stem!r} as {owners[path.stem]}; its masks "
+                                                f"would overwrite those (rename one)"))
+            bar.update(1)
+            continue
+        owners[path.stem] = path
+        try:
+            image = read_image_rgb(path)
+        except ImageReadError as exc:
+            summary.failures.append((str(path), str(exc)))
+            bar.update(1)
+            continue
+        batch.append((path, image))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    bar.close()
+    return summary
+
+
+def run_predict(
+    model: str | None,
+    prompts: Sequence[str],
+    inputs: Sequence[str],
+    out_dir: str,
+    backend: str = "auto",
+    threads: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> PredictSummary:
+    """Load the model (path or profile) and run `predict`; the CLI's entry point."""
+    from drywallqa.edge.backends import load_backend
+    from drywallqa.edge.inference import PromptSegmenter
+
+    path = resolve_model(model)
+    segmenter = PromptSegmenter(load_backend(path, backend=backend, threads=threads))
+    return predict(segmenter, prompts, inputs, out_dir, batch_size=batch_size, progress=progress)

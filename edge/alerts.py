@@ -1,0 +1,86 @@
+"""Alert rules: `metric >= min` for N consecutive frames, then a per-class cool-down."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from drywallqa.edge.payloads import AlertPayload, ClassResult
+from drywallqa.edge.settings import RuleSettings
+
+
+@dataclass
+class Rule:
+    class_name: str
+    metric: str
+    min: float
+    persistence_frames: int
+    cooldown_s: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric}>={self.min:g}"
+
+    def holds(self, result: ClassResult) -> bool:
+        return float(getattr(result, self.metric)) >= self.min
+
+
+@dataclass
+class Firing:
+    rule: Rule
+    result: ClassResult
+    persisted_frames: int
+
+
+@dataclass
+class AlertEngine:
+    rules: list[Rule]
+    _streak: dict[int, int] = field(default_factory=dict)
+    _last_fired: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, rules: list[RuleSettings], resolve) -> AlertEngine:
+        """`resolve(prompt_or_class) -> class name` (raises UnknownPromptError for unknown prompts)."""
+        return cls([Rule(resolve(r.prompt), r.metric, r.min, r.persistence_frames, r.cooldown_s) for r in rules])
+
+    def update(self, results: list[ClassResult], now: float | None = None) -> list[Firing]:
+        """Feed one frame's results; returns the rules that fire on this frame (at most one per class)."""
+        now = time.monotonic() if now is None else now
+        by_class = {r.class_name: r for r in results}
+        fired: list[Firing] = []
+        fired_classes: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            result = by_class.get(rule.class_name)
+            if result is None or not rule.holds(result):
+                self._streak[i] = 0
+                continue
+            self._streak[i] = self._streak.get(i, 0) + 1
+            if self._streak[i] < rule.persistence_frames or rule.class_name in fired_classes:
+                continue
+            last = self._last_fired.get(rule.class_name)
+            if last is not None and now - last < rule.cooldown_s:
+                continue
+            self._last_fired[rule.class_name] = now
+            fired_classes.add(rule.class_name)
+            fired.append(Firing(rule, result, self._streak[i]))
+        return fired
+
+
+def make_alert(firing: Firing, *, device_id: str, frame_id: int, timestamp: float, snapshot_b64: str) -> AlertPayload:
+    r = firing.result
+    return AlertPayload(
+        event_id=uuid.uuid4().hex,
+        device_id=device_id,
+        timestamp=timestamp,
+        frame_id=frame_id,
+        class_name=r.class_name,
+        prompt=r.prompt,
+        rule=firing.rule.label,
+        area_fraction=r.area_fraction,
+        skeleton_length_px=r.skeleton_length_px,
+        region_count=r.region_count,
+        mean_confidence=r.mean_confidence,
+        persisted_frames=firing.persisted_frames,
+        snapshot_jpeg_b64=snapshot_b64,
+    )

@@ -1,0 +1,99 @@
+"""Embedded broker: spawn `mosquitto` on 127.0.0.1 when configured (or when none listens, in `auto` mode)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class EmbeddedBroker:
+    """A mosquitto child process listening on 127.0.0.1:port only, anonymous access (loopback only)."""
+
+    def __init__(self, port: int, binary: str | None = None) -> None:
+        self.port = port
+        self.binary = binary or shutil.which("mosquitto") or (
+            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        self._proc: subprocess.Popen | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    def start(self, timeout: float = 10.0) -> EmbeddedBroker:
+        if not self.binary:
+            raise BrokerError("embedded broker requested but the `mosquitto` binary is not installed "
+                              "(apt-get install mosquitto) - or set mqtt.embedded_broker: never")
+        self._dir = tempfile.TemporaryDirectory(prefix="drywallqa-mosquitto-")
+        conf = Path(self._dir.name) / "mosquitto.conf"
+        logfile = Path(self._dir.name) / "mosquitto.log"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        f"log_dest file {logfile}\n")
+        self._proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = logfile.read_text(errors="replace")[-500:] if logfile.exists() else ""
+                raise BrokerError(f"embedded mosquitto exited with code {self._proc.returncode}: {err.strip()}")
+            if port_open("127.0.0.1", self.port, 0.2):
+                log.info("embedded mosquitto listening on 127.0.0.1:%d (pid %d)", self.port, self._proc.pid)
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"embedded mosquitto did not listen on 127.0.0.1:{self.port} within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def maybe_start_embedded(mode: str, host: str, port: int) -> EmbeddedBroker | None:
+    """always: start one (host must be loopback); auto: only if host is loopback and nothing listens."""
+    if mode == "never":
+        return None
+    if not is_loopback(host):
+        if mode == "always":
+            raise BrokerError(f"mqtt.embedded_broker=always needs mqtt.host on loopback, got {host!r}")
+        return None
+    if mode == "auto" and port_open(host, port):
+        return None
+    if mode == "auto" and not EmbeddedBroker(port).binary:
+        log.warning("no broker on %s:%d and no mosquitto binary; alerts are spooled until a broker appears",
+                    host, port)
+        return None
+    return EmbeddedBroker(port).start()

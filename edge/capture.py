@@ -1,0 +1,199 @@
+"""Capture thread: reads a FrameSource, hands over only the newest frame, reopens failed sources with backoff.
+
+In realtime mode an unconsumed frame is replaced by the next one (counted in `dropped`), so the
+consumer never works on a backlog. In lossless mode (files, benchmarks) the reader waits instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from drywallqa.edge.sources import CorruptFrame, EndOfSource, FrameSource, SourceError
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_CORRUPT = 100  # then the source is treated as broken and reopened
+
+
+@dataclass
+class Frame:
+    frame_id: int
+    image: np.ndarray  # RGB uint8 H x W x 3
+    t_capture: float  # time.monotonic() when read
+    wall_time: float  # time.time() when read
+
+
+@dataclass
+class CaptureStats:
+    captured: int = 0
+    dropped: int = 0
+    corrupt: int = 0
+    reopens: int = 0
+    state: str = "starting"  # starting | open | reconnecting | stalled | ended | stopped
+    last_error: str = ""
+
+
+class Capture:
+    def __init__(
+        self,
+        source: FrameSource,
+        *,
+        realtime: bool,
+        loop: bool = False,
+        fps: float | None = None,
+        stall_timeout_s: float = 5.0,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 10.0,
+        on_state: Callable[[str], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.realtime = realtime
+        self.loop = loop
+        self.fps = fps
+        self.stall_timeout_s = stall_timeout_s
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self.on_state = on_state
+        self.stats = CaptureStats()
+        self._cond = threading.Condition()
+        self._slot: Frame | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+        self._next_id = 0
+        self._last_frame_t = time.monotonic()
+
+    # -- consumer side -------------------------------------------------------------------------------------
+    def start(self) -> Capture:
+        self._thread.start()
+        return self
+
+    def get(self, timeout: float = 1.0) -> Frame | None:
+        """The newest frame, or None after `timeout` (or when the source has ended)."""
+        with self._cond:
+            if self._slot is None:
+                self._cond.wait_for(lambda: self._slot is not None or self.finished, timeout)
+            frame, self._slot = self._slot, None
+            self._cond.notify_all()
+        if frame is None:
+            self._check_stall()
+        return frame
+
+    @property
+    def finished(self) -> bool:
+        return self.stats.state in ("ended", "stopped") and self._slot is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.source.close()  # never from here while the reader may still be inside read()
+        if self.stats.state != "ended":
+            self._set_state("stopped")
+
+    def _check_stall(self) -> None:
+        if self.stats.state == "open" and time.monotonic() - self._last_frame_t > self.stall_timeout_s:
+            self._set_state("stalled")
+
+    # -- reader side ---------------------------------------------------------------------------------------
+    def _set_state(self, state: str, error: str = "") -> None:
+        if error:
+            self.stats.last_error = error
+        if state != self.stats.state:
+            self.stats.state = state
+            log.info("source %s: %s%s", self.source.describe(), state, f" ({error})" if error else "")
+            if self.on_state is not None:
+                self.on_state(state)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped; True when stopped."""
+        return self._stop.wait(seconds)
+
+    def _run(self) -> None:
+        backoff = self.reconnect_min_s
+        opened = False
+        consecutive_corrupt = 0
+        period = 1.0 / self.fps if self.fps else None
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            if not opened:
+                try:
+                    self.source.open()
+                except Exception as exc:  # noqa: BLE001 - any failure to open means: retry later
+                    self._set_state("reconnecting", str(exc))
+                    if self._sleep(backoff):
+                        break
+                    backoff = min(backoff * 2, self.reconnect_max_s)
+                    continue
+                opened = True
+                if self.stats.state not in ("starting", "open"):
+                    self.stats.reopens += 1
+                self._set_state("open")
+                self._last_frame_t = time.monotonic()
+                if period is None and self.realtime and not self.source.live:
+                    native = self.source.native_fps
+                    period = 1.0 / native if native else None
+                if period is None and isinstance(self.source.native_fps, float) and self.source.kind == "demo":
+                    period = 1.0 / self.source.native_fps
+                next_t = time.monotonic()
+            try:
+                image = self.source.read()
+            except CorruptFrame as exc:
+                self.stats.corrupt += 1
+                consecutive_corrupt += 1
+                log.warning("corrupt frame skipped (%d so far): %s", self.stats.corrupt, exc)
+                if consecutive_corrupt >= MAX_CONSECUTIVE_CORRUPT:
+                    self.source.close()
+                    opened = False
+                    self._set_state("reconnecting", "too many corrupt frames in a row")
+                continue
+            except EndOfSource:
+                self.source.close()
+                opened = False
+                if self.loop:
+                    continue
+                self._set_state("ended")
+                break
+            except Exception as exc:  # noqa: BLE001 - SourceError or an unexpected backend failure
+                if not isinstance(exc, SourceError):
+                    log.exception("unexpected error reading %s", self.source.describe())
+                self.source.close()
+                opened = False
+                self._set_state("reconnecting", str(exc))
+                if self._sleep(backoff):
+                    break
+                backoff = min(backoff * 2, self.reconnect_max_s)
+                continue
+            consecutive_corrupt = 0
+            backoff = self.reconnect_min_s
+            now = time.monotonic()
+            self._last_frame_t = now
+            if self.stats.state == "stalled":
+                self._set_state("open")
+            frame = Frame(self._next_id, image, now, time.time())
+            self._next_id += 1
+            self.stats.captured += 1
+            with self._cond:
+                if self._slot is not None:
+                    if self.realtime:
+                        self.stats.dropped += 1
+                    else:
+                        self._cond.wait_for(lambda: self._slot is None or self._stop.is_set())
+                self._slot = frame
+                self._cond.notify_all()
+            if period is not None:
+                next_t = max(next_t + period, time.monotonic() - period)
+                if self._sleep(max(0.0, next_t - time.monotonic())):
+                    break
+        with self._cond:
+            if self.stats.state != "ended":
+                self.stats.state = "stopped"
+            self._cond.notify_all()
+        self.source.close()

@@ -1,0 +1,163 @@
+"""`drywallqa edge ...`: run the live loop, check a config, install the systemd service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    edge = subparsers.add_parser(
+        "edge", help="edge runtime: live camera -> model -> alerts over MQTT",
+        description="Run the edge runtime on a device. Settings come from a YAML file, overridden by "
+                    "DRYWALLQA_<SECTION>__<KEY> environment variables (e.g. DRYWALLQA_MQTT__HOST=broker).")
+    sub = edge.add_subparsers(dest="edge_command", required=True, metavar="{run,check-config,install-service}")
+
+    run = sub.add_parser("run", help="run the live loop (Ctrl-C / SIGTERM stops it cleanly)",
+                         description="Capture frames, segment the configured prompts, publish detections and "
+                                     "alerts over MQTT. With the default config it needs no camera and no broker: "
+                                     "synthetic demo frames and an embedded mosquitto on 127.0.0.1.")
+    _add_config(run)
+    run.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N processed frames")
+    run.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    run.add_argument("--source", default=None, help="override source.uri (demo, 0, /dev/video0, URL, file, folder)")
+    run.add_argument("--model", default=None, help="override model.path (hrnet, lite or a model file)")
+    run.add_argument("--stats-json", type=Path, default=None, help="write loop statistics here at exit")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config (and the model/prompts with --model-check)",
+                           description="Print the effective settings (YAML + environment) or a clear error.")
+    _add_config(check)
+    check.add_argument("--model-check", action="store_true", help="also load the model and resolve the prompts")
+    check.set_defaults(func=_cmd_check)
+
+    inst = sub.add_parser("install-service", help="install the systemd unit (Type=notify, watchdog)",
+                          description="Write drywallqa-edge.service and an environment file. Needs root unless "
+                                      "--prefix points elsewhere; --dry-run only prints what would be written.")
+    inst.add_argument("--prefix", type=Path, default=Path("/"), help="file system root to install under (tests)")
+    inst.add_argument("--config", type=Path, default=Path("/etc/drywallqa/edge.yaml"),
+                      help="config path the service reads (copied from the packaged default if missing)")
+    inst.add_argument("--user", default="drywallqa", help="service user (created with useradd when missing)")
+    inst.add_argument("--exec", dest="exec_path", default=None,
+                      help="drywallqa executable (default: the one running this command)")
+    inst.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+    inst.add_argument("--no-enable", action="store_true", help="do not run systemctl daemon-reload/enable")
+    inst.set_defaults(func=_cmd_install)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML settings (default: the packaged configs/edge.yaml)")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+
+
+def _load(args: argparse.Namespace, **overrides):
+    from drywallqa.edge.settings import load_settings
+
+    return load_settings(args.config, **overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from drywallqa.edge.broker import BrokerError
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import ConfigError
+
+    from drywallqa.contract import InvalidModelError
+    from drywallqa.vocab import UnknownPromptError
+
+    try:
+        settings = _load(args)
+        if args.source is not None or args.model is not None:
+            data = settings.model_dump()
+            if args.source is not None:
+                data["source"]["uri"] = args.source
+            if args.model is not None:
+                data["model"]["path"] = args.model
+            settings = type(settings).model_validate(data)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_level)
+    runner = EdgeRunner(settings, max_frames=args.max_frames, duration_s=args.duration)
+
+    def _stop(signum, _frame) -> None:
+        logging.getLogger(__name__).info("signal %d: finishing the current frame and stopping", signum)
+        runner.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        runner.setup()
+    except (ConfigError, UnknownPromptError, InvalidModelError, BrokerError, FileNotFoundError, RuntimeError,
+            ValueError) as exc:
+        runner.shutdown()
+        print(f"error: cannot start the edge runtime: {exc}", file=sys.stderr)
+        return 2
+    stats = runner.run()
+    summary = {
+        "frames_processed": stats.processed, "frame_errors": stats.errors, "alerts": stats.alerts,
+        "detections_published": stats.detections,
+        "frames_dropped": runner.capture.stats.dropped if runner.capture else 0,
+        "frames_corrupt": runner.capture.stats.corrupt if runner.capture else 0,
+        "source_reopens": runner.capture.stats.reopens if runner.capture else 0,
+    }
+    print(json.dumps(summary))
+    if args.stats_json is not None:
+        args.stats_json.write_text(json.dumps({**summary, "latencies_ms": stats.latencies_ms,
+                                               "inference_ms": stats.inference_ms}))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from drywallqa.edge.settings import ConfigError
+
+    try:
+        settings = _load(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.model_check:
+        from drywallqa.edge.runner import EdgeRunner, resolve_model_path
+
+        try:
+            from drywallqa.edge.backends import load_backend
+            from drywallqa.edge.inference import PromptSegmenter
+
+            runner = EdgeRunner(settings)
+            path = resolve_model_path(settings.model.path, settings.model.backend)
+            runner.segmenter = PromptSegmenter(load_backend(path, settings.model.backend, settings.model.threads))
+            runner.meta = runner.segmenter.metadata
+            watched = runner.resolve_prompts(settings.analysis.prompts)
+            for rule in settings.alerts:
+                runner._resolve_class(rule.prompt)
+        except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"model {path}: watching " + ", ".join(f"{w.prompt!r} -> {w.class_name}" for w in watched))
+    safe = settings.model_dump(mode="json")
+    if safe["mqtt"].get("password"):
+        safe["mqtt"]["password"] = "***"
+    print(json.dumps(safe, indent=2))
+    return 0
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    from drywallqa.edge.service import install_service
+
+    return install_service(prefix=args.prefix, config=args.config, user=args.user, exec_path=args.exec_path,
+                           dry_run=args.dry_run, enable=not args.no_enable)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="drywallqa")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,89 @@
+"""Prompt -> mask on top of any backend: resize in, per-class probabilities back at source size, thresholds.
+
+Prompts are resolved to classes with the vocabulary stored in the model's metadata, and each class's
+decision threshold comes from there too, so a model file is self-describing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+from drywallqa.edge.backends import InferenceBackend
+
+from drywallqa.imageio import to_rgb_uint8
+
+
+class PromptSegmenter:
+    def __init__(self, backend: InferenceBackend) -> None:
+        self.backend = backend
+        self.metadata = backend.metadata
+        self.vocabulary = self.metadata.vocabulary()
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metadata.classes)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.backend.input_hw
+
+    def resolve(self, prompts: Sequence[str]) -> list[str]:
+        """Class of each prompt; UnknownPromptError (listing the known prompts) for any unknown one."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        return [self.vocabulary.resolve(p) for p in prompts]
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """Any RGB (or gray/RGBA/16-bit) image -> uint8 H x W x 3 at the model's input size."""
+        rgb = to_rgb_uint8(image)
+        h, w = self.input_hw
+        if rgb.shape[:2] == (h, w):
+            return np.ascontiguousarray(rgb)
+        shrinking = rgb.shape[0] > h or rgb.shape[1] > w
+        interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        return cv2.resize(rgb, (w, h), interpolation=interp)
+
+    def network(self, batch: np.ndarray) -> np.ndarray:
+        """The backend call alone (uint8 N x H x W x 3 at input size -> float32 N x C x H x W)."""
+        return self.backend.infer(batch)
+
+    @staticmethod
+    def postprocess(probs: np.ndarray, source_hw: tuple[int, int]) -> np.ndarray:
+        """C x h x w probabilities -> C x H0 x W0 (bilinear), clipped to [0, 1]."""
+        h0, w0 = source_hw
+        if probs.shape[1:] == (h0, w0):
+            return probs.astype(np.float32, copy=False)
+        hwc = np.ascontiguousarray(probs.transpose(1, 2, 0), dtype=np.float32)
+        out = cv2.resize(hwc, (w0, h0), interpolation=cv2.INTER_LINEAR)
+        if out.ndim == 2:
+            out = out[..., None]
+        return np.clip(out.transpose(2, 0, 1), 0.0, 1.0)
+
+    def probabilities_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if not len(images):
+            return []
+        batch = np.stack([self.preprocess(im) for im in images])
+        probs = self.network(batch)
+        return [self.postprocess(p, np.asarray(im).shape[:2]) for p, im in zip(probs, images, strict=True)]
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """C x H0 x W0 float32 probabilities at the source size, classes in `metadata.classes` order."""
+        return self.probabilities_batch([image])[0]
+
+    def masks_from_probabilities(self, probs: np.ndarray, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        classes = self.resolve(prompts)
+        out = {}
+        for prompt, cls in zip(prompts, classes, strict=True):
+            k = self.metadata.classes.index(cls)
+            out[prompt] = np.where(probs[k] >= self.metadata.thresholds[cls], 255, 0).astype(np.uint8)
+        return out
+
+    def masks_batch(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        self.resolve(prompts)  # fail on an unknown prompt before spending time on inference
+        return [self.masks_from_probabilities(p, prompts) for p in self.probabilities_batch(images)]
+
+    def masks(self, image: np.ndarray, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """{prompt: uint8 {0, 255} mask at the source size}; prompts keep the caller's spelling as keys."""
+        return self.masks_batch([image], prompts)[0]

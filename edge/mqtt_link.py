@@ -1,0 +1,210 @@
+"""MQTT side of the edge runtime (paho-mqtt 2.x, CallbackAPIVersion.VERSION2).
+
+Alerts never go to the client directly: they are appended to the durable Spool, and one delivery
+thread hands spooled rows to paho in order (QoS 1, at most `inflight_window` unacknowledged) while
+connected. A row is deleted only when its PUBACK arrives. paho re-sends unacknowledged QoS 1
+messages itself after a reconnect; after a restart the spool replays every remaining row, so an
+alert can arrive twice but never not at all - consumers deduplicate on event_id.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+from drywallqa.edge.payloads import (
+    TOPIC_ALERTS,
+    TOPIC_CMD,
+    TOPIC_DETECTIONS,
+    TOPIC_SNAPSHOT,
+    TOPIC_STATUS,
+    AlertPayload,
+    CommandPayload,
+    DetectionPayload,
+    SnapshotPayload,
+    StatusPayload,
+    topic,
+)
+from drywallqa.edge.settings import MqttSettings
+from drywallqa.edge.spool import Spool
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class EdgeLink:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        spool: Spool,
+        *,
+        status: Callable[[str], StatusPayload],
+        on_command: Callable[[CommandPayload], None],
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self._status = status
+        self._on_command = on_command
+        self.topic_status = topic(settings.prefix, settings.device_id, TOPIC_STATUS)
+        self.topic_detections = topic(settings.prefix, settings.device_id, TOPIC_DETECTIONS)
+        self.topic_alerts = topic(settings.prefix, settings.device_id, TOPIC_ALERTS)
+        self.topic_snapshot = topic(settings.prefix, settings.device_id, TOPIC_SNAPSHOT)
+        self.topic_cmd = topic(settings.prefix, settings.device_id, TOPIC_CMD)
+        self.connected = threading.Event()
+        self.delivered = 0
+        self.spool_dropped = spool.dropped()
+        self._acks: collections.deque[int] = collections.deque()
+        self._inflight: dict[int, int] = {}  # mid -> spool seq (owned by the delivery thread)
+        self._last_handed = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._client = self._make_client()
+        self._thread = threading.Thread(target=self._deliver_loop, name="mqtt-deliver", daemon=True)
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"drywallqa-edge-{s.device_id}",
+                             clean_session=True)
+        offline = self._status("offline").model_dump_json()
+        client.will_set(self.topic_status, offline, qos=1, retain=True)
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.tls.enabled:
+            client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
+                           cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(s.tls.insecure)
+        client.reconnect_delay_set(1, s.reconnect_max_s)
+        client.max_inflight_messages_set(s.inflight_window)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def start(self) -> EdgeLink:
+        s = self.settings
+        self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
+        self._client.loop_start()
+        self._thread.start()
+        return self
+
+    # -- paho callbacks (network thread) -----------------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT broker %s:%d refused the connection: %s", self.settings.host, self.settings.port,
+                      reason_code)
+            return
+        log.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
+        client.subscribe(self.topic_cmd, qos=1)
+        client.publish(self.topic_status, self._status("online").model_dump_json(), qos=1, retain=True)
+        self.connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected.is_set() and not self._stop.is_set():
+            log.warning("MQTT disconnected (%s); alerts are spooled until the broker is back", reason_code)
+        self.connected.clear()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        # Called with paho's internal lock held: only record the ack, the delivery thread does the rest.
+        self._acks.append(mid)
+        self._wake.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            cmd = CommandPayload.model_validate_json(message.payload)
+        except ValidationError as exc:
+            log.warning("ignored invalid command on %s: %s", message.topic, exc.errors()[:2])
+            return
+        try:
+            self._on_command(cmd)
+        except Exception:  # noqa: BLE001 - a bad command must never take the client down
+            log.exception("command %s failed", cmd.command)
+
+    # -- delivery thread ---------------------------------------------------------------------------------
+    def _process_acks(self) -> None:
+        while self._acks:
+            mid = self._acks.popleft()
+            seq = self._inflight.pop(mid, None)
+            if seq is not None:
+                self.spool.ack(seq)
+                self.delivered += 1
+
+    def _deliver_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            try:
+                self._process_acks()
+                if not self.connected.is_set():
+                    continue
+                room = self.settings.inflight_window - len(self._inflight)
+                if room <= 0:
+                    continue
+                for item in self.spool.pending(self._last_handed, room):
+                    info = self._client.publish(item.topic, item.payload, qos=1)
+                    if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                        log.warning("publish of spooled alert %s failed: %s", item.event_id, info.rc)
+                        break
+                    self._inflight[info.mid] = item.seq  # paho keeps and re-sends it until PUBACK
+                    self._last_handed = item.seq
+                self._process_acks()
+            except Exception:  # noqa: BLE001 - keep delivering; the rows stay in the spool
+                log.exception("alert delivery error")
+                time.sleep(0.5)
+
+    # -- API for the live loop -----------------------------------------------------------------------------
+    def send_alert(self, alert: AlertPayload) -> None:
+        """Durably spool, then deliver in order (returns once the row is on disk)."""
+        dropped = self.spool.put(alert.event_id, self.topic_alerts, alert.model_dump_json().encode())
+        if dropped:
+            self.spool_dropped += dropped
+            log.warning("spool full: dropped %d oldest alert(s) (%d in total)", dropped, self.spool_dropped)
+        self._wake.set()
+
+    def send_detection(self, detection: DetectionPayload) -> bool:
+        if not self.connected.is_set():
+            return False
+        return self._client.publish(self.topic_detections, detection.model_dump_json(), qos=0).rc == 0
+
+    def send_status(self, status: StatusPayload) -> None:
+        if self.connected.is_set():
+            self._client.publish(self.topic_status, status.model_dump_json(), qos=1, retain=True)
+
+    def send_snapshot(self, snapshot: SnapshotPayload) -> None:
+        if self.connected.is_set():
+            self._client.publish(self.topic_snapshot, snapshot.model_dump_json(), qos=1)
+
+    def pending(self) -> int:
+        return self.spool.count()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every spooled alert is acknowledged (True) or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.spool.count() == 0:
+                return True
+            self._wake.set()
+            time.sleep(0.05)
+        return self.spool.count() == 0
+
+    def stop(self, final_status: StatusPayload, timeout: float = 2.0) -> None:
+        """Publish the final (offline) status, disconnect cleanly (no last will), stop threads."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self.connected.is_set():
+            info = self._client.publish(self.topic_status, final_status.model_dump_json(), qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -1,0 +1,309 @@
+"""The live loop: capture -> model -> per-class analysis -> alert rules -> MQTT, until stopped.
+
+One bad frame (decode error, odd shape, analysis failure) is logged and counted, never fatal. Stop
+(SIGTERM) finishes the current frame, flushes the spool (bounded wait), publishes `offline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from drywallqa.edge.alerts import AlertEngine, make_alert
+from drywallqa.edge.analysis import WatchedClass, analyze_class
+from drywallqa.edge.broker import EmbeddedBroker, maybe_start_embedded
+from drywallqa.edge.capture import Capture, Frame
+from drywallqa.edge.mqtt_link import EdgeLink
+from drywallqa.edge.payloads import CommandPayload, DetectionPayload, SnapshotPayload, StatusPayload
+from drywallqa.edge.render import draw_masks, jpeg_b64
+from drywallqa.edge.sdnotify import Watchdog, notify
+from drywallqa.edge.settings import ConfigError, EdgeSettings
+from drywallqa.edge.sources import make_source
+from drywallqa.edge.spool import Spool
+
+from drywallqa.paths import EXPORTED_DIR, PROFILES
+
+log = logging.getLogger(__name__)
+
+_SUFFIXES_BY_BACKEND = {
+    "openvino": (".xml", ".onnx"),
+    "onnxruntime": (".onnx",),
+    "tensorrt": (".engine", ".plan"),
+    "auto": (".xml", ".onnx", ".engine"),
+}
+
+
+def resolve_model_path(spec: str, backend: str = "auto") -> Path:
+    """A profile name (hrnet | lite) -> its exported file; otherwise the path itself, which must exist."""
+    if spec in PROFILES:
+        tried = [EXPORTED_DIR / f"{PROFILES[spec]}{suf}" for suf in _SUFFIXES_BY_BACKEND[backend]]
+        for p in tried:
+            if p.is_file():
+                return p
+        raise ConfigError(
+            f"model.path: profile {spec!r} has no exported model for backend {backend!r} "
+            f"(looked for {', '.join(str(p) for p in tried)}); run `drywallqa export --profile {spec} --target all` "
+            f"or set model.path to a .onnx/.xml/.engine file"
+        )
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.path: file not found: {path} (or use a profile: {', '.join(PROFILES)})")
+    return path
+
+
+@dataclass
+class LoopStats:
+    processed: int = 0
+    errors: int = 0
+    alerts: int = 0
+    detections: int = 0
+    fps: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)  # capture -> published, per processed frame
+    inference_ms: list[float] = field(default_factory=list)  # model call alone (preprocess + network + resize)
+
+
+class EdgeRunner:
+    def __init__(self, settings: EdgeSettings, *, max_frames: int | None = None, duration_s: float | None = None,
+                 keep_latencies: int = 10_000) -> None:
+        self.settings = settings
+        self.max_frames = max_frames
+        self.duration_s = duration_s
+        self.keep_latencies = keep_latencies
+        self.stats = LoopStats()
+        self.stop_event = threading.Event()
+        self.paused = False
+        self.last_error = ""
+        self._commands: queue.Queue[CommandPayload] = queue.Queue()
+        self._last_status = 0.0
+        self._last_detection = 0.0
+        self._last_annotated: tuple[int, np.ndarray] | None = None
+        self._last_frame: Frame | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.link: EdgeLink | None = None
+        self.capture: Capture | None = None
+        self.spool: Spool | None = None
+
+    # -- start-up --------------------------------------------------------------------------------------
+    def setup(self) -> EdgeRunner:
+        """Load the model, resolve prompts and rules, open spool, broker link and source (errors stop here)."""
+        from drywallqa.edge.backends import load_backend
+        from drywallqa.edge.inference import PromptSegmenter
+
+        s = self.settings
+        model_path = resolve_model_path(s.model.path, s.model.backend)
+        self.model_path = model_path
+        self.segmenter = PromptSegmenter(load_backend(model_path, s.model.backend, s.model.threads))
+        self.meta = self.segmenter.metadata
+        self.watched = self.resolve_prompts(s.analysis.prompts)
+        watched_classes = {w.class_name for w in self.watched}
+        self.engine = AlertEngine.from_settings(s.alerts, self._resolve_class)
+        for rule in self.engine.rules:
+            if rule.class_name not in watched_classes:
+                raise ConfigError(f"alerts: a rule watches class {rule.class_name!r}, but analysis.prompts "
+                                  f"{s.analysis.prompts} has no prompt for it; add one")
+        log.info("model %s (%s, backend %s), watching %s", model_path.name, self.meta.architecture,
+                 self.segmenter.backend.name, [(w.prompt, w.class_name) for w in self.watched])
+
+        self.spool = Spool(s.spool.resolved_path(), s.spool.max_rows, int(s.spool.max_mb * 2**20))
+        if self.spool.count():
+            log.info("spool %s holds %d undelivered alert(s); replaying them first", self.spool.path,
+                     self.spool.count())
+        self.broker = maybe_start_embedded(s.mqtt.embedded_broker, s.mqtt.host, s.mqtt.port)
+        self.link = EdgeLink(s.mqtt, self.spool, status=self.status, on_command=self._commands.put).start()
+
+        src = make_source(s.source.uri, width=s.source.width, height=s.source.height,
+                          timeout_s=s.source.stall_timeout_s, demo_size=s.source.demo_size)
+        realtime = s.source.realtime if s.source.realtime is not None else src.live
+        self.capture = Capture(src, realtime=realtime, loop=s.source.loop, fps=s.source.fps,
+                               stall_timeout_s=s.source.stall_timeout_s, reconnect_min_s=s.source.reconnect_min_s,
+                               reconnect_max_s=s.source.reconnect_max_s, on_state=self._on_source_state)
+        self.capture.start()
+        return self
+
+    def _resolve_class(self, prompt_or_class: str) -> str:
+        if prompt_or_class in self.meta.classes:
+            return prompt_or_class
+        return self.segmenter.vocabulary.resolve(prompt_or_class)
+
+    def resolve_prompts(self, prompts: list[str]) -> list[WatchedClass]:
+        """Prompts -> watched classes (one per class, first prompt wins); UnknownPromptError lists known ones."""
+        out: dict[str, WatchedClass] = {}
+        for prompt in prompts:
+            cls = self._resolve_class(prompt)
+            if cls not in out:
+                out[cls] = WatchedClass(cls, self.meta.classes.index(cls), prompt, float(self.meta.thresholds[cls]))
+        return list(out.values())
+
+    # -- status ------------------------------------------------------------------------------------------
+    def status(self, state: str) -> StatusPayload:
+        cap = self.capture.stats if self.capture else None
+        return StatusPayload(
+            device_id=self.settings.mqtt.device_id,
+            state=state,  # type: ignore[arg-type]
+            timestamp=time.time(),
+            model=getattr(self, "model_path", Path("")).name,
+            source=self.settings.source.uri,
+            source_state=cap.state if cap else "",
+            prompts=[w.prompt for w in getattr(self, "watched", [])],
+            frames_processed=self.stats.processed,
+            frames_dropped=cap.dropped if cap else 0,
+            frames_corrupt=cap.corrupt if cap else 0,
+            frames_reopened=cap.reopens if cap else 0,
+            fps=round(self.stats.fps, 2),
+            spooled_alerts=self.spool.count() if self.spool else 0,
+            spool_dropped=self.link.spool_dropped if self.link else 0,
+            last_error=self.last_error or (cap.last_error if cap else ""),
+        )
+
+    def _publish_status(self) -> None:
+        if self.link is not None:
+            self.link.send_status(self.status("paused" if self.paused else "online"))
+        self._last_status = time.monotonic()
+
+    def _on_source_state(self, state: str) -> None:
+        notify(f"STATUS=source {state}")
+        self._last_status = 0.0  # publish soon from the loop thread
+
+    # -- commands (queued by the MQTT thread, run on the loop thread) -----------------------------------------
+    def _handle_command(self, cmd: CommandPayload) -> None:
+        log.info("command: %s", cmd.command)
+        if cmd.command == "pause":
+            self.paused = True
+        elif cmd.command == "resume":
+            self.paused = False
+        elif cmd.command == "set_prompts":
+            try:
+                if not cmd.prompts:
+                    raise ValueError("set_prompts needs a non-empty 'prompts' list")
+                self.watched = self.resolve_prompts(cmd.prompts)
+                self.last_error = ""
+            except ValueError as exc:  # UnknownPromptError is a ValueError
+                self.last_error = f"set_prompts rejected: {exc}"
+                log.error(self.last_error)
+        elif cmd.command == "snapshot":
+            self._send_snapshot(cmd.request_id)
+        self._publish_status()
+
+    def _send_snapshot(self, request_id: str | None) -> None:
+        if self.link is None:
+            return
+        if self._last_annotated is not None:
+            frame_id, image = self._last_annotated
+        elif self._last_frame is not None:
+            frame_id, image = self._last_frame.frame_id, self._last_frame.image
+        else:
+            self.last_error = "snapshot requested before the first frame"
+            return
+        self.link.send_snapshot(SnapshotPayload(
+            device_id=self.settings.mqtt.device_id, timestamp=time.time(), frame_id=frame_id,
+            request_id=request_id, jpeg_b64=jpeg_b64(image, self.settings.mqtt.snapshot_max_side)))
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def process(self, frame: Frame) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        probs = self.segmenter.probabilities(frame.image)
+        inference_ms = (time.perf_counter() - t0) * 1000
+        results, masks = [], {}
+        for w in self.watched:
+            result, mask = analyze_class(
+                probs[w.class_index], w, min_region_area_px=s.analysis.min_region_area_px,
+                max_regions=s.analysis.max_regions, with_skeleton=w.class_name in s.analysis.skeleton_classes,
+                skeleton_max_side=s.analysis.skeleton_max_side)
+            results.append(result)
+            masks[w.class_name] = mask
+        self._last_frame = frame
+        firings = self.engine.update(results)
+        now_mono = time.monotonic()
+        want_detection = s.mqtt.detections_max_hz > 0 and now_mono - self._last_detection >= 1 / s.mqtt.detections_max_hz
+        annotated = None
+        if firings or (want_detection and s.mqtt.detections_preview):
+            annotated = draw_masks(frame.image, masks)
+            self._last_annotated = (frame.frame_id, annotated)
+        for firing in firings:
+            snap_masks = {firing.result.class_name: masks[firing.result.class_name]}
+            snapshot = jpeg_b64(draw_masks(frame.image, snap_masks), s.mqtt.snapshot_max_side)
+            alert = make_alert(firing, device_id=s.mqtt.device_id, frame_id=frame.frame_id,
+                               timestamp=frame.wall_time, snapshot_b64=snapshot)
+            self.link.send_alert(alert)
+            self.stats.alerts += 1
+            log.info("alert %s: %s %s (frame %d)", alert.event_id, alert.class_name, alert.rule, frame.frame_id)
+        if want_detection:
+            h, w = frame.image.shape[:2]
+            preview = jpeg_b64(annotated, s.mqtt.preview_max_side, 70) if annotated is not None else None
+            if self.link.send_detection(DetectionPayload(
+                    device_id=s.mqtt.device_id, frame_id=frame.frame_id, timestamp=frame.wall_time, width=w,
+                    height=h, inference_ms=round(inference_ms, 2), results=results, preview_jpeg_b64=preview)):
+                self.stats.detections += 1
+            self._last_detection = now_mono
+        if len(self.stats.latencies_ms) < self.keep_latencies:
+            self.stats.latencies_ms.append((time.monotonic() - frame.t_capture) * 1000)
+            self.stats.inference_ms.append(inference_ms)
+
+    def run(self) -> LoopStats:
+        """Run until stopped, the source ends, or --max-frames / --duration is reached; always shuts down."""
+        assert self.capture is not None and self.link is not None
+        watchdog = Watchdog()
+        notify("READY=1")
+        notify(f"STATUS=running {self.settings.source.uri}")
+        started = time.monotonic()
+        fps_t, fps_n = time.monotonic(), 0
+        try:
+            while not self.stop_event.is_set():
+                watchdog.kick()
+                while not self._commands.empty():
+                    self._handle_command(self._commands.get_nowait())
+                if time.monotonic() - self._last_status >= self.settings.mqtt.status_interval_s:
+                    self._publish_status()
+                if self.duration_s is not None and time.monotonic() - started >= self.duration_s:
+                    break
+                frame = self.capture.get(timeout=0.2)
+                if frame is None:
+                    if self.capture.finished:
+                        log.info("source ended")
+                        break
+                    continue
+                if self.paused:
+                    continue
+                try:
+                    self.process(frame)
+                    self.stats.processed += 1
+                except Exception as exc:  # noqa: BLE001 - one bad frame never stops the loop
+                    self.stats.errors += 1
+                    self.last_error = f"frame {frame.frame_id}: {type(exc).__name__}: {exc}"
+                    log.exception("frame %d failed; continuing", frame.frame_id)
+                fps_n += 1
+                if time.monotonic() - fps_t >= 2.0:
+                    self.stats.fps = fps_n / (time.monotonic() - fps_t)
+                    fps_t, fps_n = time.monotonic(), 0
+                if self.max_frames is not None and self.stats.processed >= self.max_frames:
+                    break
+        finally:
+            self.shutdown()
+        return self.stats
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def shutdown(self) -> None:
+        notify("STOPPING=1")
+        if self.capture is not None:
+            self.capture.stop()
+        if self.link is not None:
+            flushed = self.link.flush(self.settings.spool.flush_timeout_s)
+            if not flushed:
+                log.warning("%d alert(s) still undelivered; they stay in the spool %s for the next start",
+                            self.link.pending(), self.spool.path if self.spool else "")
+            self.link.stop(self.status("offline"))
+            self.link = None
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None

@@ -1,0 +1,222 @@
+"""Edge runtime settings: a YAML file, overridden by DRYWALLQA_* environment variables (nested with `__`).
+
+Example: DRYWALLQA_MQTT__HOST=broker.local overrides `mqtt.host`. A bad value stops start-up with
+`ConfigError`, whose message names each offending field and what it allows.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "DRYWALLQA_"
+DEFAULT_CONFIG_NAME = "edge.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field(s) and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSettings(_Section):
+    uri: str = Field(
+        default="demo",
+        description="demo | camera index (0) | /dev/videoN | rtsp://, http(s):// URL | video file | folder | glob",
+    )
+    width: int | None = Field(default=None, gt=0, description="requested capture width (cameras)")
+    height: int | None = Field(default=None, gt=0, description="requested capture height (cameras)")
+    fps: float | None = Field(default=None, gt=0, description="pace files/demo at this rate (default: file fps)")
+    realtime: bool | None = Field(
+        default=None,
+        description="True: newest frame only, older ones dropped (default for cameras, streams, demo). "
+        "False: every frame handed over in order (default for files and folders).",
+    )
+    loop: bool = Field(default=False, description="restart video files / folders at the end")
+    stall_timeout_s: float = Field(default=5.0, gt=0, description="no frame for this long -> reopen")
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=10.0, gt=0)
+    demo_size: tuple[int, int] = Field(default=(480, 640), description="demo frame height, width")
+
+    @field_validator("uri")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty; use 'demo', a camera index, a URL, a file, folder or glob")
+        return v.strip()
+
+
+class ModelSettings(_Section):
+    path: str = Field(default="hrnet", description="exported model (.onnx, .xml, .engine) or a profile: hrnet | lite")
+    backend: Literal["auto", "openvino", "onnxruntime", "tensorrt"] = "auto"
+    threads: int | None = Field(default=None, gt=0)
+
+
+class RuleSettings(_Section):
+    """One alert rule: `metric >= min` held for `persistence_frames` frames, then quiet for `cooldown_s`."""
+
+    prompt: str = Field(description="prompt or class name the rule watches, e.g. 'segment crack'")
+    metric: Literal["area_fraction", "skeleton_length_px", "region_count", "mean_confidence"] = "area_fraction"
+    min: float = Field(ge=0.0, description="the rule fires when metric >= min (min 0 fires on any frame)")
+    persistence_frames: int = Field(default=3, ge=1)
+    cooldown_s: float = Field(default=60.0, ge=0.0, description="per class")
+
+
+class AnalysisSettings(_Section):
+    prompts: list[str] = Field(default_factory=lambda: ["segment crack", "segment taping area"], min_length=1)
+    min_region_area_px: int = Field(default=16, ge=0, description="smaller connected regions are ignored")
+    max_regions: int = Field(default=20, ge=0, description="regions listed per class (largest first)")
+    skeleton_classes: list[str] = Field(default_factory=lambda: ["crack"])
+    skeleton_max_side: int = Field(default=640, ge=32, description="thin masks at most this size (speed)")
+
+
+class TlsSettings(_Section):
+    enabled: bool = False
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    insecure: bool = Field(default=False, description="skip hostname verification (testing only)")
+
+
+class MqttSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    prefix: str = "drywallqa"
+    device_id: str = Field(default_factory=socket.gethostname)
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = Field(default=30, ge=5)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    embedded_broker: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="auto: spawn mosquitto on 127.0.0.1 when host is loopback and nothing listens there",
+    )
+    detections_max_hz: float = Field(default=2.0, ge=0.0, description="0 disables detections")
+    detections_preview: bool = True
+    preview_max_side: int = Field(default=320, ge=32)
+    snapshot_max_side: int = Field(default=640, ge=32)
+    status_interval_s: float = Field(default=10.0, gt=0)
+    inflight_window: int = Field(default=10, ge=1, description="alerts handed to the client before a PUBACK")
+    reconnect_max_s: int = Field(default=10, ge=1, description="broker reconnect backoff 1 s doubling up to this")
+
+    @field_validator("prefix", "device_id")
+    @classmethod
+    def _topic_safe(cls, v: str) -> str:
+        if not v or any(ch in v for ch in "+#\0") or v.startswith("/"):
+            raise ValueError("must be non-empty, without '+', '#' or a leading '/'")
+        return v
+
+
+class SpoolSettings(_Section):
+    path: str | None = Field(default=None, description="default: $STATE_DIRECTORY or ~/.local/state/drywallqa")
+    max_rows: int = Field(default=10_000, ge=1)
+    max_mb: float = Field(default=200.0, gt=0)
+    flush_timeout_s: float = Field(default=5.0, ge=0)
+
+    def resolved_path(self) -> Path:
+        if self.path:
+            return Path(self.path).expanduser()
+        base = os.environ.get("STATE_DIRECTORY")
+        if base:
+            return Path(base.split(":")[0]) / "spool.sqlite"
+        xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(xdg) / "drywallqa" / "spool.sqlite"
+
+
+class EdgeSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        yaml_file=None,
+    )
+
+    source: SourceSettings = Field(default_factory=SourceSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    alerts: list[RuleSettings] = Field(default_factory=list)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> EdgeSettings:
+        if self.source.reconnect_max_s < self.source.reconnect_min_s:
+            raise ValueError("source.reconnect_max_s must be >= source.reconnect_min_s")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Priority, highest first: explicit arguments, environment, the YAML file.
+        yaml_path = _YAML_PATH.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+        return tuple(sources)
+
+
+# The YAML file for the next EdgeSettings() construction (pydantic-settings reads it from model_config or here).
+_YAML_PATH: dict[str, Path | None] = {"path": None}
+
+
+def default_config_path() -> Path:
+    """The packaged configs/edge.yaml."""
+    return Path(str(resources.files("drywallqa.configs").joinpath(DEFAULT_CONFIG_NAME)))
+
+
+def format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid edge configuration ({origin}):"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; see configs/edge.yaml for every setting)"
+        allowed = err.get("ctx", {}).get("expected")
+        extra = f" (allowed: {allowed})" if allowed and str(allowed) not in msg else ""
+        got = err.get("input")
+        got_text = f"; got {got!r}" if not isinstance(got, dict | list) and got is not None else ""
+        lines.append(f"  {field}: {msg}{extra}{got_text}")
+    lines.append(f"  (environment overrides use the prefix {ENV_PREFIX} and '__' between levels, "
+                 f"e.g. {ENV_PREFIX}MQTT__HOST)")
+    return "\n".join(lines)
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSettings:
+    """Read the YAML file (default: the packaged configs/edge.yaml), apply env overrides, validate."""
+    path = Path(config) if config is not None else default_config_path()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    _YAML_PATH["path"] = path
+    try:
+        return EdgeSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from exc
+    finally:
+        _YAML_PATH["path"] = None

@@ -1,0 +1,237 @@
+"""Frame sources: camera (index or /dev/videoN), RTSP/HTTP stream, video file, folder or glob, synthetic demo.
+
+Every source yields RGB uint8 H x W x 3 frames and signals trouble with three exceptions the capture
+thread acts on: CorruptFrame (skip, count), EndOfSource (finished or loop), SourceError (reopen with backoff).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from drywallqa.imageio import ImageReadError, read_image_rgb
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+
+
+class SourceError(RuntimeError):
+    """The source failed (camera gone, stream broken, file missing); the capture thread reopens it."""
+
+
+class CorruptFrame(ValueError):
+    """One frame could not be decoded; it is counted and skipped."""
+
+
+class EndOfSource(Exception):
+    """A finite source (file, folder) has no more frames."""
+
+
+class FrameSource(ABC):
+    kind: str = "source"
+    live: bool = False  # cameras, streams, demo: newest-frame-only by default
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    @abstractmethod
+    def open(self) -> None: ...
+
+    @abstractmethod
+    def read(self) -> np.ndarray: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @property
+    def native_fps(self) -> float | None:
+        return None
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.uri}"
+
+
+def check_frame(frame: object) -> np.ndarray:
+    """A decoded frame must be a non-empty H x W x 3 uint8 array."""
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3 \
+            or frame.shape[0] < 2 or frame.shape[1] < 2:
+        shape = getattr(frame, "shape", None)
+        raise CorruptFrame(f"bad frame: expected H x W x 3 uint8, got {type(frame).__name__} {shape}")
+    return frame
+
+
+class CvCaptureSource(FrameSource):
+    """OpenCV VideoCapture: V4L2 cameras, network streams (FFmpeg, with open/read timeouts) and video files."""
+
+    def __init__(self, uri: str, kind: str, *, width: int | None = None, height: int | None = None,
+                 timeout_s: float = 5.0) -> None:
+        super().__init__(uri)
+        self.kind = kind
+        self.live = kind in ("camera", "stream")
+        self.width, self.height = width, height
+        self.timeout_ms = int(timeout_s * 1000)
+        self._cap: cv2.VideoCapture | None = None
+        self._fps: float | None = None
+
+    def open(self) -> None:
+        self.close()
+        if self.kind == "file" and not Path(self.uri).is_file():
+            raise SourceError(f"video file not found: {self.uri}")
+        if self.kind == "camera":
+            target: int | str = int(self.uri) if self.uri.isdigit() else self.uri
+            cap = cv2.VideoCapture(target, cv2.CAP_V4L2)
+            if not cap.isOpened():
+                cap = cv2.VideoCapture(target)
+        elif self.kind == "stream":
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.timeout_ms]
+            cap = cv2.VideoCapture(self.uri, cv2.CAP_FFMPEG, params)
+        else:
+            cap = cv2.VideoCapture(self.uri)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"cannot open {self.kind} {self.uri!r}")
+        if self.kind == "camera":
+            if self.width:
+                cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
+            if self.height:
+                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        self._fps = float(fps) if fps and 0 < fps < 1000 else None
+        self._cap = cap
+
+    def read(self) -> np.ndarray:
+        if self._cap is None:
+            raise SourceError("not open")
+        ok, frame = self._cap.read()
+        if not ok or frame is None:
+            if self.kind == "file":
+                if not Path(self.uri).is_file():
+                    raise SourceError(f"video file disappeared: {self.uri}")
+                raise EndOfSource(self.uri)
+            raise SourceError(f"{self.kind} {self.uri!r} returned no frame (disconnected or stalled)")
+        return cv2.cvtColor(check_frame(frame), cv2.COLOR_BGR2RGB)
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+    @property
+    def native_fps(self) -> float | None:
+        return self._fps
+
+
+class ImageListSource(FrameSource):
+    """A folder or glob of images, in name order; re-listed at every open (so new files are seen)."""
+
+    kind = "images"
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self._files: list[str] = []
+        self._index = 0
+
+    def _list(self) -> list[str]:
+        p = Path(self.uri)
+        if p.is_dir():
+            names = [str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
+        else:
+            names = [f for f in glob.glob(self.uri) if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        return sorted(names)
+
+    def open(self) -> None:
+        self._files = self._list()
+        self._index = 0
+        if not self._files:
+            raise SourceError(f"no images found in {self.uri!r}")
+
+    def read(self) -> np.ndarray:
+        if self._index >= len(self._files):
+            raise EndOfSource(self.uri)
+        path = self._files[self._index]
+        self._index += 1
+        if not os.path.exists(path):
+            raise SourceError(f"image disappeared: {path}")
+        try:
+            return check_frame(read_image_rgb(path))
+        except ImageReadError as exc:
+            raise CorruptFrame(str(exc)) from exc
+
+
+class DemoSource(FrameSource):
+    """Synthetic drywall frames: textured wall, a wandering dark crack and a lighter taped seam, drifting."""
+
+    kind = "demo"
+    live = True
+
+    def __init__(self, size: tuple[int, int] = (480, 640), seed: int = 0) -> None:
+        super().__init__("demo")
+        self.size = size
+        self.seed = seed
+        self._t = 0
+        self._wall: np.ndarray | None = None
+        self._crack: np.ndarray | None = None
+
+    def open(self) -> None:
+        h, w = self.size
+        rng = np.random.default_rng(self.seed)
+        noise = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 3)
+        base = np.array([214, 208, 196], np.float32)
+        self._wall = np.clip(base + noise[..., None] * 12, 0, 255).astype(np.uint8)
+        pts = [(int(w * 0.15), int(h * 0.1))]
+        for _ in range(40):
+            x, y = pts[-1]
+            pts.append((int(np.clip(x + rng.integers(-6, 14), 0, w - 1)), int(np.clip(y + rng.integers(4, 14), 0, h - 1))))
+        self._crack = np.array(pts, np.int32)
+        self._t = 0
+
+    def read(self) -> np.ndarray:
+        assert self._wall is not None and self._crack is not None
+        h, w = self.size
+        frame = self._wall.copy()
+        seam_x = int((0.6 + 0.1 * np.sin(self._t / 15)) * w)
+        cv2.rectangle(frame, (seam_x - 18, 0), (seam_x + 18, h), (232, 229, 222), -1)
+        shift = np.array([round(8 * np.sin(self._t / 5)), 0], np.int32)
+        cv2.polylines(frame, [self._crack + shift], False, (70, 64, 58), 2, cv2.LINE_AA)
+        self._t += 1
+        return frame
+
+    @property
+    def native_fps(self) -> float | None:
+        return 10.0
+
+
+_DEV_VIDEO = re.compile(r"^/dev/video\d+$")
+
+
+def classify_uri(uri: str) -> str:
+    """demo | camera | stream | file | images."""
+    if uri == "demo":
+        return "demo"
+    if uri.isdigit() or _DEV_VIDEO.match(uri):
+        return "camera"
+    if uri.lower().startswith(STREAM_SCHEMES):
+        return "stream"
+    p = Path(uri)
+    if p.is_dir() or any(ch in uri for ch in "*?["):
+        return "images"
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        return "images"
+    return "file"
+
+
+def make_source(uri: str, *, width: int | None = None, height: int | None = None, timeout_s: float = 5.0,
+                demo_size: tuple[int, int] = (480, 640)) -> FrameSource:
+    kind = classify_uri(uri)
+    if kind == "demo":
+        return DemoSource(demo_size)
+    if kind == "images":
+        return ImageListSource(uri)
+    return CvCaptureSource(uri, kind, width=width, height=height, timeout_s=timeout_s)

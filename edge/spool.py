@@ -1,0 +1,107 @@
+"""Durable outbox for alerts: SQLite in WAL mode with synchronous=FULL.
+
+Every alert is written here before it is published and deleted only after the broker's PUBACK, so a
+broker outage, kill -9 or power loss loses nothing; rows are replayed in insertion order. Bounded:
+beyond `max_rows` rows or `max_bytes` of payload the OLDEST rows are dropped, and the drop count is
+kept in the database (reported in the status payload as spool_dropped).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class SpoolItem:
+    seq: int
+    event_id: str
+    topic: str
+    payload: bytes
+
+
+class Spool:
+    def __init__(self, path: str | Path, max_rows: int = 10_000, max_bytes: int = 200 * 2**20) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def put(self, event_id: str, topic: str, payload: bytes) -> int:
+        """Append durably (committed and fsynced before returning); returns rows dropped to stay in bounds."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO outbox (event_id, topic, payload, created) VALUES (?, ?, ?, ?)",
+                    (event_id, topic, payload, time.time()),
+                )
+                dropped = self._enforce_bounds()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return dropped
+
+    def _enforce_bounds(self) -> int:
+        rows, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()
+        dropped = 0
+        while rows > 1 and (rows > self.max_rows or size > self.max_bytes):
+            seq, length = self._db.execute("SELECT seq, LENGTH(payload) FROM outbox ORDER BY seq LIMIT 1").fetchone()
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            rows -= 1
+            size -= length
+            dropped += 1
+        if dropped:
+            self._db.execute(
+                "INSERT INTO counters (name, value) VALUES ('dropped', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                (dropped,),
+            )
+        return dropped
+
+    def pending(self, after_seq: int = 0, limit: int = 100) -> list[SpoolItem]:
+        """Rows in order, oldest first, with seq > after_seq."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, event_id, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [SpoolItem(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def ack(self, seq: int) -> None:
+        """Delete a delivered row (call only after the broker acknowledged it)."""
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def dropped(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+        return int(row[0]) if row else 0

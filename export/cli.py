@@ -1,0 +1,88 @@
+"""CLI: `drywallqa export` and `drywallqa bench` (heavy imports happen inside the handlers)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _weights(args: argparse.Namespace) -> Path:
+    from drywallqa.paths import profile_weights
+
+    path = Path(args.weights) if args.weights else profile_weights(args.profile)
+    if not path.is_file():
+        raise SystemExit(f"error: no weights at {path}. Pass --weights FILE.safetensors, or train/ship the "
+                         f"{args.profile!r} profile first (for a dry run: --random-arch).")
+    return path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from drywallqa.paths import DEFAULT_PROFILE, PROFILES
+
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--weights", help="checkpoint (.safetensors from training); default: the --profile's shipped file")
+    g.add_argument("--random-arch", choices=("hrnet_w18", "effnet_lite0_fpn"),
+                   help="use a randomly initialised model of this architecture (no trained weights needed)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
+                   help=f"shipped model profile whose weights to use (default {DEFAULT_PROFILE})")
+
+
+def _resolve_weights(args: argparse.Namespace, tmp: Path) -> Path:
+    if args.random_arch:
+        from drywallqa.export.random_weights import write_random_weights
+
+        return write_random_weights(tmp / f"random_{args.random_arch}.safetensors", args.random_arch)
+    return _weights(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    import logging
+    import tempfile
+
+    from drywallqa.export.pipeline import run_export
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = _resolve_weights(args, Path(tmp))
+        out = run_export(weights, args.target, args.out, tuple(args.size) if args.size else None,
+                         args.dynamic_batch, args.calib)
+    for name, path in out.items():
+        size = sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())
+        print(f"{name:14s} {path}  ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from drywallqa.export.bench import main_from_args
+
+    return main_from_args(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="export weights to ONNX / OpenVINO (FP16, INT8) / Jetson TensorRT-ready ONNX",
+        description="Export a checkpoint; every output file carries the model metadata (classes, prompts, "
+                    "thresholds, input size) that the edge runtime reads.")
+    _add_model_args(p)
+    p.add_argument("--target", choices=("onnx", "openvino", "jetson", "all"), default="all",
+                   help="onnx: FP32 ONNX; openvino: + IR FP16 and NNCF INT8; jetson: + FP16 static ONNX for "
+                        "TensorRT (then run export/build_engine.sh on the device); all: everything (default)")
+    p.add_argument("--out", default="models/exported", help="output folder (default models/exported)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the checkpoint's)")
+    p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension (default static 1)")
+    p.add_argument("--calib", type=int, default=300,
+                   help="INT8 calibration images from the training split (default 300; 0 skips INT8)")
+    p.set_defaults(func=_export)
+
+    b = subparsers.add_parser(
+        "bench", help="benchmark torch / ONNX Runtime / OpenVINO FP16 / INT8 side by side",
+        description="Latency p50/p95, FPS at batch 1 and 4, peak RSS (one subprocess per backend), file size, "
+                    "speed vs torch eager and vs this machine's compute bound (model FLOPs / measured GFLOP/s).")
+    _add_model_args(b)
+    b.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(512, 512), help="input size (512 512)")
+    b.add_argument("--threads", type=int, default=2, help="CPU threads per backend (default 2)")
+    b.add_argument("--iters", type=int, default=30, help="timed iterations per measurement (default 30)")
+    b.add_argument("--calib", type=int, default=32, help="INT8 calibration images (default 32)")
+    b.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
+    b.add_argument("--workdir", help="keep exported models here (default: a temporary folder)")
+    b.set_defaults(func=_bench)

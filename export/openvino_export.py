@@ -1,0 +1,64 @@
+"""ONNX -> OpenVINO IR (FP32/FP16) and INT8 by NNCF post-training quantisation; metadata kept in rt_info."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from drywallqa.export.metadata import with_precision
+
+from drywallqa.contract import METADATA_KEY, ModelMetadata
+
+log = logging.getLogger(__name__)
+
+
+def _attach(model, metadata: ModelMetadata) -> None:
+    model.set_rt_info(metadata.to_json(), [METADATA_KEY])
+
+
+def export_openvino(onnx_path: str | Path, out_xml: str | Path, metadata: ModelMetadata, fp16: bool = True) -> Path:
+    """IR with weights compressed to FP16 (the CPU plugin still computes in f32 unless told otherwise)."""
+    import openvino as ov
+
+    out_xml = Path(out_xml)
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(onnx_path))
+    _attach(model, with_precision(metadata, "fp16" if fp16 else "fp32"))
+    ov.save_model(model, str(out_xml), compress_to_fp16=fp16)
+    return out_xml
+
+
+def quantize_int8(
+    onnx_path: str | Path,
+    out_xml: str | Path,
+    metadata: ModelMetadata,
+    calibration: np.ndarray,
+    calibration_source: str = "",
+) -> Path:
+    """NNCF PTQ (8-bit, performance preset, fast bias correction) on uint8 N x H x W x 3 calibration images."""
+    import nncf
+    import openvino as ov
+
+    if calibration.ndim != 4 or calibration.dtype != np.uint8 or len(calibration) == 0:
+        raise ValueError(f"calibration images must be a non-empty uint8 N x H x W x 3 array, got "
+                         f"{calibration.dtype} {calibration.shape}")
+    out_xml = Path(out_xml)
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(onnx_path))
+    dataset = nncf.Dataset(list(calibration), lambda img: img[None])
+    quantized = nncf.quantize(
+        model,
+        dataset,
+        preset=nncf.QuantizationPreset.PERFORMANCE,
+        target_device=nncf.TargetDevice.CPU,
+        subset_size=len(calibration),
+        fast_bias_correction=True,
+    )
+    meta = with_precision(metadata, "int8")
+    meta.extra["calibration_images"] = len(calibration)
+    if calibration_source:
+        meta.extra["calibration_source"] = calibration_source
+    _attach(quantized, meta)
+    ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
+    return out_xml

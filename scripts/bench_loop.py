@@ -1,0 +1,157 @@
+"""Benchmark of the whole edge loop (not a test): video source -> model -> analysis -> alerts/detections -> MQTT.
+
+For each architecture, in its own subprocess (so peak RSS is per model): a synthetic 640x480 video played
+like a camera (newest frame only, paced at --source-fps), the real EdgeRunner with OpenVINO, a real
+mosquitto on loopback, and the default alert rules. Reports loop FPS, capture-to-publish latency
+p50/p95, CPU use, peak RSS and, in the same process, the model-only time (backend.infer on one
+preprocessed frame) and the in-loop inference time (resize + network + resize back).
+
+    python scripts/bench_loop.py                       # both architectures, random weights, 512 px
+    python scripts/bench_loop.py --model hrnet=models/exported/hrnet_w18_student.xml --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = {"hrnet": "hrnet_w18", "lite": "effnet_lite0_fpn"}
+
+
+def _random_model(arch: str, size: int, cache: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _export_fixtures import export_random_model  # needs torch; only for models that are not trained yet
+
+    out = cache / f"{arch}_{size}x{size}.onnx"
+    if out.is_file():
+        return out
+    return export_random_model(cache, architecture=arch, size=(size, size))
+
+
+def _video(path: Path, frames: int) -> Path:
+    import cv2
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _edge_helpers import make_video
+
+    if not path.is_file():
+        make_video(path, frames, size=(480, 640), fps=30.0)
+    assert cv2.VideoCapture(str(path)).isOpened()
+    return path
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_one(name: str, model: Path, seconds: float, source_fps: float, backend: str, threads: int | None) -> dict:
+    import psutil
+    from drywallqa.edge.broker import EmbeddedBroker
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import EdgeSettings
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _mqtt_fixtures import free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    video = _video(ROOT / "cache" / "bench_loop" / "wall_640x480.avi", 300)
+    port = free_port()
+    broker = EmbeddedBroker(port).start()
+    try:
+        settings = EdgeSettings.model_validate({
+            "source": {"uri": str(video), "realtime": True, "loop": True, "fps": source_fps},
+            "model": {"path": str(model), "backend": backend, "threads": threads},
+            "mqtt": {"port": port, "device_id": f"bench-{name}", "embedded_broker": "never"},
+            "spool": {"path": str(tmp / "spool.sqlite")},
+            "alerts": [{"prompt": "segment crack", "metric": "area_fraction", "min": 0.0, "persistence_frames": 1,
+                        "cooldown_s": 1.0}],
+        })
+        runner = EdgeRunner(settings, duration_s=seconds).setup()
+        proc = psutil.Process()
+        time.sleep(1.0)  # let the first frames arrive
+        cpu0, t0 = proc.cpu_times(), time.monotonic()
+        stats = runner.run()
+        wall = time.monotonic() - t0
+        cpu1 = proc.cpu_times()
+        cpu_pct = 100 * ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall
+        seg = runner.segmenter
+        batch = seg.preprocess(np.zeros((480, 640, 3), np.uint8))[None]
+        for _ in range(3):
+            seg.network(batch)
+        model_ms = []
+        for _ in range(20):
+            t = time.perf_counter()
+            seg.network(batch)
+            model_ms.append((time.perf_counter() - t) * 1000)
+        warm = stats.latencies_ms[3:]  # skip start-up frames
+        return {
+            "profile": name, "model": model.name, "backend": seg.backend.name, "input": list(seg.input_hw),
+            "frames": stats.processed, "seconds": round(wall, 2), "loop_fps": round(stats.processed / wall, 2),
+            "dropped": runner.capture.stats.dropped if runner.capture else None,
+            "latency_p50_ms": round(_pct(warm, 50), 1), "latency_p95_ms": round(_pct(warm, 95), 1),
+            "inloop_inference_p50_ms": round(_pct(stats.inference_ms[3:], 50), 1),
+            "model_only_p50_ms": round(_pct(model_ms, 50), 1), "model_only_p95_ms": round(_pct(model_ms, 95), 1),
+            "cpu_percent": round(cpu_pct, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "end_rss_mb": round(proc.memory_info().rss / 2**20, 1),
+            "alerts": stats.alerts, "detections": stats.detections,
+        }
+    finally:
+        broker.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profiles", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    p.add_argument("--model", action="append", default=[], metavar="PROFILE=PATH", help="use this exported model")
+    p.add_argument("--size", type=int, default=512, help="input size of random models")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--source-fps", type=float, default=30.0, help="camera-like pacing of the video source")
+    p.add_argument("--backend", default="openvino")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=ROOT / "runs" / "bench_loop.json")
+    p.add_argument("--one", nargs=2, metavar=("PROFILE", "MODEL"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.one:
+        print(json.dumps(run_one(args.one[0], Path(args.one[1]), args.seconds, args.source_fps, args.backend,
+                                 args.threads)))
+        return 0
+
+    given = dict(m.split("=", 1) for m in args.model)
+    cache = ROOT / "cache" / "bench_loop"
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.profiles:
+        model = Path(given[name]) if name in given else _random_model(ARCHS[name], args.size, cache)
+        cmd = [sys.executable, __file__, "--one", name, str(model), "--seconds", str(args.seconds),
+               "--source-fps", str(args.source_fps), "--backend", args.backend]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return 1
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cols = ["profile", "backend", "input", "loop_fps", "latency_p50_ms", "latency_p95_ms", "model_only_p50_ms",
+            "inloop_inference_p50_ms", "cpu_percent", "peak_rss_mb", "end_rss_mb", "frames", "dropped"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=2))
+    print(f"written {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Shared helpers for the edge tests: a random exported model, synthetic videos, configs, the edge process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+
+def make_video(path: Path, frames: int, size: tuple[int, int] = (120, 160), fps: float = 10.0) -> Path:
+    """A small MJPEG AVI of a wall with a moving dark crack line (frame i is distinct from frame j)."""
+    h, w = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened(), "cv2.VideoWriter cannot write MJPG here"
+    for i in range(frames):
+        frame = np.full((h, w, 3), 205, np.uint8)
+        cv2.line(frame, (5, 5 + i % (h - 10)), (w - 5, h - 5), (40, 40, 40), 3)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def write_config(path: Path, *, uri: str, model: Path, port: int, spool: Path, device_id: str = "dev1",
+                 rules: list[dict] | None = None, **sections: dict) -> Path:
+    cfg: dict = {
+        "source": {"uri": uri, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        "model": {"path": str(model), "backend": "onnxruntime", "threads": 1},
+        "analysis": {"prompts": ["segment crack", "segment taping area"], "min_region_area_px": 0},
+        "alerts": rules if rules is not None else [
+            {"prompt": "segment crack", "metric": "area_fraction", "min": 0.0, "persistence_frames": 1,
+             "cooldown_s": 0.0},
+        ],
+        "mqtt": {"host": "127.0.0.1", "port": port, "device_id": device_id, "embedded_broker": "never",
+                 "detections_max_hz": 5.0, "reconnect_max_s": 2, "status_interval_s": 1.0},
+        "spool": {"path": str(spool), "flush_timeout_s": 3.0},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def edge_cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "drywallqa.edge", "run", "--config", str(config), *extra]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRYWALLQA_") and k != "NOTIFY_SOCKET"}
+    env.update(extra)
+    return env
+
+
+def start_edge(config: Path, *extra: str, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(edge_cmd(config, *extra), stdout=out, stderr=subprocess.STDOUT,
+                            env=env or clean_env())

@@ -1,0 +1,185 @@
+"""Backends and PromptSegmenter on a real exported (random-weight) model: ONNX Runtime and OpenVINO sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from _export_fixtures import export_random_model
+from drywallqa.edge.backends import (
+    BackendUnavailableError,
+    auto_backend_name,
+    load_backend,
+    read_metadata,
+    tensorrt_unavailable_reason,
+)
+from drywallqa.edge.inference import PromptSegmenter
+from onnx import TensorProto, helper
+
+from drywallqa.contract import METADATA_KEY, InvalidModelError
+from drywallqa.vocab import UnknownPromptError, load_vocabulary
+
+SIZE = (96, 128)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return export_random_model(tmp_path_factory.mktemp("m"), "effnet_lite0_fpn", SIZE)
+
+
+@pytest.fixture(scope="module")
+def dynamic_model_path(tmp_path_factory) -> Path:
+    return export_random_model(tmp_path_factory.mktemp("d"), "effnet_lite0_fpn", SIZE, dynamic_batch=True)
+
+
+def _images(n: int, hw=SIZE, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *hw, 3), dtype=np.uint8)
+
+
+def test_metadata_round_trip(model_path):
+    meta = read_metadata(model_path)
+    vocab = load_vocabulary()
+    assert meta.classes == list(vocab.classes)
+    assert meta.prompts == vocab.prompt_to_class
+    assert (meta.input.height, meta.input.width) == SIZE
+    assert set(meta.thresholds) == set(meta.classes)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_backend_contract(model_path, backend):
+    be = load_backend(model_path, backend, threads=2)
+    assert be.name == backend
+    assert be.input_hw == SIZE
+    out = be.infer(_images(3))  # static batch-1 graph: the backend loops
+    assert out.dtype == np.float32
+    assert out.shape == (3, len(be.metadata.classes), *SIZE)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    one = be.infer(_images(3)[1:2])
+    np.testing.assert_allclose(out[1:2], one, atol=1e-6)
+
+
+def test_backends_agree(model_path):
+    x = _images(2, seed=3)
+    a = load_backend(model_path, "onnxruntime").infer(x)
+    b = load_backend(model_path, "openvino").infer(x)
+    assert np.abs(a - b).max() < 1e-3
+
+
+def test_dynamic_batch(dynamic_model_path):
+    for backend in ("onnxruntime", "openvino"):
+        be = load_backend(dynamic_model_path, backend)
+        assert be.fixed_batch is None and be.metadata.input.dynamic_batch
+        assert be.infer(_images(4)).shape[0] == 4
+
+
+def test_wrong_input_is_rejected(model_path):
+    be = load_backend(model_path, "onnxruntime")
+    with pytest.raises(ValueError, match="expected uint8"):
+        be.infer(_images(1, hw=(64, 64)))
+    with pytest.raises(ValueError, match="expected uint8"):
+        be.infer(_images(1).astype(np.float32))
+
+
+def test_auto_backend(model_path):
+    assert auto_backend_name("m.xml") == "openvino"
+    assert auto_backend_name("m.engine") == "tensorrt"
+    assert load_backend(model_path).name in ("openvino", "onnxruntime")
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_backend(model_path, "tflite")
+
+
+def _foreign_onnx(path: Path, metadata: str | None = None, input_name: str = "x") -> Path:
+    inp = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, 3])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    graph = helper.make_graph([helper.make_node("Relu", [input_name], ["y"])], "foreign", [inp], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if metadata is not None:
+        helper.set_model_props(model, {METADATA_KEY: metadata})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_foreign_onnx_names_missing_metadata(tmp_path):
+    path = _foreign_onnx(tmp_path / "foreign.onnx")
+    for backend in ("onnxruntime", "openvino"):
+        with pytest.raises(InvalidModelError, match=f"no '{METADATA_KEY}' metadata"):
+            load_backend(path, backend)
+
+
+def test_incomplete_metadata_names_missing_fields(tmp_path):
+    path = _foreign_onnx(tmp_path / "partial.onnx", metadata='{"model_name": "x", "classes": ["crack"]}')
+    with pytest.raises(InvalidModelError) as err:
+        read_metadata(path)
+    for field in ("profile", "thresholds", "input", "text_encoder"):
+        assert field in str(err.value)
+
+
+def test_valid_metadata_but_wrong_tensors(tmp_path, model_path):
+    meta = read_metadata(model_path).to_json()
+    path = _foreign_onnx(tmp_path / "wrong_io.onnx", metadata=meta)
+    with pytest.raises(InvalidModelError, match="no input named 'image'"):
+        load_backend(path, "onnxruntime")
+    with pytest.raises(InvalidModelError, match="no output named 'probs'"):
+        load_backend(path, "openvino")
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(b"\x00\x01 this is not protobuf \xff" * 10)
+    with pytest.raises(InvalidModelError, match="not a readable ONNX"):
+        read_metadata(bad)
+    with pytest.raises(FileNotFoundError, match="drywallqa export"):
+        load_backend(tmp_path / "absent.onnx")
+    odd = tmp_path / "model.tflite"
+    odd.write_bytes(b"x")
+    with pytest.raises(InvalidModelError, match="unknown model file type"):
+        read_metadata(odd)
+
+
+def test_tensorrt_backend_unavailable_is_clear(model_path, tmp_path):
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        pytest.skip("tensorrt is importable here; covered on the device")
+    with pytest.raises(BackendUnavailableError, match="tensorrt"):
+        load_backend(model_path, "tensorrt")
+    assert "tensorrt" in reason
+
+
+def test_engine_without_metadata_is_clear(tmp_path):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not really an engine")
+    with pytest.raises(InvalidModelError, match="model.json"):
+        read_metadata(engine)
+
+
+def test_prompt_segmenter_masks(model_path):
+    seg = PromptSegmenter(load_backend(model_path, "onnxruntime"))
+    image = _images(1, hw=(201, 333), seed=5)[0]
+    probs = seg.probabilities(image)
+    assert probs.shape == (len(seg.classes), 201, 333)
+    masks = seg.masks(image, ["segment crack", "Wall  Crack", "taping area"])
+    assert set(masks) == {"segment crack", "Wall  Crack", "taping area"}
+    for m in masks.values():
+        assert m.shape == (201, 333) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255}
+    np.testing.assert_array_equal(masks["segment crack"], masks["Wall  Crack"])  # synonyms, one class
+    crack = seg.classes.index("crack")
+    expected = np.where(probs[crack] >= seg.metadata.thresholds["crack"], 255, 0)
+    np.testing.assert_array_equal(masks["segment crack"], expected)
+
+
+def test_prompt_segmenter_unknown_prompt_lists_known(model_path):
+    seg = PromptSegmenter(load_backend(model_path, "onnxruntime"))
+    with pytest.raises(UnknownPromptError, match="segment taping area"):
+        seg.masks(_images(1)[0], ["segment crack", "segment mould"])
+
+
+def test_prompt_segmenter_batch_and_odd_inputs(model_path):
+    seg = PromptSegmenter(load_backend(model_path, "openvino"))
+    gray = _images(1, hw=(50, 70))[0][..., 0]
+    rgba = np.dstack([_images(1, hw=(300, 200))[0], np.full((300, 200), 255, np.uint8)])
+    out = seg.masks_batch([gray, rgba], ["crack"])
+    assert out[0]["crack"].shape == (50, 70)
+    assert out[1]["crack"].shape == (300, 200)
+    assert seg.probabilities_batch([]) == []

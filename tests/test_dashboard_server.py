@@ -1,0 +1,308 @@
+"""Dashboard server against a real mosquitto: SSE fan-out, payload validation, alerts, acks, auth, review."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from _dashboard_fixtures import (
+    PREFIX,
+    Mosquitto,
+    Publisher,
+    alert,
+    b64,
+    detection,
+    get_json,
+    http_get,
+    http_post,
+    make_app,
+    make_jpeg,
+    running_dashboard,
+    running_mosquitto,
+    running_publisher,
+    status,
+    wait_until,
+)
+from drywallqa.dashboard.auth import AuthConfigError
+from drywallqa.dashboard.cli import main as dashboard_main
+from drywallqa.dashboard.server import DashboardApp
+from drywallqa.edge.payloads import (
+    TOPIC_ALERTS,
+    TOPIC_CMD,
+    TOPIC_DETECTIONS,
+    TOPIC_SNAPSHOT,
+    TOPIC_STATUS,
+    CommandPayload,
+    SnapshotPayload,
+    topic,
+)
+
+from drywallqa.masks import mask_filename
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    with running_mosquitto(tmp_path) as broker:
+        yield broker
+
+
+@pytest.fixture
+def dashboard(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[DashboardApp]:
+    with running_dashboard(tmp_path, mosquitto.port) as app:
+        wait_until(lambda: app.state.broker.connected, 10, "dashboard to connect to the broker")
+        yield app
+
+
+@pytest.fixture
+def publisher(mosquitto: Mosquitto) -> Iterator[Publisher]:
+    with running_publisher(mosquitto.port) as pub:
+        yield pub
+
+
+ACK_HEADERS = {"X-DrywallQA": "1", "Content-Type": "application/json"}
+
+
+class SSE:
+    """Minimal Server-Sent Events reader over http.client."""
+
+    def __init__(self, app, headers: dict[str, str] | None = None) -> None:
+        host, port = app.address
+        self.conn = http.client.HTTPConnection(host, port, timeout=10)
+        self.conn.request("GET", "/events", headers=headers or {})
+        self.res = self.conn.getresponse()
+
+    def next_event(self) -> tuple[str, dict]:
+        name, data = "", []
+        while True:
+            line = self.res.fp.readline().decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+            elif line == "" and name:
+                return name, json.loads("\n".join(data))
+
+    def wait_for(self, name: str, predicate=lambda d: True, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev, data = self.next_event()
+            if ev == name and predicate(data):
+                return data
+        raise AssertionError(f"no {name} event matching within {timeout} s")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_live_events_flow_from_mqtt_to_the_browser_stream(dashboard, publisher) -> None:
+    sse = SSE(dashboard)
+    try:
+        state = sse.wait_for("state")
+        assert state["broker"]["connected"] is True and state["devices"] == []
+        preview = make_jpeg(color=(0, 0, 255))
+        publisher.publish("cam 1?", TOPIC_STATUS, status("cam 1?"), retain=True)  # needs URL quoting
+        publisher.publish("cam 1?", TOPIC_DETECTIONS, detection("cam 1?", preview=preview))
+        dev = sse.wait_for("device", lambda d: d["detection"] is not None)
+        assert dev["status"]["state"] == "online"
+        assert dev["detection"]["results"][0]["skeleton_length_px"] == pytest.approx(123.4)
+        assert "preview_jpeg_b64" not in dev["detection"]
+        code, headers, body = http_get(dashboard, dev["frame"]["url"])
+        assert code == 200 and headers["Content-Type"] == "image/jpeg" and body == preview
+
+        snap = make_jpeg(color=(255, 0, 0))
+        publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", "evt-1", snap))
+        publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", "evt-1", snap))  # redelivery: deduplicated
+        item = sse.wait_for("alert")
+        assert item["event_id"] == "evt-1" and item["acked"] is False
+        assert http_get(dashboard, item["snapshot_url"])[2] == snap
+        wait_until(lambda: len(get_json(dashboard, "/api/alerts")) == 1, 5, "alert stored")
+        time.sleep(0.3)  # give a duplicate the chance to (wrongly) appear
+        assert len(get_json(dashboard, "/api/alerts")) == 1
+    finally:
+        sse.close()
+
+
+def test_invalid_payloads_are_reported_and_do_not_break_the_bridge(dashboard, publisher) -> None:
+    publisher.publish("cam-x", TOPIC_STATUS, b"{not json")
+    publisher.publish("cam-x", TOPIC_DETECTIONS, json.dumps({"device_id": "cam-x"}))
+    # An alert with a broken snapshot is still kept (losing the alert would be worse), without a picture.
+    publisher.publish("cam-x", TOPIC_ALERTS, alert("cam-x", "evt-bad-snap", None))
+    publisher.publish("cam-x", TOPIC_STATUS, status("cam-x", state="paused"))
+    wait_until(lambda: get_json(dashboard, "/api/state")["devices"], 5, "valid status after invalid ones")
+    state = get_json(dashboard, "/api/state")
+    assert state["devices"][0]["status"]["state"] == "paused"
+    assert state["broker"]["invalid_messages"] == 3
+    assert "snapshot_jpeg_b64" in state["broker"]["last_invalid"]
+    (kept,) = state["alerts"]
+    assert kept["event_id"] == "evt-bad-snap" and kept["snapshot_url"] is None
+
+
+def test_ack_requires_the_csrf_header_and_persists(dashboard, publisher) -> None:
+    snap = make_jpeg()
+    publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", "a/b c", snap))  # needs URL quoting
+    wait_until(lambda: get_json(dashboard, "/api/alerts"), 5, "alert stored")
+    path = "/api/alerts/a%2Fb%20c/ack"
+    assert http_post(dashboard, path, b"{}")[0] == 403
+    code, _, body = http_post(dashboard, path, b'{"by": "site lead"}', ACK_HEADERS)
+    assert code == 200 and json.loads(body)["ack"]["by"] == "site lead"
+    assert get_json(dashboard, "/api/alerts?include_acked=0") == []
+    assert http_post(dashboard, "/api/alerts/nope/ack", b"{}", ACK_HEADERS)[0] == 404
+    assert http_post(dashboard, path, b"[1]", ACK_HEADERS)[0] == 400
+
+
+def test_broker_down_at_start_is_retried_and_reported(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    mosquitto.stop()
+    with running_dashboard(tmp_path, mosquitto.port) as app:
+        state = get_json(app, "/api/state")["broker"]
+        assert state["connected"] is False and "127.0.0.1" in state["detail"]
+        time.sleep(1.5)  # at least one failed retry
+        assert app.state.broker.connected is False
+        mosquitto.start()
+        wait_until(lambda: app.state.broker.connected, 15, "connection once the broker is up")
+
+
+def test_listening_beyond_loopback_needs_a_token(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(AuthConfigError, match="refusing to listen"):
+        make_app(tmp_path, 1, host="0.0.0.0")
+    monkeypatch.delenv("DRYWALLQA_DASHBOARD_TOKEN", raising=False)
+    with pytest.raises(SystemExit, match="without a token"):
+        dashboard_main(["--host", "0.0.0.0", "--port", "0", "--store", str(tmp_path / "s.sqlite")])
+    with pytest.raises(AuthConfigError, match="at least"):
+        make_app(tmp_path, 1, token="short")
+
+
+def test_token_protects_pages_api_and_stream(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    token = "s3cret-token-for-tests"
+    with running_dashboard(tmp_path, mosquitto.port, token=token) as app:
+        code, headers, _ = http_get(app, "/")
+        assert code == 303 and headers["Location"] == "/login"
+        assert http_get(app, "/api/state")[0] == 401
+        assert http_get(app, "/events")[0] == 401
+        assert http_get(app, "/review")[0] == 303
+        assert http_get(app, "/healthz")[0] == 200
+        assert (
+            http_post(app, "/login", "token=wrong", {"Content-Type": "application/x-www-form-urlencoded"})[0]
+            == 401
+        )
+        code, headers, _ = http_post(
+            app, "/login", f"token={token}", {"Content-Type": "application/x-www-form-urlencoded"}
+        )
+        assert code == 303 and "HttpOnly" in headers["Set-Cookie"] and token not in headers["Set-Cookie"]
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 200
+        assert http_get(app, "/api/state", {"Authorization": f"Bearer {token}"})[0] == 200
+        assert http_get(app, "/api/state", {"Authorization": "Bearer nope"})[0] == 401
+        assert http_get(app, "/", {"Cookie": cookie})[0] == 200
+        code, headers, _ = http_get(app, "/logout", {"Cookie": cookie})
+        assert code == 303 and "Max-Age=0" in headers["Set-Cookie"]
+
+
+def _write_review_folders(root: Path) -> tuple[Path, Path]:
+    images, masks = root / "images", root / "pred"
+    images.mkdir()
+    masks.mkdir()
+    for name in ("wall_001", "wall_002"):
+        cv2.imwrite(str(images / f"{name}.jpg"), np.full((48, 64, 3), 128, np.uint8))
+    crack = np.zeros((48, 64), np.uint8)
+    crack[10:20, 10:30] = 255
+    cv2.imwrite(str(masks / mask_filename("wall_001", "segment crack")), crack)
+    cv2.imwrite(str(masks / mask_filename("wall_002", "segment joint/tape")), np.zeros((24, 32), np.uint8))
+    cv2.imwrite(str(masks / mask_filename("ghost", "segment crack")), crack)
+    return images, masks
+
+
+def test_review_pairs_images_with_masks_and_draws_them(dashboard, tmp_path: Path) -> None:
+    images, masks = _write_review_folders(tmp_path)
+    # The masks folder is given relative to the review root.
+    code, _, body = http_get(dashboard, f"/review?images={images}&masks=pred")
+    page = body.decode()
+    assert code == 200
+    assert "wall_001" in page and "wall_002" in page and "segment_joint_tape" in page
+    assert "1 mask file(s) match no image" in page
+
+    code, headers, jpeg = http_get(
+        dashboard, f"/review/overlay.jpg?images={images}&masks={masks}&id=wall_001"
+    )
+    assert code == 200 and headers["Content-Type"] == "image/jpeg"
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (48, 64, 3)
+    b, g, r = (int(v) for v in img[15, 20])
+    assert r > 160 and b < 120, "crack pixels are tinted red"
+    assert abs(int(img[40, 50, 2]) - 128) < 12, "pixels outside the mask are unchanged"
+
+    code, headers, _ = http_get(dashboard, f"/review/overlay.jpg?images={images}&masks={masks}&id=wall_002")
+    assert code == 200 and "differs from image" in headers["X-Mask-Problems"]
+
+
+def test_review_refuses_paths_outside_its_roots(dashboard, tmp_path: Path) -> None:
+    code, _, body = http_get(dashboard, "/review?images=/etc")
+    assert code == 400 and b"outside the review roots" in body
+    assert http_get(dashboard, "/review/files/0/../../../../etc/passwd")[0] in (400, 404)
+    (tmp_path / "secret.key").write_text("x")
+    assert http_get(dashboard, "/review/files/0/secret.key")[0] == 403
+    assert http_get(dashboard, "/review/overlay.jpg?images=/nonexistent")[0] == 400
+
+
+def test_review_opens_an_eval_report_with_its_relative_links(dashboard, tmp_path: Path) -> None:
+    report_dir = tmp_path / "runs" / "eval"
+    report_dir.mkdir(parents=True)
+    (report_dir / "report.html").write_text("<html><body><img src='img/a.png'>eval report</body></html>")
+    (report_dir / "img").mkdir()
+    cv2.imwrite(str(report_dir / "img" / "a.png"), np.zeros((4, 4), np.uint8))
+    code, headers, _ = http_get(dashboard, f"/review?report={report_dir / 'report.html'}")
+    assert code == 303
+    location = headers["Location"]
+    code, headers, body = http_get(dashboard, location)
+    assert code == 200 and b"eval report" in body and headers["Content-Type"].startswith("text/html")
+    sibling = location.rsplit("/", 1)[0] + "/img/a.png"
+    assert http_get(dashboard, sibling)[0] == 200
+
+
+def test_unknown_pages_and_missing_frames_are_404(dashboard) -> None:
+    assert http_get(dashboard, "/nope")[0] == 404
+    assert http_get(dashboard, "/devices/ghost/frame.jpg")[0] == 404
+    assert http_get(dashboard, "/alerts/ghost/snapshot.jpg")[0] == 404
+    assert http_get(dashboard, "/static/../server.py")[0] == 404
+
+
+def test_snapshot_request_reaches_the_device_and_its_reply_becomes_the_frame(
+    dashboard: DashboardApp, mosquitto: Mosquitto, publisher: Publisher
+) -> None:
+    received: list[CommandPayload] = []
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fake-device")
+    device.on_message = lambda c, u, msg: received.append(CommandPayload.model_validate_json(msg.payload))
+    device.connect("127.0.0.1", mosquitto.port)
+    device.subscribe(topic(PREFIX, "cam-9", TOPIC_CMD), qos=1)
+    device.loop_start()
+    try:
+        time.sleep(0.3)  # let the subscription settle before the command is sent
+        assert http_post(dashboard, "/api/devices/cam-9/snapshot")[0] == 403  # CSRF header missing
+        code, _, body = http_post(dashboard, "/api/devices/cam-9/snapshot", b"", ACK_HEADERS)
+        assert code == 202
+        request_id = json.loads(body)["request_id"]
+        wait_until(lambda: received, 5, "the snapshot command at the device")
+        assert received[0].command == "snapshot" and received[0].request_id == request_id
+    finally:
+        device.disconnect()
+        device.loop_stop()
+
+    jpeg = make_jpeg(40, 30)
+    snap = SnapshotPayload(
+        device_id="cam-9", timestamp=time.time(), frame_id=3, request_id=request_id, jpeg_b64=b64(jpeg)
+    )
+    publisher.publish("cam-9", TOPIC_SNAPSHOT, snap)
+    wait_until(lambda: http_get(dashboard, "/devices/cam-9/frame.jpg")[2] == jpeg, 5, "the snapshot as frame")
+    (dev,) = get_json(dashboard, "/api/state")["devices"]
+    assert dev["frame"]["source"] == "snapshot"
+
+    mosquitto.stop()
+    wait_until(lambda: not dashboard.state.broker.connected, 5, "the broker link to drop")
+    code, _, body = http_post(dashboard, "/api/devices/cam-9/snapshot", b"", ACK_HEADERS)
+    assert code == 503 and b"not connected" in body

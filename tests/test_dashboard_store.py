@@ -1,0 +1,63 @@
+"""Alert store: deduplication, acknowledgements that survive a restart, bounded size, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _dashboard_fixtures import alert, make_jpeg
+from drywallqa.dashboard.store import AlertStore, StoreError
+
+
+def test_alerts_are_deduplicated_on_event_id(tmp_path: Path) -> None:
+    store = AlertStore(tmp_path / "s.sqlite")
+    jpeg = make_jpeg()
+    assert store.add_alert(alert("cam", "e1", jpeg), jpeg) is True
+    assert store.add_alert(alert("cam", "e1", jpeg), jpeg) is False
+    items = store.alerts()
+    assert [a["event_id"] for a in items] == ["e1"]
+    assert items[0]["snapshot_url"] == "/alerts/e1/snapshot.jpg"
+    assert "snapshot_jpeg_b64" not in items[0]
+    assert store.snapshot("e1") == jpeg
+
+
+def test_acks_survive_reopening_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = AlertStore(path)
+    jpeg = make_jpeg()
+    store.add_alert(alert("cam", "e1", jpeg), jpeg)
+    store.add_alert(alert("cam", "e2", jpeg, class_name="taping"), jpeg)
+    store.acknowledge("e1", by="ana", note="patched")
+    store.close()
+
+    again = AlertStore(path)
+    by_id = {a["event_id"]: a for a in again.alerts()}
+    assert by_id["e1"]["acked"] and by_id["e1"]["ack"]["by"] == "ana"
+    assert not by_id["e2"]["acked"]
+    assert [a["event_id"] for a in again.alerts(include_acked=False)] == ["e2"]
+    assert [a["event_id"] for a in again.alerts(class_name="crack")] == ["e1"]
+    assert again.unacknowledge("e1") is True
+    assert again.get("e1")["acked"] is False
+
+
+def test_ack_of_unknown_alert_is_a_key_error(tmp_path: Path) -> None:
+    store = AlertStore(tmp_path / "s.sqlite")
+    with pytest.raises(KeyError):
+        store.acknowledge("missing")
+
+
+def test_store_keeps_only_the_newest_alerts(tmp_path: Path) -> None:
+    store = AlertStore(tmp_path / "s.sqlite", max_alerts=3)
+    jpeg = make_jpeg()
+    for i in range(5):
+        store.add_alert(alert("cam", f"e{i}", jpeg, timestamp=1000.0 + i), jpeg)
+    store.acknowledge("e4")
+    assert [a["event_id"] for a in store.alerts()] == ["e4", "e3", "e2"]
+    assert store.snapshot("e0") is None
+
+
+def test_a_file_that_is_not_a_store_gives_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open dashboard store"):
+        AlertStore(bad)

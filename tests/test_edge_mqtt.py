@@ -1,0 +1,218 @@
+"""End to end against a real mosquitto: alerts from a video, broker outage, kill -9 replay, SIGTERM, commands."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from _edge_helpers import clean_env, edge_cmd, make_video, start_edge, write_config
+from _mqtt_fixtures import Collector, Mosquitto, free_port, mosquitto_fixture, wait_until
+
+pytestmark = pytest.mark.slow
+mosquitto = pytest.fixture(mosquitto_fixture, name="mosquitto")
+
+OUTAGE_S = float(os.environ.get("DRYWALLQA_TEST_OUTAGE_S", "20"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    pytest.importorskip("torch", reason="exporting the random test model needs torch")
+    from _export_fixtures import export_random_model
+
+    return export_random_model(tmp_path_factory.mktemp("model"), size=(64, 64))
+
+
+def _spool_rows(path: Path) -> list[tuple[int, str]]:
+    if not path.exists():
+        return []
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT seq, event_id FROM outbox ORDER BY seq").fetchall()
+    except sqlite3.OperationalError:  # created but its schema not yet committed
+        return []
+    finally:
+        db.close()
+
+
+def _dedup(alerts: list[dict]) -> tuple[list[dict], int]:
+    seen, out = set(), []
+    for a in alerts:
+        if a["event_id"] not in seen:
+            seen.add(a["event_id"])
+            out.append(a)
+    return out, len(alerts) - len(out)
+
+
+def test_video_source_alerts_status_and_sd_notify(tmp_path, mosquitto, model):
+    video = make_video(tmp_path / "clip.avi", 12)
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(video), model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite")
+    collector = Collector(mosquitto.port, "drywallqa/dev1/#")
+    assert collector.connected.wait(10)
+    notify_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(notify_path)
+    sock.settimeout(0.1)
+    try:
+        env = clean_env(NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="2000000")
+        proc = subprocess.run(edge_cmd(cfg), env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary["frames_processed"] == 12 and summary["alerts"] == 12 and summary["frame_errors"] == 0
+        assert wait_until(lambda: len(collector.payloads("alerts")) >= 12, 15)
+        alerts = collector.payloads("alerts")
+        assert [a["frame_id"] for a in alerts] == list(range(12))
+        assert len({a["event_id"] for a in alerts}) == 12
+        assert all(a["class_name"] == "crack" and a["rule"] == "area_fraction>=0" for a in alerts)
+        jpeg = np.frombuffer(base64.b64decode(alerts[0]["snapshot_jpeg_b64"]), np.uint8)
+        assert cv2.imdecode(jpeg, cv2.IMREAD_COLOR).shape == (120, 160, 3)
+        detections = collector.payloads("detections")
+        assert detections and {r["class_name"] for r in detections[0]["results"]} == {"crack", "taping"}
+        status = collector.payloads("status")
+        assert status[0]["state"] == "online" and status[-1]["state"] == "offline"
+        assert status[-1]["frames_processed"] == 12 and status[-1]["spooled_alerts"] == 0
+        messages = []
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        assert "READY=1" in messages and "STOPPING=1" in messages and "WATCHDOG=1" in messages
+    finally:
+        sock.close()
+        collector.close()
+    assert _spool_rows(tmp_path / "spool.sqlite") == []  # everything acknowledged -> deleted
+
+
+def test_broker_outage_mid_run_loses_nothing(tmp_path, mosquitto, model):
+    fps, frames = 4.0, int(4.0 * (OUTAGE_S + 8))
+    video = make_video(tmp_path / "clip.avi", frames)
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(video), model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite", source={"fps": fps, "realtime": False})
+    collector = Collector(mosquitto.port, "drywallqa/dev1/alerts")
+    assert collector.connected.wait(10)
+    proc = start_edge(cfg, log=tmp_path / "edge.log")
+    try:
+        assert wait_until(lambda: len(collector.payloads("alerts")) >= 3, 60), (tmp_path / "edge.log").read_text()
+        mosquitto.stop()
+        time.sleep(OUTAGE_S)
+        spooled_during_outage = len(_spool_rows(tmp_path / "spool.sqlite"))
+        mosquitto.start()
+        assert proc.wait(OUTAGE_S + 60) == 0, (tmp_path / "edge.log").read_text()[-3000:]
+        assert wait_until(lambda: len(_dedup(collector.payloads("alerts"))[0]) >= frames, 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        collector.close()
+    unique, duplicates = _dedup(collector.payloads("alerts"))
+    assert spooled_during_outage > 0
+    assert [a["frame_id"] for a in unique] == list(range(frames))  # every alert, in order, once after dedup
+    assert _spool_rows(tmp_path / "spool.sqlite") == []
+    print(f"outage {OUTAGE_S:.0f} s: {frames} alerts, {spooled_during_outage} spooled, {duplicates} duplicates")
+
+
+def test_kill9_while_broker_down_then_replay(tmp_path, model):
+    port = free_port()  # nothing listens yet
+    video = make_video(tmp_path / "clip.avi", 6)
+    spool = tmp_path / "state" / "spool.sqlite"
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(video), model=model, port=port, spool=spool,
+                       source={"loop": True, "fps": 20.0})
+    proc = start_edge(cfg, log=tmp_path / "edge1.log")
+    try:
+        assert wait_until(lambda: len(_spool_rows(spool)) >= 8, 60), (tmp_path / "edge1.log").read_text()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    spooled = _spool_rows(spool)
+    assert len(spooled) >= 8
+    broker = Mosquitto(tmp_path / "broker", port).start()
+    collector = Collector(port, "drywallqa/dev1/alerts")
+    try:
+        assert collector.connected.wait(10)
+        proc = start_edge(cfg, "--max-frames", "2", log=tmp_path / "edge2.log")
+        assert proc.wait(60) == 0, (tmp_path / "edge2.log").read_text()[-3000:]
+        assert wait_until(lambda: len(_dedup(collector.payloads("alerts"))[0]) >= len(spooled) + 2, 20)
+        unique, _ = _dedup(collector.payloads("alerts"))
+        ids = [a["event_id"] for a in unique]
+        assert ids[: len(spooled)] == [e for _, e in spooled]  # replayed first, in their original order
+        assert _spool_rows(spool) == []
+    finally:
+        collector.close()
+        broker.stop()
+
+
+def test_sigterm_stops_cleanly_and_commands_work(tmp_path, mosquitto, model):
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite", rules=[], source={"fps": 10.0, "demo_size": [96, 128]})
+    collector = Collector(mosquitto.port, "drywallqa/dev1/#")
+    assert collector.connected.wait(10)
+    proc = start_edge(cfg, log=tmp_path / "edge.log")
+    try:
+        assert wait_until(lambda: len(collector.payloads("detections")) >= 2, 60), (tmp_path / "edge.log").read_text()
+        cmd_topic = "drywallqa/dev1/cmd"
+        collector.client.publish(cmd_topic, json.dumps({"command": "snapshot", "request_id": "r1"}), qos=1)
+        collector.client.publish(cmd_topic, json.dumps({"command": "set_prompts", "prompts": ["no such thing"]}),
+                                 qos=1)
+        collector.client.publish(cmd_topic, b"not json", qos=1)
+        collector.client.publish(cmd_topic, json.dumps({"command": "pause"}), qos=1)
+        assert wait_until(lambda: any(s["state"] == "paused" for s in collector.payloads("status")), 15)
+        snaps = collector.payloads("snapshot")
+        assert snaps and snaps[0]["request_id"] == "r1"
+        rejected = [s for s in collector.payloads("status") if "set_prompts rejected" in s["last_error"]]
+        assert rejected and "segment crack" in rejected[0]["last_error"]  # lists the known prompts
+        collector.client.publish(cmd_topic, json.dumps({"command": "set_prompts", "prompts": ["crack"]}), qos=1)
+        collector.client.publish(cmd_topic, json.dumps({"command": "resume"}), qos=1)
+        assert wait_until(lambda: any(s["state"] == "online" and s["prompts"] == ["crack"]
+                                      for s in collector.payloads("status")), 15)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert wait_until(lambda: collector.payloads("status")[-1]["state"] == "offline", 10)
+    retained = Collector(mosquitto.port, "drywallqa/dev1/status", client_id="late-reader")
+    try:
+        assert wait_until(lambda: bool(retained.payloads("status")), 10)
+        assert retained.payloads("status")[-1]["state"] == "offline"
+    finally:
+        retained.close()
+        collector.close()
+
+
+def test_default_config_runs_with_embedded_broker_and_demo_source(tmp_path, model):
+    """The packaged default config, only the model, port and spool overridden: demo frames + spawned mosquitto."""
+    port = free_port()
+    env = clean_env(DRYWALLQA_MODEL__PATH=str(model), DRYWALLQA_MQTT__PORT=str(port),
+                    DRYWALLQA_SPOOL__PATH=str(tmp_path / "spool.sqlite"), DRYWALLQA_MODEL__BACKEND="openvino")
+    proc = subprocess.run([*edge_cmd(Path("unused"))[:4], "--max-frames", "5"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["frames_processed"] == 5
+    assert "embedded mosquitto listening on 127.0.0.1:" in proc.stderr
+
+
+def test_unknown_prompt_stops_startup_listing_known_prompts(tmp_path, model):
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=free_port(),
+                       spool=tmp_path / "spool.sqlite", analysis={"prompts": ["segment mould"]})
+    proc = subprocess.run(edge_cmd(cfg), env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown prompt 'segment mould'" in proc.stderr
+    assert "segment taping area" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_check_config_loads_model_and_resolves_prompts(tmp_path, model):
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=1883, spool=tmp_path / "s.sqlite",
+                       mqtt={"password": "secret"})
+    proc = subprocess.run([*edge_cmd(cfg)[:3], "check-config", "--config", str(cfg), "--model-check"],
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "'segment crack' -> crack" in proc.stdout and "secret" not in proc.stdout

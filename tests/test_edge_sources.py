@@ -1,0 +1,156 @@
+"""Frame sources and the capture thread: newest-frame handover, corrupt frames, reopen after loss or stall."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from _edge_helpers import make_video
+from _mqtt_fixtures import wait_until
+from drywallqa.edge.capture import Capture
+from drywallqa.edge.sources import DemoSource, ImageListSource, classify_uri, make_source
+
+
+def _drain(cap: Capture, seconds: float) -> list:
+    frames, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        f = cap.get(0.1)
+        if f is not None:
+            frames.append(f)
+        elif cap.finished:
+            break
+    return frames
+
+
+def test_classify_uri(tmp_path):
+    assert classify_uri("demo") == "demo"
+    assert classify_uri("0") == classify_uri("/dev/video3") == "camera"
+    assert classify_uri("rtsp://cam/stream") == classify_uri("http://cam/mjpg") == "stream"
+    assert classify_uri(str(tmp_path)) == classify_uri(str(tmp_path / "*.jpg")) == "images"
+    assert classify_uri(str(tmp_path / "a.mp4")) == "file"
+
+
+def test_demo_source_frames():
+    src = DemoSource((60, 80))
+    src.open()
+    a, b = src.read(), src.read()
+    assert a.shape == (60, 80, 3) and a.dtype == np.uint8 and not np.array_equal(a, b)
+
+
+def test_folder_with_corrupt_images_counts_and_skips(tmp_path):
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / f"{i}_ok.jpg"), np.full((32, 48, 3), 60 * i, np.uint8))
+    (tmp_path / "1_bad.jpg").write_bytes(b"\xff\xd8not a jpeg at all")
+    (tmp_path / "2_trunc.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    cap = Capture(ImageListSource(str(tmp_path)), realtime=False).start()
+    frames = _drain(cap, 10)
+    cap.stop()
+    assert len(frames) == 4 and cap.stats.corrupt == 2 and cap.stats.state == "ended"
+    assert [f.frame_id for f in frames] == [0, 1, 2, 3]
+
+
+def test_realtime_hands_over_newest_and_counts_drops(tmp_path):
+    video = make_video(tmp_path / "v.avi", 40, fps=100.0)
+    cap = Capture(make_source(str(video)), realtime=True).start()  # paced at 100 fps: outruns the consumer
+    got = []
+    while not cap.finished:
+        f = cap.get(0.5)
+        if f is not None:
+            got.append(f.frame_id)
+            time.sleep(0.05)
+    cap.stop()
+    assert cap.stats.captured == 40 and cap.stats.dropped == 40 - len(got) > 0
+    assert got == sorted(got)  # never an older frame after a newer one
+
+
+def test_video_file_that_disappears_is_reopened(tmp_path):
+    video = make_video(tmp_path / "v.avi", 10)
+    backup = tmp_path / "backup.avi"
+    shutil.copy(video, backup)
+    states: list[str] = []
+    cap = Capture(make_source(str(video)), realtime=False, loop=True, fps=50, reconnect_min_s=0.1,
+                  reconnect_max_s=0.3, on_state=states.append).start()
+    assert len(_drain(cap, 0.5)) > 0
+    video.unlink()
+    assert wait_until(lambda: (cap.get(0.05), cap.stats.state)[1] == "reconnecting", 10)
+    shutil.copy(backup, video)
+    assert wait_until(lambda: cap.get(0.1) is not None and cap.stats.state == "open", 10)
+    cap.stop()
+    assert cap.stats.reopens >= 1 and "reconnecting" in states and "video file" in cap.stats.last_error
+
+
+class _MjpegHandler(http.server.BaseHTTPRequestHandler):
+    """First connection: 5 frames, then stalls (connection held open). Later connections: frames forever."""
+
+    connections = 0
+    stop = threading.Event()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).connections += 1
+        first = type(self).connections == 1
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        ok, jpg = cv2.imencode(".jpg", np.full((48, 64, 3), 128, np.uint8))
+        data = jpg.tobytes()
+        sent = 0
+        try:
+            while not self.stop.is_set():
+                if first and sent >= 5:
+                    self.stop.wait(30)  # stall: keep the socket open, send nothing
+                    return
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                 + str(len(data)).encode() + b"\r\n\r\n" + data + b"\r\n")
+                sent += 1
+                time.sleep(0.05)
+        except OSError:
+            return
+
+
+@pytest.mark.slow
+def test_http_stream_that_stalls_is_reopened():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MjpegHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/stream.mjpg"
+    src = make_source(url, timeout_s=2.0)
+    cap = Capture(src, realtime=True, stall_timeout_s=2.0, reconnect_min_s=0.2, reconnect_max_s=0.5).start()
+    try:
+        if not wait_until(lambda: cap.get(0.1) is not None or cap.stats.state == "reconnecting", 15) \
+                or cap.stats.captured == 0:
+            pytest.skip(f"OpenCV's FFmpeg backend cannot read MJPEG over HTTP here ({cap.stats.last_error})")
+        assert wait_until(lambda: (cap.get(0.1), cap.stats.reopens)[1] >= 1, 30), cap.stats
+        n = cap.stats.captured
+        assert wait_until(lambda: (cap.get(0.1), cap.stats.captured)[1] > n + 3, 15)
+        assert _MjpegHandler.connections >= 2
+    finally:
+        cap.stop(timeout=10)
+        _MjpegHandler.stop.set()
+        server.shutdown()
+
+
+def test_missing_source_keeps_retrying_without_crash(tmp_path):
+    cap = Capture(make_source(str(tmp_path / "missing.mp4")), realtime=True, reconnect_min_s=0.05,
+                  reconnect_max_s=0.1).start()
+    assert wait_until(lambda: cap.stats.state == "reconnecting", 5)
+    assert cap.get(0.3) is None and not cap.finished
+    cap.stop()
+    assert "not found" in cap.stats.last_error
+
+
+def test_image_list_reads_rgb(tmp_path: Path):
+    bgr = np.zeros((10, 12, 3), np.uint8)
+    bgr[..., 2] = 255  # red in BGR
+    cv2.imwrite(str(tmp_path / "red.png"), bgr)
+    src = ImageListSource(str(tmp_path / "*.png"))
+    src.open()
+    assert tuple(src.read()[0, 0]) == (255, 0, 0)

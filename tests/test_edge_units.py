@@ -1,0 +1,205 @@
+"""Edge building blocks without a broker: settings, analysis, alert rules, spool, service files, imports."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from drywallqa.edge.alerts import AlertEngine, Rule
+from drywallqa.edge.analysis import WatchedClass, analyze_class, crack_length, skeleton_length, skeletonize
+from drywallqa.edge.payloads import ClassResult
+from drywallqa.edge.settings import ConfigError, load_settings
+from drywallqa.edge.spool import Spool
+
+# -- settings -------------------------------------------------------------------------------------------------
+
+
+def test_default_config_loads_and_env_overrides(monkeypatch):
+    monkeypatch.setenv("DRYWALLQA_MQTT__HOST", "broker.example")
+    monkeypatch.setenv("DRYWALLQA_SOURCE__URI", "/dev/video2")
+    s = load_settings()
+    assert s.mqtt.host == "broker.example" and s.source.uri == "/dev/video2"
+    assert s.model.path == "hrnet" and s.mqtt.embedded_broker == "auto" and s.alerts
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "expected"),
+    [
+        ("mqtt: {port: 70000}\n", {}, ["mqtt.port", "65535"]),
+        ("model: {backend: cuda}\n", {}, ["model.backend", "'openvino'", "'cuda'"]),
+        ("mqtt: {embeded_broker: auto}\n", {}, ["mqtt.embeded_broker", "unknown setting"]),
+        ("alerts: [{prompt: crack, metric: length, min: 1}]\n", {}, ["alerts.0.metric", "skeleton_length_px"]),
+        ("{}\n", {"DRYWALLQA_MQTT__EMBEDDED_BROKER": "sometimes"}, ["mqtt.embedded_broker", "'never'"]),
+        ("source: {uri: ' '}\n", {}, ["source.uri", "must not be empty"]),
+    ],
+)
+def test_bad_config_names_field_and_allowed(tmp_path, monkeypatch, yaml_text, env, expected):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    for text in expected:
+        assert text in str(info.value)
+
+
+def test_missing_or_malformed_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mqtt: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+
+
+def test_cli_bad_config_exits_2_with_message(tmp_path):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("mqtt: {port: -1}\n")
+    proc = subprocess.run([sys.executable, "-m", "drywallqa.edge", "run", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "mqtt.port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_model_profile_tells_how_to_export(tmp_path, monkeypatch):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("model: {path: lite}\nmqtt: {embedded_broker: never}\n")
+    env = {"DRYWALLQA_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "drywallqa.edge", "run", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "drywallqa export --profile lite" in proc.stderr
+
+
+# -- analysis ----------------------------------------------------------------------------------------------------
+
+
+def test_skeleton_length_of_lines():
+    m = np.zeros((100, 200), np.uint8)
+    m[40:47, 10:110] = 1  # 100 px long, 7 px thick bar
+    assert abs(crack_length(m) - 100) <= 10
+    m = np.zeros((200, 200), np.uint8)
+    cv2.line(m, (10, 10), (150, 150), 1, 5)  # diagonal, length 140*sqrt(2) = 198
+    assert abs(crack_length(m) - 140 * math.sqrt(2)) <= 12
+    sk = skeletonize(m)
+    assert sk.sum() < m.sum() / 3 and set(np.unique(sk)) <= {0, 1}
+    line = np.zeros((5, 20), np.uint8)
+    line[2, 3:13] = 1
+    assert skeleton_length(line) == pytest.approx(9.0)
+
+
+def test_thick_blob_is_fast_and_finite():
+    m = np.ones((640, 640), np.uint8)
+    m[300:340] = 0
+    assert 0 <= crack_length(m) < 2000
+
+
+def test_analyze_class_regions_area_confidence():
+    probs = np.zeros((100, 100), np.float32)
+    probs[10:20, 10:40] = 0.9  # 300 px region
+    probs[60:90, 70:72] = 0.7  # 60 px thin region
+    probs[0, 99] = 0.8  # 1 px speck, below min area
+    w = WatchedClass("crack", 0, "segment crack", 0.5)
+    result, mask = analyze_class(probs, w, min_region_area_px=4, with_skeleton=True)
+    assert result.region_count == 2 and mask.sum() == 360
+    assert result.area_fraction == pytest.approx(0.036)
+    assert result.regions[0].bbox == (10, 10, 30, 10) and result.regions[0].area_px == 300
+    assert result.mean_confidence == pytest.approx((300 * 0.9 + 60 * 0.7) / 360, rel=1e-5)
+    assert result.skeleton_length_px > 40
+    empty, _ = analyze_class(np.zeros((8, 8), np.float32), w)
+    assert empty.region_count == 0 and empty.mean_confidence == 0.0 and empty.area_fraction == 0.0
+
+
+# -- alert rules ---------------------------------------------------------------------------------------------
+
+
+def _result(area: float) -> ClassResult:
+    return ClassResult(class_name="crack", prompt="crack", area_fraction=area, region_count=1, mean_confidence=0.9)
+
+
+def test_alert_persistence_and_cooldown():
+    engine = AlertEngine([Rule("crack", "area_fraction", 0.1, persistence_frames=3, cooldown_s=10)])
+    fired = [bool(engine.update([_result(a)], now=t)) for t, a in enumerate([0.2, 0.2, 0.0, 0.2, 0.2, 0.2, 0.2])]
+    assert fired == [False, False, False, False, False, True, False]  # streak broken at t=2; cool-down after t=5
+    assert engine.update([_result(0.5)], now=16)[0].persisted_frames == 5
+    assert engine.update([_result(0.5)], now=17) == []
+
+
+# -- spool -----------------------------------------------------------------------------------------------------
+
+
+def test_spool_order_persistence_and_bounds(tmp_path):
+    path = tmp_path / "s.sqlite"
+    spool = Spool(path, max_rows=5)
+    for i in range(8):
+        spool.put(f"e{i}", "t", f"payload {i}".encode())
+    spool.put("e7", "t", b"duplicate id ignored")
+    assert [it.event_id for it in spool.pending()] == ["e3", "e4", "e5", "e6", "e7"]  # oldest dropped
+    assert spool.dropped() == 3
+    first = spool.pending(limit=1)[0]
+    spool.ack(first.seq)
+    spool.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    again = Spool(path, max_rows=5)  # reopened (as after a restart): same rows, same order, counter kept
+    assert [it.event_id for it in again.pending()] == ["e4", "e5", "e6", "e7"] and again.dropped() == 3
+    assert [it.event_id for it in again.pending(after_seq=again.pending()[1].seq)] == ["e6", "e7"]
+    again.close()
+    small = Spool(tmp_path / "b.sqlite", max_bytes=1000)
+    for i in range(10):
+        small.put(f"b{i}", "t", b"x" * 300)
+    assert small.count() == 3 and small.dropped() == 7
+    small.close()
+
+
+# -- service ---------------------------------------------------------------------------------------------------
+
+
+def test_install_service_into_prefix_and_dry_run(tmp_path, capsys):
+    from drywallqa.edge.service import install_service
+
+    assert install_service(prefix=tmp_path, exec_path="/opt/dq/bin/drywallqa edge run", dry_run=True) == 0
+    assert not (tmp_path / "etc").exists() and "Type=notify" in capsys.readouterr().out
+    assert install_service(prefix=tmp_path, exec_path="/opt/dq/bin/drywallqa edge run") == 0
+    unit = (tmp_path / "etc/systemd/system/drywallqa-edge.service").read_text()
+    assert "ExecStart=/opt/dq/bin/drywallqa edge run --config /etc/drywallqa/edge.yaml" in unit
+    assert "@" not in unit.split("[Unit]", 1)[1]
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "User=drywallqa", "ProtectSystem=strict",
+                 "NoNewPrivileges=yes", "PrivateTmp=yes", "StateDirectory=drywallqa-edge",
+                 "SupplementaryGroups=video"):
+        assert line in unit
+    assert (tmp_path / "etc/drywallqa/edge.yaml").read_text().startswith("# DrywallQA edge runtime")
+    assert (tmp_path / "etc/drywallqa/edge.env").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    from drywallqa.edge.service import render_unit
+
+    unit = tmp_path / "drywallqa-edge.service"
+    unit.write_text(render_unit("/bin/true edge run", Path("/etc/drywallqa/edge.yaml"), "root"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in proc.stderr.splitlines() if "drywallqa-edge.service" in ln]
+    assert proc.returncode == 0 and not problems, proc.stderr
+
+
+# -- import hygiene ------------------------------------------------------------------------------------------
+
+
+def test_edge_never_imports_torch_or_transformers():
+    code = (
+        "import sys, pkgutil, importlib, drywallqa.edge as e\n"
+        "for m in pkgutil.iter_modules(e.__path__):\n"
+        "    if m.name != '__main__': importlib.import_module('drywallqa.edge.' + m.name)\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers'))\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

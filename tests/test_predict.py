@@ -1,0 +1,158 @@
+"""`drywallqa predict`: the output mask contract for odd sizes and image modes, and clear failures."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from _foundation_fixtures import random_onnx, write_jpeg
+from PIL import Image
+
+from drywallqa.cli import main
+from drywallqa.masks import MaskContractError, check_mask, mask_filename, write_mask
+from drywallqa.predict import ModelNotFoundError, collect_inputs, resolve_model
+
+PROMPTS = ["segment crack", "Segment  Joint/Tape"]
+
+
+def _inputs(d):
+    """name -> expected (W, H) of the displayed image, for many sizes and modes."""
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    expected = {}
+    write_jpeg(d / "rgb_odd.jpg", 37, 53)
+    expected["rgb_odd"] = (53, 37)
+    Image.fromarray(rng.integers(0, 256, (20, 31), dtype=np.uint8), "L").save(d / "gray.png")
+    expected["gray"] = (31, 20)
+    Image.fromarray(rng.integers(0, 256, (19, 7, 4), dtype=np.uint8), "RGBA").save(d / "rgba.png")
+    expected["rgba"] = (7, 19)
+    cv2.imwrite(str(d / "gray16.png"), rng.integers(0, 65536, (23, 41), dtype=np.uint16))
+    expected["gray16"] = (41, 23)
+    cv2.imwrite(str(d / "rgb16.png"), rng.integers(0, 65536, (17, 29, 3), dtype=np.uint16))
+    expected["rgb16"] = (29, 17)
+    Image.fromarray(rng.integers(0, 256, (9, 13), dtype=np.uint8), "L").convert("P").save(d / "palette.png")
+    expected["palette"] = (13, 9)
+    Image.fromarray(rng.integers(0, 256, (3, 2, 3), dtype=np.uint8)).save(d / "tiny.png")
+    expected["tiny"] = (2, 3)
+    Image.fromarray(rng.integers(0, 256, (700, 90, 3), dtype=np.uint8)).save(d / "tall.bmp")
+    expected["tall"] = (90, 700)
+    # Stored 50 wide x 30 high with EXIF orientation 6 (rotate 90 deg): displayed 30 wide x 50 high.
+    im = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(d / "exif_rot.jpg", exif=exif)
+    expected["exif_rot"] = (30, 50)
+    return expected
+
+
+def test_output_contract_for_odd_sizes_and_modes(tmp_path, capsys):
+    model = random_onnx()
+    expected = _inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(model), "--out", str(out), "--quiet", "--batch-size", "3",
+                 *sum((["--prompt", p] for p in PROMPTS), []), str(tmp_path / "in")])
+    assert code == 0, capsys.readouterr()
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(f"{stem}__{part}.png" for stem in expected
+                           for part in ("segment_crack", "segment_joint_tape"))
+    for stem, (w, h) in expected.items():
+        for part in ("segment_crack", "segment_joint_tape"):
+            with Image.open(out / f"{stem}__{part}.png") as im:
+                assert im.mode == "L" and im.size == (w, h), (stem, im.mode, im.size)
+                values = set(np.unique(np.asarray(im)).tolist())
+            assert values <= {0, 255}, (stem, values)
+    assert "9 image(s) segmented, 18 mask(s) written" in capsys.readouterr().out
+
+
+def test_batch_size_does_not_change_masks(tmp_path):
+    model = random_onnx()
+    for i in range(3):
+        write_jpeg(tmp_path / "in" / f"im{i}.jpg", 40 + i, 30 + 2 * i, seed=i)
+    for bs in (1, 3):
+        assert main(["predict", "--model", str(model), "--prompt", "crack", "--out", str(tmp_path / f"o{bs}"),
+                     "--batch-size", str(bs), "--quiet", "--backend", "onnxruntime", str(tmp_path / "in")]) == 0
+    for i in range(3):
+        a = cv2.imread(str(tmp_path / "o1" / f"im{i}__crack.png"), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(tmp_path / "o3" / f"im{i}__crack.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_corrupt_and_missing_inputs_are_named_counted_and_skipped(tmp_path, capsys):
+    model = random_onnx()
+    write_jpeg(tmp_path / "good.jpg", 21, 34)
+    (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg")
+    full = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))[1].tobytes()
+    (tmp_path / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    code = main(["predict", "--model", str(model), "--prompt", "crack", "--out", str(tmp_path / "out"), "--quiet",
+                 str(tmp_path / "garbage.jpg"), str(tmp_path / "good.jpg"), str(tmp_path / "truncated.jpg"),
+                 str(tmp_path / "nothere.jpg")])
+    assert code == 1
+    text = capsys.readouterr().out
+    assert "1 image(s) segmented" in text and "3 failed" in text
+    assert "garbage.jpg" in text and "truncated.jpg" in text and "nothere.jpg: no such file" in text
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["good__crack.png"]
+
+
+def test_unknown_prompt_stops_before_any_work(tmp_path, capsys):
+    model = random_onnx()
+    write_jpeg(tmp_path / "a.jpg", 20, 20)
+    code = main(["predict", "--model", str(model), "--prompt", "crack", "--prompt", "find mould",
+                 "--out", str(tmp_path / "out"), "--quiet", str(tmp_path / "a.jpg")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown prompt 'find mould'" in err and "'segment taping area'" in err  # lists the known prompts
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_missing_profile_model_tells_to_export(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("drywallqa.predict.profile_onnx", lambda profile: tmp_path / f"{profile}.onnx")
+    with pytest.raises(ModelNotFoundError, match="drywallqa export --profile lite"):
+        resolve_model("lite")
+    assert main(["predict", "--prompt", "crack", "--out", str(tmp_path / "o"), str(tmp_path)]) == 2
+    assert "drywallqa export --profile hrnet" in capsys.readouterr().err  # hrnet is the default profile
+    with pytest.raises(ModelNotFoundError, match="model not found"):
+        resolve_model(tmp_path / "nope.onnx")
+
+
+def test_foreign_model_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "foreign.onnx"
+    bad.write_bytes(b"\x00garbage" * 10)
+    write_jpeg(tmp_path / "a.jpg", 20, 20)
+    assert main(["predict", "--model", str(bad), "--prompt", "crack", "--out", str(tmp_path / "o"),
+                 str(tmp_path / "a.jpg")]) == 2
+    assert "foreign.onnx" in capsys.readouterr().err
+
+
+def test_same_image_id_twice_is_reported_not_overwritten(tmp_path, capsys):
+    model = random_onnx()
+    write_jpeg(tmp_path / "a" / "x.jpg", 20, 20)
+    write_jpeg(tmp_path / "b" / "x.png", 20, 20)
+    code = main(["predict", "--model", str(model), "--prompt", "crack", "--out", str(tmp_path / "o"), "--quiet",
+                 str(tmp_path / "a"), str(tmp_path / "b")])
+    assert code == 1
+    assert "same image id 'x'" in capsys.readouterr().out
+
+
+def test_collect_inputs_files_folders_globs(tmp_path):
+    for name in ("a.jpg", "b.PNG", "notes.txt", "sub/c.jpeg"):
+        p = tmp_path / name
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x")
+    found, problems = collect_inputs([tmp_path, str(tmp_path / "**" / "*.jpeg"), tmp_path / "a.jpg",
+                                      str(tmp_path / "*.gif"), tmp_path / "missing.jpg"])
+    assert [p.name for p in found] == ["a.jpg", "b.PNG", "c.jpeg"]  # folder is not recursive; duplicates dropped
+    assert [why for _, why in problems] == ["pattern matches no images", "no such file or folder"]
+
+
+def test_mask_contract_helpers(tmp_path):
+    assert mask_filename("IMG_01", " Segment  Joint/Tape ") == "IMG_01__segment_joint_tape.png"
+    good = np.zeros((5, 7), np.uint8)
+    good[1, 2] = 255
+    write_mask(tmp_path / "m.png", good)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "m.png"), cv2.IMREAD_UNCHANGED), good)
+    for bad in (good.astype(np.float32), np.stack([good] * 3, -1), np.where(good > 0, 1, 0).astype(np.uint8)):
+        with pytest.raises(MaskContractError):
+            write_mask(tmp_path / "bad.png", bad)
+    with pytest.raises(MaskContractError, match="differs from the source"):
+        check_mask(good, (7, 5))
+    assert not (tmp_path / "bad.png").exists()

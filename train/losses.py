@@ -1,0 +1,57 @@
+"""Segmentation losses: BCE + soft Dice, an optional clDice term for thin structures, and distillation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Dice over each (class) channel pooled across the batch, so empty images do not explode the loss."""
+    p = torch.sigmoid(logits)
+    dims = (0, 2, 3)
+    inter = (p * target).sum(dims)
+    union = p.sum(dims) + target.sum(dims)
+    return (1 - (2 * inter + eps) / (union + eps)).mean()
+
+
+def soft_skeleton(x: torch.Tensor, iterations: int = 5) -> torch.Tensor:
+    """Differentiable morphological skeleton (Shit et al., clDice, CVPR 2021)."""
+    def erode(t: torch.Tensor) -> torch.Tensor:
+        return torch.min(-F.max_pool2d(-t, (3, 1), 1, (1, 0)), -F.max_pool2d(-t, (1, 3), 1, (0, 1)))
+
+    def dilate(t: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(t, 3, 1, 1)
+
+    skel = F.relu(x - dilate(erode(x)))
+    for _ in range(iterations):
+        x = erode(x)
+        delta = F.relu(x - dilate(erode(x)))
+        skel = skel + F.relu(delta - skel * delta)
+    return skel
+
+
+def cldice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    sp, st = soft_skeleton(p), soft_skeleton(target)
+    tprec = ((sp * target).sum() + eps) / (sp.sum() + eps)
+    tsens = ((st * p).sum() + eps) / (st.sum() + eps)
+    return 1 - 2 * tprec * tsens / (tprec + tsens)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce_dice",
+                      cldice_channels: list[int] | None = None) -> torch.Tensor:
+    """logits/target: B x K x H x W. `cldice_channels` (e.g. the crack channel) get the clDice term."""
+    loss = F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(logits, target)
+    if kind == "bce_dice":
+        return loss
+    if kind == "bce_dice_cldice":
+        ch = cldice_channels if cldice_channels is not None else list(range(logits.shape[1]))
+        return loss + 0.5 * cldice_loss(logits[:, ch], target[:, ch])
+    raise ValueError(f"unknown loss {kind!r}; known: bce_dice, bce_dice_cldice")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """BCE of the student against the teacher's soft masks, plus soft Dice to the same targets."""
+    return F.binary_cross_entropy_with_logits(student_logits, teacher_probs) + soft_dice_loss(
+        student_logits, teacher_probs)

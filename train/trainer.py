@@ -1,0 +1,256 @@
+"""Training loop for teacher and student: resumable, seeded, AMP on CUDA, optional DDP (torchrun).
+
+One loop serves both roles: a config with `teacher:` set trains by distillation (the frozen teacher's
+soft masks on the very same augmented batch) plus ground truth; without it, ground truth only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from drywallqa.train.augment import augment_batch
+from drywallqa.train.checkpoint import CheckpointInfo, load_weights, save_weights
+from drywallqa.train.losses import distillation_loss, segmentation_loss
+from drywallqa.train.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter, build_segmenter
+from drywallqa.train.training_data import InMemoryData
+from drywallqa.vocab import Vocabulary, load_vocabulary
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    architecture: str
+    profile: str
+    output: str  # shipped weights path (fp16 safetensors)
+    pretrained_encoder: bool = False
+    teacher: str | None = None  # weights of a trained teacher -> distillation
+    distill_weight: float = 1.0
+    loss: str = "bce_dice"
+    cache_size: int = 512
+    crop: int = 384
+    scale: tuple[float, float] = (0.7, 1.4)
+    batch_size: int = 16
+    epochs: int = 40
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    time_budget_s: float | None = None
+    text_encoder: str = "minilm"
+    clip_path: str | None = None
+    seed: int = 0
+    val_every: int = 1
+    val_batch: int = 8
+    max_steps_per_epoch: int | None = None  # for smoke tests
+    runs_dir: str = "runs"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown training config keys {unknown}; known: {sorted(known)}")
+        if "scale" in data:
+            data["scale"] = tuple(data["scale"])
+        return cls(**data)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def prompt_sampler(vocab: Vocabulary, prompts: list[str]) -> list[torch.Tensor]:
+    """Per class, the indices (into the baked embedding rows) of its synonyms."""
+    return [torch.tensor([i for i, p in enumerate(prompts) if vocab.prompt_to_class[p] == c]) for c in vocab.classes]
+
+
+def sample_prompt_ids(per_class: list[torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
+    cols = [ids[torch.randint(0, len(ids), (batch,))] for ids in per_class]
+    return torch.stack(cols, 1).to(device)
+
+
+def one_hot_targets(masks: torch.Tensor, cls: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """masks B x H x W of each image's own class -> B x C x H x W (other classes empty: cross-dataset negatives)."""
+    onehot = F.one_hot(cls, num_classes).float()[:, :, None, None]
+    return masks[:, None] * onehot
+
+
+class DistEnv:
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: int, num_classes: int,
+             threshold: float = 0.5) -> dict[str, float]:
+    """Mean IoU per class on each class's own images, at the cached resolution (quick per-epoch signal)."""
+    model.eval()
+    ious: list[list[float]] = [[] for _ in range(num_classes)]
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    for start in range(0, len(data), batch):
+        img, msk, cls = data.batch(torch.arange(start, min(start + batch, len(data))), device)
+        x = (img.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            probs = torch.sigmoid(model(x).float())
+        for i in range(len(cls)):
+            c = int(cls[i])
+            pred, truth = probs[i, c] >= threshold, msk[i] > 0
+            union = (pred | truth).sum().item()
+            ious[c].append(1.0 if union == 0 else (pred & truth).sum().item() / union)
+    model.train()
+    return {f"iou_{c}": float(np.mean(v)) if v else float("nan") for c, v in enumerate(ious)}
+
+
+def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | None,
+          prompt_embeddings: torch.Tensor, prompts: list[str], text_encoder_name: str,
+          vocab: Vocabulary | None = None, log=print) -> Path:
+    """Train (or resume) and write the fp16 weights to cfg.output. Returns that path."""
+    vocab = vocab or load_vocabulary()
+    env = DistEnv()
+    device = env.device()
+    seed_everything(cfg.seed + env.rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = len(vocab.classes)
+    prompt_class = torch.tensor([vocab.class_index(vocab.prompt_to_class[p]) for p in prompts])
+    model = build_segmenter(cfg.architecture, prompt_embeddings, prompt_class, num_classes,
+                            pretrained_encoder=cfg.pretrained_encoder).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    teacher = None
+    if cfg.teacher:
+        teacher, _ = load_weights(cfg.teacher)
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_class = prompt_sampler(vocab, prompts)
+    steps_per_epoch = max(1, len(train_data) // (cfg.batch_size * env.world))
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    state = {"epoch": 0, "step": 0, "planned_epochs": cfg.epochs, "history": []}
+    last = run_dir / "last.pt"
+    if last.exists():
+        ckpt = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        log(f"[{cfg.name}] resumed from {last} at epoch {state['epoch']}/{state['planned_epochs']}")
+    net = model
+    if env.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    amp = device.type == "cuda"
+    t_start = time.time()
+    model.train()
+    while state["epoch"] < state["planned_epochs"]:
+        t_epoch = time.time()
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + state["epoch"])
+        perm = torch.randperm(len(train_data), generator=g)[env.rank::env.world]
+        total_steps = state["planned_epochs"] * steps_per_epoch
+        losses = []
+        for i in range(steps_per_epoch):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            img, msk, cls = train_data.batch(idx, device)
+            x, m = augment_batch(img, msk, cfg.crop, cfg.scale)
+            x = (x - mean) / std
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            target = one_hot_targets(m, cls, num_classes)
+            prompt_ids = sample_prompt_ids(per_class, len(idx), device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(state["step"], total_steps, cfg.lr, cfg.warmup_steps)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = net(x, prompt_ids).float()
+                loss = segmentation_loss(logits, target, cfg.loss, cldice_channels=[0])
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = torch.sigmoid(teacher(x, prompt_ids).float())
+                    loss = loss + cfg.distill_weight * distillation_loss(logits, soft)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            state["step"] += 1
+            losses.append(loss.item())
+        state["epoch"] += 1
+        epoch_s = time.time() - t_epoch
+        if cfg.time_budget_s and state["epoch"] == min(2, state["planned_epochs"]):
+            # Epoch 1 carries one-off warm-up (cuDNN autotuning), so plan from epoch 2's pace.
+            left = cfg.time_budget_s - (time.time() - t_start)
+            fit = state["epoch"] + max(0, int(left // max(epoch_s, 1e-3)))
+            if fit < state["planned_epochs"]:
+                log(f"[{cfg.name}] time budget {cfg.time_budget_s:.0f}s at {epoch_s:.1f}s/epoch: {fit} epochs")
+                state["planned_epochs"] = fit
+        record = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "epoch_s": round(epoch_s, 1),
+                  "lr": opt.param_groups[0]["lr"]}
+        if val_data is not None and len(val_data) and state["epoch"] % cfg.val_every == 0 and env.main:
+            record.update(validate(model, val_data, device, cfg.val_batch, num_classes))
+        state["history"].append(record)
+        eta = (state["planned_epochs"] - state["epoch"]) * (time.time() - t_start) / max(1, len(state["history"]))
+        if env.main:
+            vals = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("iou"))
+            log(f"[{cfg.name}] epoch {state['epoch']}/{state['planned_epochs']} loss={record['loss']:.4f} "
+                f"{vals} {epoch_s:.1f}s/epoch ETA {eta / 60:.1f} min")
+            with open(run_dir / "log.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+            tmp = run_dir / "last.pt.tmp"
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                        "rng_cpu": torch.get_rng_state(), "config": asdict(cfg)}, tmp)
+            os.replace(tmp, last)
+    out = Path(cfg.output)
+    if env.main:
+        info = CheckpointInfo(
+            architecture=cfg.architecture, profile=cfg.profile, classes=list(vocab.classes), prompts=list(prompts),
+            prompt_class=prompt_class.tolist(), text_encoder=text_encoder_name,
+            thresholds={c: 0.5 for c in vocab.classes}, input_size=(cfg.cache_size, cfg.cache_size),
+            data_fingerprint=train_data.fingerprint,
+            recipe={k: v for k, v in asdict(cfg).items() if k not in ("extra",)} | {"history_tail": state["history"][-3:]},
+        )
+        save_weights(model, info, out)
+        log(f"[{cfg.name}] wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    if env.world > 1:
+        dist.barrier()
+    return out
