@@ -11,6 +11,8 @@ import uuid
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
+from pydantic import ValidationError
+
 from drywallqa.edge.payloads import (
     TOPIC_ALERTS,
     TOPIC_CMD,
@@ -24,7 +26,6 @@ from drywallqa.edge.payloads import (
     StatusPayload,
     topic,
 )
-from pydantic import ValidationError
 
 from .state import LiveState
 from .store import AlertStore

@@ -6,6 +6,7 @@ Only folders under the configured review roots may be opened (the page takes fol
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,10 +87,24 @@ def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
 
 
 def find_item(images_dir: Path, masks_dir: Path | None, image_id: str) -> ReviewItem:
-    for item in list_review(images_dir, masks_dir).items:
-        if item.image_id == image_id:
-            return item
-    raise ReviewError(f"no image with ID {image_id!r} in {images_dir}")
+    """One image and its masks, without listing the whole folders (called once per overlay request)."""
+    if not image_id or "/" in image_id or image_id.startswith("."):
+        raise ReviewError(f"bad image ID {image_id!r}")
+    candidates = sorted(
+        p
+        for p in images_dir.glob(glob.escape(image_id) + ".*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not candidates:
+        raise ReviewError(f"no image with ID {image_id!r} in {images_dir}")
+    item = ReviewItem(image_id, candidates[0])
+    if masks_dir is not None:
+        classes = _class_by_part()
+        for mask in sorted(masks_dir.glob(glob.escape(image_id + SEPARATOR) + "*" + MASK_SUFFIX)):
+            part = mask.name[len(image_id) + len(SEPARATOR) : -len(MASK_SUFFIX)]
+            if SEPARATOR not in part:  # 'a__b__c.png' belongs to image 'a__b', not 'a'
+                item.masks.append(MaskFile(part, classes.get(part), mask))
+    return item
 
 
 def render_overlay(item: ReviewItem, max_side: int = 1024, alpha: float = 0.45) -> tuple[bytes, list[str]]:

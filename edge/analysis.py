@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
 from drywallqa.edge.payloads import ClassResult, Region
 
 SQRT2 = math.sqrt(2.0)

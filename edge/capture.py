@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from drywallqa.edge.sources import CorruptFrame, EndOfSource, FrameSource, SourceError
 
 log = logging.getLogger(__name__)

@@ -66,11 +66,10 @@ def _load(args: argparse.Namespace, **overrides):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from drywallqa.contract import InvalidModelError
     from drywallqa.edge.broker import BrokerError
     from drywallqa.edge.runner import EdgeRunner
     from drywallqa.edge.settings import ConfigError
-
-    from drywallqa.contract import InvalidModelError
     from drywallqa.vocab import UnknownPromptError
 
     try:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from drywallqa.edge.backends import InferenceBackend
 
+from drywallqa.edge.backends import InferenceBackend
 from drywallqa.imageio import to_rgb_uint8
 
 

@@ -18,6 +18,9 @@ import time
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from pydantic import ValidationError
+
 from drywallqa.edge.payloads import (
     TOPIC_ALERTS,
     TOPIC_CMD,
@@ -33,8 +36,6 @@ from drywallqa.edge.payloads import (
 )
 from drywallqa.edge.settings import MqttSettings
 from drywallqa.edge.spool import Spool
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from drywallqa.edge.alerts import AlertEngine, make_alert
 from drywallqa.edge.analysis import WatchedClass, analyze_class
 from drywallqa.edge.broker import EmbeddedBroker, maybe_start_embedded
@@ -25,7 +26,6 @@ from drywallqa.edge.sdnotify import Watchdog, notify
 from drywallqa.edge.settings import ConfigError, EdgeSettings
 from drywallqa.edge.sources import make_source
 from drywallqa.edge.spool import Spool
-
 from drywallqa.paths import EXPORTED_DIR, PROFILES
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from drywallqa.edge.settings import default_config_path
-
 from drywallqa.paths import PROJECT_ROOT
 
 UNIT_NAME = "drywallqa-edge.service"

@@ -123,9 +123,8 @@ def tensorrt_problems(model: onnx.ModelProto | str | Path) -> list[str]:
 
 def make_jetson_onnx(fp32_onnx: str | Path, out_path: str | Path) -> Path:
     """FP16, static-shape, constant-folded copy of an exported FP32 ONNX (metadata kept)."""
-    from drywallqa.export.onnx_export import set_metadata
-
     from drywallqa.contract import METADATA_KEY, ModelMetadata
+    from drywallqa.export.onnx_export import set_metadata
 
     model = onnx.load(str(fp32_onnx))
     dims = model.graph.input[0].type.tensor_type.shape.dim

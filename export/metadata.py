@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from drywallqa.train.checkpoint import CheckpointInfo
-
 from drywallqa.contract import ModelMetadata, TextEncoderInfo, metadata_from_vocabulary
 from drywallqa.paths import PROFILES
+from drywallqa.train.checkpoint import CheckpointInfo
 from drywallqa.vocab import Vocabulary
 
 

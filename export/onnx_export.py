@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from drywallqa.train.models.segmenter import ExportWrapper, Segmenter
 
 from drywallqa.contract import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelMetadata
+from drywallqa.train.models.segmenter import ExportWrapper, Segmenter
 
 log = logging.getLogger(__name__)
 

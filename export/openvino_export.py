@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from drywallqa.export.metadata import with_precision
 
 from drywallqa.contract import METADATA_KEY, ModelMetadata
+from drywallqa.export.metadata import with_precision
 
 log = logging.getLogger(__name__)
 

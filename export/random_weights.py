@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from drywallqa.train.checkpoint import CheckpointInfo, save_weights
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
-
 from drywallqa.vocab import load_vocabulary
 
 ARCH_PROFILE = {"hrnet_w18": "hrnet", "effnet_lite0_fpn": "lite"}

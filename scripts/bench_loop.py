@@ -55,6 +55,7 @@ def _pct(values: list[float], q: float) -> float:
 
 def run_one(name: str, model: Path, seconds: float, source_fps: float, backend: str, threads: int | None) -> dict:
     import psutil
+
     from drywallqa.edge.broker import EmbeddedBroker
     from drywallqa.edge.runner import EdgeRunner
     from drywallqa.edge.settings import EdgeSettings

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+
 from drywallqa.dashboard.bridge import BrokerConfig
 from drywallqa.dashboard.server import DashboardApp, DashboardConfig
 from drywallqa.edge.payloads import (

@@ -8,6 +8,9 @@ import numpy as np
 import onnx
 import pytest
 from _export_fixtures import export_random_model
+from onnx import TensorProto, helper
+
+from drywallqa.contract import METADATA_KEY, InvalidModelError
 from drywallqa.edge.backends import (
     BackendUnavailableError,
     auto_backend_name,
@@ -16,9 +19,6 @@ from drywallqa.edge.backends import (
     tensorrt_unavailable_reason,
 )
 from drywallqa.edge.inference import PromptSegmenter
-from onnx import TensorProto, helper
-
-from drywallqa.contract import METADATA_KEY, InvalidModelError
 from drywallqa.vocab import UnknownPromptError, load_vocabulary
 
 SIZE = (96, 128)

@@ -21,6 +21,7 @@ from _dashboard_fixtures import (
     status,
     wait_until,
 )
+
 from drywallqa.edge.payloads import TOPIC_ALERTS, TOPIC_DETECTIONS, TOPIC_STATUS
 
 CHROMIUM = os.environ.get("DRYWALLQA_CHROMIUM", "/usr/bin/chromium")

@@ -30,6 +30,7 @@ from _dashboard_fixtures import (
     status,
     wait_until,
 )
+
 from drywallqa.dashboard.auth import AuthConfigError
 from drywallqa.dashboard.cli import main as dashboard_main
 from drywallqa.dashboard.server import DashboardApp
@@ -43,7 +44,6 @@ from drywallqa.edge.payloads import (
     SnapshotPayload,
     topic,
 )
-
 from drywallqa.masks import mask_filename
 
 
@@ -248,6 +248,10 @@ def test_review_refuses_paths_outside_its_roots(dashboard, tmp_path: Path) -> No
     (tmp_path / "secret.key").write_text("x")
     assert http_get(dashboard, "/review/files/0/secret.key")[0] == 403
     assert http_get(dashboard, "/review/overlay.jpg?images=/nonexistent")[0] == 400
+    images, masks = _write_review_folders(tmp_path)
+    for bad_id in ("missing", "../images/wall_001", ""):
+        code, _, body = http_get(dashboard, f"/review/overlay.jpg?images={images}&masks={masks}&id={bad_id}")
+        assert code == 400 and b" ID " in body, bad_id
 
 
 def test_review_opens_an_eval_report_with_its_relative_links(dashboard, tmp_path: Path) -> None:

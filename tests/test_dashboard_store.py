@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from _dashboard_fixtures import alert, make_jpeg
+
 from drywallqa.dashboard.store import AlertStore, StoreError
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from _foundation_fixtures import make_coco_dataset, make_yolo_dataset
+
 from drywallqa.train.data import coco
 from drywallqa.train.data.labels import BOX_MASK_STRATEGIES, parse_yolo_line, rasterize, read_yolo_labels
 from drywallqa.train.data.prepare import labels_for, load_labelled

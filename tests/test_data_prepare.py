@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 from _foundation_fixtures import make_coco_dataset, make_yolo_dataset, small_project, write_data_config
+
+from drywallqa.cli import main
 from drywallqa.train.data.cache import open_cache
 from drywallqa.train.data.prepare import DataConfigError, load_setup, prepare
 from drywallqa.train.data.split import leaked_bases, read_split
-
-from drywallqa.cli import main
 
 
 def _mixed_project(tmp_path):

@@ -6,6 +6,8 @@ import json
 
 import pytest
 from _foundation_fixtures import REAL_DATA, needs_real_data
+
+from drywallqa.paths import PROJECT_ROOT
 from drywallqa.train.data.split import (
     base_name,
     grouped_split,
@@ -14,8 +16,6 @@ from drywallqa.train.data.split import (
     split_sizes,
     write_split,
 )
-
-from drywallqa.paths import PROJECT_ROOT
 
 
 def test_base_name_roboflow_and_plain():

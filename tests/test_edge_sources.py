@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from _edge_helpers import make_video
 from _mqtt_fixtures import wait_until
+
 from drywallqa.edge.capture import Capture
 from drywallqa.edge.sources import DemoSource, ImageListSource, classify_uri, make_source
 

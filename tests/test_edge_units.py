@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from drywallqa.edge.alerts import AlertEngine, Rule
 from drywallqa.edge.analysis import WatchedClass, analyze_class, crack_length, skeleton_length, skeletonize
 from drywallqa.edge.payloads import ClassResult

@@ -8,13 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _foundation_fixtures import random_onnx, small_project
-from drywallqa.edge.backends import InferenceBackend
-from drywallqa.edge.inference import PromptSegmenter
-from drywallqa.train.data.prepare import Example
-from drywallqa.train.data.sources import ImageRecord
 
 from drywallqa.cli import main
 from drywallqa.contract import TextEncoderInfo, metadata_from_vocabulary
+from drywallqa.edge.backends import InferenceBackend
+from drywallqa.edge.inference import PromptSegmenter
 from drywallqa.evaluate import SWEEP_THRESHOLDS, evaluate
 from drywallqa.metrics import (
     FalsePositiveStats,
@@ -24,6 +22,8 @@ from drywallqa.metrics import (
     iou,
     threshold_counts,
 )
+from drywallqa.train.data.prepare import Example
+from drywallqa.train.data.sources import ImageRecord
 from drywallqa.vocab import load_vocabulary
 
 

@@ -6,6 +6,7 @@ import argparse
 
 import onnx
 import pytest
+
 from drywallqa.edge.backends import load_backend, read_metadata
 from drywallqa.export import cli
 from drywallqa.export.jetson import tensorrt_problems

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from drywallqa.edge.backends import load_backend
 from drywallqa.export.calibration import calibration_set, load_resized, pick_evenly, training_images
 from drywallqa.export.metadata import build_metadata

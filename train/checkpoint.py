@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
 
 
@@ -91,9 +89,27 @@ def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[Segmenter
         missing = [k for k in ("architecture", "classes", "prompts", "prompt_class") if k not in header]
         if missing:
             raise ValueError(f"{path}: not a DrywallQA checkpoint, header lacks {missing}")
-        state = {k: f.get_tensor(k).float() if f.get_tensor(k).is_floating_point() else f.get_tensor(k)
-                 for k in f.keys()}
+        state = {}
+        for k in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            t = f.get_tensor(k)
+            state[k] = t.float() if t.is_floating_point() else t
     info = CheckpointInfo.from_header(header)
     model = build_segmenter(info.architecture, state["prompt_embeddings"], state["prompt_class"], len(info.classes))
     model.load_state_dict(state)
     return model.eval(), info
+
+
+def set_thresholds(path: str | Path, thresholds: dict[str, float]) -> None:
+    """Rewrite a shipped file's decision thresholds (tuned on validation) in place; tensors are untouched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    info = CheckpointInfo.from_header(header)
+    unknown = set(thresholds) - set(info.classes)
+    if unknown:
+        raise ValueError(f"thresholds for unknown classes {sorted(unknown)}; classes: {info.classes}")
+    info.thresholds = {**info.thresholds, **{k: float(v) for k, v in thresholds.items()}}
+    save_file(tensors, str(path), metadata=info.to_header())

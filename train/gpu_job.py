@@ -34,7 +34,7 @@ def main() -> None:
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "train.log", "a", encoding="utf-8")
+    logfile = open(out / "train.log", "a", encoding="utf-8")  # noqa: SIM115 - open for the whole job
 
     def log(msg: str) -> None:
         line = f"{time.time() - t0:7.1f}s {msg}"

@@ -36,6 +36,7 @@ class TrainConfig:
     output: str  # shipped weights path (fp16 safetensors)
     pretrained_encoder: bool = False
     teacher: str | None = None  # weights of a trained teacher -> distillation
+    init_weights: str | None = None  # start from these weights (fine-tuning) instead of from scratch/ImageNet
     distill_weight: float = 1.0
     loss: str = "bce_dice"
     cache_size: int = 512
@@ -53,6 +54,8 @@ class TrainConfig:
     val_every: int = 1
     val_batch: int = 8
     max_steps_per_epoch: int | None = None  # for smoke tests
+    log_every: int = 50  # steps between progress lines inside an epoch
+    val_limit_per_class: int | None = 64  # per-epoch validation subset (the full split is for `drywallqa eval`)
     runs_dir: str = "runs"
     extra: dict = field(default_factory=dict)
 
@@ -157,6 +160,10 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     prompt_class = torch.tensor([vocab.class_index(vocab.prompt_to_class[p]) for p in prompts])
     model = build_segmenter(cfg.architecture, prompt_embeddings, prompt_class, num_classes,
                             pretrained_encoder=cfg.pretrained_encoder).to(device)
+    if cfg.init_weights:
+        init, _ = load_weights(cfg.init_weights)
+        model.load_state_dict(init.state_dict())
+        log(f"[{cfg.name}] initialised from {cfg.init_weights}")
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     teacher = None
@@ -175,6 +182,8 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
+        if not cfg.time_budget_s:  # a longer run asked for after the fact continues the schedule
+            state["planned_epochs"] = max(state["planned_epochs"], cfg.epochs)
         torch.set_rng_state(ckpt["rng_cpu"])
         log(f"[{cfg.name}] resumed from {last} at epoch {state['epoch']}/{state['planned_epochs']}")
     net = model
@@ -215,6 +224,11 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             opt.step()
             state["step"] += 1
             losses.append(loss.item())
+            if env.main and cfg.log_every and (i + 1) % cfg.log_every == 0:
+                pace = (time.time() - t_epoch) / (i + 1)
+                log(f"[{cfg.name}] epoch {state['epoch'] + 1} step {i + 1}/{steps_per_epoch} "
+                    f"loss={np.mean(losses[-cfg.log_every:]):.4f} {pace:.2f}s/step, "
+                    f"epoch ends in {pace * (steps_per_epoch - i - 1) / 60:.1f} min")
         state["epoch"] += 1
         epoch_s = time.time() - t_epoch
         if cfg.time_budget_s and state["epoch"] == min(2, state["planned_epochs"]):

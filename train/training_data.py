@@ -41,13 +41,21 @@ class InMemoryData:
         return img.to(device), msk.to(device), self.classes[torch.from_numpy(order)].to(device)
 
     @classmethod
-    def from_cache(cls, cache_dir: str | Path, split: str, device: torch.device | None = None) -> InMemoryData:
+    def from_cache(cls, cache_dir: str | Path, split: str, device: torch.device | None = None,
+                   limit_per_class: int | None = None) -> InMemoryData:
         cache_dir = Path(cache_dir)
         if not (cache_dir / "meta.json").exists():
             raise FileNotFoundError(f"no data cache at {cache_dir}; run `drywallqa data prepare` first")
         meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
         items = meta["items"] if isinstance(meta, dict) else meta
-        rows = np.array([i for i, m in enumerate(items) if m["split"] == split], dtype=np.int64)
+        rows_list = [i for i, m in enumerate(items) if m["split"] == split]
+        if limit_per_class is not None:  # an evenly spaced, deterministic subset per class
+            by_class: dict[int, list[int]] = {}
+            for i in rows_list:
+                by_class.setdefault(items[i]["class"], []).append(i)
+            rows_list = sorted(i for v in by_class.values()
+                               for i in v[::max(1, len(v) // limit_per_class)][:limit_per_class])
+        rows = np.array(rows_list, dtype=np.int64)
         images = np.load(cache_dir / "images.npy", mmap_mode="r")
         masks = np.load(cache_dir / "masks.npy", mmap_mode="r")
         ids = [items[i]["id"] for i in rows]

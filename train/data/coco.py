@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from drywallqa.train.data.labels import LabelIssue, LabelObject, ParsedLabels
 from drywallqa.train.data.sources import IMAGE_SUFFIXES, DatasetSpec, ImageRecord
 

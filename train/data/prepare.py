@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from drywallqa.imageio import ImageReadError, read_image_rgb
+from drywallqa.paths import PROJECT_ROOT
+from drywallqa.progress import progress_bar
 from drywallqa.train.data import coco
 from drywallqa.train.data.cache import CacheWriter, resize_pair
 from drywallqa.train.data.labels import (
@@ -34,10 +38,6 @@ from drywallqa.train.data.sources import (
     yolo_records,
 )
 from drywallqa.train.data.split import grouped_split, leaked_bases, split_sizes, write_split
-
-from drywallqa.imageio import ImageReadError, read_image_rgb
-from drywallqa.paths import PROJECT_ROOT
-from drywallqa.progress import progress_bar
 from drywallqa.vocab import load_vocabulary
 
 FORMATS = ("yolo", "coco")

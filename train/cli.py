@@ -1,0 +1,64 @@
+"""`drywallqa train`: teacher or student training from a YAML config (resumable, CUDA when present)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train the teacher or the distilled student from a config",
+        description="Train from the `drywallqa data prepare` cache. Resumes from runs/<name>/last.pt after any "
+                    "interruption; uses CUDA with bf16 autocast when present; scales out with "
+                    "`torchrun --nproc_per_node N -m drywallqa.train.cli --config ...` (DDP).",
+        epilog="examples:\n  drywallqa train --config configs/train_teacher.yaml\n"
+               "  drywallqa train --config configs/train_student.yaml --epochs 5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="training config (configs/train_*.yaml)")
+    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
+    p.add_argument("--output", default=None, help="override where the fp16 weights are written")
+    p.add_argument("--runs-dir", default=None, help="override where checkpoints and logs go (default runs/)")
+    p.add_argument("--cache", type=Path, default=None, help="data cache root (default cache/)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    import torch
+
+    from drywallqa.paths import CACHE_DIR
+    from drywallqa.train.text_encoders import vocabulary_embeddings
+    from drywallqa.train.trainer import TrainConfig, train
+    from drywallqa.train.training_data import InMemoryData
+    from drywallqa.vocab import load_vocabulary
+
+    cfg = TrainConfig.from_yaml(args.config, epochs=args.epochs, batch_size=args.batch_size, output=args.output,
+                                runs_dir=args.runs_dir, max_steps_per_epoch=args.max_steps_per_epoch)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache = (args.cache or CACHE_DIR) / str(cfg.cache_size)
+    train_data = InMemoryData.from_cache(cache, "train", device)
+    val_data = InMemoryData.from_cache(cache, "val", device, limit_per_class=cfg.val_limit_per_class)
+    vocab = load_vocabulary()
+    emb = vocabulary_embeddings(vocab.all_prompts, cfg.text_encoder, cfg.clip_path,
+                                cache=Path(cfg.runs_dir) / f"text_{cfg.text_encoder}.safetensors")
+    print(f"[{cfg.name}] {len(train_data)} train / {len(val_data)} val images at {cfg.cache_size}px on {device}; "
+          f"text encoder {emb.encoder}")
+    train(cfg, train_data, val_data, emb.vectors, emb.prompts, emb.encoder, vocab=vocab)
+    return 0
+
+
+def main() -> int:
+    """Entry for torchrun: `torchrun --nproc_per_node 2 -m drywallqa.train.cli --config ...`."""
+    p = argparse.ArgumentParser(prog="drywallqa-train")
+    add_train_arguments(p)
+    return run_from_args(p.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
