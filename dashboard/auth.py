@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
+
+from drywallqa.edge.broker import is_loopback
 
 COOKIE_NAME = "drywallqa_session"
 MIN_TOKEN_LENGTH = 8
@@ -12,15 +13,6 @@ MIN_TOKEN_LENGTH = 8
 
 class AuthConfigError(ValueError):
     """The dashboard would be reachable from the network without a token, or the token is too weak."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost may resolve to anything: treat it as exposed
 
 
 def check_auth_config(host: str, token: str | None) -> None:

@@ -24,7 +24,7 @@ def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False
+        return False  # a host name other than localhost may resolve to anything: treat it as exposed
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -38,22 +38,40 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 class EmbeddedBroker:
     """A mosquitto child process listening on 127.0.0.1:port only, anonymous access (loopback only)."""
 
-    def __init__(self, port: int, binary: str | None = None) -> None:
+    def __init__(self, port: int, binary: str | None = None, *, workdir: Path | None = None,
+                 persistence: bool = False) -> None:
+        """workdir: a fixed folder for the config, the log and (with persistence) the session store, kept
+        across stop()/start(); by default a fresh temporary folder per start(), removed by stop()."""
         self.port = port
         self.binary = binary or shutil.which("mosquitto") or (
             "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        self.workdir = workdir
+        self.persistence = persistence
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
+
+    def _config(self, workdir: Path, logfile: Path) -> str:
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        if self.persistence:
+            lines += ["persistence true", f"persistence_location {workdir}/", "autosave_interval 1"]
+        else:
+            lines.append("persistence false")
+        lines.append(f"log_dest file {logfile}")
+        return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         if not self.binary:
             raise BrokerError("embedded broker requested but the `mosquitto` binary is not installed "
                               "(apt-get install mosquitto) - or set mqtt.embedded_broker: never")
-        self._dir = tempfile.TemporaryDirectory(prefix="drywallqa-mosquitto-")
-        conf = Path(self._dir.name) / "mosquitto.conf"
-        logfile = Path(self._dir.name) / "mosquitto.log"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        f"log_dest file {logfile}\n")
+        if self.workdir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="drywallqa-mosquitto-")
+            workdir = Path(self._dir.name)
+        else:
+            workdir = self.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "mosquitto.conf"
+        logfile = workdir / "mosquitto.log"
+        conf.write_text(self._config(workdir, logfile))
         self._proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

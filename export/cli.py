@@ -78,11 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="benchmark torch / ONNX Runtime / OpenVINO FP16 / INT8 side by side",
         description="Latency p50/p95, FPS at batch 1 and 4, peak RSS (one subprocess per backend), file size, "
                     "speed vs torch eager and vs this machine's compute bound (model FLOPs / measured GFLOP/s).")
-    _add_model_args(b)
-    b.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(512, 512), help="input size (512 512)")
-    b.add_argument("--threads", type=int, default=2, help="CPU threads per backend (default 2)")
-    b.add_argument("--iters", type=int, default=30, help="timed iterations per measurement (default 30)")
-    b.add_argument("--calib", type=int, default=32, help="INT8 calibration images (default 32)")
-    b.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
-    b.add_argument("--workdir", help="keep exported models here (default: a temporary folder)")
+    from drywallqa.export.bench import register_arguments
+
+    register_arguments(b)
     b.set_defaults(func=_bench)

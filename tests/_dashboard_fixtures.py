@@ -1,5 +1,5 @@
-"""Shared helpers for the dashboard tests: a real mosquitto on a free loopback port, payload builders,
-a dashboard app bound to a free port, and small real JPEGs. Test modules wrap the context managers
+"""Shared helpers for the dashboard tests: a real mosquitto on a free loopback port (_mqtt_fixtures.Mosquitto),
+payload builders, a dashboard app bound to a free port, and small real JPEGs. Test modules wrap the context managers
 in their own small fixtures."""
 
 from __future__ import annotations
@@ -8,18 +8,15 @@ import base64
 import contextlib
 import http.client
 import json
-import shutil
-import socket
-import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
-import pytest
+from _mqtt_fixtures import Mosquitto
 
 from drywallqa.dashboard.bridge import BrokerConfig
 from drywallqa.dashboard.server import DashboardApp, DashboardConfig
@@ -35,73 +32,10 @@ from drywallqa.edge.payloads import (
 PREFIX = "dqtest"
 
 
-def mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class Mosquitto:
-    """A real broker process on 127.0.0.1:<port>; can be stopped and started again on the same port."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary = binary
-        self.port = free_port()
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log)
-
-        def accepting() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text(errors='replace')[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
-
-        wait_until(accepting, 10, "mosquitto to accept connections")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-
 @contextlib.contextmanager
 def running_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A started broker (the test is skipped when mosquitto is not installed); stopped on exit."""
-    binary = mosquitto_binary()
-    if binary is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    broker = Mosquitto(binary, tmp_path)
-    broker.start()
+    """A started broker without persistence (the test is skipped when mosquitto is not installed); stopped on exit."""
+    broker = Mosquitto(tmp_path, persistence=False).start()
     try:
         yield broker
     finally:
@@ -246,28 +180,27 @@ def alert(
     return AlertPayload(**{**base, **kw})
 
 
-def http_get(app: DashboardApp, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+def http_request(
+    app: DashboardApp, method: str, path: str, body: bytes | str | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict, bytes]:
     host, port = app.address
     conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request(method, path, body=body, headers=headers or {})
         res = conn.getresponse()
         return res.status, dict(res.getheaders()), res.read()
     finally:
         conn.close()
+
+
+def http_get(app: DashboardApp, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+    return http_request(app, "GET", path, headers=headers)
 
 
 def http_post(
     app: DashboardApp, path: str, body: bytes | str = b"", headers: dict[str, str] | None = None
 ) -> tuple[int, dict, bytes]:
-    host, port = app.address
-    conn = http.client.HTTPConnection(host, port, timeout=10)
-    try:
-        conn.request("POST", path, body=body, headers=headers or {})
-        res = conn.getresponse()
-        return res.status, dict(res.getheaders()), res.read()
-    finally:
-        conn.close()
+    return http_request(app, "POST", path, body, headers)
 
 
 def get_json(app: DashboardApp, path: str, headers: dict[str, str] | None = None) -> object:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +14,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+from drywallqa.edge.broker import EmbeddedBroker
+
+MOSQUITTO = shutil.which("mosquitto") or next(
+    (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+)
 
 
 def free_port() -> int:
@@ -24,59 +27,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str | None = None, *, interval: float = 0.05
+) -> object:
+    """The first truthy value of predicate() within timeout s (checked once more at the deadline). On timeout:
+    raise AssertionError when `what` names the awaited thing, else return the last (falsy) value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        value = predicate()
+        if value:
+            return value
         time.sleep(interval)
-    return predicate()
+    value = predicate()
+    if not value and what is not None:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return value
 
 
-class Mosquitto:
-    """mosquitto bound to 127.0.0.1:port; persistence on, so sessions survive stop()/start()."""
+class Mosquitto(EmbeddedBroker):
+    """The edge's own embedded broker on 127.0.0.1:port (a free one by default), config and log in workdir;
+    with persistence (the default) sessions survive stop()/start(). Skips the test when mosquitto is missing."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, persistence: bool = True) -> None:
         if MOSQUITTO is None:
             pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-        self.port = port or free_port()
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {self.dir}/\nautosave_interval 1\nlog_dest file {self.dir}/mosquitto.log\n"
-        )
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 10.0) -> Mosquitto:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        ok = wait_until(self._listening, timeout)
-        if not ok:
-            self.stop()
-            raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log()[-800:]}")
-        return self
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        super().__init__(port or free_port(), MOSQUITTO, workdir=workdir, persistence=persistence)
 
     def log(self) -> str:
-        p = self.dir / "mosquitto.log"
+        p = self.workdir / "mosquitto.log"
         return p.read_text(errors="replace") if p.exists() else ""
 
 

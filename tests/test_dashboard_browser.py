@@ -19,8 +19,8 @@ from _dashboard_fixtures import (
     running_mosquitto,
     running_publisher,
     status,
-    wait_until,
 )
+from _mqtt_fixtures import wait_until
 
 from drywallqa.edge.payloads import TOPIC_ALERTS, TOPIC_DETECTIONS, TOPIC_STATUS
 

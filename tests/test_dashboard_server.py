@@ -14,7 +14,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from _dashboard_fixtures import (
     PREFIX,
-    Mosquitto,
     Publisher,
     alert,
     b64,
@@ -28,8 +27,8 @@ from _dashboard_fixtures import (
     running_mosquitto,
     running_publisher,
     status,
-    wait_until,
 )
+from _mqtt_fixtures import Mosquitto, wait_until
 
 from drywallqa.dashboard.auth import AuthConfigError
 from drywallqa.dashboard.cli import main as dashboard_main

@@ -1,0 +1,87 @@
+"""The committed models: contract, size, parity of their exports, and a quality floor on real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from drywallqa.paths import PROFILES, SHARED_DATA_DIR, profile_weights
+from drywallqa.vocab import load_vocabulary
+
+torch = pytest.importorskip("torch")
+
+from drywallqa.edge.backends import load_backend  # noqa: E402
+from drywallqa.edge.inference import PromptSegmenter  # noqa: E402
+from drywallqa.export.pipeline import run_export  # noqa: E402
+from drywallqa.train.checkpoint import load_weights  # noqa: E402
+from drywallqa.train.models.segmenter import ExportWrapper  # noqa: E402
+
+needs_data = pytest.mark.skipif(not SHARED_DATA_DIR.is_dir(),
+                                reason=f"real photos not found at {SHARED_DATA_DIR} (CI has ../shared/data)")
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_shipped_weights_carry_the_contract(profile):
+    path = profile_weights(profile)
+    assert path.stat().st_size < 30 * 2**20, "each shipped model stays under 30 MB"
+    model, info = load_weights(path)
+    vocab = load_vocabulary()
+    assert info.prompts == vocab.all_prompts, "baked prompt embeddings must cover exactly configs/prompts.yaml"
+    assert info.classes == list(vocab.classes)
+    assert info.text_encoder.startswith("minilm:")
+    assert set(info.thresholds) == set(vocab.classes) and all(0 < t < 1 for t in info.thresholds.values())
+    assert model.prompt_embeddings.shape == (len(vocab.all_prompts), 384)
+
+
+def _val_images(dataset: str, n: int):
+    from drywallqa.train.data.prepare import collect_records, load_labelled, load_setup
+    from drywallqa.train.data.split import read_split
+
+    setup = load_setup(None)
+    split = read_split(setup.split_file)
+    recs = [r for r in collect_records(setup)[dataset] if split[dataset].get(r.image_path.name) == "val"]
+    picked = recs[:: max(1, len(recs) // n)][:n]
+    return [load_labelled(r, "yolo", setup.box_strategy) for r in picked]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported")
+    return {p: run_export(profile_weights(p), "onnx", out)["onnx"] for p in sorted(PROFILES)}
+
+
+@needs_data
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_onnx_export_matches_torch_on_real_photos(exported, profile):
+    model, info = load_weights(profile_weights(profile))
+    seg = PromptSegmenter(load_backend(exported[profile], "onnxruntime", threads=2))
+    for ex in _val_images("cracks", 2) + _val_images("drywall-join-detect", 2):
+        batch = seg.preprocess(ex.image)[None]
+        with torch.no_grad():
+            ref = ExportWrapper(model)(torch.from_numpy(batch)).numpy()
+        got = seg.network(batch)
+        assert np.abs(got - ref).max() < 2e-3
+        for c, name in enumerate(info.classes):
+            a, b = ref[0, c] >= info.thresholds[name], got[0, c] >= info.thresholds[name]
+            union = (a | b).sum()
+            assert union == 0 or (a & b).sum() / union >= 0.99
+
+
+@needs_data
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_quality_floor_and_no_cracks_on_drywall_photos(exported, profile):
+    """A regression guard on 16 validation photos per class (full numbers: `drywallqa eval`, MODEL.md)."""
+    seg = PromptSegmenter(load_backend(exported[profile], "onnxruntime", threads=2))
+    ious = {"segment crack": [], "segment taping area": []}
+    crack_area_on_drywall = []
+    for dataset, prompt in (("cracks", "segment crack"), ("drywall-join-detect", "segment taping area")):
+        for ex in _val_images(dataset, 16):
+            masks = seg.masks(ex.image, ["segment crack", "segment taping area"])
+            pred, truth = masks[prompt] > 0, ex.mask > 0
+            assert masks[prompt].shape == ex.mask.shape and set(np.unique(masks[prompt])) <= {0, 255}
+            ious[prompt].append((pred & truth).sum() / max(1, (pred | truth).sum()))
+            if dataset == "drywall-join-detect":
+                crack_area_on_drywall.append((masks["segment crack"] > 0).mean())
+    assert np.mean(ious["segment crack"]) > 0.30
+    assert np.mean(ious["segment taping area"]) > 0.50
+    assert np.mean(crack_area_on_drywall) < 0.01, "the crack prompt must stay (near) empty on drywall photos"
