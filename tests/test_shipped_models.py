@@ -85,3 +85,24 @@ def test_quality_floor_and_no_cracks_on_drywall_photos(exported, profile):
     assert np.mean(ious["segment crack"]) > 0.30
     assert np.mean(ious["segment taping area"]) > 0.50
     assert np.mean(crack_area_on_drywall) < 0.01, "the crack prompt must stay (near) empty on drywall photos"
+
+
+@needs_data
+def test_openvino_fp16_and_int8_of_the_shipped_lite_model_agree_with_torch(tmp_path):
+    """FP16 IR: masks as torch's (IoU >= 0.99). INT8 (NNCF, 16 calibration photos here): IoU >= 0.9."""
+    paths = run_export(profile_weights("lite"), "openvino", tmp_path, calib=16)
+    model, info = load_weights(profile_weights("lite"))
+    photos = _val_images("cracks", 3) + _val_images("drywall-join-detect", 3)
+    for key, bound in (("openvino_fp16", 0.99), ("openvino_int8", 0.90)):
+        seg = PromptSegmenter(load_backend(paths[key], "openvino", threads=2))
+        inter = union = 0
+        for ex in photos:
+            batch = seg.preprocess(ex.image)[None]
+            with torch.no_grad():
+                ref = ExportWrapper(model)(torch.from_numpy(batch)).numpy()
+            got = seg.network(batch)
+            for c, name in enumerate(info.classes):
+                a, b = ref[0, c] >= info.thresholds[name], got[0, c] >= info.thresholds[name]
+                inter += int((a & b).sum())
+                union += int((a | b).sum())
+        assert union > 0 and inter / union >= bound, f"{key}: mask IoU vs torch {inter / union:.3f} < {bound}"
