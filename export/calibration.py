@@ -9,29 +9,16 @@ import cv2
 import numpy as np
 
 from drywallqa.imageio import ImageReadError, read_image_rgb
-from drywallqa.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
 
 def training_images(config_path: str | Path | None = None) -> list[Path]:
-    """Training-split image paths of every configured dataset (configs/split.json, else the grouped split)."""
-    from drywallqa.train.data.sources import dataset_specs, load_data_config, yolo_records
-    from drywallqa.train.data.split import grouped_split, read_split
+    """Training-split image paths of every configured dataset that is present (configs/split.json)."""
+    from drywallqa.train.data.prepare import load_setup, records_in_split
 
-    cfg = load_data_config(config_path)
-    split_file = PROJECT_ROOT / cfg["split"]["file"]
-    saved = read_split(split_file) if split_file.is_file() else {}
-    paths: list[Path] = []
-    for spec in dataset_specs(cfg):
-        if not spec.root.is_dir():
-            continue
-        records = yolo_records(spec)
-        names = [r.image_path.name for r in records]
-        split = saved.get(spec.name) or grouped_split(spec.name, names, cfg["split"]["val_fraction"],
-                                                      cfg["split"]["seed"])
-        paths += [r.image_path for r in records if split.get(r.image_path.name) == "train"]
-    return paths
+    per_dataset = records_in_split(load_setup(config_path), "train", skip_missing=True)
+    return [r.image_path for recs in per_dataset.values() for r in recs]
 
 
 def pick_evenly(paths: list[Path], n: int) -> list[Path]:

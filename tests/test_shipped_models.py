@@ -34,12 +34,10 @@ def test_shipped_weights_carry_the_contract(profile):
 
 
 def _val_images(dataset: str, n: int):
-    from drywallqa.train.data.prepare import collect_records, load_labelled, load_setup
-    from drywallqa.train.data.split import read_split
+    from drywallqa.train.data.prepare import load_labelled, load_setup, records_in_split
 
     setup = load_setup(None)
-    split = read_split(setup.split_file)
-    recs = [r for r in collect_records(setup)[dataset] if split[dataset].get(r.image_path.name) == "val"]
+    recs = records_in_split(setup, "val")[dataset]
     picked = recs[:: max(1, len(recs) // n)][:n]
     return [load_labelled(r, "yolo", setup.box_strategy) for r in picked]
 

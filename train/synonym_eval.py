@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from drywallqa.metrics import counts, dice_from_counts, iou_from_counts
 from drywallqa.train.checkpoint import load_weights
-from drywallqa.train.data.prepare import collect_records, load_labelled, load_setup
-from drywallqa.train.data.split import read_split
+from drywallqa.train.data.prepare import load_labelled, load_setup, records_in_split
 
 THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 0.81, 0.05)]
 
@@ -32,14 +31,12 @@ def evaluate(weights: str, size: int | None = None, limit: int | None = None, th
     model, info = load_weights(weights)
     size = size or info.input_size[0]
     setup = load_setup(None)
-    split = read_split(setup.split_file)
-    records = collect_records(setup)
+    records = records_in_split(setup, "val")
     formats = {spec.name: spec.format for spec in setup.specs}
     prompts = info.prompts
     rows: dict[str, list[tuple[int, int, int]]] = {}
     for ds, recs in records.items():
-        val = [r for r in recs if split[ds].get(r.image_path.name) == "val"][:limit]
-        for rec in val:
+        for rec in recs[:limit]:
             ex = load_labelled(rec, formats[ds], setup.box_strategy)
             if ex.image is None:
                 continue

@@ -10,13 +10,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from drywallqa.train.data.examples import load_example
-from drywallqa.train.data.sources import dataset_specs, load_data_config, yolo_records
-from drywallqa.train.data.split import grouped_split
+from drywallqa.train.data.prepare import load_labelled, load_setup, records_in_split
+from drywallqa.vocab import load_vocabulary
 
 
-def encode(record, size: int, quality: int, box_strategy: str):
-    image, mask, _ = load_example(record, box_strategy)
+def encode(record, fmt: str, size: int, quality: int, box_strategy: str):
+    ex = load_labelled(record, fmt, box_strategy)
+    if ex.image is None:
+        raise ValueError(ex.skipped)
+    image, mask = ex.image, ex.mask
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
     jpg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1]
@@ -31,16 +33,13 @@ def main() -> None:
     ap.add_argument("--quality", type=int, default=72)
     ap.add_argument("--parts", type=int, default=2)
     args = ap.parse_args()
-    cfg = load_data_config()
-    classes = ["crack", "taping"]
-    records = []
-    for spec in dataset_specs(cfg):
-        recs = yolo_records(spec)
-        split = grouped_split(spec.name, [r.image_path.name for r in recs], cfg["split"]["val_fraction"],
-                              cfg["split"]["seed"])
-        records += [r for r in recs if split[r.image_path.name] == "train"]
+    setup = load_setup(None)
+    classes = list(load_vocabulary().classes)
+    formats = {spec.name: spec.format for spec in setup.specs}
+    records = [r for recs in records_in_split(setup, "train").values() for r in recs]
     with ThreadPoolExecutor(4) as pool:
-        blobs = list(pool.map(lambda r: encode(r, args.size, args.quality, cfg["box_strategy"]), records))
+        blobs = list(pool.map(lambda r: encode(r, formats[r.dataset], args.size, args.quality, setup.box_strategy),
+                              records))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for part in range(args.parts):

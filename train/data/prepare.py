@@ -37,7 +37,7 @@ from drywallqa.train.data.sources import (
     load_data_config,
     yolo_records,
 )
-from drywallqa.train.data.split import grouped_split, leaked_bases, split_sizes, write_split
+from drywallqa.train.data.split import grouped_split, leaked_bases, read_split, split_sizes, write_split
 from drywallqa.vocab import load_vocabulary
 
 FORMATS = ("yolo", "coco")
@@ -308,3 +308,15 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "prepare_summary.json").write_text(json.dumps(summary.as_dict(), indent=1) + "\n", encoding="utf-8")
     return summary
+
+
+def records_in_split(setup: DataSetup, side: str, skip_missing: bool = False) -> dict[str, list[ImageRecord]]:
+    """Each dataset's records on one side ('train' or 'val') of the split file (computed if it is absent).
+
+    The one way every consumer (training pack, INT8 calibration, evaluation scripts) picks a split side.
+    """
+    specs = [s for s in setup.specs if s.root.is_dir()] if skip_missing else setup.specs
+    records = collect_records(DataSetup(specs, setup.box_strategy, setup.split_file, setup.val_fraction,
+                                        setup.seed, setup.config_path))
+    split = read_split(setup.split_file) if setup.split_file.is_file() else build_split(setup, records)
+    return {ds: [r for r in recs if split.get(ds, {}).get(r.image_path.name) == side] for ds, recs in records.items()}
