@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from drywallqa.train.data.cache import CacheWriter
 
 
 def write_synthetic_cache(root: Path, size: int = 64, n_per_class: int = 6, seed: int = 0) -> Path:
@@ -27,11 +28,10 @@ def write_synthetic_cache(root: Path, size: int = 64, n_per_class: int = 6, seed
         meta.append({"id": f"img{i:03d}", "dataset": ["cracks", "drywall"][cls], "class": cls,
                      "class_name": ["crack", "taping"][cls], "split": "val" if i >= n - 4 else "train",
                      "file": f"img{i:03d}.jpg"})
-    d = root / str(size)
-    d.mkdir(parents=True, exist_ok=True)
-    np.save(d / "images.npy", images)
-    np.save(d / "masks.npy", masks)
-    (d / "meta.json").write_text(json.dumps(meta))
+    writer = CacheWriter(root, size, n)  # the very writer `drywallqa data prepare` uses
+    for i in range(n):
+        writer.put(images[i], masks[i])
+    writer.finish(meta, {"classes": ["crack", "taping"], "fingerprint": "synthetic"})
     return root
 
 

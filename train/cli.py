@@ -41,9 +41,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config, epochs=args.epochs, batch_size=args.batch_size, output=args.output,
                                 runs_dir=args.runs_dir, max_steps_per_epoch=args.max_steps_per_epoch)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cache = (args.cache or CACHE_DIR) / str(cfg.cache_size)
-    train_data = InMemoryData.from_cache(cache, "train", device)
-    val_data = InMemoryData.from_cache(cache, "val", device, limit_per_class=cfg.val_limit_per_class)
+    cache_root = args.cache or CACHE_DIR
+    train_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "train", device)
+    val_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "val", device,
+                                       limit_per_class=cfg.val_limit_per_class)
     vocab = load_vocabulary()
     emb = vocabulary_embeddings(vocab.all_prompts, cfg.text_encoder, cfg.clip_path,
                                 cache=Path(cfg.runs_dir) / f"text_{cfg.text_encoder}.safetensors")

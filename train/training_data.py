@@ -41,13 +41,12 @@ class InMemoryData:
         return img.to(device), msk.to(device), self.classes[torch.from_numpy(order)].to(device)
 
     @classmethod
-    def from_cache(cls, cache_dir: str | Path, split: str, device: torch.device | None = None,
+    def from_cache(cls, cache_root: str | Path, size: int, split: str, device: torch.device | None = None,
                    limit_per_class: int | None = None) -> InMemoryData:
-        cache_dir = Path(cache_dir)
-        if not (cache_dir / "meta.json").exists():
-            raise FileNotFoundError(f"no data cache at {cache_dir}; run `drywallqa data prepare` first")
-        meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
-        items = meta["items"] if isinstance(meta, dict) else meta
+        """One side of the split from `drywallqa data prepare`'s cache at `size` (memory-mapped on CPU)."""
+        from drywallqa.train.data.cache import open_cache
+
+        images, masks, items, info = open_cache(cache_root, size)
         rows_list = [i for i, m in enumerate(items) if m["split"] == split]
         if limit_per_class is not None:  # an evenly spaced, deterministic subset per class
             by_class: dict[int, list[int]] = {}
@@ -56,13 +55,12 @@ class InMemoryData:
             rows_list = sorted(i for v in by_class.values()
                                for i in v[::max(1, len(v) // limit_per_class)][:limit_per_class])
         rows = np.array(rows_list, dtype=np.int64)
-        images = np.load(cache_dir / "images.npy", mmap_mode="r")
-        masks = np.load(cache_dir / "masks.npy", mmap_mode="r")
         ids = [items[i]["id"] for i in rows]
         classes = np.array([items[i]["class"] for i in rows])
-        if device is not None and device.type == "cuda":
-            return cls(images[rows], masks[rows], classes, ids, on_device=device)
-        return cls(np.asarray(images[rows]), np.asarray(masks[rows]), classes, ids)
+        on_device = device if device is not None and device.type == "cuda" else None
+        data = cls(images[rows], masks[rows], classes, ids, on_device=on_device)
+        data.fingerprint = info.get("fingerprint", data.fingerprint)  # prepare's hash also covers the labels
+        return data
 
     @classmethod
     def from_pack(cls, part_dirs: list[str | Path], device: torch.device | None = None) -> InMemoryData:

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from drywallqa.train.data.cache import resize_pair
 from drywallqa.train.data.prepare import load_labelled, load_setup, records_in_split
 from drywallqa.vocab import load_vocabulary
 
@@ -18,11 +19,9 @@ def encode(record, fmt: str, size: int, quality: int, box_strategy: str):
     ex = load_labelled(record, fmt, box_strategy)
     if ex.image is None:
         raise ValueError(ex.skipped)
-    image, mask = ex.image, ex.mask
-    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
+    image, mask01 = resize_pair(ex.image, ex.mask, size)  # the same resize as the `data prepare` caches
     jpg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1]
-    png = cv2.imencode(".png", ((mask >= 128) * 255).astype(np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])[1]
+    png = cv2.imencode(".png", mask01 * 255, [cv2.IMWRITE_PNG_COMPRESSION, 9])[1]
     return jpg.tobytes(), png.tobytes()
 
 
