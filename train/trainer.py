@@ -23,7 +23,7 @@ import yaml
 from drywallqa.train.augment import augment_batch
 from drywallqa.train.checkpoint import CheckpointInfo, load_weights, save_weights
 from drywallqa.train.losses import distillation_loss, segmentation_loss
-from drywallqa.train.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter, build_segmenter
+from drywallqa.train.models.segmenter import Segmenter, build_segmenter
 from drywallqa.train.training_data import InMemoryData
 from drywallqa.vocab import Vocabulary, load_vocabulary
 
@@ -126,11 +126,9 @@ def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: 
     """Mean IoU per class on each class's own images, at the cached resolution (quick per-epoch signal)."""
     model.eval()
     ious: list[list[float]] = [[] for _ in range(num_classes)]
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     for start in range(0, len(data), batch):
         img, msk, cls = data.batch(torch.arange(start, min(start + batch, len(data))), device)
-        x = (img.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        x = model.normalize(img.permute(0, 3, 1, 2).float() / 255.0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             probs = torch.sigmoid(model(x).float())
         for i in range(len(cls)):
@@ -189,8 +187,6 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     net = model
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     amp = device.type == "cuda"
     t_start = time.time()
     model.train()
@@ -204,7 +200,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             img, msk, cls = train_data.batch(idx, device)
             x, m = augment_batch(img, msk, cfg.crop, cfg.scale)
-            x = (x - mean) / std
+            x = model.normalize(x)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             target = one_hot_targets(m, cls, num_classes)

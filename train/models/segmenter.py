@@ -113,6 +113,10 @@ class Segmenter(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1], N x 3 x H x W -> the network's input (ImageNet mean/std)."""
+        return (x01 - self.mean) / self.std
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
@@ -136,8 +140,7 @@ class ExportWrapper(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-        x = (x - self.model.mean) / self.model.std
-        return torch.sigmoid(self.model(x))
+        return torch.sigmoid(self.model(self.model.normalize(x)))
 
 
 ARCHITECTURES = {
@@ -163,6 +166,3 @@ def build_segmenter(
         body.encoder.load_imagenet(pretrained_encoder if isinstance(pretrained_encoder, str) else None)
     return Segmenter(body, prompt_embeddings, prompt_class, num_classes)
 
-
-def normalize_input(x_uint8_nchw: torch.Tensor, model: Segmenter) -> torch.Tensor:
-    return (x_uint8_nchw.float() / 255.0 - model.mean) / model.std
