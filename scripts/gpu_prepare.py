@@ -1,9 +1,11 @@
 """Prepare everything a lent GPU machine needs for train/gpu_job.py, under .gpu/ (git-ignored, < 64 MiB a part).
 
-    python scripts/gpu_prepare.py            # .gpu/data/part{0,1}, .gpu/text_minilm.safetensors,
-                                             # .gpu/lite0_imagenet_fp16.pth, .gpu/run.sh
-Then on the GPU machine, from the repository root: `bash .gpu/run.sh final --teacher-budget 110 --student-budget 410`
-(parts that travel in separate calls are picked up as long as the machine stays warm).
+    python scripts/gpu_prepare.py     # .gpu/data/part{0,1,2} (training split), .gpu/data_val/part{0,1},
+                                      # .gpu/text_minilm.safetensors, .gpu/lite0_imagenet_fp16.pth, .gpu/run.sh
+The committed models (~26 MiB) travel with every call, so each call carries one part (~27 MiB), the
+validation parts riding with part0 and part1: `true` for the first two calls, then
+`bash .gpu/run.sh final 300 480` (teacher and student budgets, seconds). Parts carried by earlier calls stay
+on the machine while it is warm (30 s between calls).
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ GPU = ROOT / ".gpu"
 
 def main() -> None:
     GPU.mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "drywallqa.train.data.pack", "--out", str(GPU / "data")], check=True)
+    shutil.rmtree(GPU / "data", ignore_errors=True)
+    shutil.rmtree(GPU / "data_val", ignore_errors=True)
+    pack = [sys.executable, "-m", "drywallqa.train.data.pack"]
+    subprocess.run([*pack, "--out", str(GPU / "data"), "--parts", "3"], check=True)
+    subprocess.run([*pack, "--out", str(GPU / "data_val"), "--parts", "2", "--split", "val"], check=True)
     vocab = load_vocabulary()
     vocabulary_embeddings(vocab.all_prompts, "minilm", cache=GPU / "text_minilm.safetensors")
     own = EfficientNetLite0Encoder().state_dict()

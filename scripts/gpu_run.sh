@@ -1,18 +1,43 @@
 #!/bin/bash
 # Runs on a lent GPU machine from the repository root (prepared by scripts/gpu_prepare.py):
-# makes the package importable without installing it, trains teacher then student, splits big outputs.
+#   bash .gpu/run.sh OUTNAME TEACHER_BUDGET_S STUDENT_BUDGET_S
+# Makes the package importable without installing it, then trains side by side on the one GPU:
+#   - the HRNet-W18 student, continued from the shipped weights, distilled from the shipped teacher;
+#   - three teacher variants continued from the shipped teacher, differing in one thing each:
+#     BCE+Dice at 384-px crops, BCE+Dice+clDice at 384, BCE+Dice at 512 (the loss and resolution comparison).
+# All runs log to $OUT/OUTNAME/train.log (with per-epoch validation IoU on the packed validation split);
+# weights over 15 MB are split, since files over 16 MiB do not come back from the device.
+# GPU_JOB_ARGS is appended to every run (a CPU smoke test: "--batch 2 --crop 128 --max-steps 2 --val-pack").
 set -e
+name=$1; teacher_budget=${2:-300}; student_budget=${3:-480}
+out="$OUT/$name"; mkdir -p "$out"
 mkdir -p /tmp/pkg/drywallqa
 cp -r drywallqa/. /tmp/pkg/drywallqa/
 for d in train edge export dashboard configs; do ln -sfn "$PWD/$d" "/tmp/pkg/drywallqa/$d"; done
-export PYTHONPATH=/tmp/pkg PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-parts=$(ls -d .gpu/data/part* 2>/dev/null | tr '\n' ' ')
-echo "parts: $parts"
-python3 -m drywallqa.train.gpu_job --pack $parts --text .gpu/text_minilm.safetensors \
-  --encoder-weights .gpu/lite0_imagenet_fp16.pth --out "$OUT/$1" "${@:2}" 2>&1 | tee "$OUT/$1.log"
-# Files over 16 MiB do not come back from the device: split them.
-for f in "$OUT/$1"/*.safetensors; do
+export PYTHONPATH=/tmp/pkg PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 OMP_NUM_THREADS=4
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || echo "no nvidia-smi: CPU"
+parts=$(ls -d .gpu/data/part* | tr '\n' ' ')
+val=$(ls -d .gpu/data_val/part* 2>/dev/null | tr '\n' ' ')
+echo "train parts: $parts; validation parts: $val"
+job() {  # job NAME ARGS...: one training process in the background, all appending to one log
+  python3 -m drywallqa.train.gpu_job --name "$1" --out "$out/$1.safetensors" --pack $parts --val-pack $val \
+    --text .gpu/text_minilm.safetensors "${@:2}" $GPU_JOB_ARGS >> "$out/train.log" 2>&1 &
+}
+job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
+  --teacher models/lite_effnet_lite0.safetensors --lr 1e-3 --budget "$student_budget" --val-every 3
+common=(--role teacher --init models/lite_effnet_lite0.safetensors --lr 5e-4 --budget "$teacher_budget")
+job teacher_bce_dice_384 "${common[@]}" --loss bce_dice --crop 384
+job teacher_cldice_384 "${common[@]}" --loss bce_dice_cldice --crop 384
+job teacher_bce_dice_512 "${common[@]}" --loss bce_dice --crop 512
+n=0
+while [ -n "$(jobs -r)" ]; do  # progress every 30 s, but notice the end within 5 s
+  sleep 5; n=$((n + 1))
+  if [ $((n % 6)) -eq 0 ]; then grep -h "epoch" "$out/train.log" | tail -4 || true; fi
+done
+wait || true
+grep -h "wrote\|Error\|error" "$out/train.log" || true
+shopt -s nullglob
+for f in "$out"/*.safetensors; do
   if [ "$(stat -c %s "$f")" -gt 15000000 ]; then split -b 12M "$f" "$f.part-" && rm "$f"; fi
 done
-ls -la "$OUT/$1"
+ls -la "$out"

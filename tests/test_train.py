@@ -209,3 +209,32 @@ def test_unknown_prompt_names_the_nearest_prompt_by_text_similarity():
     assert "cosine similarity" in message and "segment taping area" in message
     nearest = message.split("nearest known prompt: ")[1].split(" (")[0].strip("'")
     assert vocab.prompt_to_class[nearest] == "crack"
+
+
+def test_lr_schedule_follows_the_clock_when_given_progress():
+    from drywallqa.train.trainer import lr_at
+
+    assert lr_at(0, 100, 1.0, warmup=4) == pytest.approx(0.25)  # warm-up by steps
+    assert lr_at(50, 100, 1.0, warmup=4, progress=0.0) == pytest.approx(1.0)
+    assert lr_at(50, 100, 1.0, warmup=4, progress=0.5) == pytest.approx(0.505)
+    assert lr_at(5, 100, 1.0, warmup=4, progress=1.7) == pytest.approx(0.01)  # clamped at the end
+    assert lr_at(100, 100, 1.0, warmup=4) == pytest.approx(0.01)  # by steps when no progress is given
+
+
+def test_time_budgeted_run_stops_on_time_with_its_schedule_finished(tmp_path):
+    from drywallqa.train.trainer import TrainConfig, train
+    from drywallqa.train.training_data import InMemoryData
+
+    cache = write_synthetic_cache(tmp_path / "cache")
+    data = InMemoryData.from_cache(cache, 64, "train")
+    vocab, emb, _ = random_embeddings()
+    cfg = TrainConfig(name="budget", architecture="effnet_lite0_fpn", profile="lite",
+                      output=str(tmp_path / "out.safetensors"), runs_dir=str(tmp_path / "runs"), cache_size=64,
+                      crop=32, batch_size=2, epochs=10_000, lr=1e-3, warmup_steps=1, time_budget_s=8.0,
+                      log_every=0)
+    torch.set_num_threads(1)
+    train(cfg, data, None, emb, list(vocab.all_prompts), "random", vocab=vocab, log=lambda _: None)
+    log = [json.loads(line) for line in (tmp_path / "runs" / "budget" / "log.jsonl").read_text().splitlines()]
+    assert 1 <= len(log) < 10_000  # the clock, not the epoch cap, ended it
+    assert log[-1]["lr"] < 0.1 * cfg.lr < log[0]["lr"]  # and the cosine had reached its tail by then
+    assert (tmp_path / "out.safetensors").exists()

@@ -1,7 +1,10 @@
-"""One-call training job for a lent GPU machine: teacher, then distilled student, within a time budget.
+"""One training run for a lent GPU machine, from packed data, inside a wall-clock budget.
 
-Inputs travel with the working tree (< 64 MiB): the packed training split (train/data/pack.py), the
-vocabulary's text embeddings and the EfficientNet-Lite0 ImageNet weights. Outputs go to --out.
+Inputs travel with the working tree (< 64 MiB a call): the packed training split and, optionally, the packed
+validation split (train/data/pack.py), the vocabulary's text embeddings, and either ImageNet encoder weights
+(a teacher from scratch) or the weights of an earlier run to continue from (`--init`). scripts/gpu_run.sh
+starts several of these side by side on one GPU (a student plus teacher variants), since one small model
+leaves most of an H100/H200 idle.
 """
 
 from __future__ import annotations
@@ -16,51 +19,60 @@ from drywallqa.train.text_encoders import load_embeddings
 from drywallqa.train.trainer import TrainConfig, train
 from drywallqa.train.training_data import InMemoryData
 
+ROLES = {"teacher": ("effnet_lite0_fpn", "lite"), "student": ("hrnet_w18", "hrnet")}
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pack", nargs="+", required=True)
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--encoder-weights", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--teacher-budget", type=float, default=120)
-    ap.add_argument("--student-budget", type=float, default=300)
-    ap.add_argument("--teacher-epochs", type=int, default=60)
-    ap.add_argument("--student-epochs", type=int, default=80)
-    ap.add_argument("--batch", type=int, default=32)
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--role", choices=sorted(ROLES), required=True)
+    ap.add_argument("--name", required=True, help="run name (checkpoints under --runs-dir/<name>)")
+    ap.add_argument("--out", required=True, help="fp16 safetensors written at the end")
+    ap.add_argument("--pack", nargs="+", required=True, help="packed training-split parts")
+    ap.add_argument("--val-pack", nargs="*", default=[], help="packed validation-split parts (per-epoch IoU)")
+    ap.add_argument("--text", required=True, help="text embeddings of the vocabulary (safetensors)")
+    ap.add_argument("--encoder-weights", default=None, help="ImageNet encoder weights (teacher from scratch)")
+    ap.add_argument("--init", default=None, help="continue from these weights (a fresh schedule)")
+    ap.add_argument("--teacher", default=None, help="distil from this teacher (student role)")
+    ap.add_argument("--loss", default="bce_dice", choices=["bce_dice", "bce_dice_cldice"])
     ap.add_argument("--crop", type=int, default=384)
-    ap.add_argument("--max-steps", type=int, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--budget", type=float, required=True, help="wall-clock seconds for the training loop")
+    ap.add_argument("--epochs", type=int, default=1000, help="cap on epochs (the budget usually ends it first)")
+    ap.add_argument("--val-every", type=int, default=5)
+    ap.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke tests)")
+    ap.add_argument("--runs-dir", default="/tmp/drywallqa-runs")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     t0 = time.time()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "train.log", "a", encoding="utf-8")  # noqa: SIM115 - open for the whole job
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
-        line = f"{time.time() - t0:7.1f}s {msg}"
-        print(line, flush=True)
-        logfile.write(line + "\n")
-        logfile.flush()
+        print(f"{time.time() - t0:7.1f}s {msg}", flush=True)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    log(f"device {device} torch {torch.__version__} "
+    log(f"[{args.name}] device {device} torch {torch.__version__} "
         f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else ''}")
-    data = InMemoryData.from_pack(args.pack, device=device if device.type == "cuda" else None)
-    log(f"loaded {len(data)} training images {tuple(data.images.shape)}")
+    on = device if device.type == "cuda" else None
+    data = InMemoryData.from_pack(args.pack, device=on)
+    val = InMemoryData.from_pack(args.val_pack, device=on) if args.val_pack else None
+    log(f"[{args.name}] {len(data)} training images {tuple(data.images.shape)}, {len(val) if val else 0} validation")
     emb = load_embeddings(args.text)
-    common = dict(cache_size=data.images.shape[1], crop=args.crop, batch_size=args.batch,
-                  runs_dir="/tmp/drywallqa-runs", max_steps_per_epoch=args.max_steps, val_every=1000)
-    teacher_cfg = TrainConfig(name="teacher_lite0", architecture="effnet_lite0_fpn", profile="lite",
-                              output=str(out / "lite_effnet_lite0.safetensors"),
-                              pretrained_encoder=args.encoder_weights, epochs=args.teacher_epochs, lr=1e-3,
-                              warmup_steps=100, time_budget_s=args.teacher_budget, **common)
-    teacher_path = train(teacher_cfg, data, None, emb.vectors, emb.prompts, emb.encoder, log=log)
-    student_cfg = TrainConfig(name="student_hrnet_w18", architecture="hrnet_w18", profile="hrnet",
-                              output=str(out / "hrnet_w18_student.safetensors"), teacher=str(teacher_path),
-                              distill_weight=1.0, epochs=args.student_epochs, lr=1.5e-3, warmup_steps=200,
-                              time_budget_s=args.student_budget, **common)
-    train(student_cfg, data, None, emb.vectors, emb.prompts, emb.encoder, log=log)
-    log("done")
+    architecture, profile = ROLES[args.role]
+    cfg = TrainConfig(
+        name=args.name, architecture=architecture, profile=profile, output=str(out),
+        pretrained_encoder=args.encoder_weights or False, init_weights=args.init, teacher=args.teacher,
+        loss=args.loss, cache_size=data.images.shape[1], crop=args.crop, batch_size=args.batch,
+        epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, time_budget_s=args.budget,
+        val_every=args.val_every, val_batch=16, max_steps_per_epoch=args.max_steps, runs_dir=args.runs_dir,
+        log_every=0)
+    train(cfg, data, val, emb.vectors, emb.prompts, emb.encoder, log=log)
+    log(f"[{args.name}] done")
 
 
 if __name__ == "__main__":

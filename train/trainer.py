@@ -47,7 +47,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 200
-    time_budget_s: float | None = None
+    time_budget_s: float | None = None  # wall-clock budget: the LR schedule follows the clock, `epochs` is a cap
     text_encoder: str = "minilm"
     clip_path: str | None = None
     seed: int = 0
@@ -78,10 +78,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+def lr_at(step: int, total: int, base: float, warmup: int, progress: float | None = None) -> float:
+    """Linear warm-up over `warmup` steps, then cosine to 1 % of `base`.
+
+    The cosine follows the steps (out of `total`) or, for a time-budgeted run, the given `progress`
+    (the fraction of the budget used), so a run that is slowed or sped up still ends its schedule on time.
+    """
     if step < warmup:
         return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, max(0.0, progress))
     return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -168,7 +175,8 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     if cfg.teacher:
         teacher, _ = load_weights(cfg.teacher)
         teacher = teacher.to(device).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
     per_class = prompt_sampler(vocab, prompts)
     steps_per_epoch = max(1, len(train_data) // (cfg.batch_size * env.world))
     if cfg.max_steps_per_epoch:
@@ -182,21 +190,38 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         state = ckpt["state"]
         if not cfg.time_budget_s:  # a longer run asked for after the fact continues the schedule
             state["planned_epochs"] = max(state["planned_epochs"], cfg.epochs)
-        torch.set_rng_state(ckpt["rng_cpu"])
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())  # map_location moved it to the training device
         log(f"[{cfg.name}] resumed from {last} at epoch {state['epoch']}/{state['planned_epochs']}")
     net = model
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
     amp = device.type == "cuda"
     t_start = time.time()
+    spent_before = state.get("elapsed_s", 0.0)  # wall time of earlier sessions of this run
+
+    def elapsed() -> float:
+        return spent_before + time.time() - t_start
+
+    def out_of_time() -> bool:
+        if not cfg.time_budget_s:
+            return False
+        over = elapsed() >= cfg.time_budget_s
+        if env.world > 1:  # every rank must stop at the same step, or DDP's all-reduce hangs
+            flag = torch.tensor([float(over)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over = bool(flag.item())
+        return over
+
     model.train()
-    while state["epoch"] < state["planned_epochs"]:
+    while state["epoch"] < state["planned_epochs"] and not out_of_time():
         t_epoch = time.time()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + state["epoch"])
         perm = torch.randperm(len(train_data), generator=g)[env.rank::env.world]
         total_steps = state["planned_epochs"] * steps_per_epoch
         losses = []
         for i in range(steps_per_epoch):
+            if out_of_time():
+                break
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             img, msk, cls = train_data.batch(idx, device)
             x, m = augment_batch(img, msk, cfg.crop, cfg.scale)
@@ -205,8 +230,9 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
                 x = x.contiguous(memory_format=torch.channels_last)
             target = one_hot_targets(m, cls, num_classes)
             prompt_ids = sample_prompt_ids(per_class, len(idx), device)
+            progress = elapsed() / cfg.time_budget_s if cfg.time_budget_s else None
             for group in opt.param_groups:
-                group["lr"] = lr_at(state["step"], total_steps, cfg.lr, cfg.warmup_steps)
+                group["lr"] = lr_at(state["step"], total_steps, cfg.lr, cfg.warmup_steps, progress)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(x, prompt_ids).float()
                 loss = segmentation_loss(logits, target, cfg.loss, cldice_channels=[0])
@@ -219,27 +245,28 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             state["step"] += 1
-            losses.append(loss.item())
+            losses.append(loss.detach())  # no per-step host sync: read back at log points only
             if env.main and cfg.log_every and (i + 1) % cfg.log_every == 0:
                 pace = (time.time() - t_epoch) / (i + 1)
                 log(f"[{cfg.name}] epoch {state['epoch'] + 1} step {i + 1}/{steps_per_epoch} "
-                    f"loss={np.mean(losses[-cfg.log_every:]):.4f} {pace:.2f}s/step, "
+                    f"loss={torch.stack(losses[-cfg.log_every:]).mean().item():.4f} {pace:.2f}s/step, "
                     f"epoch ends in {pace * (steps_per_epoch - i - 1) / 60:.1f} min")
+        if not losses:
+            break
         state["epoch"] += 1
         epoch_s = time.time() - t_epoch
-        if cfg.time_budget_s and state["epoch"] == min(2, state["planned_epochs"]):
-            # Epoch 1 carries one-off warm-up (cuDNN autotuning), so plan from epoch 2's pace.
-            left = cfg.time_budget_s - (time.time() - t_start)
-            fit = state["epoch"] + max(0, int(left // max(epoch_s, 1e-3)))
-            if fit < state["planned_epochs"]:
-                log(f"[{cfg.name}] time budget {cfg.time_budget_s:.0f}s at {epoch_s:.1f}s/epoch: {fit} epochs")
-                state["planned_epochs"] = fit
-        record = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "epoch_s": round(epoch_s, 1),
-                  "lr": opt.param_groups[0]["lr"]}
-        if val_data is not None and len(val_data) and state["epoch"] % cfg.val_every == 0 and env.main:
+        record = {"epoch": state["epoch"], "loss": torch.stack(losses).mean().item(), "epoch_s": round(epoch_s, 1),
+                  "lr": opt.param_groups[0]["lr"], "steps": len(losses)}
+        last_epoch = state["epoch"] >= state["planned_epochs"] or out_of_time()
+        if (val_data is not None and len(val_data) and env.main
+                and (state["epoch"] % cfg.val_every == 0 or last_epoch)):
             record.update(validate(model, val_data, device, cfg.val_batch, num_classes))
         state["history"].append(record)
-        eta = (state["planned_epochs"] - state["epoch"]) * (time.time() - t_start) / max(1, len(state["history"]))
+        state["elapsed_s"] = elapsed()
+        if cfg.time_budget_s:  # the schedule runs on the clock: the time left is the ETA
+            eta = max(0.0, cfg.time_budget_s - elapsed())
+        else:
+            eta = (state["planned_epochs"] - state["epoch"]) * (time.time() - t_start) / max(1, len(state["history"]))
         if env.main:
             vals = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("iou"))
             log(f"[{cfg.name}] epoch {state['epoch']}/{state['planned_epochs']} loss={record['loss']:.4f} "

@@ -1,4 +1,4 @@
-"""Pack the training split into compact JPEG/PNG blobs (< 64 MiB per part) for a lent GPU machine."""
+"""Pack one side of the split (training by default) into compact JPEG/PNG blobs (< 64 MiB per part) for a lent GPU machine."""
 
 from __future__ import annotations
 
@@ -30,12 +30,13 @@ def main() -> None:
     ap.add_argument("--out", default=".gpu")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--quality", type=int, default=72)
-    ap.add_argument("--parts", type=int, default=2)
+    ap.add_argument("--parts", type=int, default=3)
+    ap.add_argument("--split", choices=["train", "val"], default="train")
     args = ap.parse_args()
     setup = load_setup(None)
     classes = list(load_vocabulary().classes)
     formats = {spec.name: spec.format for spec in setup.specs}
-    records = [r for recs in records_in_split(setup, "train").values() for r in recs]
+    records = [r for recs in records_in_split(setup, args.split).values() for r in recs]
     with ThreadPoolExecutor(4) as pool:
         blobs = list(pool.map(lambda r: encode(r, formats[r.dataset], args.size, args.quality, setup.box_strategy),
                               records))
