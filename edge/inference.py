@@ -68,6 +68,11 @@ class PromptSegmenter:
         probs = self.network(batch)
         return [self.postprocess(p, np.asarray(im).shape[:2]) for p, im in zip(probs, images, strict=True)]
 
+    def model_probabilities(self, image: np.ndarray) -> np.ndarray:
+        """C x h x w float32 probabilities on the model's own grid (no resize back): for analysis that
+        reports in source pixels itself, as the live loop's does."""
+        return self.network(self.preprocess(image)[None])[0]
+
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """C x H0 x W0 float32 probabilities at the source size, classes in `metadata.classes` order."""
         return self.probabilities_batch([image])[0]

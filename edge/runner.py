@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from drywallqa.edge.alerts import AlertEngine, make_alert
-from drywallqa.edge.analysis import WatchedClass, analyze_class
+from drywallqa.edge.analysis import WatchedClass, analyze_class, to_source_size
 from drywallqa.edge.broker import EmbeddedBroker, maybe_start_embedded
 from drywallqa.edge.capture import Capture, Frame
 from drywallqa.edge.mqtt_link import EdgeLink
@@ -215,26 +215,29 @@ class EdgeRunner:
         self.analyze_and_publish(frame, *self.infer(frame))
 
     def infer(self, frame: Frame) -> tuple[np.ndarray, float]:
+        """Probabilities on the model's grid (analysis reports in source pixels) and the time it took."""
         t0 = time.perf_counter()
-        probs = self.segmenter.probabilities(frame.image)
+        probs = self.segmenter.model_probabilities(frame.image)
         return probs, (time.perf_counter() - t0) * 1000
 
     def analyze_and_publish(self, frame: Frame, probs: np.ndarray, inference_ms: float) -> None:
         s = self.settings
+        source_hw = frame.image.shape[:2]
         results, masks = [], {}
         for w in self.watched:
             result, mask = analyze_class(
                 probs[w.class_index], w, min_region_area_px=s.analysis.min_region_area_px,
                 max_regions=s.analysis.max_regions, with_skeleton=w.class_name in s.analysis.skeleton_classes,
-                skeleton_max_side=s.analysis.skeleton_max_side)
+                skeleton_max_side=s.analysis.skeleton_max_side, source_hw=source_hw)
             results.append(result)
-            masks[w.class_name] = mask
+            masks[w.class_name] = mask  # on the model's grid; brought to source size only to be drawn
         self._last_frame = frame
         firings = self.engine.update(results)
         now_mono = time.monotonic()
         want_detection = s.mqtt.detections_max_hz > 0 and now_mono - self._last_detection >= 1 / s.mqtt.detections_max_hz
         annotated = None
         if firings or (want_detection and s.mqtt.detections_preview):
+            masks = {name: to_source_size(m, source_hw) for name, m in masks.items()}
             annotated = draw_masks(frame.image, masks)
             self._last_annotated = (frame.frame_id, annotated)
         for firing in firings:

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 
 from drywallqa.edge.alerts import AlertEngine, Rule
-from drywallqa.edge.analysis import WatchedClass, analyze_class, crack_length, skeleton_length, skeletonize
+from drywallqa.edge.analysis import (
+    WatchedClass,
+    analyze_class,
+    crack_length,
+    skeleton_length,
+    skeletonize,
+    to_source_size,
+)
 from drywallqa.edge.payloads import ClassResult
 from drywallqa.edge.settings import ConfigError, load_settings
 from drywallqa.edge.spool import Spool
@@ -204,3 +211,74 @@ def test_edge_never_imports_torch_or_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_analysis_on_the_model_grid_reports_in_source_pixels():
+    """The live loop analyses 512x512 model output for a 640x480 frame: boxes, areas and crack lengths
+    must come out in source pixels, close to analysing the full-size mask."""
+    src = np.zeros((480, 640), np.float32)
+    cv2.line(src, (100, 60), (560, 420), 1.0, 5)  # a diagonal crack, ~584 px long
+    cv2.rectangle(src, (20, 300), (60, 460), 1.0, -1)  # a blob
+    grid = cv2.resize(src, (512, 512), interpolation=cv2.INTER_LINEAR)
+    watched = WatchedClass("crack", 0, "segment crack", 0.5)
+    full, full_mask = analyze_class(src, watched, with_skeleton=True, skeleton_max_side=640)
+    small, small_mask = analyze_class(grid, watched, with_skeleton=True, skeleton_max_side=640, source_hw=(480, 640))
+    assert small_mask.shape == (512, 512) and full_mask.shape == (480, 640)
+    assert small.region_count == full.region_count == 2
+    for a, b in zip(full.regions, small.regions, strict=True):
+        assert all(abs(p - q) <= 3 for p, q in zip(a.bbox, b.bbox, strict=True)), (a.bbox, b.bbox)
+        assert b.area_px == pytest.approx(a.area_px, rel=0.1)
+    assert small.skeleton_length_px == pytest.approx(full.skeleton_length_px, rel=0.05)
+    assert small.area_fraction == pytest.approx(full.area_fraction, rel=0.1)
+    assert to_source_size(small_mask, (480, 640)).shape == (480, 640)
+
+
+def _reference_thinning(mask: np.ndarray) -> np.ndarray:
+    """Zhang-Suen plus redundant-pixel removal written out pixel by pixel (slow, for small test masks)."""
+    img = np.pad((mask > 0).astype(np.uint8), 1).tolist()
+    h, w = len(img), len(img[0])
+
+    def ring(y: int, x: int) -> list[int]:  # P2..P9, clockwise from north
+        return [img[y - 1][x], img[y - 1][x + 1], img[y][x + 1], img[y + 1][x + 1], img[y + 1][x],
+                img[y + 1][x - 1], img[y][x - 1], img[y - 1][x - 1]]
+
+    def sweep(rule) -> bool:
+        hits = [(y, x) for y in range(1, h - 1) for x in range(1, w - 1) if img[y][x] and rule(y, x, ring(y, x))]
+        for y, x in hits:
+            img[y][x] = 0
+        return bool(hits)
+
+    def zhang_suen(first: bool):
+        def rule(_y: int, _x: int, n: list[int]) -> bool:
+            p2, _, p4, _, p6, _, p8, _ = n
+            transitions = sum(n[i] == 0 and n[(i + 1) % 8] == 1 for i in range(8))
+            side = (p2 * p4 * p6 == 0 and p4 * p6 * p8 == 0) if first else (p2 * p4 * p8 == 0 and p2 * p6 * p8 == 0)
+            return 2 <= sum(n) <= 6 and transitions == 1 and side
+        return rule
+
+    def redundant(parity: int):
+        def rule(y: int, x: int, n: list[int]) -> bool:
+            ccw = [n[2], n[1], n[0], n[7], n[6], n[5], n[4], n[3]]  # from east, counter-clockwise
+            off = [1 - v for v in ccw]
+            yokoi = sum(off[k] - off[k] * off[(k + 1) % 8] * off[(k + 2) % 8] for k in (0, 2, 4, 6))
+            return (y % 2) * 2 + x % 2 == parity and sum(ccw) >= 2 and yokoi == 1
+        return rule
+
+    while any([sweep(zhang_suen(True)), sweep(zhang_suen(False))]):
+        pass
+    while any([sweep(redundant(k)) for k in range(4)]):
+        pass
+    return np.array(img, np.uint8)[1:-1, 1:-1]
+
+
+def test_table_driven_thinning_matches_the_pixel_by_pixel_rule():
+    rng = np.random.default_rng(1)
+    for i in range(25):
+        h, w = (int(v) for v in rng.integers(4, 40, 2))
+        m = np.zeros((h, w), np.uint8)
+        for _ in range(3):
+            cv2.line(m, tuple(int(v) for v in rng.integers(0, 40, 2)), tuple(int(v) for v in rng.integers(0, 40, 2)),
+                     1, int(rng.integers(1, 7)))
+        if i % 2:
+            m |= (rng.random((h, w)) < 0.25).astype(np.uint8)  # speckle: branches, holes, isolated pixels
+        assert np.array_equal(skeletonize(m), _reference_thinning(m)), f"mask {i}"
