@@ -1,7 +1,10 @@
 """Capture thread: reads a FrameSource, hands over only the newest frame, reopens failed sources with backoff.
 
 In realtime mode an unconsumed frame is replaced by the next one (counted in `dropped`), so the
-consumer never works on a backlog. In lossless mode (files, benchmarks) the reader waits instead.
+consumer never works on a backlog. A frame is also only decoded when the consumer should be back for a
+frame before the next one arrives (judged from how often it has been taking frames): a 30 fps camera
+feeding a 10 fps model then decodes about 10 frames a second, not 30. In lossless mode (files,
+benchmarks) the reader waits instead.
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ class Capture:
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._next_id = 0
         self._last_frame_t = time.monotonic()
+        # consumer pace, for deciding which grabbed frames are worth decoding (realtime mode)
+        self._waiting = False
+        self._last_take: float | None = None
+        self._take_interval: float | None = None  # smoothed seconds between frames taken
+        self._grab_interval: float | None = None  # smoothed seconds between frames grabbed
 
     # -- consumer side -------------------------------------------------------------------------------------
     def start(self) -> Capture:
@@ -77,12 +85,28 @@ class Capture:
         """The newest frame, or None after `timeout` (or when the source has ended)."""
         with self._cond:
             if self._slot is None:
+                self._waiting = True
                 self._cond.wait_for(lambda: self._slot is not None or self.finished, timeout)
+                self._waiting = False
             frame, self._slot = self._slot, None
+            if frame is not None:
+                now = time.monotonic()
+                if self._last_take is not None:
+                    self._take_interval = _smooth(self._take_interval, now - self._last_take)
+                self._last_take = now
             self._cond.notify_all()
         if frame is None:
             self._check_stall()
         return frame
+
+    def _worth_decoding(self) -> bool:
+        """Realtime: decode the grabbed frame unless the consumer is busy beyond the next frame's arrival
+        (then that next frame is the fresher one to hand over)."""
+        with self._cond:
+            if self._waiting or self._take_interval is None or self._last_take is None:
+                return True
+            due = self._last_take + self._take_interval
+        return time.monotonic() + (self._grab_interval or 0.0) >= due
 
     @property
     def finished(self) -> bool:
@@ -145,7 +169,19 @@ class Capture:
                     period = 1.0 / self.source.native_fps
                 next_t = time.monotonic()
             try:
-                image = self.source.read()
+                self.source.grab()
+                now = time.monotonic()
+                self._grab_interval = _smooth(self._grab_interval, now - self._last_frame_t)
+                self._last_frame_t = now
+                if self.realtime and not self._worth_decoding():
+                    self.stats.captured += 1
+                    self.stats.dropped += 1  # never decoded: the consumer will not be back in time for it
+                    if period is not None:
+                        next_t = max(next_t + period, time.monotonic() - period)
+                        if self._sleep(max(0.0, next_t - time.monotonic())):
+                            break
+                    continue
+                image = self.source.retrieve()
             except CorruptFrame as exc:
                 self.stats.corrupt += 1
                 consecutive_corrupt += 1
@@ -175,7 +211,6 @@ class Capture:
             consecutive_corrupt = 0
             backoff = self.reconnect_min_s
             now = time.monotonic()
-            self._last_frame_t = now
             if self.stats.state == "stalled":
                 self._set_state("open")
             frame = Frame(self._next_id, image, now, time.time())
@@ -198,3 +233,7 @@ class Capture:
                 self.stats.state = "stopped"
             self._cond.notify_all()
         self.source.close()
+
+
+def _smooth(previous: float | None, value: float, weight: float = 0.2) -> float:
+    return value if previous is None else (1 - weight) * previous + weight * value

@@ -49,6 +49,19 @@ class FrameSource(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def grab(self) -> None:
+        """Advance to the next frame; `retrieve` then decodes it. Sources that can take a frame without
+        decoding it (V4L2 cameras, MJPEG) override both, so frames a busy consumer will never see cost no
+        decoding. Raises like `read`."""
+        self._grabbed = self.read()
+
+    def retrieve(self) -> np.ndarray:
+        """The grabbed frame, decoded (RGB uint8); CorruptFrame when it cannot be."""
+        frame, self._grabbed = getattr(self, "_grabbed", None), None
+        if frame is None:
+            raise CorruptFrame("retrieve() without a grabbed frame")
+        return frame
+
     @property
     def native_fps(self) -> float | None:
         return None
@@ -107,16 +120,29 @@ class CvCaptureSource(FrameSource):
         self._cap = cap
 
     def read(self) -> np.ndarray:
+        self.grab()
+        return self.retrieve()
+
+    def grab(self) -> None:
         if self._cap is None:
             raise SourceError("not open")
-        ok, frame = self._cap.read()
+        if not self._cap.grab():
+            self._no_frame()
+
+    def retrieve(self) -> np.ndarray:
+        if self._cap is None:
+            raise SourceError("not open")
+        ok, frame = self._cap.retrieve()
         if not ok or frame is None:
-            if self.kind == "file":
-                if not Path(self.uri).is_file():
-                    raise SourceError(f"video file disappeared: {self.uri}")
-                raise EndOfSource(self.uri)
-            raise SourceError(f"{self.kind} {self.uri!r} returned no frame (disconnected or stalled)")
+            raise CorruptFrame(f"{self.kind} {self.uri!r}: a frame arrived but could not be decoded")
         return cv2.cvtColor(check_frame(frame), cv2.COLOR_BGR2RGB)
+
+    def _no_frame(self) -> None:
+        if self.kind == "file":
+            if not Path(self.uri).is_file():
+                raise SourceError(f"video file disappeared: {self.uri}")
+            raise EndOfSource(self.uri)
+        raise SourceError(f"{self.kind} {self.uri!r} returned no frame (disconnected or stalled)")
 
     def close(self) -> None:
         if self._cap is not None:

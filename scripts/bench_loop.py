@@ -1,13 +1,16 @@
 """Benchmark of the whole edge loop (not a test): video source -> model -> analysis -> alerts/detections -> MQTT.
 
-For each architecture, in its own subprocess (so peak RSS is per model): a synthetic 640x480 video played
-like a camera (newest frame only, paced at --source-fps), the real EdgeRunner with OpenVINO, a real
-mosquitto on loopback, and the default alert rules. Reports loop FPS, capture-to-publish latency
-p50/p95, CPU use, peak RSS and, in the same process, the model-only time (backend.infer on one
-preprocessed frame) and the in-loop inference time (resize + network + resize back).
+For each architecture, in its own subprocess (so peak RSS is per model): a video (synthetic 640x480 wall
+with a crack line, or real validation photos with --video site), either played like a camera (newest frame
+only, paced at --source-fps) or, with --source-fps 0, lossless and unpaced, so wall time per frame is the
+loop's own cost; the real EdgeRunner with OpenVINO, a real mosquitto on loopback, and a crack alert rule.
+Reports loop FPS and ms per frame, capture-to-publish latency p50/p95, CPU use, peak RSS and, in the same
+process before and after the loop, the model-only time (the network on one preprocessed frame), and the
+loop's overhead over it.
 
     python scripts/bench_loop.py                       # both architectures, random weights, 512 px
-    python scripts/bench_loop.py --model hrnet=models/exported/hrnet_w18_student.xml --seconds 30
+    python scripts/bench_loop.py --source-fps 0 --video site --threads 2 \
+        --model lite=models/exported/lite_effnet_lite0_int8.xml --model hrnet=models/exported/hrnet_w18_student_int8.xml
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +42,6 @@ def _random_model(arch: str, size: int, cache: Path) -> Path:
 
 
 def _video(path: Path, frames: int) -> Path:
-    import cv2
-
     sys.path.insert(0, str(ROOT / "tests"))
     from _edge_helpers import make_video
 
@@ -49,11 +51,31 @@ def _video(path: Path, frames: int) -> Path:
     return path
 
 
+def _site_video(path: Path, per_dataset: int) -> Path:
+    """An MJPEG AVI of real validation photos (cracks and drywall seams alternating, 640x640), so the
+    analysis cost is that of site imagery rather than of a synthetic line in every frame. Needs ../shared."""
+    from drywallqa.imageio import read_image_rgb
+    from drywallqa.train.data.prepare import load_setup, records_in_split
+
+    if path.is_file():
+        return path
+    by_ds = records_in_split(load_setup(None), "val")
+    photos = [r.image_path for pair in zip(*(recs[:per_dataset] for recs in by_ds.values()), strict=False)
+              for r in pair]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (640, 640))
+    for photo in photos:
+        rgb = cv2.resize(read_image_rgb(photo), (640, 640), interpolation=cv2.INTER_AREA)
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_one(name: str, model: Path, seconds: float, source_fps: float, backend: str, threads: int | None) -> dict:
+def run_one(name: str, model: Path, seconds: float, source_fps: float, backend: str, threads: int | None,
+            video: Path) -> dict:
     """source_fps > 0: played like a camera (newest frame only); 0: lossless and unpaced, every frame
     processed as fast as the loop goes, so wall time per frame is the loop's own cost per frame."""
     import psutil
@@ -66,7 +88,6 @@ def run_one(name: str, model: Path, seconds: float, source_fps: float, backend: 
     from _mqtt_fixtures import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-loop-"))
-    video = _video(ROOT / "cache" / "bench_loop" / "wall_640x480.avi", 300)
     port = free_port()
     broker = EmbeddedBroker(port).start()
     try:
@@ -82,8 +103,6 @@ def run_one(name: str, model: Path, seconds: float, source_fps: float, backend: 
         proc = psutil.Process()
         time.sleep(1.0)  # let the first frames arrive
         seg = runner.segmenter
-        import cv2
-
         first = cv2.VideoCapture(str(video)).read()[1][:, :, ::-1]
         batch = seg.preprocess(first)[None]
 
@@ -137,12 +156,23 @@ def main() -> int:
     p.add_argument("--backend", default="openvino")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=ROOT / "runs" / "bench_loop.json")
+    p.add_argument("--video", default="synthetic",
+                   help="synthetic: a 640x480 wall with a crack line in every frame (worst case for the crack "
+                        "analysis); site: 80 real validation photos, cracks and seams alternating (needs "
+                        "../shared); or a video file")
     p.add_argument("--one", nargs=2, metavar=("PROFILE", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    (ROOT / "cache" / "bench_loop").mkdir(parents=True, exist_ok=True)
+    if args.video == "site":
+        args.video = _site_video(ROOT / "cache" / "bench_loop" / "site_640x640.avi", 40)
+    elif args.video == "synthetic":
+        args.video = _video(ROOT / "cache" / "bench_loop" / "wall_640x480.avi", 300)
+    else:
+        args.video = Path(args.video)
 
     if args.one:
         print(json.dumps(run_one(args.one[0], Path(args.one[1]), args.seconds, args.source_fps, args.backend,
-                                 args.threads)))
+                                 args.threads, args.video)))
         return 0
 
     given = dict(m.split("=", 1) for m in args.model)
@@ -152,7 +182,7 @@ def main() -> int:
     for name in args.profiles:
         model = Path(given[name]) if name in given else _random_model(ARCHS[name], args.size, cache)
         cmd = [sys.executable, __file__, "--one", name, str(model), "--seconds", str(args.seconds),
-               "--source-fps", str(args.source_fps), "--backend", args.backend]
+               "--source-fps", str(args.source_fps), "--backend", args.backend, "--video", str(args.video)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -15,7 +15,7 @@ from _edge_helpers import make_video
 from _mqtt_fixtures import wait_until
 
 from drywallqa.edge.capture import Capture
-from drywallqa.edge.sources import DemoSource, ImageListSource, classify_uri, make_source
+from drywallqa.edge.sources import DemoSource, FrameSource, ImageListSource, classify_uri, make_source
 
 
 def _drain(cap: Capture, seconds: float) -> list:
@@ -155,3 +155,48 @@ def test_image_list_reads_rgb(tmp_path: Path):
     src = ImageListSource(str(tmp_path / "*.png"))
     src.open()
     assert tuple(src.read()[0, 0]) == (255, 0, 0)
+
+
+class _CountingCamera(FrameSource):
+    """A 100 fps live source that counts grabs and decodes (each frame's pixels hold its grab number)."""
+
+    kind = "camera"
+    live = True
+
+    def __init__(self) -> None:
+        super().__init__("counting")
+        self.grabs = 0
+        self.decodes = 0
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> np.ndarray:
+        self.grab()
+        return self.retrieve()
+
+    def grab(self) -> None:
+        time.sleep(0.01)
+        self.grabs += 1
+
+    def retrieve(self) -> np.ndarray:
+        self.decodes += 1
+        return np.full((8, 8, 3), self.grabs, np.uint8)
+
+
+def test_realtime_decodes_only_the_frames_a_slow_consumer_can_take():
+    src = _CountingCamera()
+    cap = Capture(src, realtime=True).start()
+    ages = []
+    try:
+        for _ in range(20):
+            frame = cap.get(timeout=1.0)
+            assert frame is not None
+            ages.append(src.grabs - int(frame.image[0, 0, 0]))  # frames grabbed since this one
+            time.sleep(0.05)  # a model at ~20 fps behind a 100 fps camera
+    finally:
+        cap.stop()
+    assert src.grabs >= 80
+    assert src.decodes <= 35, (src.decodes, src.grabs)  # about one decode per frame taken, not one per grab
+    assert cap.stats.dropped >= src.grabs - src.decodes
+    assert sorted(ages)[len(ages) // 2] <= 2  # and what it hands over is still fresh
