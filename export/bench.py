@@ -5,7 +5,8 @@ on the same preprocessed images at the same input size. Batch-1 and batch-4 numb
 made static for that batch (what a deployed model looks like); the exported files themselves have a
 dynamic batch. The network is timed alone; preprocessing (resize to the input), postprocessing
 (upsample to the 640x640 source) and thresholding are timed separately. The machine's fp32 matmul
-GFLOP/s and the model's FLOPs (from the ONNX graph) give a compute bound each backend is compared to.
+GFLOP/s (the best of a measurement at the start and one next to each model's runs) and the model's FLOPs
+(from the ONNX graph) give a compute bound each backend is compared to.
 
 Module-level imports stay light: `drywallqa --help` imports the CLI, not this module's heavy deps.
 """
@@ -506,11 +507,16 @@ def _bench_model(weights: Path, specs: list[BackendSpec], size, threads, iters, 
     files = prepare_artifacts(weights, size, calib, workdir)
     meta = read_metadata(files["onnx"])
     flop = count_macs(files["onnx"])
-    bound_ms = flop.gflops / gflops_machine * 1e3 if gflops_machine else None
+    # This VM's matmul rate drifts by ~10 % within minutes. Measure it again next to this model's runs and
+    # take the best rate seen: the tightest bound, so drift can only make a target harder to meet.
+    again = run_worker({"job": "matmul", "threads": threads}, workdir, threads).get("gflops")
+    rates = [g for g in (gflops_machine, again) if g]
+    best_rate = max(rates) if rates else None
+    bound_ms = flop.gflops / best_rate * 1e3 if best_rate else None
     model: dict = {"name": weights.stem, "weights": str(weights), "profile": meta.profile,
                    "architecture": meta.architecture, "classes": list(meta.classes),
                    "macs": flop.macs, "gflops": flop.gflops, "flops_uncounted_nodes": flop.uncounted,
-                   "compute_bound_ms": bound_ms}
+                   "matmul_gflops_seen": rates, "compute_bound_ms": bound_ms}
     inputs_file = workdir / f"{weights.stem}_inputs.npy"
     log(f"[{weights.stem}] pre/post-processing ...")
     model["prepost"] = run_worker({"job": "prepost", "name": weights.stem, "model": str(files["onnx"]),
@@ -625,7 +631,9 @@ def markdown(report: dict) -> str:
     for model in report["models"]:
         pp = model["prepost"]
         lines += ["", f"### {model['name']} ({model['architecture']}, profile {model['profile']})", "",
-                  f"{model['gflops']:.2f} GFLOPs/frame (2 x {model['macs'] / 1e9:.2f} GMACs); compute bound "
+                  f"{model['gflops']:.2f} GFLOPs/frame (2 x {model['macs'] / 1e9:.2f} GMACs); fp32 matmul seen "
+                  f"{', '.join(f'{g:.1f}' for g in model.get('matmul_gflops_seen', []))} GFLOP/s, compute bound "
+                  "at the best rate "
                   f"{_f(model['compute_bound_ms'])} ms/frame; pre {pp['preprocess']['p50_ms']:.2f} ms, "
                   f"post (upsample to {SOURCE_HW[0]}x{SOURCE_HW[1]}) {pp['postprocess']['p50_ms']:.2f} ms, "
                   f"threshold {pp['threshold']['p50_ms']:.2f} ms (p50)", "",
