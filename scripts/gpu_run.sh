@@ -1,6 +1,6 @@
 #!/bin/bash
 # Runs on a lent GPU machine from the repository root (prepared by scripts/gpu_prepare.py):
-#   bash .gpu/run.sh OUTNAME TEACHER_BUDGET_S STUDENT_BUDGET_S
+#   bash .gpu/run.sh OUTNAME TEACHER_BUDGET_S STUDENT_BUDGET_S     (TEACHER_BUDGET_S 0: the student alone)
 # Makes the package importable without installing it, then trains side by side on the one GPU:
 #   - the HRNet-W18 student, continued from the shipped weights, distilled from the shipped teacher;
 #   - three teacher variants continued from the shipped teacher, differing in one thing each:
@@ -25,10 +25,12 @@ job() {  # job NAME ARGS...: one training process in the background, all appendi
 }
 job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
   --teacher models/lite_effnet_lite0.safetensors --lr 1e-3 --budget "$student_budget" --val-every 3
-common=(--role teacher --init models/lite_effnet_lite0.safetensors --lr 5e-4 --budget "$teacher_budget")
-job teacher_bce_dice_384 "${common[@]}" --loss bce_dice --crop 384
-job teacher_cldice_384 "${common[@]}" --loss bce_dice_cldice --crop 384
-job teacher_bce_dice_512 "${common[@]}" --loss bce_dice --crop 512
+if [ "$teacher_budget" != "0" ]; then  # 0: the student alone (processes on one GPU are time-sliced)
+  common=(--role teacher --init models/lite_effnet_lite0.safetensors --lr 5e-4 --budget "$teacher_budget")
+  job teacher_bce_dice_384 "${common[@]}" --loss bce_dice --crop 384
+  job teacher_cldice_384 "${common[@]}" --loss bce_dice_cldice --crop 384
+  job teacher_bce_dice_512 "${common[@]}" --loss bce_dice --crop 512
+fi
 n=0
 while [ -n "$(jobs -r)" ]; do  # progress every 30 s, but notice the end within 5 s
   sleep 5; n=$((n + 1))
