@@ -196,7 +196,7 @@ def test_realtime_decodes_only_the_frames_a_slow_consumer_can_take():
             time.sleep(0.05)  # a model at ~20 fps behind a 100 fps camera
     finally:
         cap.stop()
-    assert src.grabs >= 80
-    assert src.decodes <= 35, (src.decodes, src.grabs)  # about one decode per frame taken, not one per grab
+    # about one decode per frame taken (20), not one per grab (~100; fewer on a loaded machine)
+    assert src.decodes <= 35 and src.grabs >= 2 * src.decodes, (src.decodes, src.grabs)
     assert cap.stats.dropped >= src.grabs - src.decodes
     assert sorted(ages)[len(ages) // 2] <= 2  # and what it hands over is still fresh
