@@ -141,6 +141,13 @@ class Capture:
         """Sleep unless stopped; True when stopped."""
         return self._stop.wait(seconds)
 
+    def _pace(self, next_t: float, period: float | None) -> tuple[float, bool]:
+        """Sleep until the next frame is due (paced sources); returns the new due time and whether stopped."""
+        if period is None:
+            return next_t, False
+        next_t = max(next_t + period, time.monotonic() - period)
+        return next_t, self._sleep(max(0.0, next_t - time.monotonic()))
+
     def _run(self) -> None:
         backoff = self.reconnect_min_s
         opened = False
@@ -170,16 +177,15 @@ class Capture:
                 next_t = time.monotonic()
             try:
                 self.source.grab()
-                now = time.monotonic()
-                self._grab_interval = _smooth(self._grab_interval, now - self._last_frame_t)
-                self._last_frame_t = now
+                grabbed_at, grabbed_wall = time.monotonic(), time.time()
+                self._grab_interval = _smooth(self._grab_interval, grabbed_at - self._last_frame_t)
+                self._last_frame_t = grabbed_at
                 if self.realtime and not self._worth_decoding():
                     self.stats.captured += 1
                     self.stats.dropped += 1  # never decoded: the consumer will not be back in time for it
-                    if period is not None:
-                        next_t = max(next_t + period, time.monotonic() - period)
-                        if self._sleep(max(0.0, next_t - time.monotonic())):
-                            break
+                    next_t, stopped = self._pace(next_t, period)
+                    if stopped:
+                        break
                     continue
                 image = self.source.retrieve()
             except CorruptFrame as exc:
@@ -210,10 +216,9 @@ class Capture:
                 continue
             consecutive_corrupt = 0
             backoff = self.reconnect_min_s
-            now = time.monotonic()
             if self.stats.state == "stalled":
                 self._set_state("open")
-            frame = Frame(self._next_id, image, now, time.time())
+            frame = Frame(self._next_id, image, grabbed_at, grabbed_wall)  # latency counts from the grab
             self._next_id += 1
             self.stats.captured += 1
             with self._cond:
@@ -224,10 +229,9 @@ class Capture:
                         self._cond.wait_for(lambda: self._slot is None or self._stop.is_set())
                 self._slot = frame
                 self._cond.notify_all()
-            if period is not None:
-                next_t = max(next_t + period, time.monotonic() - period)
-                if self._sleep(max(0.0, next_t - time.monotonic())):
-                    break
+            next_t, stopped = self._pace(next_t, period)
+            if stopped:
+                break
         with self._cond:
             if self.stats.state != "ended":
                 self.stats.state = "stopped"
