@@ -67,7 +67,7 @@ class LoopStats:
     detections: int = 0
     fps: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)  # capture -> published, per processed frame
-    inference_ms: list[float] = field(default_factory=list)  # model call alone (preprocess + network + resize)
+    inference_ms: list[float] = field(default_factory=list)  # model call alone (resize in + network)
 
 
 class EdgeRunner:

@@ -39,6 +39,7 @@ class FrameSource(ABC):
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        self._grabbed: np.ndarray | None = None  # the default grab() decodes at once and keeps it here
 
     @abstractmethod
     def open(self) -> None: ...
@@ -57,7 +58,7 @@ class FrameSource(ABC):
 
     def retrieve(self) -> np.ndarray:
         """The grabbed frame, decoded (RGB uint8); CorruptFrame when it cannot be."""
-        frame, self._grabbed = getattr(self, "_grabbed", None), None
+        frame, self._grabbed = self._grabbed, None
         if frame is None:
             raise CorruptFrame("retrieve() without a grabbed frame")
         return frame

@@ -125,17 +125,18 @@ def run_one(name: str, model: Path, seconds: float, source_fps: float, backend: 
         cpu1 = proc.cpu_times()
         cpu_pct = 100 * ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall
         model_ms += model_only(30)
+        loop_ms = 1000 * wall / max(1, stats.processed)
         warm = stats.latencies_ms[3:]  # skip start-up frames
         return {
             "profile": name, "model": model.name, "backend": seg.backend.name, "input": list(seg.input_hw),
             "frames": stats.processed, "seconds": round(wall, 2), "loop_fps": round(stats.processed / wall, 2),
-            "loop_ms_per_frame": round(1000 * wall / max(1, stats.processed), 2),
+            "loop_ms_per_frame": round(loop_ms, 2),
             "dropped": runner.capture.stats.dropped if runner.capture else None,
             "latency_p50_ms": round(_pct(warm, 50), 1), "latency_p95_ms": round(_pct(warm, 95), 1),
             "inloop_inference_p50_ms": round(_pct(stats.inference_ms[3:], 50), 1),
             "model_only_p50_ms": round(_pct(model_ms, 50), 1), "model_only_p95_ms": round(_pct(model_ms, 95), 1),
             "model_only_mean_ms": round(float(np.mean(model_ms)), 2),
-            "loop_overhead_pct": round(100 * (1000 * wall / max(1, stats.processed) / float(np.mean(model_ms)) - 1), 1),
+            "loop_overhead_pct": round(100 * (loop_ms / float(np.mean(model_ms)) - 1), 1),
             "cpu_percent": round(cpu_pct, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "end_rss_mb": round(proc.memory_info().rss / 2**20, 1),

@@ -3,8 +3,8 @@
 Inputs travel with the working tree (< 64 MiB a call): the packed training split and, optionally, the packed
 validation split (train/data/pack.py), the vocabulary's text embeddings, and either ImageNet encoder weights
 (a teacher from scratch) or the weights of an earlier run to continue from (`--init`). scripts/gpu_run.sh
-starts several of these side by side on one GPU (a student plus teacher variants), since one small model
-leaves most of an H100/H200 idle.
+starts one (the student alone) or several side by side (a student plus teacher variants); processes on one
+GPU are time-sliced, so side by side saves orchestration, not GPU time.
 """
 
 from __future__ import annotations
