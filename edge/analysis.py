@@ -18,9 +18,14 @@ _NEIGHBOUR_BITS = np.array([[128, 1, 2],
 
 
 def _neighbour_code(img: np.ndarray) -> np.ndarray:
-    """uint8 code of each pixel's 8-neighbourhood (one filter2D call; outside the image counts as off)."""
-    code = cv2.filter2D(img, cv2.CV_16S, _NEIGHBOUR_BITS, borderType=cv2.BORDER_CONSTANT)
-    return code.astype(np.uint8)
+    """uint8 code of each pixel's 8-neighbourhood (one filter2D call; outside the image counts as off).
+    The weights of a 0/1 image sum to at most 255, so the uint8 result is exact."""
+    return cv2.filter2D(img, cv2.CV_8U, _NEIGHBOUR_BITS, borderType=cv2.BORDER_CONSTANT)
+
+
+def _pad1(mask: np.ndarray) -> np.ndarray:
+    """0/1 uint8 copy of a mask with one pixel of background all round (cv2: ~10x cheaper than np.pad)."""
+    return cv2.copyMakeBorder((mask > 0).astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
 
 
 def _bits(code: int) -> list[int]:
@@ -67,7 +72,7 @@ def skeletonize(mask: np.ndarray) -> np.ndarray:
     Each sub-iteration is one neighbourhood-code pass plus a table lookup (the classic parallel rule,
     decided for all pixels on the same image), which keeps a live frame's thinning to about a millisecond.
     """
-    img = np.pad((mask > 0).astype(np.uint8), 1)
+    img = _pad1(mask)
     while True:
         changed = False
         for table in (_DELETE_FIRST, _DELETE_SECOND):
@@ -122,7 +127,7 @@ def crack_length(mask: np.ndarray, max_side: int = 640, max_half_width: float = 
     Thinning costs one pass per pixel of half-width, so thick blobs (and very large masks) are thinned
     at a reduced scale chosen from the distance transform, and the length is scaled back.
     """
-    m = np.pad((mask > 0).astype(np.uint8), 1)  # background all round, also for tight crops
+    m = _pad1(mask)  # background all round, also for tight crops
     h, w = m.shape
     if not m.any():
         return 0.0
@@ -161,7 +166,8 @@ def analyze_class(
     h, w = probs.shape
     src_h, src_w = source_hw or (h, w)
     sx, sy = src_w / w, src_h / h  # source pixels per analysed pixel
-    mask = (probs >= watched.threshold).astype(np.uint8)
+    probs = np.asarray(probs, dtype=np.float32)
+    mask = (probs >= watched.threshold).view(np.uint8)  # 0/1 without a conversion pass
     if not cv2.countNonZero(mask):  # the common case on a site: nothing there, no labelling needed
         return ClassResult(class_name=watched.class_name, prompt=watched.prompt, area_fraction=0.0,
                            region_count=0, mean_confidence=0.0), mask
@@ -172,7 +178,9 @@ def analyze_class(
     order = sorted(range(1, n), key=lambda i: -int(stats[i, cv2.CC_STAT_AREA]))
     keep = [i for i in order if stats[i, cv2.CC_STAT_AREA] * sx * sy >= min_region_area_px]
     if len(keep) != n - 1:  # drop tiny specks from the mask too, so every figure agrees
-        roi[:] = np.isin(labels, keep) if keep else 0  # a view: this edits `mask`
+        kept = np.zeros(n, np.uint8)
+        kept[keep] = 1
+        roi[:] = kept[labels]  # a view: this edits `mask`
     regions: list[Region] = []
     total_len = 0.0
     for rank, i in enumerate(keep):
@@ -188,7 +196,7 @@ def analyze_class(
             bbox = (x0, y0, min(src_w, math.ceil((x + bw) * sx)) - x0, min(src_h, math.ceil((y + bh) * sy)) - y0)
             regions.append(Region(bbox=bbox, area_px=round(area * sx * sy), skeleton_length_px=length))
     area_px = cv2.countNonZero(mask)
-    mean_conf = float(probs[oy:oy + oh, ox:ox + ow][roi > 0].mean()) if area_px else 0.0
+    mean_conf = float(cv2.mean(probs[oy:oy + oh, ox:ox + ow], mask=roi)[0]) if area_px else 0.0
     result = ClassResult(
         class_name=watched.class_name,
         prompt=watched.prompt,

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from drywallqa.edge.alerts import AlertEngine, make_alert
@@ -101,6 +102,8 @@ class EdgeRunner:
         from drywallqa.edge.inference import PromptSegmenter
 
         s = self.settings
+        if s.model.opencv_threads:
+            cv2.setNumThreads(s.model.opencv_threads)
         model_path = resolve_model_path(s.model.path, s.model.backend)
         self.model_path = model_path
         self.segmenter = PromptSegmenter(load_backend(model_path, s.model.backend, s.model.threads))
@@ -262,6 +265,16 @@ class EdgeRunner:
 
     def run(self) -> LoopStats:
         """Run until stopped, the source ends, or --max-frames / --duration is reached; always shuts down."""
+        try:
+            self.run_frames(self.max_frames, self.duration_s)
+        finally:
+            self.shutdown()
+        return self.stats
+
+    def run_frames(self, max_frames: int | None = None, duration_s: float | None = None) -> int:
+        """The loop until stopped, the source ends, or `max_frames` / `duration_s` is reached, then the frames
+        in flight are analysed and published. Leaves source, broker link and spool open, so it can be called
+        again (the loop benchmark alternates it with model-only timing); returns the frames submitted."""
         assert self.capture is not None and self.link is not None
         watchdog = Watchdog()
         notify("READY=1")
@@ -278,7 +291,7 @@ class EdgeRunner:
                     self._handle_command(self._commands.get_nowait())
                 if time.monotonic() - self._last_status >= self.settings.mqtt.status_interval_s:
                     self._publish_status()
-                if self.duration_s is not None and time.monotonic() - started >= self.duration_s:
+                if duration_s is not None and time.monotonic() - started >= duration_s:
                     break
                 frame = self.capture.get(timeout=0.2)
                 if frame is None:
@@ -299,12 +312,11 @@ class EdgeRunner:
                 if time.monotonic() - fps_t >= 2.0:
                     self.stats.fps = fps_n / (time.monotonic() - fps_t)
                     fps_t, fps_n = time.monotonic(), 0
-                if self.max_frames is not None and submitted >= self.max_frames:
+                if max_frames is not None and submitted >= max_frames:
                     break
         finally:
             self._drain_post_worker()
-            self.shutdown()
-        return self.stats
+        return submitted
 
     def _frame_failed(self, frame: Frame, exc: Exception) -> None:
         self.stats.errors += 1

@@ -64,6 +64,10 @@ class ModelSettings(_Section):
     path: str = Field(default="hrnet", description="exported model (.onnx, .xml, .engine) or a profile: hrnet | lite")
     backend: Literal["auto", "openvino", "onnxruntime", "tensorrt"] = "auto"
     threads: int | None = Field(default=None, gt=0)
+    opencv_threads: int = Field(
+        default=1, ge=0,
+        description="OpenCV's thread pool for decoding, resizing and analysis (0: OpenCV's default). 1 keeps its "
+                    "spinning workers off the cores the network uses: on 2 cores that is ~1.4 ms of CPU per frame")
 
 
 class RuleSettings(_Section):

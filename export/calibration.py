@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from drywallqa.edge.inference import resize_interpolation
 from drywallqa.imageio import ImageReadError, read_image_rgb
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def load_resized(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
     images = []
     for p in paths:
         try:
-            images.append(cv2.resize(read_image_rgb(p), (w, h), interpolation=cv2.INTER_AREA))
+            rgb = read_image_rgb(p)  # resized as the runtime resizes (PromptSegmenter.preprocess)
+            images.append(cv2.resize(rgb, (w, h), interpolation=resize_interpolation(rgb.shape[:2], size)))
         except ImageReadError as exc:
             log.warning("skipping unreadable calibration image: %s", exc)
     if not images:

@@ -23,7 +23,7 @@ def report(tmp_path_factory):
     parser = argparse.ArgumentParser(prog="drywallqa")
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--random-arch", "effnet_lite0_fpn", "--size", "64", "64", "--iters", "3",
-                              "--calib", "2", "--workdir", str(tmp / "work"), "--json", str(out)])
+                              "--calib", "2", "--rounds", "2", "--workdir", str(tmp / "work"), "--json", str(out)])
     assert args.func(args) == 0
     return json.loads(out.read_text())
 
@@ -59,6 +59,8 @@ def test_every_backend_row_is_sane(report):
             assert stats["iters"] >= 1
             assert 0 < stats["min_ms"] <= stats["p50_ms"] <= stats["p95_ms"]
             assert stats["fps"] == pytest.approx(int(b) * 1e3 / stats["mean_ms"])
+        assert len(row["rounds_p50_ms"]) == 2  # interleaved batch-1 rounds; the row keeps the best
+        assert row["batches"]["1"]["p50_ms"] == min(row["rounds_p50_ms"])
         assert 50 < row["peak_rss_mib"] < 8000  # a whole interpreter, per process, not the parent's
         assert row["file_mib"] > 0
         assert math.isfinite(row["speedup_vs_torch"]) and row["ratio_to_compute_bound"] > 0
@@ -69,6 +71,20 @@ def test_every_backend_row_is_sane(report):
     assert rows["openvino_int8"]["file_mib"] < rows["onnxruntime"]["file_mib"]
     assert rows["openvino_int8"]["settings"]["PERFORMANCE_HINT"] == "LATENCY"
     assert rows["openvino_int8"]["settings"]["INFERENCE_NUM_THREADS"] == "2"
+
+
+def test_a_later_round_replaces_batch_1_only_when_faster():
+    def row(p50, rss):
+        return {"batches": {"1": {"p50_ms": p50}, "4": {"p50_ms": 4 * p50}}, "peak_rss_mib": rss, "output": {}}
+
+    first = row(50.0, 300.0)
+    slower = bench.merge_round(first, row(60.0, 310.0))
+    assert slower["batches"]["1"]["p50_ms"] == 50.0 and slower["rounds_p50_ms"] == [50.0, 60.0]
+    faster = bench.merge_round(slower, row(35.0, 290.0))
+    assert faster["batches"]["1"]["p50_ms"] == 35.0 and faster["batches"]["4"]["p50_ms"] == 200.0
+    assert faster["rounds_p50_ms"] == [50.0, 60.0, 35.0] and faster["peak_rss_mib"] == 310.0
+    failed = bench.merge_round(faster, {"error": "worker exited 1"})
+    assert failed["batches"]["1"]["p50_ms"] == 35.0 and failed["round_errors"] == ["worker exited 1"]
 
 
 def test_markdown_lists_every_backend(report):

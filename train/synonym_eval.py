@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drywallqa.edge.inference import resize_interpolation
 from drywallqa.metrics import counts, dice_from_counts, iou_from_counts
 from drywallqa.train.checkpoint import load_weights
 from drywallqa.train.data.prepare import load_labelled, load_setup, records_in_split
@@ -43,7 +44,7 @@ def evaluate(weights: str, size: int | None = None, limit: int | None = None, th
             c = info.classes.index(rec.class_name)
             own = [i for i, k in enumerate(info.prompt_class) if k == c]
             h, w = ex.image.shape[:2]
-            x = torch.from_numpy(cv2.resize(ex.image, (size, size), interpolation=cv2.INTER_AREA))
+            x = torch.from_numpy(cv2.resize(ex.image, (size, size), interpolation=resize_interpolation((h, w), (size, size))))
             x = model.normalize(x.permute(2, 0, 1)[None].float() / 255)
             feat = model.features(x)
             emb = torch.cat([model.class_embeddings[c:c + 1], model.prompt_embeddings[own]])
