@@ -86,20 +86,27 @@ def skeletonize(mask: np.ndarray) -> np.ndarray:
 
 def _remove_redundant(img: np.ndarray) -> np.ndarray:
     """Drop redundant skeleton pixels (see _redundant_table), which would overcount the length. Four parity
-    classes, so no two adjacent pixels go in the same pass; endpoints are kept."""
-    h, w = img.shape[:2]
-    reps = ((h + 1) // 2, (w + 1) // 2)
-    classes = [np.tile(np.array(cell, np.uint8).reshape(2, 2), reps)[:h, :w]
-               for cell in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1))]  # (row, column) parity
-    changed = True
-    while changed:
-        changed = False
+    classes, so no two adjacent pixels go in the same pass; endpoints are kept. Most skeletons have none,
+    so one lookup decides whether a round of passes is needed at all."""
+    classes: list[np.ndarray] | None = None
+    while cv2.countNonZero(_lookup(img, _REDUNDANT)):  # a round that starts with candidates removes one
+        if classes is None:
+            classes = _parity_classes(img.shape[:2])
         for in_class in classes:
             sel = cv2.bitwise_and(_lookup(img, _REDUNDANT), in_class)
             if cv2.countNonZero(sel):
                 img -= sel
-                changed = True
     return img
+
+
+def _parity_classes(shape: tuple[int, int]) -> list[np.ndarray]:
+    """0/1 masks of the four (row, column) parity classes."""
+    out = []
+    for r, c in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        m = np.zeros(shape, np.uint8)
+        m[r::2, c::2] = 1
+        out.append(m)
+    return out
 
 
 def skeleton_length(skel: np.ndarray, pixel_w: float = 1.0, pixel_h: float = 1.0) -> float:
@@ -120,6 +127,12 @@ def skeleton_length(skel: np.ndarray, pixel_w: float = 1.0, pixel_h: float = 1.0
     return float(horiz * pixel_w + vert * pixel_h + diagonal * (int(np.count_nonzero(dr)) + int(np.count_nonzero(dl))))
 
 
+def _thinning_scale(h: int, w: int, half_width: float, max_side: int, max_half_width: float) -> float:
+    """Scale at which a region (padded size h x w) is thinned: thinning costs one pass per pixel of
+    half-width, so thick blobs (and very large regions) are thinned smaller and the length scaled back."""
+    return min(1.0, max_side / max(h, w), max_half_width / max(half_width, 1e-6))
+
+
 def crack_length(mask: np.ndarray, max_side: int = 640, max_half_width: float = 8.0,
                  pixel_size: tuple[float, float] = (1.0, 1.0)) -> float:
     """Skeleton length in source pixels (`pixel_size`: source pixels per mask pixel, width and height).
@@ -132,7 +145,7 @@ def crack_length(mask: np.ndarray, max_side: int = 640, max_half_width: float = 
     if not m.any():
         return 0.0
     half_width = float(cv2.distanceTransform(m, cv2.DIST_L2, 3).max())
-    scale = min(1.0, max_side / max(h, w), max_half_width / max(half_width, 1e-6))
+    scale = _thinning_scale(h, w, half_width, max_side, max_half_width)
     if scale < 1.0:
         m = cv2.resize(m, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
         m = (m > 0).astype(np.uint8)
@@ -174,7 +187,7 @@ def analyze_class(
     # Label only the box around what is on: cracks usually cover a small part of the frame.
     ox, oy, ow, oh = cv2.boundingRect(mask)
     roi = mask[oy:oy + oh, ox:ox + ow]
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(roi, connectivity=8)
+    n, labels, stats = _label(roi)
     order = sorted(range(1, n), key=lambda i: -int(stats[i, cv2.CC_STAT_AREA]))
     keep = [i for i in order if stats[i, cv2.CC_STAT_AREA] * sx * sy >= min_region_area_px]
     if len(keep) != n - 1:  # drop tiny specks from the mask too, so every figure agrees
@@ -209,8 +222,11 @@ def analyze_class(
     return result, mask
 
 
-def to_source_size(mask: np.ndarray, source_hw: tuple[int, int]) -> np.ndarray:
-    """A mask from the analysis grid at the source's size (nearest neighbour: stays binary), for drawing."""
-    if mask.shape[:2] == tuple(source_hw):
-        return mask
-    return cv2.resize(mask, (source_hw[1], source_hw[0]), interpolation=cv2.INTER_NEAREST)
+def _label(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """8-connected labelling with stats; 16-bit labels (about twice as fast), 32-bit when a mask has more
+    regions than 16 bits can count."""
+    try:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_16U)
+    except cv2.error:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_32S)
+    return n, labels, stats

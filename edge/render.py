@@ -16,17 +16,31 @@ def color_for(class_name: str, index: int = 0) -> tuple[int, int, int]:
     return PALETTE.get(class_name, _FALLBACK[index % len(_FALLBACK)])
 
 
-def draw_masks(image: np.ndarray, masks: dict[str, np.ndarray], alpha: float = 0.45) -> np.ndarray:
-    """RGB image + {class_name: 0/1 or 0/255 mask} -> RGB image with tinted masks and outlines."""
-    out = image.copy()
+def draw_masks(image: np.ndarray, masks: dict[str, np.ndarray], alpha: float = 0.45,
+               max_side: int | None = None) -> np.ndarray:
+    """RGB image + {class_name: 0/1 or 0/255 mask} -> RGB image with tinted masks and outlines.
+
+    Masks may be on another grid than the image (the model's): they are scaled to the drawing with nearest
+    neighbour. With `max_side` the image is shrunk first, so a small preview costs a small drawing.
+    """
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
+    if scale < 1.0:
+        out = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    else:
+        out = image.copy()
+    oh, ow = out.shape[:2]
     for i, (name, mask) in enumerate(masks.items()):
-        m = mask > 0
-        if not m.any():
+        if mask.shape[:2] != (oh, ow):
+            mask = cv2.resize(mask.astype(np.uint8, copy=False), (ow, oh), interpolation=cv2.INTER_NEAREST)
+        m = (mask > 0).view(np.uint8)
+        if not cv2.countNonZero(m):
             continue
-        color = np.array(color_for(name, i), np.float32)
-        out[m] = (out[m].astype(np.float32) * (1 - alpha) + color * alpha).astype(np.uint8)
-        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), 1)
+        color = color_for(name, i)
+        tinted = cv2.addWeighted(out, 1 - alpha, np.full_like(out, color), alpha, 0)
+        cv2.copyTo(tinted, m, out)
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, color, 1)
     return out
 
 

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from drywallqa.edge.alerts import AlertEngine, make_alert
-from drywallqa.edge.analysis import WatchedClass, analyze_class, to_source_size
+from drywallqa.edge.analysis import WatchedClass, analyze_class
 from drywallqa.edge.broker import EmbeddedBroker, maybe_start_embedded
 from drywallqa.edge.capture import Capture, Frame
 from drywallqa.edge.mqtt_link import EdgeLink
@@ -85,8 +85,8 @@ class EdgeRunner:
         self._commands: queue.Queue[CommandPayload] = queue.Queue()
         self._last_status = 0.0
         self._last_detection = 0.0
-        self._last_annotated: tuple[int, np.ndarray] | None = None
-        self._last_frame: Frame | None = None
+        # The newest analysed frame and its masks (model grid), drawn only when a snapshot is asked for.
+        self._last_analysed: tuple[Frame, dict[str, np.ndarray]] | None = None
         self.broker: EmbeddedBroker | None = None
         self.link: EdgeLink | None = None
         self.capture: Capture | None = None
@@ -201,16 +201,14 @@ class EdgeRunner:
     def _send_snapshot(self, request_id: str | None) -> None:
         if self.link is None:
             return
-        if self._last_annotated is not None:
-            frame_id, image = self._last_annotated
-        elif self._last_frame is not None:
-            frame_id, image = self._last_frame.frame_id, self._last_frame.image
-        else:
+        if self._last_analysed is None:
             self.last_error = "snapshot requested before the first frame"
             return
+        frame, masks = self._last_analysed
+        side = self.settings.mqtt.snapshot_max_side
         self.link.send_snapshot(SnapshotPayload(
-            device_id=self.settings.mqtt.device_id, timestamp=time.time(), frame_id=frame_id,
-            request_id=request_id, jpeg_b64=jpeg_b64(image, self.settings.mqtt.snapshot_max_side)))
+            device_id=self.settings.mqtt.device_id, timestamp=time.time(), frame_id=frame.frame_id,
+            request_id=request_id, jpeg_b64=jpeg_b64(draw_masks(frame.image, masks, max_side=side), side)))
 
     # -- the loop --------------------------------------------------------------------------------------
     def process(self, frame: Frame) -> None:
@@ -233,19 +231,15 @@ class EdgeRunner:
                 max_regions=s.analysis.max_regions, with_skeleton=w.class_name in s.analysis.skeleton_classes,
                 skeleton_max_side=s.analysis.skeleton_max_side, source_hw=source_hw)
             results.append(result)
-            masks[w.class_name] = mask  # on the model's grid; brought to source size only to be drawn
-        self._last_frame = frame
+            masks[w.class_name] = mask  # on the model's grid; draw_masks scales it to what it draws
+        self._last_analysed = (frame, masks)
         firings = self.engine.update(results)
         now_mono = time.monotonic()
         want_detection = s.mqtt.detections_max_hz > 0 and now_mono - self._last_detection >= 1 / s.mqtt.detections_max_hz
-        annotated = None
-        if firings or (want_detection and s.mqtt.detections_preview):
-            masks = {name: to_source_size(m, source_hw) for name, m in masks.items()}
-            annotated = draw_masks(frame.image, masks)
-            self._last_annotated = (frame.frame_id, annotated)
         for firing in firings:
             snap_masks = {firing.result.class_name: masks[firing.result.class_name]}
-            snapshot = jpeg_b64(draw_masks(frame.image, snap_masks), s.mqtt.snapshot_max_side)
+            side = s.mqtt.snapshot_max_side
+            snapshot = jpeg_b64(draw_masks(frame.image, snap_masks, max_side=side), side)
             alert = make_alert(firing, device_id=s.mqtt.device_id, frame_id=frame.frame_id,
                                timestamp=frame.wall_time, snapshot_b64=snapshot)
             self.link.send_alert(alert)
@@ -253,7 +247,10 @@ class EdgeRunner:
             log.info("alert %s: %s %s (frame %d)", alert.event_id, alert.class_name, alert.rule, frame.frame_id)
         if want_detection:
             h, w = frame.image.shape[:2]
-            preview = jpeg_b64(annotated, s.mqtt.preview_max_side, 70) if annotated is not None else None
+            preview = None
+            if s.mqtt.detections_preview:  # drawn at the preview's size: a small drawing for a small JPEG
+                side = s.mqtt.preview_max_side
+                preview = jpeg_b64(draw_masks(frame.image, masks, max_side=side), side, 70)
             if self.link.send_detection(DetectionPayload(
                     device_id=s.mqtt.device_id, frame_id=frame.frame_id, timestamp=frame.wall_time, width=w,
                     height=h, inference_ms=round(inference_ms, 2), results=results, preview_jpeg_b64=preview)):

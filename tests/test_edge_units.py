@@ -20,9 +20,9 @@ from drywallqa.edge.analysis import (
     crack_length,
     skeleton_length,
     skeletonize,
-    to_source_size,
 )
 from drywallqa.edge.payloads import ClassResult
+from drywallqa.edge.render import draw_masks
 from drywallqa.edge.settings import ConfigError, load_settings
 from drywallqa.edge.spool import Spool
 
@@ -46,6 +46,7 @@ def test_default_config_loads_and_env_overrides(monkeypatch):
         ("alerts: [{prompt: crack, metric: length, min: 1}]\n", {}, ["alerts.0.metric", "skeleton_length_px"]),
         ("{}\n", {"DRYWALLQA_MQTT__EMBEDDED_BROKER": "sometimes"}, ["mqtt.embedded_broker", "'never'"]),
         ("source: {uri: ' '}\n", {}, ["source.uri", "must not be empty"]),
+        ("model: {opencv_threads: -1}\n", {}, ["model.opencv_threads", "greater than or equal to 0"]),
     ],
 )
 def test_bad_config_names_field_and_allowed(tmp_path, monkeypatch, yaml_text, env, expected):
@@ -230,7 +231,24 @@ def test_analysis_on_the_model_grid_reports_in_source_pixels():
         assert b.area_px == pytest.approx(a.area_px, rel=0.1)
     assert small.skeleton_length_px == pytest.approx(full.skeleton_length_px, rel=0.05)
     assert small.area_fraction == pytest.approx(full.area_fraction, rel=0.1)
-    assert to_source_size(small_mask, (480, 640)).shape == (480, 640)
+    # Drawn over the 640x480 frame, the grid mask lands where the full-size one is (nearest-neighbour scaling).
+    frame = np.zeros((480, 640, 3), np.uint8)
+    drawn = draw_masks(frame, {"crack": small_mask}).any(axis=2)
+    assert drawn.shape == (480, 640)
+    assert (drawn & (full_mask > 0)).sum() / (drawn | (full_mask > 0)).sum() > 0.85
+    preview = draw_masks(frame, {"crack": small_mask}, max_side=320)
+    assert preview.shape == (240, 320, 3) and preview.any()
+
+
+def test_draw_masks_tints_only_the_mask():
+    image = np.full((60, 80, 3), 100, np.uint8)
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:30, 20:50] = 255
+    out = draw_masks(image, {"crack": mask, "taping": np.zeros((60, 80), np.uint8)})
+    changed = (out != 100).any(axis=2)
+    assert changed[12:28, 22:48].all() and not changed[:9].any() and not changed[:, 51:].any()
+    assert out[20, 30].tolist() == [round(100 * 0.55 + c * 0.45) for c in (230, 40, 40)]  # crack red, 45 %
+    assert (image == 100).all()  # the frame itself is untouched
 
 
 def _reference_thinning(mask: np.ndarray) -> np.ndarray:
@@ -282,3 +300,15 @@ def test_table_driven_thinning_matches_the_pixel_by_pixel_rule():
         if i % 2:
             m |= (rng.random((h, w)) < 0.25).astype(np.uint8)  # speckle: branches, holes, isolated pixels
         assert np.array_equal(skeletonize(m), _reference_thinning(m)), f"mask {i}"
+
+
+def test_resize_is_bilinear_below_a_2x_shrink_and_area_averaging_beyond():
+    import cv2
+
+    from drywallqa.edge.inference import resize_interpolation
+
+    assert resize_interpolation((640, 640), (512, 512)) == cv2.INTER_LINEAR  # the dataset / common camera case
+    assert resize_interpolation((480, 640), (512, 512)) == cv2.INTER_LINEAR  # enlarging
+    assert resize_interpolation((1080, 1920), (512, 512)) == cv2.INTER_AREA  # 3.75x: bilinear would alias
+    assert resize_interpolation((1024, 600), (512, 512)) == cv2.INTER_AREA  # the larger factor decides
+
