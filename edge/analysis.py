@@ -127,12 +127,6 @@ def skeleton_length(skel: np.ndarray, pixel_w: float = 1.0, pixel_h: float = 1.0
     return float(horiz * pixel_w + vert * pixel_h + diagonal * (int(np.count_nonzero(dr)) + int(np.count_nonzero(dl))))
 
 
-def _thinning_scale(h: int, w: int, half_width: float, max_side: int, max_half_width: float) -> float:
-    """Scale at which a region (padded size h x w) is thinned: thinning costs one pass per pixel of
-    half-width, so thick blobs (and very large regions) are thinned smaller and the length scaled back."""
-    return min(1.0, max_side / max(h, w), max_half_width / max(half_width, 1e-6))
-
-
 def crack_length(mask: np.ndarray, max_side: int = 640, max_half_width: float = 8.0,
                  pixel_size: tuple[float, float] = (1.0, 1.0)) -> float:
     """Skeleton length in source pixels (`pixel_size`: source pixels per mask pixel, width and height).
@@ -145,7 +139,7 @@ def crack_length(mask: np.ndarray, max_side: int = 640, max_half_width: float = 
     if not m.any():
         return 0.0
     half_width = float(cv2.distanceTransform(m, cv2.DIST_L2, 3).max())
-    scale = _thinning_scale(h, w, half_width, max_side, max_half_width)
+    scale = min(1.0, max_side / max(h, w), max_half_width / max(half_width, 1e-6))
     if scale < 1.0:
         m = cv2.resize(m, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
         m = (m > 0).astype(np.uint8)

@@ -125,6 +125,14 @@ def test_analyze_class_regions_area_confidence():
     assert empty.region_count == 0 and empty.mean_confidence == 0.0 and empty.area_fraction == 0.0
 
 
+def test_more_regions_than_16_bit_labels_can_count():
+    probs = np.zeros((520, 520), np.float32)
+    probs[::2, ::2] = 0.9  # 260 x 260 isolated pixels: 67,600 regions, beyond 16-bit labels
+    w = WatchedClass("crack", 0, "segment crack", 0.5)
+    result, mask = analyze_class(probs, w, min_region_area_px=0, max_regions=3)
+    assert result.region_count == 260 * 260 and len(result.regions) == 3 and int(mask.sum()) == 260 * 260
+
+
 # -- alert rules ---------------------------------------------------------------------------------------------
 
 
