@@ -15,13 +15,15 @@ class ImageReadError(ValueError):
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     """Any H x W, H x W x 1/3/4 array of uint8/uint16/float -> H x W x 3 uint8 (alpha dropped)."""
     a = np.asarray(array)
+    if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and a.flags.writeable:
+        return np.ascontiguousarray(a)  # the live-frame case: no scan, no copy
     if a.dtype == np.uint16 or (a.dtype.kind in "iu" and a.max(initial=0) > 255):
         a = (a.astype(np.float32) / 257.0).round().clip(0, 255).astype(np.uint8)
     elif a.dtype.kind == "f":
         scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
         a = (a * scale).round().clip(0, 255).astype(np.uint8)
     else:
-        a = a.astype(np.uint8)
+        a = a.astype(np.uint8)  # a copy: callers may write to what they get (PIL's arrays are read-only)
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
     elif a.shape[2] == 1:

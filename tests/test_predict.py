@@ -156,3 +156,17 @@ def test_mask_contract_helpers(tmp_path):
     with pytest.raises(MaskContractError, match="differs from the source"):
         check_mask(good, (7, 5))
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_image_normalisation_copies_only_when_it_must(tmp_path):
+    from drywallqa.imageio import read_image_rgb, to_rgb_uint8
+
+    frame = np.zeros((8, 10, 3), np.uint8)
+    assert to_rgb_uint8(frame) is frame  # a live frame goes to the resize as it is
+    assert to_rgb_uint8(np.full((2, 2), 65535, np.uint16)).tolist() == [[[255] * 3] * 2] * 2
+    assert to_rgb_uint8(np.full((2, 2, 4), 0.5, np.float32))[0, 0].tolist() == [128, 128, 128]
+    path = tmp_path / "a.png"
+    Image.fromarray(np.full((4, 6, 3), 7, np.uint8)).save(path)
+    img = read_image_rgb(path)
+    img[0, 0] = 255  # what a caller reads from a file is its own, writable array
+    assert img.shape == (4, 6, 3) and img[1, 1].tolist() == [7, 7, 7]
