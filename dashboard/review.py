@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from drywallqa.edge.render import shrink_to
 from drywallqa.imageio import ImageReadError, read_image_rgb
 from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
 from drywallqa.vocab import load_vocabulary, prompt_to_filename_part
@@ -139,9 +140,7 @@ def render_overlay(item: ReviewItem, max_side: int = 1024, alpha: float = 0.45) 
     for on, color in outlines:
         contours, _ = cv2.findContours(on, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(result, contours, -1, color, max(1, round(max(h, w) / 400)))
-    scale = min(1.0, max_side / max(h, w))
-    if scale < 1.0:
-        result = cv2.resize(result, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    result = shrink_to(result, max_side)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(result, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:
         raise ReviewError(f"cannot encode overlay for {item.image.name}")

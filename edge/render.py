@@ -23,12 +23,9 @@ def draw_masks(image: np.ndarray, masks: dict[str, np.ndarray], alpha: float = 0
     Masks may be on another grid than the image (the model's): they are scaled to the drawing with nearest
     neighbour. With `max_side` the image is shrunk first, so a small preview costs a small drawing.
     """
-    h, w = image.shape[:2]
-    scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
-    if scale < 1.0:
-        out = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    else:
-        out = image.copy()
+    out = shrink_to(image, max_side) if max_side else image
+    if out is image:
+        out = image.copy()  # never draw on the caller's frame
     oh, ow = out.shape[:2]
     for i, (name, mask) in enumerate(masks.items()):
         if mask.shape[:2] != (oh, ow):
@@ -44,12 +41,18 @@ def draw_masks(image: np.ndarray, masks: dict[str, np.ndarray], alpha: float = 0
     return out
 
 
-def jpeg_b64(image_rgb: np.ndarray, max_side: int = 640, quality: int = 80) -> str:
-    h, w = image_rgb.shape[:2]
+def shrink_to(image: np.ndarray, max_side: int) -> np.ndarray:
+    """The image scaled down (pixel averaging) so its longer side is at most `max_side`; the image itself
+    when it already fits."""
+    h, w = image.shape[:2]
     scale = min(1.0, max_side / max(h, w))
-    if scale < 1.0:
-        image_rgb = cv2.resize(image_rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-                               interpolation=cv2.INTER_AREA)
+    if scale >= 1.0:
+        return image
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def jpeg_b64(image_rgb: np.ndarray, max_side: int = 640, quality: int = 80) -> str:
+    image_rgb = shrink_to(image_rgb, max_side)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError("JPEG encoding failed")

@@ -246,7 +246,7 @@ class EdgeRunner:
             self.stats.alerts += 1
             log.info("alert %s: %s %s (frame %d)", alert.event_id, alert.class_name, alert.rule, frame.frame_id)
         if want_detection:
-            h, w = frame.image.shape[:2]
+            h, w = source_hw
             preview = None
             if s.mqtt.detections_preview:  # drawn at the preview's size: a small drawing for a small JPEG
                 side = s.mqtt.preview_max_side
