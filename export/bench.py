@@ -479,10 +479,11 @@ def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), t
               log=print) -> dict:
     import numpy as np
 
+    rounds = max(1, rounds)
     report: dict = {
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
                     "load_avg_start": _loadavg()},
-        "settings": {"size": list(size), "threads": threads, "iters": iters, "rounds": max(1, rounds),
+        "settings": {"size": list(size), "threads": threads, "iters": iters, "rounds": rounds,
                      "batches": list(BATCHES),
                      "source_hw": list(SOURCE_HW), "measure_budget_s": MEASURE_BUDGET_S},
         "models": [],
@@ -501,7 +502,7 @@ def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), t
             raise SystemExit(f"error: unknown/unavailable backends {sorted(unknown)}; have {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in only]
     for weights in weights_list:
-        report["models"].append(_bench_model(weights, specs, size, threads, iters, max(1, rounds), calib,
+        report["models"].append(_bench_model(weights, specs, size, threads, iters, rounds, calib,
                                              workdir, engine, sources_file, gflops_machine, log))
     report["machine"]["load_avg_end"] = _loadavg()
     return report
@@ -536,6 +537,7 @@ def _bench_model(weights: Path, specs: list[BackendSpec], size, threads, iters, 
         raise RuntimeError(f"pre/post-processing worker failed: {model['prepost']['error']}")
     results: dict[str, dict] = {}
     prepared: dict[str, dict[int, str]] = {}
+    probs_files = {spec.name: workdir / f"{weights.stem}_{spec.name}_probs.npy" for spec in specs}
     for spec in specs:
         try:
             prepared[spec.name] = batch_files(spec, files, weights, engine, workdir)
@@ -549,7 +551,7 @@ def _bench_model(weights: Path, specs: list[BackendSpec], size, threads, iters, 
             bfiles = prepared[spec.name] if rnd == 0 else {1: prepared[spec.name][1]}  # later rounds: batch 1
             res = run_worker({"job": "backend", "name": f"{weights.stem}_{spec.name}", "kind": spec.kind,
                               "device": spec.device, "files": bfiles, "inputs": str(inputs_file),
-                              "probs": str(workdir / f"{weights.stem}_{spec.name}_probs.npy"),
+                              "probs": str(probs_files[spec.name]),
                               "threads": threads, "iters": iters}, workdir, threads)
             results[spec.name] = res if rnd == 0 else merge_round(results[spec.name], res)
     rows = []
@@ -560,7 +562,7 @@ def _bench_model(weights: Path, specs: list[BackendSpec], size, threads, iters, 
         row = {"name": spec.name, "label": spec.label, "precision": spec.precision, "device": spec.device,
                "file": str(artifact), "file_mib": file_size(Path(artifact)) / 2**20, **res}
         if "error" not in res:
-            row["probs_file"] = str(workdir / f"{weights.stem}_{spec.name}_probs.npy")
+            row["probs_file"] = str(probs_files[spec.name])
             row.setdefault("rounds_p50_ms", [res["batches"]["1"]["p50_ms"]])
         rows.append(row)
     _compare(rows, bound_ms)

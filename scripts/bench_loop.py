@@ -138,8 +138,8 @@ def run_one(name: str, model: Path, seconds: float, source_fps: float, backend: 
         batch = seg.preprocess(first)[None]
 
         def model_only(n: int) -> list[float]:
-            """The network alone on a real frame, in this same process (once before and once after the loop,
-            so slow drift of the machine shows up on both sides of the comparison)."""
+            """The network alone on a real frame, in this same process: windows on both sides of the loop
+            (paced mode) or of each loop segment (lossless mode), so the machine's drift shows up on both."""
             for _ in range(3):
                 seg.network(batch)
             out = []
@@ -208,11 +208,12 @@ def main() -> int:
                         "../shared); or a video file")
     p.add_argument("--one", nargs=2, metavar=("PROFILE", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    (ROOT / "cache" / "bench_loop").mkdir(parents=True, exist_ok=True)
+    cache = ROOT / "cache" / "bench_loop"
+    cache.mkdir(parents=True, exist_ok=True)
     if args.video == "site":
-        args.video = _site_video(ROOT / "cache" / "bench_loop" / "site_640x640.avi", 40)
+        args.video = _site_video(cache / "site_640x640.avi", 40)
     elif args.video == "synthetic":
-        args.video = _video(ROOT / "cache" / "bench_loop" / "wall_640x480.avi", 300)
+        args.video = _video(cache / "wall_640x480.avi", 300)
     else:
         args.video = Path(args.video)
 
@@ -222,8 +223,6 @@ def main() -> int:
         return 0
 
     given = dict(m.split("=", 1) for m in args.model)
-    cache = ROOT / "cache" / "bench_loop"
-    cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.profiles:
         model = Path(given[name]) if name in given else _random_model(ARCHS[name], args.size, cache)
