@@ -162,7 +162,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "openvino", "onnxruntime", "tensorrt"])
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: runtime's choice)")
     p.add_argument("--tune-thresholds", action="store_true",
-                   help="also sweep decision thresholds 0.20..0.80 and report the best per class")
+                   help="also sweep the decision rule (thresholds 0.05..0.99, mask shapes pixels and boxes) "
+                        "and report the best per class")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N images per dataset (quick checks)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_eval)

@@ -17,6 +17,7 @@ METADATA_KEY = "drywallqa"
 INPUT_NAME = "image"  # uint8, N x H x W x 3, RGB; scaling/normalisation live inside the graph
 OUTPUT_NAME = "probs"  # float32, N x C x H x W, per-class probabilities at the input resolution
 METADATA_SCHEMA_VERSION = 1
+MaskShape = Literal["pixels", "boxes"]  # how a class's thresholded pixels become its mask (edge/mask_shapes.py)
 
 
 class InvalidModelError(ValueError):
@@ -46,6 +47,10 @@ class ModelMetadata(BaseModel):
     classes: list[str] = Field(min_length=1)
     prompts: dict[str, str] = Field(description="every known prompt (normalised) -> its class")
     thresholds: dict[str, float] = Field(description="decision threshold on the probability, per class")
+    mask_shapes: dict[str, MaskShape] = Field(
+        default_factory=dict,
+        description="per class: 'pixels' (default) or 'boxes' (each region filled to its bounding box)",
+    )
     input: InputSpec
     text_encoder: TextEncoderInfo
     data_fingerprint: str = ""
@@ -60,7 +65,13 @@ class ModelMetadata(BaseModel):
         missing = [c for c in self.classes if c not in self.thresholds]
         if missing:
             raise ValueError(f"no threshold for classes {missing}")
+        stray = sorted(set(self.mask_shapes) - set(self.classes))
+        if stray:
+            raise ValueError(f"mask_shapes for classes not in `classes`: {stray}")
         return self
+
+    def mask_shape(self, class_name: str) -> MaskShape:
+        return self.mask_shapes.get(class_name, "pixels")
 
     def vocabulary(self) -> Vocabulary:
         by_class = {c: [p for p, k in self.prompts.items() if k == c] for c in self.classes}
@@ -96,6 +107,7 @@ def metadata_from_vocabulary(
     thresholds: dict[str, float],
     text_encoder: TextEncoderInfo,
     data_fingerprint: str = "",
+    mask_shapes: dict[str, MaskShape] | None = None,
     **extra: str | float | int,
 ) -> ModelMetadata:
     return ModelMetadata(
@@ -106,6 +118,7 @@ def metadata_from_vocabulary(
         classes=list(vocab.classes),
         prompts=vocab.prompt_to_class,
         thresholds=thresholds,
+        mask_shapes=dict(mask_shapes or {}),
         input=InputSpec(height=input_size[0], width=input_size[1]),
         text_encoder=text_encoder,
         data_fingerprint=data_fingerprint,

@@ -4,7 +4,8 @@ Per class and per prompt (every synonym, through the model's own prompt resoluti
 IoU and Dice as the mean over images and pooled over all pixels. Convention: an image where prediction
 and truth are both empty scores 1.0 in the mean (see drywallqa.metrics). False positives: each class
 on the images of datasets labelled with another class (which cannot contain it). Also latency per image
-(pre-processing, network, post-processing) and the model file size. Optional threshold sweep.
+(pre-processing, network, post-processing) and the model file size. Optional sweep of the decision rule:
+every threshold in SWEEP_THRESHOLDS under every mask shape (edge/mask_shapes.py).
 """
 
 from __future__ import annotations
@@ -17,11 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from drywallqa.metrics import FalsePositiveStats, SegmentationScores, iou_from_counts, threshold_counts
+from drywallqa.contract import MaskShape
+from drywallqa.edge.mask_shapes import MASK_SHAPES, class_mask
+from drywallqa.metrics import (
+    FalsePositiveStats,
+    SegmentationScores,
+    counts,
+    iou_from_counts,
+    threshold_counts,
+)
 from drywallqa.predict import resolve_model
 from drywallqa.progress import progress_bar
 
-SWEEP_THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.20 .. 0.80
+# 0.05 .. 0.95, then finer at the top, where box-shaped classes peak (MODEL.md)
+SWEEP_THRESHOLDS = (*(round(0.05 * i, 2) for i in range(1, 20)), 0.96, 0.97, 0.98, 0.99)
 GALLERY_PER_CLASS = 3  # best and worst images shown per class
 
 
@@ -32,27 +42,44 @@ class EvalResult:
     out_dir: Path | None = None
 
 
+def sweep_counts(prob: np.ndarray, truth: np.ndarray, shape: MaskShape) -> np.ndarray:
+    """T x 3 (intersection, |pred|, |truth|) of the class mask at every SWEEP_THRESHOLDS value."""
+    if shape == "pixels":  # one histogram pass instead of T thresholdings
+        return threshold_counts(prob, truth, np.array(SWEEP_THRESHOLDS))
+    return np.array([counts(class_mask(prob, t, shape), truth) for t in SWEEP_THRESHOLDS], np.int64)
+
+
 @dataclass
 class _Sweep:
-    """Per class: per-image counts at every sweep threshold (own images) and fired counts (other images)."""
+    """Per class and mask shape: per-image counts at every sweep threshold (own images) and fired counts
+    (other images)."""
 
     own: list[np.ndarray] = field(default_factory=list)  # each T x 3 (inter, pred, truth)
     other_fired: list[np.ndarray] = field(default_factory=list)  # each T bool
 
-    def summary(self, thresholds: tuple[float, ...]) -> dict:
+    def rows(self, thresholds: tuple[float, ...], shape: MaskShape) -> list[dict]:
         rows = []
         for k, t in enumerate(thresholds):
             per_image = [iou_from_counts(*c[k]) for c in self.own]
             total = np.sum([c[k] for c in self.own], axis=0) if self.own else np.zeros(3)
             rows.append({
+                "shape": shape,
                 "threshold": t,
                 "iou_mean": float(np.mean(per_image)) if per_image else None,
                 "iou_pooled": _pooled_iou(total) if self.own else None,
                 "fp_image_rate": float(np.mean([f[k] for f in self.other_fired])) if self.other_fired else None,
             })
-        scored = [r for r in rows if r["iou_mean"] is not None]
-        best = max(scored, key=lambda r: (r["iou_mean"], -abs(r["threshold"] - 0.5))) if scored else None
-        return {"best_threshold": best["threshold"] if best else None, "best": best, "rows": rows}
+        return rows
+
+
+def sweep_summary(sweeps: dict[MaskShape, _Sweep]) -> dict:
+    """Every (shape, threshold) row; the best by mean IoU, ties going to pixels and then closest to 0.5."""
+    rows = [r for shape, sw in sweeps.items() for r in sw.rows(SWEEP_THRESHOLDS, shape)]
+    scored = [r for r in rows if r["iou_mean"] is not None]
+    best = max(scored, key=lambda r: (r["iou_mean"], r["shape"] == "pixels", -abs(r["threshold"] - 0.5))) \
+        if scored else None
+    return {"best_threshold": best["threshold"] if best else None, "best_shape": best["shape"] if best else None,
+            "best": best, "rows": rows}
 
 
 def _pooled_iou(total: np.ndarray) -> float | None:
@@ -90,7 +117,7 @@ def evaluate(
     per_prompt = {p: SegmentationScores() for p in prompts}
     fp_class: dict[str, dict[str, FalsePositiveStats]] = {c: defaultdict(FalsePositiveStats) for c in classes}
     fp_prompt = {p: FalsePositiveStats() for p in prompts}
-    sweeps = {c: _Sweep() for c in classes}
+    sweeps = {c: {shape: _Sweep() for shape in MASK_SHAPES} for c in classes}
     ranked: dict[str, list[tuple[float, object]]] = {c: [] for c in classes}
     timing = defaultdict(list)
     skipped: list[str] = []
@@ -116,19 +143,18 @@ def evaluate(
         timing["network"].append(t2 - t1)
         timing["post"].append(t3 - t2)
         for k, cls in enumerate(classes):
-            pred = probs[k] >= meta.thresholds[cls]
+            pred = segmenter.class_mask(probs, cls)
             if cls == truth_class:
                 score = per_class[cls].add(pred, truth)
                 ranked[cls].append((score[0], rec))
             else:
                 fp_class[cls][rec.dataset].add(pred)
             if tune_thresholds:
-                counts = threshold_counts(probs[k], truth if cls == truth_class else np.zeros_like(truth),
-                                          np.array(SWEEP_THRESHOLDS))
-                if cls == truth_class:
-                    sweeps[cls].own.append(counts)
-                else:
-                    sweeps[cls].other_fired.append(counts[:, 1] > 0)
+                for shape, sweep in sweeps[cls].items():
+                    if cls == truth_class:
+                        sweep.own.append(sweep_counts(probs[k], truth, shape))
+                    else:  # boxes fire exactly where pixels do: one count serves both
+                        sweep.other_fired.append(threshold_counts(probs[k], truth, np.array(SWEEP_THRESHOLDS))[:, 1] > 0)
         for prompt, mask in segmenter.masks_from_probabilities(probs, prompts).items():
             if meta.prompts[prompt] == truth_class:
                 per_prompt[prompt].add(mask, truth)
@@ -143,14 +169,15 @@ def evaluate(
         "convention": "IoU/Dice mean: average over images; an image where prediction and truth are both empty "
                       "scores 1.0. Pooled: intersection and union summed over all pixels of all images. "
                       "False positives: a class's prompts on images of datasets labelled with another class.",
-        "per_class": {c: {**per_class[c].summary(), "threshold": meta.thresholds[c]} for c in classes},
+        "per_class": {c: {**per_class[c].summary(), "threshold": meta.thresholds[c], "mask_shape": meta.mask_shape(c)}
+                      for c in classes},
         "per_prompt": {p: {"class": meta.prompts[p], **per_prompt[p].summary()} for p in prompts},
         "false_positives": {c: {ds: s.summary() for ds, s in fp_class[c].items()} for c in classes},
         "false_positives_per_prompt": {p: fp_prompt[p].summary() for p in prompts},
         "latency_ms": {"total": sum(ms.values()), **ms} if ms else {},
     }
     if tune_thresholds:
-        data["threshold_sweep"] = {c: sweeps[c].summary(SWEEP_THRESHOLDS) for c in classes}
+        data["threshold_sweep"] = {c: sweep_summary(sweeps[c]) for c in classes}
     return data, ranked
 
 

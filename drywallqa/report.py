@@ -31,9 +31,9 @@ def tables(data: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Section title -> (header, rows); shared by the Markdown and HTML writers."""
     out: dict[str, tuple[list[str], list[list[str]]]] = {}
     out["Per class"] = (
-        ["class", "images", "IoU mean", "IoU pooled", "Dice mean", "Dice pooled", "both empty", "threshold"],
+        ["class", "images", "IoU mean", "IoU pooled", "Dice mean", "Dice pooled", "both empty", "threshold", "mask shape"],
         [[c, str(s["images"]), _f(s["iou_mean"]), _f(s["iou_pooled"]), _f(s["dice_mean"]), _f(s["dice_pooled"]),
-          str(s["both_empty_images"]), f"{s['threshold']:.2f}"] for c, s in data["per_class"].items()],
+          str(s["both_empty_images"]), f"{s['threshold']:.2f}", s.get("mask_shape", "pixels")] for c, s in data["per_class"].items()],
     )
     out["Per prompt"] = (
         ["prompt", "class", "IoU mean", "IoU pooled", "Dice mean", "Dice pooled", "FP image rate"],
@@ -54,9 +54,9 @@ def tables(data: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
           f"{m.get('file_bytes', 0) / 2**20:.2f}"]],
     )
     for c, sweep in data.get("threshold_sweep", {}).items():
-        out[f"Threshold sweep: {c} (best {sweep['best_threshold']})"] = (
-            ["threshold", "IoU mean", "IoU pooled", "FP image rate"],
-            [[f"{r['threshold']:.2f}" + (" *" if r["threshold"] == sweep["best_threshold"] else ""),
+        out[f"Decision sweep: {c} (best {sweep['best_shape']} at {sweep['best_threshold']})"] = (
+            ["mask shape", "threshold", "IoU mean", "IoU pooled", "FP image rate"],
+            [[r["shape"], f"{r['threshold']:.2f}" + (" *" if r == sweep["best"] else ""),
               _f(r["iou_mean"]), _f(r["iou_pooled"]), _f(r["fp_image_rate"], pct=True)] for r in sweep["rows"]],
         )
     return out
@@ -112,19 +112,17 @@ def jpeg_data_uri(rgb: np.ndarray, quality: int = 75) -> str:
 def gallery(segmenter, ranked: dict[str, list[tuple[float, object]]], load: Callable[[object], object],
             per_class: int) -> dict[str, list[dict]]:
     """Best and worst images per class (by IoU), re-run through the model and drawn as overlays."""
-    meta = segmenter.metadata
     shots: dict[str, list[dict]] = {}
     for cls, items in ranked.items():
         order = sorted(items, key=lambda it: it[0])
         picks = [("worst", it) for it in order[:per_class]]
         picks += [("best", it) for it in order[::-1][:per_class] if all(it is not q for _, q in picks)]
-        k = meta.classes.index(cls)
         shots[cls] = []
         for kind, (score, rec) in picks:
             ex = load(rec)
             if ex.skipped is not None:
                 continue
-            pred = segmenter.probabilities(ex.image)[k] >= meta.thresholds[cls]
+            pred = segmenter.class_mask(segmenter.probabilities(ex.image), cls)
             shots[cls].append({"kind": kind, "iou": score, "id": rec.image_id, "dataset": rec.dataset,
                                "uri": jpeg_data_uri(overlay(ex.image, ex.mask > 0, pred))})
     return shots

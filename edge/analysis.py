@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from drywallqa.contract import MaskShape
+from drywallqa.edge.mask_shapes import fill_boxes
 from drywallqa.edge.payloads import ClassResult, Region
 
 # Each pixel's 8 neighbours as one byte: bit k set when neighbour k is on. Neighbours in Zhang-Suen's order,
@@ -152,6 +154,7 @@ class WatchedClass:
     class_index: int
     prompt: str
     threshold: float
+    mask_shape: MaskShape = "pixels"
 
 
 def analyze_class(
@@ -168,7 +171,8 @@ def analyze_class(
 
     `probs` may sit on the model's grid rather than the source's (`source_hw`): the live loop analyses
     there, which skips upsampling every class to the camera's size each frame. Boxes, areas and lengths
-    are still reported in source pixels.
+    are still reported in source pixels. A class with mask shape `boxes` has each kept region filled to
+    its bounding box (edge/mask_shapes.py); its mean confidence stays that of the predicted pixels.
     """
     h, w = probs.shape
     src_h, src_w = source_hw or (h, w)
@@ -188,10 +192,15 @@ def analyze_class(
         kept = np.zeros(n, np.uint8)
         kept[keep] = 1
         roi[:] = kept[labels]  # a view: this edits `mask`
+    mean_conf = float(cv2.mean(probs[oy:oy + oh, ox:ox + ow], mask=roi)[0]) if keep else 0.0
+    if watched.mask_shape == "boxes":
+        fill_boxes(roi, stats, keep)
     regions: list[Region] = []
     total_len = 0.0
     for rank, i in enumerate(keep):
         x, y, bw, bh, area = (int(v) for v in stats[i, :5])
+        if watched.mask_shape == "boxes":
+            area = bw * bh
         length = None
         if with_skeleton:
             crop = (labels[y:y + bh, x:x + bw] == i)
@@ -203,7 +212,6 @@ def analyze_class(
             bbox = (x0, y0, min(src_w, math.ceil((x + bw) * sx)) - x0, min(src_h, math.ceil((y + bh) * sy)) - y0)
             regions.append(Region(bbox=bbox, area_px=round(area * sx * sy), skeleton_length_px=length))
     area_px = cv2.countNonZero(mask)
-    mean_conf = float(cv2.mean(probs[oy:oy + oh, ox:ox + ow], mask=roi)[0]) if area_px else 0.0
     result = ClassResult(
         class_name=watched.class_name,
         prompt=watched.prompt,

@@ -1,7 +1,7 @@
 """Prompt -> mask on top of any backend: resize in, per-class probabilities back at source size, thresholds.
 
 Prompts are resolved to classes with the vocabulary stored in the model's metadata, and each class's
-decision threshold comes from there too, so a model file is self-describing.
+decision rule (threshold and mask shape) comes from there too, so a model file is self-describing.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from drywallqa.edge.backends import InferenceBackend
+from drywallqa.edge.mask_shapes import class_mask
 from drywallqa.imageio import to_rgb_uint8
 
 AREA_FROM_FACTOR = 2.0  # shrinking by this factor or more averages pixels (INTER_AREA); less is bilinear
@@ -89,13 +90,15 @@ class PromptSegmenter:
         """C x H0 x W0 float32 probabilities at the source size, classes in `metadata.classes` order."""
         return self.probabilities_batch([image])[0]
 
+    def class_mask(self, probs: np.ndarray, class_name: str) -> np.ndarray:
+        """Bool mask of one class from C x H x W probabilities, under the model's decision rule."""
+        k = self.metadata.classes.index(class_name)
+        return class_mask(probs[k], self.metadata.thresholds[class_name], self.metadata.mask_shape(class_name))
+
     def masks_from_probabilities(self, probs: np.ndarray, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         classes = self.resolve(prompts)
-        out = {}
-        for prompt, cls in zip(prompts, classes, strict=True):
-            k = self.metadata.classes.index(cls)
-            out[prompt] = np.where(probs[k] >= self.metadata.thresholds[cls], 255, 0).astype(np.uint8)
-        return out
+        by_class = {cls: self.class_mask(probs, cls).view(np.uint8) * np.uint8(255) for cls in set(classes)}
+        return {prompt: by_class[cls].copy() for prompt, cls in zip(prompts, classes, strict=True)}
 
     def masks_batch(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[dict[str, np.ndarray]]:
         self.resolve(prompts)  # fail on an unknown prompt before spending time on inference

@@ -145,7 +145,8 @@ class EdgeRunner:
         for prompt in prompts:
             cls = self._resolve_class(prompt)
             if cls not in out:
-                out[cls] = WatchedClass(cls, self.meta.classes.index(cls), prompt, float(self.meta.thresholds[cls]))
+                out[cls] = WatchedClass(cls, self.meta.classes.index(cls), prompt, float(self.meta.thresholds[cls]),
+                                        self.meta.mask_shape(cls))
         return list(out.values())
 
     # -- status ------------------------------------------------------------------------------------------

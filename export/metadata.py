@@ -35,6 +35,7 @@ def build_metadata(
         thresholds=thresholds,
         text_encoder=TextEncoderInfo(name=info.text_encoder, dim=int(embed_dim)),
         data_fingerprint=info.data_fingerprint,
+        mask_shapes=info.mask_shapes,
     )
     meta.input.dynamic_batch = dynamic_batch
     meta.precision = precision

@@ -42,7 +42,7 @@ def stages(model: str, video: str, frames: int, threads: int) -> dict[str, float
         batch = timed("preprocess", lambda rgb=rgb: seg.preprocess(rgb)[None])
         probs = timed("network", lambda batch=batch: seg.network(batch)[0])
         for k, name in enumerate(seg.classes):
-            w = WatchedClass(name, k, name, float(seg.metadata.thresholds[name]))
+            w = WatchedClass(name, k, name, float(seg.metadata.thresholds[name]), seg.metadata.mask_shape(name))
             timed(f"analysis {name}", lambda p=probs[k], w=w, hw=rgb.shape[:2]: analyze_class(
                 p, w, with_skeleton=w.class_name == "crack", source_hw=hw))
     return {k: (float(np.median(v[3:])), float(np.mean(v[3:]))) for k, v in times.items()}

@@ -122,11 +122,12 @@ def test_evaluate_hand_made_predictions():
     assert data["false_positives"]["taping"]["cracks"] == {"images": 2, "fp_image_rate": 0.5,
                                                            "mean_pred_area": pytest.approx(0.5)}
     # sweep: crack image 2 has p=0.2 everywhere -> at t=0.20 it fires (IoU 0), above it it is correctly empty
-    rows = {r["threshold"]: r for r in data["threshold_sweep"]["crack"]["rows"]}
+    rows = {r["threshold"]: r for r in data["threshold_sweep"]["crack"]["rows"] if r["shape"] == "pixels"}
     assert rows[0.2]["iou_mean"] == pytest.approx((1 / 3 + 0) / 2)
     assert rows[0.5]["iou_mean"] == pytest.approx((1 / 3 + 1) / 2)
     assert rows[0.75]["fp_image_rate"] == 0.0 and rows[0.7]["fp_image_rate"] == 1.0
     assert data["threshold_sweep"]["crack"]["best_threshold"] == 0.5  # ties: closest to 0.5
+    assert data["threshold_sweep"]["crack"]["best_shape"] == "pixels"  # single pixels: boxes tie, pixels win
     assert [round(s, 3) for s, _ in ranked["crack"]] == [0.333, 1.0]
 
 
@@ -147,8 +148,9 @@ def test_eval_end_to_end_writes_json_markdown_html(tmp_path, capsys):
     assert data["latency_ms"]["total"] > 0
     assert set(data["per_prompt"]) == set(load_vocabulary().all_prompts)
     for cls in ("crack", "taping"):
-        best = data["threshold_sweep"][cls]["best_threshold"]
-        assert best is None or 0.2 <= best <= 0.8
+        sweep = data["threshold_sweep"][cls]
+        assert sweep["best_threshold"] is None or sweep["best_threshold"] in SWEEP_THRESHOLDS
+        assert {r["shape"] for r in sweep["rows"]} == {"pixels", "boxes"}
     html = (tmp_path / "rep" / "eval.html").read_text()
     assert html.count("src='data:image/jpeg;base64,") >= 1 and "both empty scores 1.0" in html
     assert (tmp_path / "rep" / "eval.md").read_text().startswith("# DrywallQA evaluation")

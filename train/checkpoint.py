@@ -2,7 +2,7 @@
 
 Header metadata (all strings): architecture, profile, classes (JSON list), prompts (JSON list, the
 order of the baked embedding rows), prompt_class (JSON list of class indices), text_encoder,
-thresholds (JSON dict), input_size (JSON [h, w]), data_fingerprint, version, recipe (JSON).
+thresholds (JSON dict), mask_shapes (JSON dict, class -> 'pixels'|'boxes'), input_size (JSON [h, w]), data_fingerprint, version, recipe (JSON).
 The prompt embeddings themselves are tensors in the file (the model's buffers).
 """
 
@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
+from drywallqa.contract import MaskShape
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
 
 
@@ -28,6 +30,7 @@ class CheckpointInfo:
     data_fingerprint: str = ""
     version: str = "0.1.0"
     recipe: dict = field(default_factory=dict)
+    mask_shapes: dict[str, str] = field(default_factory=dict)
 
     def to_header(self) -> dict[str, str]:
         return {
@@ -42,6 +45,7 @@ class CheckpointInfo:
             "data_fingerprint": self.data_fingerprint,
             "version": self.version,
             "recipe": json.dumps(self.recipe),
+            "mask_shapes": json.dumps(self.mask_shapes),
         }
 
     @classmethod
@@ -58,6 +62,7 @@ class CheckpointInfo:
             data_fingerprint=header.get("data_fingerprint", ""),
             version=header.get("version", "0.1.0"),
             recipe=json.loads(header.get("recipe", "{}")),
+            mask_shapes=json.loads(header.get("mask_shapes", "{}")),
         )
 
 
@@ -99,8 +104,9 @@ def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[Segmenter
     return model.eval(), info
 
 
-def set_thresholds(path: str | Path, thresholds: dict[str, float]) -> None:
-    """Rewrite a shipped file's decision thresholds (tuned on validation) in place; tensors are untouched."""
+def set_thresholds(path: str | Path, thresholds: dict[str, float], mask_shapes: dict[str, str] | None = None) -> None:
+    """Rewrite a shipped file's decision rule (thresholds and mask shapes, tuned on validation) in place;
+    tensors are untouched."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -108,8 +114,13 @@ def set_thresholds(path: str | Path, thresholds: dict[str, float]) -> None:
         header = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     info = CheckpointInfo.from_header(header)
-    unknown = set(thresholds) - set(info.classes)
+    shapes = mask_shapes or {}
+    unknown = (set(thresholds) | set(shapes)) - set(info.classes)
     if unknown:
-        raise ValueError(f"thresholds for unknown classes {sorted(unknown)}; classes: {info.classes}")
+        raise ValueError(f"decision rule for unknown classes {sorted(unknown)}; classes: {info.classes}")
+    bad = {k: v for k, v in shapes.items() if v not in get_args(MaskShape)}
+    if bad:
+        raise ValueError(f"unknown mask shapes {bad}; allowed: {list(get_args(MaskShape))}")
     info.thresholds = {**info.thresholds, **{k: float(v) for k, v in thresholds.items()}}
+    info.mask_shapes = {**info.mask_shapes, **shapes}
     save_file(tensors, str(path), metadata=info.to_header())

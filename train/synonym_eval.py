@@ -2,7 +2,8 @@
 
 The exported graph answers per class (the centroid of its synonyms' embeddings); this evaluates every
 prompt's own baked embedding too, from one backbone pass per image, so the card can report the spread
-across wordings. Also sweeps decision thresholds for the class output.
+across wordings, under the checkpoint's decision rule (threshold and mask shape per class). Also sweeps
+the class output's threshold under its mask shape.
 
     python -m drywallqa.train.synonym_eval --weights models/hrnet_w18_student.safetensors --out runs/syn_hrnet.json
 """
@@ -19,11 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from drywallqa.edge.inference import resize_interpolation
+from drywallqa.edge.mask_shapes import class_mask
+from drywallqa.evaluate import SWEEP_THRESHOLDS
 from drywallqa.metrics import counts, dice_from_counts, iou_from_counts
 from drywallqa.train.checkpoint import load_weights
 from drywallqa.train.data.prepare import load_labelled, load_setup, records_in_split
 
-THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 0.81, 0.05)]
+THRESHOLDS = list(SWEEP_THRESHOLDS)
 
 
 @torch.no_grad()
@@ -51,11 +54,12 @@ def evaluate(weights: str, size: int | None = None, limit: int | None = None, th
             logits = model.head(feat, emb)
             probs = torch.sigmoid(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False))[0].numpy()
             truth = ex.mask > 0
+            shape = info.mask_shapes.get(rec.class_name, "pixels")
             for t in THRESHOLDS:
-                rows.setdefault(f"class:{rec.class_name}@{t}", []).append(counts(probs[0] >= t, truth))
+                rows.setdefault(f"class:{rec.class_name}@{t}", []).append(counts(class_mask(probs[0], t, shape), truth))
             thr = info.thresholds[rec.class_name]
             for j, p in enumerate(own):
-                rows.setdefault(f"prompt:{prompts[p]}", []).append(counts(probs[1 + j] >= thr, truth))
+                rows.setdefault(f"prompt:{prompts[p]}", []).append(counts(class_mask(probs[1 + j], thr, shape), truth))
     summary = {}
     for key, cs in rows.items():
         arr = np.array(cs)
