@@ -44,6 +44,17 @@ class AlertEngine:
         """`resolve(prompt_or_class) -> class name` (raises UnknownPromptError for unknown prompts)."""
         return cls([Rule(resolve(r.prompt), r.metric, r.min, r.persistence_frames, r.cooldown_s) for r in rules])
 
+    def can_fire(self, class_name: str, now: float) -> bool:
+        """Whether any rule of `class_name` could fire at `now`: it has one, and is not cooling down.
+
+        The live loop skips costly measurements (crack skeletons) that no alert could carry: during a
+        cool-down a length rule's streak therefore restarts, so after it the rule needs
+        `persistence_frames` fresh frames, as it did for its first alert.
+        """
+        last = self._last_fired.get(class_name)
+        return any(rule.class_name == class_name and (last is None or now - last >= rule.cooldown_s)
+                   for rule in self.rules)
+
     def update(self, results: list[ClassResult], now: float | None = None) -> list[Firing]:
         """Feed one frame's results; returns the rules that fire on this frame (at most one per class)."""
         now = time.monotonic() if now is None else now

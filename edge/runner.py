@@ -24,7 +24,13 @@ from drywallqa.edge.analysis import WatchedClass, analyze_class
 from drywallqa.edge.broker import EmbeddedBroker, maybe_start_embedded
 from drywallqa.edge.capture import Capture, Frame
 from drywallqa.edge.mqtt_link import EdgeLink
-from drywallqa.edge.payloads import CommandPayload, DetectionPayload, SnapshotPayload, StatusPayload
+from drywallqa.edge.payloads import (
+    ClassResult,
+    CommandPayload,
+    DetectionPayload,
+    SnapshotPayload,
+    StatusPayload,
+)
 from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
 from drywallqa.edge.settings import ConfigError, EdgeSettings
@@ -222,21 +228,23 @@ class EdgeRunner:
         probs = self.segmenter.model_probabilities(frame.image)
         return probs, (time.perf_counter() - t0) * 1000
 
-    def analyze_and_publish(self, frame: Frame, probs: np.ndarray, inference_ms: float) -> None:
+    def analyze_and_publish(self, frame: Frame, probs: np.ndarray, inference_ms: float) -> list[ClassResult]:
+        """Measure each watched class, run the alert rules, publish; returns the frame's measurements."""
         s = self.settings
         source_hw = frame.image.shape[:2]
+        now_mono = time.monotonic()
+        want_detection = s.mqtt.detections_max_hz > 0 and now_mono - self._last_detection >= 1 / s.mqtt.detections_max_hz
         results, masks = [], {}
         for w in self.watched:
             result, mask = analyze_class(
                 probs[w.class_index], w, min_region_area_px=s.analysis.min_region_area_px,
-                max_regions=s.analysis.max_regions, with_skeleton=w.class_name in s.analysis.skeleton_classes,
+                max_regions=s.analysis.max_regions,
+                with_skeleton=self._skeleton_wanted(w.class_name, want_detection, now_mono),
                 skeleton_max_side=s.analysis.skeleton_max_side, source_hw=source_hw)
             results.append(result)
             masks[w.class_name] = mask  # on the model's grid; draw_masks scales it to what it draws
         self._last_analysed = (frame, masks)
-        firings = self.engine.update(results)
-        now_mono = time.monotonic()
-        want_detection = s.mqtt.detections_max_hz > 0 and now_mono - self._last_detection >= 1 / s.mqtt.detections_max_hz
+        firings = self.engine.update(results, now_mono)
         for firing in firings:
             snap_masks = {firing.result.class_name: masks[firing.result.class_name]}
             side = s.mqtt.snapshot_max_side
@@ -260,6 +268,15 @@ class EdgeRunner:
         if len(self.stats.latencies_ms) < self.keep_latencies:
             self.stats.latencies_ms.append((time.monotonic() - frame.t_capture) * 1000)
             self.stats.inference_ms.append(inference_ms)
+        return results
+
+    def _skeleton_wanted(self, class_name: str, want_detection: bool, now: float) -> bool:
+        """Thin a class's regions only when something reads the length: a detection published with this frame,
+        or an alert of the class (not while the class cools down after one). On a wall with a crack in view
+        this skips most thinning, the costliest part of the analysis."""
+        if class_name not in self.settings.analysis.skeleton_classes:
+            return False
+        return want_detection or self.engine.can_fire(class_name, now)
 
     def run(self) -> LoopStats:
         """Run until stopped, the source ends, or --max-frames / --duration is reached; always shuts down."""

@@ -216,3 +216,35 @@ def test_check_config_loads_model_and_resolves_prompts(tmp_path, model):
                           env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "'segment crack' -> crack" in proc.stdout and "secret" not in proc.stdout
+
+
+def test_crack_skeleton_is_measured_only_when_something_reads_it(tmp_path, mosquitto, model):
+    """Thinning, the costliest analysis, runs for published detections and for frames that could raise an
+    alert, and not while the class cools down after one; every other measurement runs on every frame."""
+    from drywallqa.edge.capture import Frame
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import load_settings
+
+    cfg = write_config(
+        tmp_path / "edge.yaml", uri=str(make_video(tmp_path / "v.avi", 5)), model=model, port=mosquitto.port,
+        spool=tmp_path / "spool.sqlite", mqtt={"detections_max_hz": 0.5},
+        rules=[{"prompt": "segment crack", "metric": "skeleton_length_px", "min": 10, "persistence_frames": 1,
+                "cooldown_s": 60}])
+    runner = EdgeRunner(load_settings(cfg)).setup()
+    probs = np.zeros((2, 64, 64), np.float32)
+    probs[0, 10:50, 30:33] = 0.99  # a vertical crack, 40 cells long on the 64 x 64 model grid
+
+    def crack(frame_id: int):
+        frame = Frame(frame_id, np.zeros((128, 128, 3), np.uint8), time.monotonic(), time.time())
+        return {r.class_name: r for r in runner.analyze_and_publish(frame, probs, 1.0)}["crack"]
+
+    try:
+        first = crack(1)  # a detection is due and the rule can fire: thinned, and the alert carries the length
+        assert 60 < first.skeleton_length_px < 90 and runner.stats.alerts == 1  # ~2 x 38 source pixels
+        cooling = crack(2)  # cooling down, next detection not due yet: nothing reads a length
+        assert cooling.skeleton_length_px == 0.0 and cooling.regions[0].skeleton_length_px is None
+        assert cooling.area_fraction == first.area_fraction and cooling.region_count == 1
+        runner._last_detection -= 10  # the next detection is due: its payload carries the length again
+        assert crack(3).skeleton_length_px == first.skeleton_length_px and runner.stats.alerts == 1
+    finally:
+        runner.shutdown()

@@ -320,3 +320,11 @@ def test_resize_is_bilinear_below_a_2x_shrink_and_area_averaging_beyond():
     assert resize_interpolation((1080, 1920), (512, 512)) == cv2.INTER_AREA  # 3.75x: bilinear would alias
     assert resize_interpolation((1024, 600), (512, 512)) == cv2.INTER_AREA  # the larger factor decides
 
+
+
+def test_can_fire_follows_the_cooldown_of_the_class():
+    engine = AlertEngine([Rule("crack", "skeleton_length_px", 50, persistence_frames=1, cooldown_s=10)])
+    assert engine.can_fire("crack", now=0) and not engine.can_fire("taping", now=0)  # no rule for taping
+    assert engine.update([ClassResult(class_name="crack", prompt="crack", area_fraction=0.1, region_count=1,
+                                      mean_confidence=0.9, skeleton_length_px=80)], now=1)
+    assert not engine.can_fire("crack", now=5) and engine.can_fire("crack", now=11)
