@@ -149,12 +149,13 @@ def evaluate(
                 ranked[cls].append((score[0], rec))
             else:
                 fp_class[cls][rec.dataset].add(pred)
-            if tune_thresholds:
+            if tune_thresholds and cls == truth_class:
                 for shape, sweep in sweeps[cls].items():
-                    if cls == truth_class:
-                        sweep.own.append(sweep_counts(probs[k], truth, shape))
-                    else:  # boxes fire exactly where pixels do: one count serves both
-                        sweep.other_fired.append(threshold_counts(probs[k], truth, np.array(SWEEP_THRESHOLDS))[:, 1] > 0)
+                    sweep.own.append(sweep_counts(probs[k], truth, shape))
+            elif tune_thresholds:  # a box fires exactly where its pixels do: one count serves every shape
+                fired = threshold_counts(probs[k], truth, np.array(SWEEP_THRESHOLDS))[:, 1] > 0
+                for sweep in sweeps[cls].values():
+                    sweep.other_fired.append(fired)
         for prompt, mask in segmenter.masks_from_probabilities(probs, prompts).items():
             if meta.prompts[prompt] == truth_class:
                 per_prompt[prompt].add(mask, truth)
