@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
 
-from drywallqa.contract import MaskShape
+from drywallqa.edge.mask_shapes import MASK_SHAPES
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
 
 
@@ -118,9 +117,9 @@ def set_thresholds(path: str | Path, thresholds: dict[str, float], mask_shapes: 
     unknown = (set(thresholds) | set(shapes)) - set(info.classes)
     if unknown:
         raise ValueError(f"decision rule for unknown classes {sorted(unknown)}; classes: {info.classes}")
-    bad = {k: v for k, v in shapes.items() if v not in get_args(MaskShape)}
+    bad = {k: v for k, v in shapes.items() if v not in MASK_SHAPES}
     if bad:
-        raise ValueError(f"unknown mask shapes {bad}; allowed: {list(get_args(MaskShape))}")
+        raise ValueError(f"unknown mask shapes {bad}; allowed: {list(MASK_SHAPES)}")
     info.thresholds = {**info.thresholds, **{k: float(v) for k, v in thresholds.items()}}
     info.mask_shapes = {**info.mask_shapes, **shapes}
     save_file(tensors, str(path), metadata=info.to_header())

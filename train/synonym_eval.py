@@ -21,12 +21,10 @@ import torch.nn.functional as F
 
 from drywallqa.edge.inference import resize_interpolation
 from drywallqa.edge.mask_shapes import class_mask
-from drywallqa.evaluate import SWEEP_THRESHOLDS
+from drywallqa.evaluate import SWEEP_THRESHOLDS, sweep_counts
 from drywallqa.metrics import counts, dice_from_counts, iou_from_counts
 from drywallqa.train.checkpoint import load_weights
 from drywallqa.train.data.prepare import load_labelled, load_setup, records_in_split
-
-THRESHOLDS = list(SWEEP_THRESHOLDS)
 
 
 @torch.no_grad()
@@ -55,8 +53,8 @@ def evaluate(weights: str, size: int | None = None, limit: int | None = None, th
             probs = torch.sigmoid(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False))[0].numpy()
             truth = ex.mask > 0
             shape = info.mask_shapes.get(rec.class_name, "pixels")
-            for t in THRESHOLDS:
-                rows.setdefault(f"class:{rec.class_name}@{t}", []).append(counts(class_mask(probs[0], t, shape), truth))
+            for t, row in zip(SWEEP_THRESHOLDS, sweep_counts(probs[0], truth, shape), strict=True):
+                rows.setdefault(f"class:{rec.class_name}@{t}", []).append(tuple(int(v) for v in row))
             thr = info.thresholds[rec.class_name]
             for j, p in enumerate(own):
                 rows.setdefault(f"prompt:{prompts[p]}", []).append(counts(class_mask(probs[1 + j], thr, shape), truth))
@@ -72,7 +70,7 @@ def evaluate(weights: str, size: int | None = None, limit: int | None = None, th
         }
     best = {}
     for cname in info.classes:
-        cands = [(summary[f"class:{cname}@{t}"]["iou_mean"], -abs(t - 0.5), t) for t in THRESHOLDS
+        cands = [(summary[f"class:{cname}@{t}"]["iou_mean"], -abs(t - 0.5), t) for t in SWEEP_THRESHOLDS
                  if f"class:{cname}@{t}" in summary]
         if cands:
             best[cname] = max(cands)[2]
