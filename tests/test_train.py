@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from drywallqa.train.augment import augment_batch  # noqa: E402
 from drywallqa.train.checkpoint import CheckpointInfo, load_weights, save_weights  # noqa: E402
-from drywallqa.train.losses import cldice_loss, segmentation_loss  # noqa: E402
+from drywallqa.train.losses import LOSSES, cldice_loss, lovasz_hinge_per_image, segmentation_loss  # noqa: E402
 from drywallqa.train.models.hrnet import HRNetW18  # noqa: E402
 from drywallqa.train.models.segmenter import ExportWrapper, build_segmenter  # noqa: E402
 from drywallqa.vocab import UnknownPromptError, load_vocabulary  # noqa: E402
@@ -104,10 +104,43 @@ def test_cldice_is_near_zero_for_a_perfect_thin_prediction_and_losses_are_finite
     perfect = (target * 2 - 1) * 20
     assert cldice_loss(perfect, target).item() < 0.05
     assert cldice_loss(-perfect, target).item() > 0.9
-    for kind in ("bce_dice", "bce_dice_cldice"):
+    for kind in LOSSES:
         assert torch.isfinite(segmentation_loss(perfect, target, kind))
     with pytest.raises(ValueError, match="unknown loss"):
         segmentation_loss(perfect, target, "nope")
+
+
+def _lovasz_reference(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Berman et al.'s flat Lovász hinge for one mask, written out step by step."""
+    signs = 2 * labels - 1
+    errors = 1 - logits * signs
+    errors_sorted, perm = torch.sort(errors, descending=True)
+    gt = labels[perm]
+    total = 0.0
+    for i in range(len(gt)):
+        inter = gt.sum() - gt[: i + 1].sum()
+        union = gt.sum() + (1 - gt[: i + 1]).sum()
+        jac = 1 - inter / union
+        prev = 0.0 if i == 0 else 1 - (gt.sum() - gt[:i].sum()) / (gt.sum() + (1 - gt[:i]).sum())
+        total += float(torch.relu(errors_sorted[i]) * (jac - prev))
+    return total
+
+
+def test_lovasz_hinge_is_per_image_and_matches_the_reference():
+    torch.manual_seed(0)
+    target = (torch.rand(2, 1, 6, 6) > 0.6).float()
+    logits = torch.randn(2, 1, 6, 6) * 2
+    expected = np.mean([_lovasz_reference(logits[i, 0].flatten(), target[i, 0].flatten()) for i in range(2)])
+    assert lovasz_hinge_per_image(logits, target).item() == pytest.approx(expected, rel=1e-5)
+    # a confident, correct mask costs nothing; all-zero logits cost exactly 1 (IoU 0) per mask
+    confident = (target * 2 - 1) * 3
+    assert lovasz_hinge_per_image(confident, target).item() == pytest.approx(0.0)
+    assert lovasz_hinge_per_image(torch.zeros_like(target), target).item() == pytest.approx(1.0)
+    # per image: one perfect and one hopeless image average to 0.5
+    assert lovasz_hinge_per_image(torch.stack([confident[0], torch.zeros_like(confident[1])]), target).item() \
+        == pytest.approx(0.5)
+    # soft augmented targets are binarised at 0.5
+    assert lovasz_hinge_per_image(confident, target * 0.8).item() == pytest.approx(0.0)
 
 
 def _train(tmp_path: Path, epochs: int, extra_env: dict | None = None, teacher: str | None = None,
@@ -157,6 +190,23 @@ def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "out.safetensors").exists()
     assert len((tmp_path / "runs" / "tiny" / "log.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_on_a_time_budget(tmp_path):
+    """Each rank reads its own clock; they must agree on the stopping step or the all-reduce hangs."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cache = write_synthetic_cache(tmp_path / "cache")
+    cfg = tiny_train_config(tmp_path / "cfg.yaml", tmp_path / "out.safetensors", tmp_path / "runs", epochs=100_000)
+    cfg.write_text(cfg.read_text() + "time_budget_s: 6\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "drywallqa.train.cli",
+                          "--config", str(cfg), "--cache", str(cache)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    epochs = len((tmp_path / "runs" / "tiny" / "log.jsonl").read_text().splitlines())
+    assert 5 < epochs < 100_000  # several budget checks (some mid-epoch, at every 10th step) and the clock ended it
+    assert (tmp_path / "out.safetensors").exists()
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -238,3 +288,43 @@ def test_time_budgeted_run_stops_on_time_with_its_schedule_finished(tmp_path):
     assert 1 <= len(log) < 10_000  # the clock, not the epoch cap, ended it
     assert log[-1]["lr"] < 0.1 * cfg.lr < log[0]["lr"]  # and the cosine had reached its tail by then
     assert (tmp_path / "out.safetensors").exists()
+
+
+def test_frozen_batchnorm_keeps_its_statistics_while_the_weights_learn(tmp_path):
+    from drywallqa.train.trainer import TrainConfig, train
+    from drywallqa.train.training_data import InMemoryData
+
+    cache = write_synthetic_cache(tmp_path / "cache")
+    data = InMemoryData.from_cache(cache, 64, "train")
+    vocab, emb, _ = random_embeddings()
+    torch.set_num_threads(1)
+
+    def run(name: str, **kw) -> dict:
+        cfg = TrainConfig(name=name, architecture="effnet_lite0_fpn", profile="lite",
+                          output=str(tmp_path / f"{name}.safetensors"), runs_dir=str(tmp_path / "runs"),
+                          cache_size=64, crop=32, batch_size=2, epochs=1, lr=1e-3, warmup_steps=1,
+                          max_steps_per_epoch=3, log_every=0, **kw)
+        train(cfg, data, None, emb, list(vocab.all_prompts), "random", vocab=vocab, log=lambda _: None)
+        return load_weights(tmp_path / f"{name}.safetensors")[0].state_dict()
+
+    start = run("start")
+    frozen = run("frozen", init_weights=str(tmp_path / "start.safetensors"), freeze_bn=True)
+    moving = run("moving", init_weights=str(tmp_path / "start.safetensors"))
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(frozen[k], start[k]) for k in stats)
+    assert not all(torch.equal(moving[k], start[k]) for k in stats)
+    convs = [k for k in start if k.endswith(".weight") and start[k].dim() == 4]
+    assert any(not torch.equal(frozen[k], start[k]) for k in convs)  # the weights themselves still train
+
+
+def test_every_shipped_training_config_loads():
+    from drywallqa.train.losses import LOSSES as known_losses
+    from drywallqa.train.models.segmenter import ARCHITECTURES
+    from drywallqa.train.trainer import TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    configs = sorted(root.glob("train_*.yaml")) + sorted(root.glob("finetune_*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        cfg = TrainConfig.from_yaml(path)
+        assert cfg.architecture in ARCHITECTURES and cfg.loss in known_losses, path

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from drywallqa.train.losses import LOSSES
 from drywallqa.train.text_encoders import load_embeddings
 from drywallqa.train.trainer import TrainConfig, train
 from drywallqa.train.training_data import InMemoryData
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--encoder-weights", default=None, help="ImageNet encoder weights (teacher from scratch)")
     ap.add_argument("--init", default=None, help="continue from these weights (a fresh schedule)")
     ap.add_argument("--teacher", default=None, help="distil from this teacher (student role)")
-    ap.add_argument("--loss", default="bce_dice", choices=["bce_dice", "bce_dice_cldice"])
+    ap.add_argument("--loss", default="bce_dice", choices=LOSSES)
     ap.add_argument("--crop", type=int, default=384)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)

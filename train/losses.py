@@ -1,4 +1,4 @@
-"""Segmentation losses: BCE + soft Dice, an optional clDice term for thin structures, and distillation."""
+"""Segmentation losses: BCE + soft Dice, optional clDice (thin structures) or Lovász (IoU) terms, and distillation."""
 
 from __future__ import annotations
 
@@ -39,6 +39,28 @@ def cldice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) ->
     return 1 - 2 * tprec * tsens / (tprec + tsens)
 
 
+def lovasz_hinge_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Lovász hinge (Berman et al., CVPR 2018), a convex surrogate of 1 - IoU, per image and channel.
+
+    The validation metric is IoU averaged over images, so each (image, class) mask is its own IoU term
+    rather than one pooled over the batch. Soft targets (bilinear augmentation) are binarised at 0.5.
+    """
+    logits = logits.flatten(2).flatten(0, 1).float()  # (B*K) x N
+    labels = (target.flatten(2).flatten(0, 1) >= 0.5).float()
+    errors = 1.0 - logits * (2.0 * labels - 1.0)
+    errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+    gt_sorted = torch.gather(labels, 1, order)
+    gts = gt_sorted.sum(1, keepdim=True)
+    intersection = gts - gt_sorted.cumsum(1)
+    union = gts + (1.0 - gt_sorted).cumsum(1)
+    jaccard = 1.0 - intersection / union
+    grad = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    return (F.relu(errors_sorted) * grad).sum(1).mean()
+
+
+LOSSES = ("bce_dice", "bce_dice_cldice", "bce_dice_lovasz")
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce_dice",
                       cldice_channels: list[int] | None = None) -> torch.Tensor:
     """logits/target: B x K x H x W. `cldice_channels` (e.g. the crack channel) get the clDice term."""
@@ -48,7 +70,9 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "b
     if kind == "bce_dice_cldice":
         ch = cldice_channels if cldice_channels is not None else list(range(logits.shape[1]))
         return loss + 0.5 * cldice_loss(logits[:, ch], target[:, ch])
-    raise ValueError(f"unknown loss {kind!r}; known: bce_dice, bce_dice_cldice")
+    if kind == "bce_dice_lovasz":
+        return loss + lovasz_hinge_per_image(logits, target)
+    raise ValueError(f"unknown loss {kind!r}; known: {', '.join(LOSSES)}")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:

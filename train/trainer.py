@@ -27,6 +27,8 @@ from drywallqa.train.models.segmenter import Segmenter, build_segmenter
 from drywallqa.train.training_data import InMemoryData
 from drywallqa.vocab import Vocabulary, load_vocabulary
 
+BUDGET_CHECK_EVERY = 10  # steps between the ranks' time-budget agreements under DDP (one collective each)
+
 
 @dataclass
 class TrainConfig:
@@ -38,6 +40,7 @@ class TrainConfig:
     teacher: str | None = None  # weights of a trained teacher -> distillation
     init_weights: str | None = None  # start from these weights (fine-tuning) instead of from scratch/ImageNet
     distill_weight: float = 1.0
+    freeze_bn: bool = False  # fine-tuning with small batches: keep BatchNorm's running statistics as they are
     loss: str = "bce_dice"
     cache_size: int = 512
     crop: int = 384
@@ -127,9 +130,18 @@ class DistEnv:
         return torch.device("cpu")
 
 
+def set_training_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
+    """model.train(), except that frozen BatchNorm layers keep normalising with their running statistics."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 @torch.no_grad()
 def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: int, num_classes: int,
-             threshold: float = 0.5) -> dict[str, float]:
+             threshold: float = 0.5, freeze_bn: bool = False) -> dict[str, float]:
     """Mean IoU per class on each class's own images, at the cached resolution (quick per-epoch signal)."""
     model.eval()
     ious: list[list[float]] = [[] for _ in range(num_classes)]
@@ -143,7 +155,7 @@ def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: 
             pred, truth = probs[i, c] >= threshold, msk[i] > 0
             union = (pred | truth).sum().item()
             ious[c].append(1.0 if union == 0 else (pred & truth).sum().item() / union)
-    model.train()
+    set_training_mode(model, freeze_bn)
     return {f"iou_{c}": float(np.mean(v)) if v else float("nan") for c, v in enumerate(ious)}
 
 
@@ -202,17 +214,21 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     def elapsed() -> float:
         return spent_before + time.time() - t_start
 
-    def out_of_time() -> bool:
+    def out_of_time(every: int = 1) -> bool:
+        """Whether the time budget is spent. Under DDP every rank must stop at the same step, or the
+        gradient all-reduce hangs, so the ranks agree through a collective; `every` > 1 holds that
+        collective (and its host sync) to every `every`-th step, the same steps on every rank."""
         if not cfg.time_budget_s:
             return False
-        over = elapsed() >= cfg.time_budget_s
-        if env.world > 1:  # every rank must stop at the same step, or DDP's all-reduce hangs
-            flag = torch.tensor([float(over)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            over = bool(flag.item())
-        return over
+        if env.world == 1:
+            return elapsed() >= cfg.time_budget_s
+        if state["step"] % every:
+            return False
+        flag = torch.tensor([float(elapsed() >= cfg.time_budget_s)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
-    model.train()
+    set_training_mode(model, cfg.freeze_bn)
     while state["epoch"] < state["planned_epochs"] and not out_of_time():
         t_epoch = time.time()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + state["epoch"])
@@ -220,7 +236,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         total_steps = state["planned_epochs"] * steps_per_epoch
         losses = []
         for i in range(steps_per_epoch):
-            if out_of_time():
+            if out_of_time(every=BUDGET_CHECK_EVERY):
                 break
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             img, msk, cls = train_data.batch(idx, device)
@@ -260,7 +276,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         last_epoch = state["epoch"] >= state["planned_epochs"] or out_of_time()
         if (val_data is not None and len(val_data) and env.main
                 and (state["epoch"] % cfg.val_every == 0 or last_epoch)):
-            record.update(validate(model, val_data, device, cfg.val_batch, num_classes))
+            record.update(validate(model, val_data, device, cfg.val_batch, num_classes, freeze_bn=cfg.freeze_bn))
         state["history"].append(record)
         state["elapsed_s"] = elapsed()
         if cfg.time_budget_s:  # the schedule runs on the clock: the time left is the ETA
