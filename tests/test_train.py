@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from drywallqa.train.augment import augment_batch  # noqa: E402
-from drywallqa.train.checkpoint import CheckpointInfo, load_weights, save_weights  # noqa: E402
+from drywallqa.train.checkpoint import CheckpointInfo, load_weights, save_weights, set_thresholds  # noqa: E402
 from drywallqa.train.losses import LOSSES, cldice_loss, lovasz_hinge_per_image, segmentation_loss  # noqa: E402
 from drywallqa.train.models.hrnet import HRNetW18  # noqa: E402
 from drywallqa.train.models.segmenter import ExportWrapper, build_segmenter  # noqa: E402
@@ -308,7 +308,11 @@ def test_frozen_batchnorm_keeps_its_statistics_while_the_weights_learn(tmp_path)
         return load_weights(tmp_path / f"{name}.safetensors")[0].state_dict()
 
     start = run("start")
+    set_thresholds(tmp_path / "start.safetensors", {"crack": 0.3}, {"taping": "boxes"})
     frozen = run("frozen", init_weights=str(tmp_path / "start.safetensors"), freeze_bn=True)
+    _, info = load_weights(tmp_path / "frozen.safetensors")  # a fine-tune inherits its parent's rule and lineage
+    assert info.thresholds["crack"] == pytest.approx(0.3) and info.mask_shapes == {"taping": "boxes"}
+    assert info.recipe["init_recipe"]["name"] == "start" and info.recipe["freeze_bn"] is True
     moving = run("moving", init_weights=str(tmp_path / "start.safetensors"))
     stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(frozen[k], start[k]) for k in stats)

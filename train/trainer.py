@@ -177,8 +177,9 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     prompt_class = torch.tensor([vocab.class_index(vocab.prompt_to_class[p]) for p in prompts])
     model = build_segmenter(cfg.architecture, prompt_embeddings, prompt_class, num_classes,
                             pretrained_encoder=cfg.pretrained_encoder).to(device)
+    init_info: CheckpointInfo | None = None
     if cfg.init_weights:
-        init, _ = load_weights(cfg.init_weights)
+        init, init_info = load_weights(cfg.init_weights)
         model.load_state_dict(init.state_dict())
         log(f"[{cfg.name}] initialised from {cfg.init_weights}")
     if device.type == "cuda":
@@ -295,12 +296,18 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             os.replace(tmp, last)
     out = Path(cfg.output)
     if env.main:
+        recipe = {k: v for k, v in asdict(cfg).items() if k not in ("extra",)} | {"history_tail": state["history"][-3:]}
+        # A fine-tune starts from its parent's decision rule (re-tune it with `drywallqa eval --tune-thresholds`)
+        # and keeps the parent's recipe, so the shipped file tells its whole lineage.
+        same_classes = init_info is not None and init_info.classes == list(vocab.classes)
+        if init_info is not None:
+            recipe["init_recipe"] = init_info.recipe
         info = CheckpointInfo(
             architecture=cfg.architecture, profile=cfg.profile, classes=list(vocab.classes), prompts=list(prompts),
             prompt_class=prompt_class.tolist(), text_encoder=text_encoder_name,
-            thresholds={c: 0.5 for c in vocab.classes}, input_size=(cfg.cache_size, cfg.cache_size),
-            data_fingerprint=train_data.fingerprint,
-            recipe={k: v for k, v in asdict(cfg).items() if k not in ("extra",)} | {"history_tail": state["history"][-3:]},
+            thresholds=dict(init_info.thresholds) if same_classes else {c: 0.5 for c in vocab.classes},
+            mask_shapes=dict(init_info.mask_shapes) if same_classes else {},
+            input_size=(cfg.cache_size, cfg.cache_size), data_fingerprint=train_data.fingerprint, recipe=recipe,
         )
         save_weights(model, info, out)
         log(f"[{cfg.name}] wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
