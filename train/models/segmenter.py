@@ -8,11 +8,13 @@ needs no text encoder; one forward pass yields the logits of every class (or eve
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drywallqa.train.models.effnet_lite import EfficientNetLite0Encoder
+from drywallqa.train.models.effnet_lite import EfficientNetLiteEncoder
 from drywallqa.train.models.hrnet import HRNetW18, conv_bn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,9 +43,9 @@ class FPNDecoder(nn.Module):
 
 
 class LiteEncoderDecoder(nn.Module):
-    def __init__(self, channels: int = 64) -> None:
+    def __init__(self, channels: int = 64, variant: str = "lite0") -> None:
         super().__init__()
-        self.encoder = EfficientNetLite0Encoder()
+        self.encoder = EfficientNetLiteEncoder(variant)
         self.decoder = FPNDecoder(self.encoder.out_channels, channels)
         self.out_channels = channels
 
@@ -146,6 +148,7 @@ class ExportWrapper(nn.Module):
 ARCHITECTURES = {
     "hrnet_w18": HRNetEncoderDecoder,
     "effnet_lite0_fpn": LiteEncoderDecoder,
+    "effnet_lite2_fpn": partial(LiteEncoderDecoder, variant="lite2"),  # a wider teacher (not a shipped profile)
 }
 
 
@@ -161,7 +164,7 @@ def build_segmenter(
         raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
     body = ARCHITECTURES[architecture]()
     if pretrained_encoder:
-        if architecture != "effnet_lite0_fpn":
+        if not isinstance(body, LiteEncoderDecoder):
             raise ValueError(f"no pretrained weights exist offline for {architecture!r}; it trains from scratch")
         body.encoder.load_imagenet(pretrained_encoder if isinstance(pretrained_encoder, str) else None)
     return Segmenter(body, prompt_embeddings, prompt_class, num_classes)
