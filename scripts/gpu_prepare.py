@@ -2,10 +2,11 @@
 
     python scripts/gpu_prepare.py     # .gpu/data/part{0,1,2} (training split), .gpu/data_val/part{0,1},
                                       # .gpu/text_minilm.safetensors, .gpu/lite{0,2}_imagenet_fp16.pth, .gpu/run.sh
-The committed models (~26 MiB) travel with every call, so each call carries one part (~27 MiB), the
-validation parts riding with part0 and part1: `true` for the first two calls, then
-`bash .gpu/run.sh final 300 480` (teacher and student budgets, seconds). Parts carried by earlier calls stay
-on the machine while it is warm (30 s between calls).
+The committed files (~26 MiB) travel with every call, so each call carries one part (~27 MiB), the
+validation parts riding with part0 and part1: `true` for the first two calls, then the training call.
+Parts carried by earlier calls stay on the machine while it is warm (30 s between calls). The next plan
+(MODEL.md): carry .gpu/data/part2, .gpu/text_minilm.safetensors, .gpu/run.sh and .gpu/lite2_imagenet_fp16.pth
+(~36 MiB) and run `bash .gpu/run.sh final 220 290 lite2`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
 #     BCE+Dice at 384-px crops, BCE+Dice+clDice at 384, BCE+Dice at 512 (the loss and resolution comparison).
 #   lite2, one after the other (processes sharing a GPU are time-sliced, so nothing is gained side by side):
 #   - an EfficientNet-Lite2 teacher from ImageNet at 512-px crops (.gpu/lite2_imagenet_fp16.pth);
-#   - then the student, continued from the shipped weights, distilled from that new teacher.
+#   - then the student, continued from the shipped weights, distilled from that new teacher if it validates
+#     better than the shipped one (else from the shipped one).
 # All runs log to $OUT/OUTNAME/train.log (with per-epoch validation IoU on the packed validation split);
 # weights over 15 MB are split, since files over 16 MiB do not come back from the device.
 # GPU_JOB_ARGS is appended to every run (a CPU smoke test: "--batch 2 --crop 128 --max-steps 2 --val-pack").
@@ -32,8 +33,14 @@ if [ "$plan" = "lite2" ] && [ "$teacher_budget" != "0" ]; then
   job teacher_lite2 --role teacher_lite2 --encoder-weights .gpu/lite2_imagenet_fp16.pth --crop 512 --lr 1e-3 \
     --budget "$teacher_budget" --val-every 3
   wait
+  # Distil from the new teacher only if its last validation beats the shipped teacher's on the same packed
+  # split and protocol (crack 0.440 + taping 0.674 at threshold 0.5, session 2's log).
+  teacher=models/lite_effnet_lite0.safetensors
+  if python3 -c 'import json, sys; r = json.loads(open(sys.argv[1]).read().splitlines()[-1]); sys.exit(r.get("iou_0", 0) + r.get("iou_1", 0) <= 1.114)' \
+      /tmp/drywallqa-runs/teacher_lite2/log.jsonl; then teacher="$out/teacher_lite2.safetensors"; fi
+  echo "the student distils from $teacher" | tee -a "$out/train.log"
   job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
-    --teacher "$out/teacher_lite2.safetensors" --lr 1e-3 --budget "$student_budget" --val-every 3
+    --teacher "$teacher" --lr 1e-3 --budget "$student_budget" --val-every 3
 else
   job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
     --teacher models/lite_effnet_lite0.safetensors --lr 1e-3 --budget "$student_budget" --val-every 3
