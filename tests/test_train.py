@@ -141,6 +141,12 @@ def test_lovasz_hinge_is_per_image_and_matches_the_reference():
         == pytest.approx(0.5)
     # soft augmented targets are binarised at 0.5
     assert lovasz_hinge_per_image(confident, target * 0.8).item() == pytest.approx(0.0)
+    # in the segmentation loss the Lovász term covers only the extra (crack) channels
+    two = torch.cat([target[:1], target[1:]], dim=1)  # 1 x 2 x 6 x 6
+    logits2 = torch.cat([confident[:1], torch.zeros_like(confident[1:])], dim=1)
+    base = segmentation_loss(logits2, two, "bce_dice")
+    assert segmentation_loss(logits2, two, "bce_dice_lovasz", extra_channels=[0]).item() == pytest.approx(base.item())
+    assert segmentation_loss(logits2, two, "bce_dice_lovasz", extra_channels=[1]).item() == pytest.approx(base.item() + 1)
 
 
 def _train(tmp_path: Path, epochs: int, extra_env: dict | None = None, teacher: str | None = None,

@@ -62,16 +62,18 @@ LOSSES = ("bce_dice", "bce_dice_cldice", "bce_dice_lovasz")
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce_dice",
-                      cldice_channels: list[int] | None = None) -> torch.Tensor:
-    """logits/target: B x K x H x W. `cldice_channels` (e.g. the crack channel) get the clDice term."""
+                      extra_channels: list[int] | None = None) -> torch.Tensor:
+    """logits/target: B x K x H x W. BCE + soft Dice on every channel; `extra_channels` (the crack channel;
+    default all) also get the loss's extra term: clDice, or the per-image Lovász hinge. Taping's box-shaped
+    labels are served by soft blobs that the box rule turns into boxes, which a sharpening IoU term spoils."""
     loss = F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(logits, target)
+    ch = extra_channels if extra_channels is not None else list(range(logits.shape[1]))
     if kind == "bce_dice":
         return loss
     if kind == "bce_dice_cldice":
-        ch = cldice_channels if cldice_channels is not None else list(range(logits.shape[1]))
         return loss + 0.5 * cldice_loss(logits[:, ch], target[:, ch])
     if kind == "bce_dice_lovasz":
-        return loss + lovasz_hinge_per_image(logits, target)
+        return loss + lovasz_hinge_per_image(logits[:, ch], target[:, ch])
     raise ValueError(f"unknown loss {kind!r}; known: {', '.join(LOSSES)}")
 
 

@@ -191,6 +191,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     per_class = prompt_sampler(vocab, prompts)
+    crack_channel = [vocab.class_index("crack")]  # the thin class: the loss's extra term (clDice / Lovász) goes here
     steps_per_epoch = max(1, len(train_data) // (cfg.batch_size * env.world))
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -252,7 +253,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
                 group["lr"] = lr_at(state["step"], total_steps, cfg.lr, cfg.warmup_steps, progress)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(x, prompt_ids).float()
-                loss = segmentation_loss(logits, target, cfg.loss, cldice_channels=[0])
+                loss = segmentation_loss(logits, target, cfg.loss, extra_channels=crack_channel)
                 if teacher is not None:
                     with torch.no_grad():
                         soft = torch.sigmoid(teacher(x, prompt_ids).float())
