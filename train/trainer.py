@@ -141,8 +141,9 @@ def set_training_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
 
 @torch.no_grad()
 def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: int, num_classes: int,
-             threshold: float = 0.5, freeze_bn: bool = False) -> dict[str, float]:
-    """Mean IoU per class on each class's own images, at the cached resolution (quick per-epoch signal)."""
+             threshold: float = 0.5) -> dict[str, float]:
+    """Mean IoU per class on each class's own images, at the cached resolution (quick per-epoch signal).
+    Leaves the model in eval mode; the training loop puts it back in its training mode."""
     model.eval()
     ious: list[list[float]] = [[] for _ in range(num_classes)]
     for start in range(0, len(data), batch):
@@ -155,7 +156,6 @@ def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: 
             pred, truth = probs[i, c] >= threshold, msk[i] > 0
             union = (pred | truth).sum().item()
             ious[c].append(1.0 if union == 0 else (pred & truth).sum().item() / union)
-    set_training_mode(model, freeze_bn)
     return {f"iou_{c}": float(np.mean(v)) if v else float("nan") for c, v in enumerate(ious)}
 
 
@@ -278,7 +278,8 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         last_epoch = state["epoch"] >= state["planned_epochs"] or out_of_time()
         if (val_data is not None and len(val_data) and env.main
                 and (state["epoch"] % cfg.val_every == 0 or last_epoch)):
-            record.update(validate(model, val_data, device, cfg.val_batch, num_classes, freeze_bn=cfg.freeze_bn))
+            record.update(validate(model, val_data, device, cfg.val_batch, num_classes))
+            set_training_mode(model, cfg.freeze_bn)  # validate() leaves the model in eval mode
         state["history"].append(record)
         state["elapsed_s"] = elapsed()
         if cfg.time_budget_s:  # the schedule runs on the clock: the time left is the ETA
