@@ -108,7 +108,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from drywallqa.predict import run_predict
 
     summary = run_predict(args.model, args.prompt, args.inputs, args.out, backend=args.backend,
-                          threads=args.threads, batch_size=args.batch_size, progress=not args.quiet)
+                          threads=args.threads, batch_size=args.batch_size, progress=not args.quiet,
+                          report=args.report)
     print(summary.format())
     return 0 if summary.ok else 1
 
@@ -129,6 +130,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: runtime's choice)")
     p.add_argument("--batch-size", type=int, default=4, help="images per inference call (default: 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report", default=None, metavar="CSV",
+                   help="also write a findings CSV: per image and prompt, the mask's share of the image, its "
+                        "regions and the model's confidence (sort it to see which photos to open)")
     p.set_defaults(handler=_cmd_predict)
 
 
@@ -200,12 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """User-facing failures: printed as one clear line, exit status 2, no traceback."""
     from drywallqa.contract import InvalidModelError
+    from drywallqa.findings import ReportWriteError
     from drywallqa.imageio import ImageReadError
     from drywallqa.masks import MaskContractError
     from drywallqa.vocab import UnknownPromptError
 
     errors: list[type[BaseException]] = [InvalidModelError, UnknownPromptError, ImageReadError, MaskContractError,
-                                         FileNotFoundError]
+                                         FileNotFoundError, ReportWriteError]
     try:
         from drywallqa.train.data.prepare import DataConfigError
 

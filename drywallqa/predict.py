@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drywallqa.findings import Finding, FindingsWriter, measure
 from drywallqa.imageio import ImageReadError, read_image_rgb
 from drywallqa.masks import mask_filename, write_mask
 from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights
@@ -88,6 +89,8 @@ class PredictSummary:
     masks: int = 0
     out_dir: str = ""
     failures: list[tuple[str, str]] = field(default_factory=list)
+    found: dict[str, int] = field(default_factory=dict)  # prompt -> images whose mask is not empty
+    report: str = ""
 
     @property
     def ok(self) -> bool:
@@ -96,6 +99,10 @@ class PredictSummary:
     def format(self) -> str:
         lines = [f"predict: {self.images} image(s) segmented, {self.masks} mask(s) written to {self.out_dir}; "
                  f"{len(self.failures)} failed"]
+        if self.images:
+            lines += [f"  {prompt!r}: something found in {n} of {self.images} image(s)" for prompt, n in self.found.items()]
+        if self.report:
+            lines.append(f"  findings per image and prompt: {self.report}")
         lines += [f"  FAILED {name}: {why}" for name, why in self.failures]
         return "\n".join(lines)
 
@@ -118,16 +125,21 @@ def predict(
     out_dir: str | Path,
     batch_size: int = 4,
     progress: bool = True,
+    report: str | Path | None = None,
 ) -> PredictSummary:
-    """Segment every input with every prompt; `segmenter` is a drywallqa.edge.inference.PromptSegmenter."""
+    """Segment every input with every prompt; `segmenter` is a drywallqa.edge.inference.PromptSegmenter.
+    `report`: also write a findings CSV (drywallqa/findings.py), one row per image and prompt."""
     prompts = unique_prompts(prompts)
     if not prompts:
         raise ValueError("give at least one --prompt")
-    segmenter.resolve(prompts)  # unknown prompt -> UnknownPromptError before any work
+    classes = segmenter.resolve(prompts)  # unknown prompt -> UnknownPromptError before any work
+    class_index = [segmenter.metadata.classes.index(c) for c in classes]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, problems = collect_inputs(inputs)
-    summary = PredictSummary(out_dir=str(out), failures=list(problems))
+    summary = PredictSummary(out_dir=str(out), failures=list(problems), found=dict.fromkeys(prompts, 0),
+                             report=str(report) if report else "")
+    findings = FindingsWriter(report) if report else None
     owners: dict[str, Path] = {}
     bar = progress_bar(len(paths), "predict", progress)
     batch: list[tuple[Path, object]] = []
@@ -136,39 +148,55 @@ def predict(
         if not batch:
             return
         try:
-            results = segmenter.masks_batch([im for _, im in batch], prompts)
+            results = segmenter.probabilities_batch([im for _, im in batch])
         except Exception as exc:  # one bad batch must not end the run; every image in it is reported
             summary.failures += [(str(p), f"inference failed: {type(exc).__name__}: {exc}") for p, _ in batch]
         else:
-            for (path, _), masks in zip(batch, results, strict=True):
+            for (path, _), probs in zip(batch, results, strict=True):
                 try:
-                    for prompt, mask in masks.items():
-                        write_mask(out / mask_filename(path.stem, prompt), mask)
+                    masks = segmenter.masks_from_probabilities(probs, prompts)
+                except Exception as exc:  # as above: this image fails, the run goes on
+                    summary.failures.append((str(path), f"postprocessing failed: {type(exc).__name__}: {exc}"))
+                    continue
+                rows = []
+                try:
+                    for (prompt, mask), cls, k in zip(masks.items(), classes, class_index, strict=True):
+                        name = mask_filename(path.stem, prompt)
+                        write_mask(out / name, mask)
                         summary.masks += 1
+                        summary.found[prompt] += bool(mask.any())
+                        if findings:
+                            rows.append(Finding(str(path), prompt, cls, name, *measure(mask, probs[k])))
                     summary.images += 1
                 except (OSError, ValueError) as exc:
                     summary.failures.append((str(path), f"cannot write mask: {exc}"))
+                if findings:
+                    findings.add(rows)
         bar.update(len(batch))
         batch.clear()
 
-    for path in paths:
-        if path.stem in owners:
-            summary.failures.append((str(path), f"same image id {path.stem!r} as {owners[path.stem]}; its masks "
-                                                f"would overwrite those (rename one)"))
-            bar.update(1)
-            continue
-        owners[path.stem] = path
-        try:
-            image = read_image_rgb(path)
-        except ImageReadError as exc:
-            summary.failures.append((str(path), str(exc)))
-            bar.update(1)
-            continue
-        batch.append((path, image))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    bar.close()
+    try:
+        for path in paths:
+            if path.stem in owners:
+                summary.failures.append((str(path), f"same image id {path.stem!r} as {owners[path.stem]}; its masks "
+                                                    f"would overwrite those (rename one)"))
+                bar.update(1)
+                continue
+            owners[path.stem] = path
+            try:
+                image = read_image_rgb(path)
+            except ImageReadError as exc:
+                summary.failures.append((str(path), str(exc)))
+                bar.update(1)
+                continue
+            batch.append((path, image))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    finally:
+        bar.close()
+        if findings:
+            findings.close()
     return summary
 
 
@@ -181,6 +209,7 @@ def run_predict(
     threads: int | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    report: str | None = None,
 ) -> PredictSummary:
     """Load the model (path or profile) and run `predict`; the CLI's entry point."""
     from drywallqa.edge.backends import load_backend
@@ -188,4 +217,4 @@ def run_predict(
 
     path = resolve_model(model)
     segmenter = PromptSegmenter(load_backend(path, backend=backend, threads=threads))
-    return predict(segmenter, prompts, inputs, out_dir, batch_size=batch_size, progress=progress)
+    return predict(segmenter, prompts, inputs, out_dir, batch_size=batch_size, progress=progress, report=report)

@@ -23,10 +23,11 @@ for ds, files in split.items():
         print(f"{roots[ds]}/{f}")
 PY
 )
-  $DQ predict --prompt "segment crack" --prompt "segment taping area" --out "$OUT/masks" "${PHOTOS[@]}"
+  $DQ predict --prompt "segment crack" --prompt "segment taping area" --out "$OUT/masks" \
+    --report "$OUT/findings.csv" "${PHOTOS[@]}"
   $DQ eval --model hrnet --out "$OUT/eval_hrnet"
 else
   echo "main: $DATA not found; skipping predict/eval on the dataset" >&2
 fi
 $DQ edge run --max-frames 40 --stats-json "$OUT/edge_stats.json"
-echo "main: done. Masks: $OUT/masks  Report: $OUT/eval_hrnet/eval.html  Edge stats: $OUT/edge_stats.json"
+echo "main: done. Masks: $OUT/masks (findings: $OUT/findings.csv)  Report: $OUT/eval_hrnet/eval.html  Edge stats: $OUT/edge_stats.json"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from _foundation_fixtures import random_onnx, write_jpeg
 from PIL import Image
 
 from drywallqa.cli import main
+from drywallqa.findings import measure
 from drywallqa.masks import MaskContractError, check_mask, mask_filename, write_mask
 from drywallqa.predict import ModelNotFoundError, collect_inputs, resolve_model
 
@@ -170,3 +174,58 @@ def test_image_normalisation_copies_only_when_it_must(tmp_path):
     img = read_image_rgb(path)
     img[0, 0] = 255  # what a caller reads from a file is its own, writable array
     assert img.shape == (4, 6, 3) and img[1, 1].tolist() == [7, 7, 7]
+
+
+def test_findings_measure_share_regions_and_confidence():
+    mask = np.zeros((10, 20), np.uint8)
+    mask[1:3, 1:3] = 255  # 4 px
+    mask[5:9, 10:12] = 255  # 8 px, a second region
+    mask[9, 12] = 255  # touches the second region diagonally: 8-connected, so the same region
+    probs = np.full((10, 20), 0.1, np.float32)
+    probs[mask > 0] = 0.75
+    probs[0, 19] = 0.4  # the image's maximum outside the mask does not change the mean inside it
+    probs[1, 1] = 0.95
+    share, regions, peak, mean_in = measure(mask, probs)
+    assert share == pytest.approx(13 / 200)
+    assert regions == 2
+    assert peak == pytest.approx(0.95)
+    assert mean_in == pytest.approx((12 * 0.75 + 0.95) / 13)
+    assert measure(np.zeros((4, 4), np.uint8), np.full((4, 4), 0.3, np.float32)) == (0.0, 0, pytest.approx(0.3), 0.0)
+
+
+def test_report_describes_every_written_mask(tmp_path, capsys):
+    model = random_onnx()
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, (h, w) in enumerate([(37, 53), (64, 64), (90, 30)]):
+        write_jpeg(src / f"im{i}.jpg", h, w, seed=i)
+    (src / "broken.jpg").write_bytes(b"not a jpeg")
+    out, report = tmp_path / "out", tmp_path / "reports" / "findings.csv"
+    code = main(["predict", "--model", str(model), "--out", str(out), "--quiet", "--report", str(report),
+                 *sum((["--prompt", p] for p in PROMPTS), []), str(src)])
+    printed = capsys.readouterr().out
+    assert code == 1 and "broken.jpg" in printed  # the corrupt file is named; the others still get rows
+    with report.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * len(PROMPTS)
+    assert {r["class_name"] for r in rows} == {"crack", "taping"}
+    found = dict.fromkeys(PROMPTS, 0)
+    for r in rows:
+        mask = cv2.imread(str(out / r["mask_file"]), cv2.IMREAD_UNCHANGED) > 0
+        assert r["mask_file"] == mask_filename(Path(r["image"]).stem, r["prompt"])
+        assert float(r["mask_share"]) == pytest.approx(mask.mean(), abs=1e-6)
+        assert int(r["regions"]) == cv2.connectedComponents(mask.view(np.uint8), connectivity=8)[0] - 1
+        assert 0.0 <= float(r["mean_probability_in_mask"]) <= float(r["max_probability"]) <= 1.0
+        found[r["prompt"]] += bool(mask.any())
+    for prompt, n in found.items():
+        assert f"{prompt!r}: something found in {n} of 3 image(s)" in printed
+    assert f"findings per image and prompt: {report}" in printed
+
+
+def test_report_that_cannot_be_written_stops_before_any_work(tmp_path, capsys):
+    write_jpeg(tmp_path / "a.jpg", 20, 20)
+    code = main(["predict", "--model", str(random_onnx()), "--out", str(tmp_path / "out"), "--quiet",
+                 "--prompt", "crack", "--report", str(tmp_path), str(tmp_path / "a.jpg")])
+    assert code == 2
+    assert f"cannot write the findings report {tmp_path}" in capsys.readouterr().err
+    assert not any((tmp_path / "out").glob("*.png"))

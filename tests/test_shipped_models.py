@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,40 @@ def test_openvino_fp16_and_int8_of_the_shipped_lite_model_agree_with_torch(tmp_p
                 inter += int((a & b).sum())
                 union += int((a | b).sum())
         assert union > 0 and inter / union >= bound, f"{key}: mask IoU vs torch {inter / union:.3f} < {bound}"
+
+
+@needs_data
+def test_predict_report_points_at_the_photos_with_cracks(exported, tmp_path):
+    """The findings CSV of `predict --report`, with the shipped `lite` on 4 crack and 4 drywall photos: the crack
+    prompt finds cracks in the crack photos and nothing in the drywall photos, and the reverse for taping."""
+    import csv
+
+    import cv2
+
+    from drywallqa.cli import main
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    kind = {}
+    for dataset in ("cracks", "drywall-join-detect"):
+        for i, ex in enumerate(_val_images(dataset, 4)):
+            name = f"{dataset}_{i}"
+            cv2.imwrite(str(src / f"{name}.png"), cv2.cvtColor(ex.image, cv2.COLOR_RGB2BGR))
+            kind[name] = dataset
+    report = tmp_path / "findings.csv"
+    code = main(["predict", "--model", str(exported["lite"]), "--out", str(tmp_path / "masks"), "--quiet",
+                 "--prompt", "segment crack", "--prompt", "segment taping area", "--report", str(report), str(src)])
+    assert code == 0
+    with report.open(newline="") as f:
+        rows = {(Path(r["image"]).stem, r["class_name"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 16
+    _, info = load_weights(profile_weights("lite"))
+    for (name, cls), r in rows.items():
+        own_class = (cls == "crack") == (kind[name] == "cracks")
+        if own_class:
+            assert float(r["mask_share"]) > 0 and int(r["regions"]) >= 1, r
+            assert float(r["max_probability"]) >= info.thresholds[cls], r
+        else:
+            assert float(r["mask_share"]) == 0 and int(r["regions"]) == 0, r
+        if cls == "crack" and own_class:  # pixel masks: every pixel in them is above the threshold
+            assert float(r["mean_probability_in_mask"]) >= info.thresholds[cls], r

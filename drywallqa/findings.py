@@ -1,0 +1,72 @@
+"""What `predict` found in each image: one row per image and prompt, for an inspector who has a folder of
+photos and wants to know which ones to open, without opening every mask.
+
+The CSV is written row by row and flushed after every image, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Finding:
+    image: str
+    prompt: str
+    class_name: str
+    mask_file: str
+    mask_share: float  # share of the image's pixels in the mask, 0..1
+    regions: int  # 8-connected regions of the mask
+    max_probability: float  # the class's highest probability anywhere in the image (a near miss shows here)
+    mean_probability_in_mask: float  # 0.0 when the mask is empty
+
+
+FIELDS = [f.name for f in fields(Finding)]
+
+
+class ReportWriteError(OSError):
+    """The findings CSV cannot be created where it was asked for."""
+
+
+def measure(mask: np.ndarray, class_probs: np.ndarray) -> tuple[float, int, float, float]:
+    """(mask_share, regions, max_probability, mean_probability_in_mask) of one {0,255} mask and the
+    probabilities it was made from, both H x W at the source size."""
+    on = mask > 0
+    share = float(on.mean()) if on.size else 0.0
+    regions = 0
+    mean_in = 0.0
+    if on.any():
+        regions = int(cv2.connectedComponents(on.view(np.uint8), connectivity=8, ltype=cv2.CV_16U)[0]) - 1
+        mean_in = float(cv2.mean(class_probs.astype(np.float32, copy=False), mask=on.view(np.uint8))[0])
+    return share, regions, float(class_probs.max()) if class_probs.size else 0.0, mean_in
+
+
+class FindingsWriter:
+    """CSV of `Finding` rows with a header; `add` writes and flushes one image's rows."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w", newline="", encoding="utf-8")
+        except OSError as exc:
+            raise ReportWriteError(f"cannot write the findings report {self.path}: {exc.strerror or exc}") from exc
+        self._writer = csv.DictWriter(self._file, fieldnames=FIELDS)
+        self._writer.writeheader()
+
+    def add(self, rows: list[Finding]) -> None:
+        for row in rows:
+            record = asdict(row)
+            for key in ("mask_share", "max_probability", "mean_probability_in_mask"):
+                record[key] = f"{record[key]:.6f}"
+            self._writer.writerow(record)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
