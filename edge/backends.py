@@ -10,6 +10,7 @@ No torch here: this module ships to devices.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from abc import ABC, abstractmethod
@@ -23,6 +24,9 @@ BACKENDS = ("auto", "openvino", "onnxruntime", "tensorrt")
 ONNX_SUFFIXES = (".onnx",)
 OPENVINO_SUFFIXES = (".xml",)
 TENSORRT_SUFFIXES = (".engine", ".plan")
+OPENVINO_CPU_ISAS = ("native", "avx2", "avx512_core")
+
+log = logging.getLogger(__name__)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -197,6 +201,8 @@ class OnnxRuntimeBackend(InferenceBackend):
 class OpenVINOBackend(InferenceBackend):
     """OpenVINO on CPU by default, tuned for latency (one stream, `threads` threads).
 
+    `cpu_isa` caps the instruction set of the CPU kernels for float models (see `_apply_cpu_isa`).
+
     `inference_precision` defaults to f32: on CPUs with bf16/AMX support OpenVINO would otherwise run
     FP32/FP16 IRs in bf16, which moves probabilities by ~1e-2. INT8 IRs run int8 kernels either way.
     """
@@ -204,7 +210,7 @@ class OpenVINOBackend(InferenceBackend):
     name = "openvino"
 
     def __init__(self, model_path: Path, metadata: ModelMetadata, threads: int | None = None,
-                 device: str | None = None, inference_precision: str | None = None) -> None:
+                 device: str | None = None, inference_precision: str | None = None, cpu_isa: str = "native") -> None:
         super().__init__(model_path, metadata)
         try:
             import openvino as ov
@@ -226,6 +232,7 @@ class OpenVINOBackend(InferenceBackend):
         _check_io(model_path, ins, outs)
         config: dict = {hints.performance_mode: hints.PerformanceMode.LATENCY}
         if device.upper().startswith("CPU"):
+            _apply_cpu_isa(cpu_isa, int8=any(op.get_type_name() == "FakeQuantize" for op in model.get_ops()))
             config[hints.inference_precision] = _ov_type(precision)
             config[props.num_streams] = 1
             if threads:
@@ -241,6 +248,36 @@ class OpenVINOBackend(InferenceBackend):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         result = self.request.infer({INPUT_NAME: batch})
         return np.asarray(result[self.compiled.output(OUTPUT_NAME)], dtype=np.float32)
+
+
+_isa_in_force: str | None = None  # the oneDNN ISA cap this process compiled its first OpenVINO CPU model with
+
+
+def _apply_cpu_isa(cpu_isa: str, int8: bool) -> None:
+    """Cap the instruction set of OpenVINO's CPU kernels for a float model (oneDNN's `ONEDNN_MAX_CPU_ISA`).
+
+    Why: on CPUs that execute AVX-512 as two 256-bit halves (AMD Zen 4), AVX2 kernels do the same work per
+    cycle and pad HRNet's 18- and 36-channel tensors to 24 and 40 channels instead of 32 and 48; `drywallqa
+    bench` shows what it gains on a machine. INT8 models keep the native ISA: without VNNI their kernels
+    are ~1.7x slower. oneDNN reads the cap once per process, at the first compile, so a different cap
+    later in the same process is an error rather than a silent no-op.
+    """
+    global _isa_in_force
+    if cpu_isa not in OPENVINO_CPU_ISAS:
+        raise ValueError(f"unknown OpenVINO CPU ISA {cpu_isa!r}; choose one of {OPENVINO_CPU_ISAS}")
+    wanted = "native" if int8 else cpu_isa
+    if _isa_in_force is None:
+        if wanted != "native":
+            os.environ["ONEDNN_MAX_CPU_ISA"] = wanted.upper()
+        _isa_in_force = os.environ.get("ONEDNN_MAX_CPU_ISA", "native").lower()
+        return
+    if wanted not in ("native", _isa_in_force):
+        raise BackendUnavailableError(
+            f"OpenVINO's CPU instruction set is fixed once per process and is already {_isa_in_force!r} here; "
+            f"load this model with cpu_isa {wanted!r} in a new process")
+    if int8 and _isa_in_force in ("avx2", "avx512_core"):
+        log.warning("OpenVINO's CPU kernels in this process are capped at %r (an earlier model asked for it): this "
+                    "INT8 model runs without VNNI, about 1.7x slower", _isa_in_force)
 
 
 def _ov_shape(partial_shape) -> list:
@@ -377,7 +414,8 @@ def auto_backend_name(model_path: str | Path) -> str:
     return "onnxruntime"
 
 
-def load_backend(model_path: str | Path, backend: str = "auto", threads: int | None = None) -> InferenceBackend:
+def load_backend(model_path: str | Path, backend: str = "auto", threads: int | None = None,
+                 cpu_isa: str = "native") -> InferenceBackend:
     """Open an exported model with the chosen runtime; metadata comes from the file (InvalidModelError if absent)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -390,7 +428,7 @@ def load_backend(model_path: str | Path, backend: str = "auto", threads: int | N
     if backend == "onnxruntime":
         return OnnxRuntimeBackend(path, metadata, threads=threads)
     if backend == "openvino":
-        return OpenVINOBackend(path, metadata, threads=threads)
+        return OpenVINOBackend(path, metadata, threads=threads, cpu_isa=cpu_isa)
     return TensorRTBackend(path, metadata)
 
 

@@ -132,7 +132,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
             runner = EdgeRunner(settings)
             path = resolve_model_path(settings.model.path, settings.model.backend)
-            runner.segmenter = PromptSegmenter(load_backend(path, settings.model.backend, settings.model.threads))
+            runner.segmenter = PromptSegmenter(load_backend(path, settings.model.backend, settings.model.threads,
+                                                               settings.model.openvino_cpu_isa))
             runner.meta = runner.segmenter.metadata
             watched = runner.resolve_prompts(settings.analysis.prompts)
             for rule in settings.alerts:

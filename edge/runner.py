@@ -112,7 +112,8 @@ class EdgeRunner:
             cv2.setNumThreads(s.model.opencv_threads)
         model_path = resolve_model_path(s.model.path, s.model.backend)
         self.model_path = model_path
-        self.segmenter = PromptSegmenter(load_backend(model_path, s.model.backend, s.model.threads))
+        self.segmenter = PromptSegmenter(load_backend(model_path, s.model.backend, s.model.threads,
+                                                      s.model.openvino_cpu_isa))
         self.meta = self.segmenter.metadata
         self.watched = self.resolve_prompts(s.analysis.prompts)
         watched_classes = {w.class_name for w in self.watched}

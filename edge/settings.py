@@ -64,6 +64,11 @@ class ModelSettings(_Section):
     path: str = Field(default="hrnet", description="exported model (.onnx, .xml, .engine) or a profile: hrnet | lite")
     backend: Literal["auto", "openvino", "onnxruntime", "tensorrt"] = "auto"
     threads: int | None = Field(default=None, gt=0)
+    openvino_cpu_isa: Literal["native", "avx2", "avx512_core"] = Field(
+        default="native",
+        description="cap OpenVINO's CPU kernels at this instruction set for a float (FP32/FP16 IR) model; INT8 "
+                    "models keep the native one (VNNI). On CPUs that run AVX-512 as two halves (AMD Zen 4) avx2 "
+                    "made hrnet ~7% faster; `drywallqa bench` measures both on your machine")
     opencv_threads: int = Field(
         default=1, ge=0,
         description="OpenCV's thread pool for decoding, resizing and analysis (0: OpenCV's default). 1 keeps its "

@@ -39,7 +39,7 @@ ROUNDS = 3  # interleaved batch-1 rounds per backend; a row reports its best rou
 WARMUP = 3
 WORKER_TIMEOUT_S = 1800
 TARGETS = {"fp32_vs_bound": 1.25, "int8_vs_fp32": 1.6, "int8_vs_torch": 3.0, "lite_fps": 20.0}
-FP32_COMPUTE = ("torch_eager", "onnxruntime", "openvino_fp32", "openvino_fp16")  # rows that compute in f32
+FP32_COMPUTE = ("torch_eager", "onnxruntime", "openvino_fp32", "openvino_fp16", "openvino_fp16_avx2")  # f32 compute
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class BackendSpec:
     label: str
     precision: str  # what the arithmetic is done in
     device: str = "cpu"
+    cpu_isa: str = "native"  # OpenVINO's CPU kernel ISA cap (edge setting model.openvino_cpu_isa)
 
 
 CPU_BACKENDS = (
@@ -59,6 +60,16 @@ CPU_BACKENDS = (
     BackendSpec("openvino_fp16", "openvino", "fp16", "OpenVINO FP16 IR", "fp16 weights, f32 compute"),
     BackendSpec("openvino_int8", "openvino", "int8", "OpenVINO INT8 IR", "int8"),
 )
+# Only where the CPU has AVX-512, so that the cap changes which kernels run.
+AVX2_CAPPED = BackendSpec("openvino_fp16_avx2", "openvino", "fp16", "OpenVINO FP16 IR, AVX2 kernels",
+                          "fp16 weights, f32 compute", cpu_isa="avx2")
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def gpu_backends(engine: Path | None) -> list[BackendSpec]:
@@ -440,9 +451,10 @@ def _load_runner(job: dict, path: str):
         info = {"providers": backend.providers, "intra_op_num_threads": opts.intra_op_num_threads,
                 "graph_optimization_level": str(opts.graph_optimization_level)}
     elif kind == "openvino":
-        backend = OpenVINOBackend(p, read_metadata(p), threads=threads)
+        backend = OpenVINOBackend(p, read_metadata(p), threads=threads, cpu_isa=job.get("cpu_isa", "native"))
         info = {k: str(backend.compiled.get_property(k)) for k in
                 ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "NUM_STREAMS")}
+        info["ONEDNN_MAX_CPU_ISA"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
     else:
         backend = load_backend(p, "tensorrt")
         info = {}
@@ -495,7 +507,7 @@ def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), t
     sources_file = workdir / "sources.npy"
     np.save(sources_file, np.stack(sources))
     report["settings"]["images"] = source_desc
-    specs = list(CPU_BACKENDS) + gpu_backends(engine)
+    specs = list(CPU_BACKENDS) + ([AVX2_CAPPED] if cpu_has_avx512() else []) + gpu_backends(engine)
     if only:
         unknown = set(only) - {s.name for s in specs}
         if unknown:
@@ -550,7 +562,7 @@ def _bench_model(weights: Path, specs: list[BackendSpec], size, threads, iters, 
             log(f"[{weights.stem}] {spec.label} (round {rnd + 1}/{rounds}) ...")
             bfiles = prepared[spec.name] if rnd == 0 else {1: prepared[spec.name][1]}  # later rounds: batch 1
             res = run_worker({"job": "backend", "name": f"{weights.stem}_{spec.name}", "kind": spec.kind,
-                              "device": spec.device, "files": bfiles, "inputs": str(inputs_file),
+                              "device": spec.device, "cpu_isa": spec.cpu_isa, "files": bfiles, "inputs": str(inputs_file),
                               "probs": str(probs_files[spec.name]),
                               "threads": threads, "iters": iters}, workdir, threads)
             results[spec.name] = res if rnd == 0 else merge_round(results[spec.name], res)

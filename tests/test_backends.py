@@ -183,3 +183,72 @@ def test_prompt_segmenter_batch_and_odd_inputs(model_path):
     assert out[0]["crack"].shape == (50, 70)
     assert out[1]["crack"].shape == (300, 200)
     assert seg.probabilities_batch([]) == []
+
+
+_ISA_PROBE = r"""
+import json, sys
+import numpy as np
+from drywallqa.edge.backends import BackendUnavailableError, load_backend
+
+def kernels(backend):
+    ops = backend.compiled.get_runtime_model().get_ops()
+    return sorted({op.get_rt_info()["primitiveType"].astype(str) for op in ops
+                   if op.get_rt_info()["layerType"].astype(str) == "Convolution"})
+
+xml, isa, then = sys.argv[1], sys.argv[2], sys.argv[3]
+backend = load_backend(xml, "openvino", threads=2, cpu_isa=isa)
+x = np.load(sys.argv[4])
+out = {"kernels": kernels(backend), "probs": backend.infer(x).tolist()}
+if then != "-":
+    try:
+        load_backend(xml, "openvino", threads=2, cpu_isa=then)
+    except BackendUnavailableError as exc:
+        out["error"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def _probe(tmp_path, xml, isa, then, x):
+    import json
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run([sys.executable, "-c", _ISA_PROBE, str(xml), isa, then, str(tmp_path / "x.npy")],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+needs_avx512 = pytest.mark.skipif(" avx512f" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file()
+                                  else True, reason="the ISA cap only changes kernels on a CPU with AVX-512")
+
+
+@needs_avx512
+def test_openvino_cpu_isa_cap_runs_float_models_on_avx2_kernels_with_the_same_output(model_path, tmp_path):
+    """Each case in a fresh interpreter: oneDNN reads its ISA cap once per process."""
+    from drywallqa.export.openvino_export import export_openvino
+
+    xml = export_openvino(model_path, tmp_path / "m.xml", read_metadata(model_path))
+    x = _images(2)
+    native = _probe(tmp_path, xml, "native", "-", x)
+    capped = _probe(tmp_path, xml, "avx2", "avx512_core", x)
+    assert any("avx512" in k for k in native["kernels"]) and not any("avx2" in k for k in native["kernels"])
+    assert capped["kernels"] and all("avx2" in k or "avx512" not in k for k in capped["kernels"])
+    assert any("avx2" in k for k in capped["kernels"])
+    np.testing.assert_allclose(np.array(capped["probs"]), np.array(native["probs"]), atol=1e-4)
+    assert "fixed once per process" in capped["error"] and "'avx2'" in capped["error"]  # no silent no-op
+
+
+@needs_avx512
+def test_openvino_cpu_isa_cap_leaves_int8_models_their_vnni_kernels(model_path, tmp_path):
+    from drywallqa.export.openvino_export import quantize_int8
+
+    xml = quantize_int8(model_path, tmp_path / "q.xml", read_metadata(model_path), _images(4, seed=3))
+    capped = _probe(tmp_path, xml, "avx2", "-", _images(1))
+    assert any("avx512" in k for k in capped["kernels"]), capped["kernels"]
+
+
+def test_unknown_openvino_cpu_isa_is_rejected(model_path):
+    with pytest.raises(ValueError, match="unknown OpenVINO CPU ISA 'sse9'"):
+        load_backend(model_path, "openvino", cpu_isa="sse9")

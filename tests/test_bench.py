@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from drywallqa.export import bench, cli
 from drywallqa.export.flops import count_macs
 
-EXPECTED_ROWS = {"torch_eager", "onnxruntime", "openvino_fp32", "openvino_fp16", "openvino_int8"}
+EXPECTED_ROWS = {"torch_eager", "onnxruntime", "openvino_fp32", "openvino_fp16", "openvino_int8"} | (
+    {"openvino_fp16_avx2"} if bench.cpu_has_avx512() else set())
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,11 @@ def test_every_backend_row_is_sane(report):
     assert rows["openvino_int8"]["file_mib"] < rows["onnxruntime"]["file_mib"]
     assert rows["openvino_int8"]["settings"]["PERFORMANCE_HINT"] == "LATENCY"
     assert rows["openvino_int8"]["settings"]["INFERENCE_NUM_THREADS"] == "2"
+    assert rows["openvino_fp16"]["settings"]["ONEDNN_MAX_CPU_ISA"] == "native"
+    if "openvino_fp16_avx2" in rows:  # the same IR with its kernels capped at AVX2: same numbers, other kernels
+        assert rows["openvino_fp16_avx2"]["settings"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+        assert rows["openvino_fp16_avx2"]["max_abs_diff_vs_torch"] == pytest.approx(
+            rows["openvino_fp16"]["max_abs_diff_vs_torch"], abs=1e-3)  # fp16 weights: both differ from torch alike
 
 
 def test_a_later_round_replaces_batch_1_only_when_faster():

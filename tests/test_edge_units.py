@@ -47,6 +47,7 @@ def test_default_config_loads_and_env_overrides(monkeypatch):
         ("{}\n", {"DRYWALLQA_MQTT__EMBEDDED_BROKER": "sometimes"}, ["mqtt.embedded_broker", "'never'"]),
         ("source: {uri: ' '}\n", {}, ["source.uri", "must not be empty"]),
         ("model: {opencv_threads: -1}\n", {}, ["model.opencv_threads", "greater than or equal to 0"]),
+        ("model: {openvino_cpu_isa: avx}\n", {}, ["model.openvino_cpu_isa", "'avx2'", "'avx'"]),
     ],
 )
 def test_bad_config_names_field_and_allowed(tmp_path, monkeypatch, yaml_text, env, expected):
