@@ -269,6 +269,7 @@ def _apply_cpu_isa(cpu_isa: str, int8: bool) -> None:
     if _isa_in_force is None:
         if wanted != "native":
             os.environ["ONEDNN_MAX_CPU_ISA"] = wanted.upper()
+            log.info("OpenVINO CPU kernels capped at %s for this process (model.openvino_cpu_isa)", wanted)
         _isa_in_force = os.environ.get("ONEDNN_MAX_CPU_ISA", "native").lower()
         return
     if wanted not in ("native", _isa_in_force):
