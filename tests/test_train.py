@@ -365,3 +365,53 @@ def test_a_lite2_teacher_builds_from_imagenet_and_distils_into_the_student_contr
     with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
         from drywallqa.train.models.effnet_lite import EfficientNetLiteEncoder
         EfficientNetLiteEncoder("lite9")
+
+
+def test_head_finetune_trains_only_decoder_and_head_on_cached_features_and_resumes(tmp_path):
+    """`frozen_encoder: true`: the encoder stays bit-identical, decoder and head learn from the ground truth and
+    the teacher's cached soft masks; a second run resumes from last.pt and reuses the feature cache."""
+    from drywallqa.train.trainer import TrainConfig, train
+    from drywallqa.train.training_data import InMemoryData
+
+    cache = write_synthetic_cache(tmp_path / "cache")
+    data = InMemoryData.from_cache(cache, 64, "train")
+    vocab, emb, _ = random_embeddings()
+    torch.set_num_threads(1)
+    for name, arch in (("student", "hrnet_w18"), ("teacher", "effnet_lite0_fpn")):
+        cfg = TrainConfig(name=name, architecture=arch, profile="hrnet", output=str(tmp_path / f"{name}.safetensors"),
+                          runs_dir=str(tmp_path / "runs"), cache_size=64, crop=32, batch_size=2, epochs=1,
+                          warmup_steps=1, max_steps_per_epoch=2, log_every=0)
+        train(cfg, data, None, emb, list(vocab.all_prompts), "random", vocab=vocab, log=lambda _: None)
+    config = tmp_path / "head.yaml"
+    out = tmp_path / "head.safetensors"
+
+    def run(steps: int) -> subprocess.CompletedProcess:
+        config.write_text("\n".join([
+            "name: head", "architecture: hrnet_w18", "profile: hrnet", f"output: {out}", f"runs_dir: {tmp_path / 'runs'}",
+            "frozen_encoder: true", f"init_weights: {tmp_path / 'student.safetensors'}",
+            f"teacher: {tmp_path / 'teacher.safetensors'}", "loss: bce_dice_lovasz", "cache_size: 64", "crop: 32",
+            "batch_size: 2", "epochs: 50", f"max_steps_per_epoch: {steps}", "lr: 0.01", "warmup_steps: 1",
+            "log_every: 1", "val_limit_per_class: 2"]) + "\n")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "drywallqa.train.cli", "--config", str(config), "--cache",
+                               str(cache)], capture_output=True, text=True, env=env, timeout=600)
+
+    first = run(3)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "step 3 " in first.stdout and "validation subset IoU" in first.stdout
+    features = np.load(tmp_path / "runs" / "head" / "features" / "features.npy", mmap_mode="r")
+    assert features.shape == (len(data), 270, 16, 16) and np.abs(features[-1]).max() > 0  # every image cached
+    start, _ = load_weights(tmp_path / "student.safetensors")
+    tuned, info = load_weights(out)
+    before, after = start.state_dict(), tuned.state_dict()
+    encoder = [k for k in before if k.startswith("body.encoder.")]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    for part in ("body.decoder.", "head."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part) and
+                   before[k].is_floating_point() and "running" not in k), part
+    assert torch.equal(tuned.prompt_embeddings, start.prompt_embeddings)  # baked embeddings carried over
+    assert info.recipe["kind"] == "head_finetune" and info.recipe["steps"] == 3
+    second = run(5)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed at step 3" in second.stdout and "feature cache" not in second.stdout
+    assert load_weights(out)[1].recipe["steps"] == 5

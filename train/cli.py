@@ -42,6 +42,15 @@ def run_from_args(args: argparse.Namespace) -> int:
                                 runs_dir=args.runs_dir, max_steps_per_epoch=args.max_steps_per_epoch)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache_root = args.cache or CACHE_DIR
+    if cfg.frozen_encoder:  # CPU-side data; the baked embeddings come from init_weights, so no text encoder
+        from drywallqa.train.head_finetune import finetune_head
+
+        train_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "train")
+        val_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "val", limit_per_class=cfg.val_limit_per_class)
+        print(f"[{cfg.name}] {len(train_data)} train / {len(val_data)} val images at {cfg.cache_size}px; decoder and "
+              f"head only, on cached features of {cfg.init_weights}")
+        finetune_head(cfg, train_data, val_data)
+        return 0
     train_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "train", device)
     val_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "val", device,
                                        limit_per_class=cfg.val_limit_per_class)

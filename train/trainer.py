@@ -41,6 +41,7 @@ class TrainConfig:
     init_weights: str | None = None  # start from these weights (fine-tuning) instead of from scratch/ImageNet
     distill_weight: float = 1.0
     freeze_bn: bool = False  # fine-tuning with small batches: keep BatchNorm's running statistics as they are
+    frozen_encoder: bool = False  # train only decoder + head on cached encoder features (train/head_finetune.py)
     loss: str = "bce_dice"
     cache_size: int = 512
     crop: int = 384
