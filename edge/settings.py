@@ -68,7 +68,7 @@ class ModelSettings(_Section):
         default="native",
         description="cap OpenVINO's CPU kernels at this instruction set for a float (FP32/FP16 IR) model; INT8 "
                     "models keep the native one (VNNI). On CPUs that run AVX-512 as two halves (AMD Zen 4) avx2 "
-                    "made hrnet ~7% faster; `drywallqa bench` measures both on your machine")
+                    "made hrnet 3-7% faster; `drywallqa bench` measures both on your machine")
     opencv_threads: int = Field(
         default=1, ge=0,
         description="OpenCV's thread pool for decoding, resizing and analysis (0: OpenCV's default). 1 keeps its "

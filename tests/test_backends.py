@@ -19,6 +19,7 @@ from drywallqa.edge.backends import (
     tensorrt_unavailable_reason,
 )
 from drywallqa.edge.inference import PromptSegmenter
+from drywallqa.export.bench import cpu_has_avx512
 from drywallqa.vocab import UnknownPromptError, load_vocabulary
 
 SIZE = (96, 128)
@@ -220,8 +221,7 @@ def _probe(tmp_path, xml, isa, then, x):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-needs_avx512 = pytest.mark.skipif(" avx512f" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file()
-                                  else True, reason="the ISA cap only changes kernels on a CPU with AVX-512")
+needs_avx512 = pytest.mark.skipif(not cpu_has_avx512(), reason="the ISA cap only changes kernels on a CPU with AVX-512")
 
 
 @needs_avx512
