@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from drywallqa.edge.analysis import label_regions
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -41,7 +43,7 @@ def measure(mask: np.ndarray, class_probs: np.ndarray) -> tuple[float, int, floa
     regions = 0
     mean_in = 0.0
     if on.any():
-        regions = int(cv2.connectedComponents(on.view(np.uint8), connectivity=8, ltype=cv2.CV_16U)[0]) - 1
+        regions = label_regions(on.view(np.uint8))[0] - 1
         mean_in = float(cv2.mean(class_probs.astype(np.float32, copy=False), mask=on.view(np.uint8))[0])
     return share, regions, float(class_probs.max()) if class_probs.size else 0.0, mean_in
 

@@ -185,7 +185,7 @@ def analyze_class(
     # Label only the box around what is on: cracks usually cover a small part of the frame.
     ox, oy, ow, oh = cv2.boundingRect(mask)
     roi = mask[oy:oy + oh, ox:ox + ow]
-    n, labels, stats = _label(roi)
+    n, labels, stats = label_regions(roi)
     order = sorted(range(1, n), key=lambda i: -int(stats[i, cv2.CC_STAT_AREA]))
     keep = [i for i in order if stats[i, cv2.CC_STAT_AREA] * sx * sy >= min_region_area_px]
     if len(keep) != n - 1:  # drop tiny specks from the mask too, so every figure agrees
@@ -224,7 +224,7 @@ def analyze_class(
     return result, mask
 
 
-def _label(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+def label_regions(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """8-connected labelling with stats; 16-bit labels (about twice as fast), 32-bit when a mask has more
     regions than 16 bits can count."""
     try:

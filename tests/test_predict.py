@@ -191,6 +191,9 @@ def test_findings_measure_share_regions_and_confidence():
     assert peak == pytest.approx(0.95)
     assert mean_in == pytest.approx((12 * 0.75 + 0.95) / 13)
     assert measure(np.zeros((4, 4), np.uint8), np.full((4, 4), 0.3, np.float32)) == (0.0, 0, pytest.approx(0.3), 0.0)
+    dots = np.zeros((600, 600), np.uint8)
+    dots[::2, ::2] = 255  # 90000 isolated pixels: more regions than 16-bit labels can count
+    assert measure(dots, np.ones((600, 600), np.float32))[1] == 90000
 
 
 def test_report_describes_every_written_mask(tmp_path, capsys):

@@ -42,18 +42,17 @@ def run_from_args(args: argparse.Namespace) -> int:
                                 runs_dir=args.runs_dir, max_steps_per_epoch=args.max_steps_per_epoch)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache_root = args.cache or CACHE_DIR
-    if cfg.frozen_encoder:  # CPU-side data; the baked embeddings come from init_weights, so no text encoder
+    data_device = None if cfg.frozen_encoder else device  # the head fine-tune reads its crops on the CPU side
+    train_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "train", data_device)
+    val_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "val", data_device,
+                                       limit_per_class=cfg.val_limit_per_class)
+    if cfg.frozen_encoder:  # the baked embeddings come from init_weights, so no text encoder is needed
         from drywallqa.train.head_finetune import finetune_head
 
-        train_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "train")
-        val_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "val", limit_per_class=cfg.val_limit_per_class)
         print(f"[{cfg.name}] {len(train_data)} train / {len(val_data)} val images at {cfg.cache_size}px; decoder and "
               f"head only, on cached features of {cfg.init_weights}")
         finetune_head(cfg, train_data, val_data)
         return 0
-    train_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "train", device)
-    val_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "val", device,
-                                       limit_per_class=cfg.val_limit_per_class)
     vocab = load_vocabulary()
     emb = vocabulary_embeddings(vocab.all_prompts, cfg.text_encoder, cfg.clip_path,
                                 cache=Path(cfg.runs_dir) / f"text_{cfg.text_encoder}.safetensors")

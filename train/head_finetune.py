@@ -71,7 +71,6 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
     if not cfg.init_weights:
         raise ValueError(f"{cfg.name}: frozen_encoder needs init_weights (a trained model to fine-tune)")
     seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, info = load_weights(cfg.init_weights)
     if not isinstance(model.body, HRNetEncoderDecoder):
         raise ValueError(f"{cfg.name}: frozen_encoder needs a single-map encoder (hrnet_w18), not {info.architecture}")
@@ -85,7 +84,7 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
         p.requires_grad_(False)
     params = [p for m in (model.body.decoder, model.head) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    classes = train_data.classes.numpy() if torch.is_tensor(train_data.classes) else np.asarray(train_data.classes)
+    classes = train_data.classes.numpy()
     weights = 1.0 / np.bincount(classes)[classes]
     weights /= weights.sum()  # every class half of each batch (two classes)
     prompt_class = model.prompt_class.numpy()
