@@ -415,3 +415,8 @@ def test_head_finetune_trains_only_decoder_and_head_on_cached_features_and_resum
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed at step 3" in second.stdout and "feature cache" not in second.stdout
     assert load_weights(out)[1].recipe["steps"] == 5
+    (tmp_path / "runs" / "head" / "last.pt").unlink()
+    shutil.copy(out, tmp_path / "student.safetensors")  # other init weights: the feature cache must be rebuilt
+    third = run(1)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "made from other weights or data; rebuilding it" in third.stdout

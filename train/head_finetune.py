@@ -12,6 +12,7 @@ it resumes from runs/<name>/last.pt and reuses a finished feature cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -29,21 +30,30 @@ from drywallqa.train.training_data import InMemoryData
 STRIDE = 4
 
 
+def _file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def _normalised(model, images_u8: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float() / 255.0
     return model.normalize(x)
 
 
 @torch.no_grad()
-def build_feature_cache(model, teacher, data: InMemoryData, out: Path, chunk: int = 4, log=print) -> None:
+def build_feature_cache(model, teacher, data: InMemoryData, out: Path, key: str, chunk: int = 4,
+                        log=print) -> None:
     """features.npy (N x C x h x w fp16), teacher.npy (N x K x H x W uint8 probabilities) for every image of
-    `data`; resumable: `done.json` counts the images written."""
+    `data`; resumable: `done.json` counts the images written, for the inputs named by `key` (weights and data),
+    so a cache made from other weights or data is rebuilt rather than reused."""
     out.mkdir(parents=True, exist_ok=True)
     n, size = len(data), data.images.shape[1]
     c, h = model.body.encoder.out_channels, size // STRIDE
     k = len(model.class_embeddings)
     done_file = out / "done.json"
-    done = json.loads(done_file.read_text())["done"] if done_file.is_file() else 0
+    state = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    done = state.get("done", 0) if state.get("key") == key else 0
+    if state and not done:
+        log(f"feature cache {out} was made from other weights or data; rebuilding it")
     mode = "r+" if done else "w+"
     feats = np.lib.format.open_memmap(out / "features.npy", mode, np.float16, (n, c, h, h))
     soft = np.lib.format.open_memmap(out / "teacher.npy", mode, np.uint8, (n, k, size, size))
@@ -59,7 +69,7 @@ def build_feature_cache(model, teacher, data: InMemoryData, out: Path, chunk: in
             soft[start:stop] = (torch.sigmoid(teacher(x)) * 255 + 0.5).clamp(0, 255).byte().numpy()
         feats.flush()
         soft.flush()
-        done_file.write_text(json.dumps({"done": stop}))
+        done_file.write_text(json.dumps({"done": stop, "key": key}))
         if stop == n or (stop // chunk) % 50 == 0:
             rate = (time.time() - t0) / max(1, stop - done)
             log(f"feature cache {stop}/{n}, ETA {rate * (n - stop) / 60:.1f} min")
@@ -76,7 +86,9 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
         raise ValueError(f"{cfg.name}: frozen_encoder needs a single-map encoder (hrnet_w18), not {info.architecture}")
     teacher = load_weights(cfg.teacher)[0] if cfg.teacher else None
     run_dir = Path(cfg.runs_dir) / cfg.name
-    build_feature_cache(model, teacher, train_data, run_dir / "features", log=log)
+    key = ":".join([_file_digest(cfg.init_weights), _file_digest(cfg.teacher) if cfg.teacher else "-",
+                    train_data.fingerprint, str(len(train_data))])
+    build_feature_cache(model, teacher, train_data, run_dir / "features", key, log=log)
     feats = np.load(run_dir / "features" / "features.npy", mmap_mode="r")
     soft = np.load(run_dir / "features" / "teacher.npy", mmap_mode="r") if teacher is not None else None
 
