@@ -1,19 +1,22 @@
 """Prepare everything a lent GPU machine needs for train/gpu_job.py, under .gpu/ (git-ignored, < 64 MiB a part).
 
     python scripts/gpu_prepare.py     # .gpu/data/part{0,1,2} (training split), .gpu/data_val/part{0,1},
-                                      # .gpu/text_minilm.safetensors, .gpu/lite{0,2}_imagenet_fp16.pth, .gpu/run.sh
+                                      # .gpu/text_minilm.safetensors, .gpu/lite{0,2}_imagenet_fp16.pth, .gpu/run.sh,
+                                      # .gpu/wheels (pydantic & co. for the GPU image's Python 3.12)
 The committed files (~26 MiB) travel with every call, so each call carries one part (~27 MiB), the
 validation parts riding with part0 and part1: `true` for the first two calls, then the training call.
 Parts carried by earlier calls stay on the machine while it is warm (30 s between calls). The next plan
-(MODEL.md): carry .gpu/data/part2, .gpu/text_minilm.safetensors, .gpu/run.sh and .gpu/lite2_imagenet_fp16.pth
-(~36 MiB) and run `bash .gpu/run.sh final 220 290 lite2`.
+(MODEL.md): carry .gpu/data/part2, .gpu/text_minilm.safetensors, .gpu/run.sh, .gpu/wheels and
+.gpu/lite2_imagenet_fp16.pth (~39 MiB) and run `bash .gpu/run.sh final 220 290 lite2`.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -24,9 +27,50 @@ from drywallqa.vocab import load_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / ".gpu"
+# Imported by the training code, absent from the GPU machine's image (see download_wheels). typing-extensions is
+# there, but possibly older than pydantic needs.
+GPU_MISSING_PACKAGES = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
+GPU_IMAGE_PACKAGES_FILE = ROOT / "scripts" / "gpu_image_packages.txt"
+
+# Run in a fresh interpreter: imports the GPU job with every third-party package blocked whose distribution is not
+# in argv[1] (a JSON list), as on the GPU machine. Optional imports that torch guards fail quietly, as there.
+_IMPORT_CHECK = """
+import importlib.abc, importlib.metadata, json, sys
+allowed = set(json.loads(sys.argv[1]))
+owners = importlib.metadata.packages_distributions()
+norm = lambda name: name.lower().replace("_", "-")
+class OnlyTheGpuImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        dists = {norm(d) for d in owners.get(top, [])}
+        if top not in sys.stdlib_module_names and dists and not dists & allowed:
+            raise ModuleNotFoundError(f"No module named {top!r} on the GPU image", name=top)
+sys.meta_path.insert(0, OnlyTheGpuImage())
+import drywallqa.train.gpu_job
+"""
+
+
+def gpu_image_packages() -> set[str]:
+    lines = GPU_IMAGE_PACKAGES_FILE.read_text().splitlines()
+    return {line.strip().lower().replace("_", "-") for line in lines if line.strip() and not line.startswith("#")}
+
+
+def check_job_imports(carried: tuple[str, ...] = GPU_MISSING_PACKAGES) -> None:
+    """Fail here, not on the GPU machine, when the training job imports a package neither its image nor we carry.
+
+    (Session 9 lost a call to this: the job reached pydantic through the shared contract.)
+    """
+    allowed = gpu_image_packages() | {name.lower() for name in carried} | {"drywallqa"}
+    run = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, json.dumps(sorted(allowed))],
+                         capture_output=True, text=True, cwd=ROOT)
+    if run.returncode != 0:
+        last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit status {run.returncode}"
+        raise RuntimeError(f"the GPU job would not start on the GPU image: {last}; carry that package as a wheel "
+                           f"(GPU_MISSING_PACKAGES in {Path(__file__).name})")
 
 
 def main() -> None:
+    check_job_imports()
     GPU.mkdir(exist_ok=True)
     shutil.rmtree(GPU / "data", ignore_errors=True)
     shutil.rmtree(GPU / "data_val", ignore_errors=True)
@@ -40,8 +84,25 @@ def main() -> None:
         state = torch.load(imagenet_weights_path(variant), map_location="cpu", weights_only=True)
         torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in state.items() if k in own},
                    GPU / f"{variant}_imagenet_fp16.pth")
+    download_wheels(GPU / "wheels")
     shutil.copy(ROOT / "scripts" / "gpu_run.sh", GPU / "run.sh")
     print(f"ready under {GPU}")
+
+
+def download_wheels(folder: Path) -> None:
+    """Wheels of the packages the training code imports that the GPU image lacks (cp312, as its python3).
+
+    The GPU machine has torch, numpy, OpenCV, PyYAML and safetensors but no pydantic, which the training code
+    reaches through the shared contract (drywallqa/contract.py); it cannot download anything itself.
+    The versions are the ones installed here, so both machines validate the same way.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    pins = [f"{name}=={metadata.version(name)}" for name in GPU_MISSING_PACKAGES]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp",
+                    *(f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
+                                                  "manylinux2014_x86_64")),
+                    "-d", str(folder), *pins], check=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@
 #     better than the shipped one (else from the shipped one).
 # All runs log to $OUT/OUTNAME/train.log (with per-epoch validation IoU on the packed validation split);
 # weights over 15 MB are split, since files over 16 MiB do not come back from the device.
-# GPU_JOB_ARGS is appended to every run (a CPU smoke test: "--batch 2 --crop 128 --max-steps 2 --val-pack").
+# GPU_JOB_ARGS is appended to every run, and argparse keeps the last value of an option, so it also overrides
+# (a CPU smoke test: "--batch 2 --crop 128 --max-steps 2 --val-pack"; a continuation at a lower learning rate:
+# "--init .gpu/s1.safetensors --lr 2e-4 --warmup 20 --val-every 2").
 set -e
 name=$1; teacher_budget=${2:-300}; student_budget=${3:-480}; plan=${4:-variants}
 case "$plan" in variants|lite2) ;; *) echo "unknown plan '$plan' (variants or lite2)" >&2; exit 2;; esac
@@ -21,6 +23,11 @@ mkdir -p /tmp/pkg/drywallqa
 cp -r drywallqa/. /tmp/pkg/drywallqa/
 for d in train edge export dashboard configs; do ln -sfn "$PWD/$d" "/tmp/pkg/drywallqa/$d"; done
 export PYTHONPATH=/tmp/pkg PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 OMP_NUM_THREADS=4
+if ! python3 -c "import pydantic" 2>/dev/null; then  # the GPU image has no pydantic: the carried wheels
+  ls .gpu/wheels/*.whl >/dev/null 2>&1 || { echo "no pydantic here and no .gpu/wheels carried" >&2; exit 3; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
+  export PYTHONPATH=/tmp/pkg:/tmp/site
+fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || echo "no nvidia-smi: CPU"
 parts=$(ls -d .gpu/data/part* | tr '\n' ' ')
 val=$(ls -d .gpu/data_val/part* 2>/dev/null | tr '\n' ' ')
