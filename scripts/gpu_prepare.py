@@ -3,15 +3,16 @@
     python scripts/gpu_prepare.py     # .gpu/data/part{0,1,2} (training split), .gpu/data_val/part{0,1},
                                       # .gpu/text_minilm.safetensors, .gpu/lite{0,2}_imagenet_fp16.pth, .gpu/run.sh,
                                       # .gpu/wheels (pydantic & co. for the GPU image's Python 3.12)
-The committed files (~26 MiB) travel with every call, so each call carries one part (~27 MiB), the
-validation parts riding with part0 and part1: `true` for the first two calls, then the training call.
-Parts carried by earlier calls stay on the machine while it is warm (30 s between calls). The next plan
-(MODEL.md): carry .gpu/data/part2, .gpu/text_minilm.safetensors, .gpu/run.sh, .gpu/wheels and
-.gpu/lite2_imagenet_fp16.pth (~39 MiB) and run `bash .gpu/run.sh final 220 290 lite2`.
-"""
+    python scripts/gpu_prepare.py --calls-only   # only print the device calls (what each one carries)
 
+The committed files (~26 MiB) travel with every call, so each call carries one part (~27 MiB), the validation
+parts riding with part0 and part1. Parts carried by earlier calls stay on the machine while it is warm (30 s
+between calls), so the calls are `true` but the last, which trains. The plan printed at the end groups the
+carried paths into calls under the limit: three for the student alone, four for the `lite2` plan (MODEL.md).
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -70,6 +71,11 @@ def check_job_imports(carried: tuple[str, ...] = GPU_MISSING_PACKAGES) -> None:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--calls-only", action="store_true", help="print the device calls for what .gpu/ holds now")
+    if ap.parse_args().calls_only:
+        print_calls()
+        return
     check_job_imports()
     GPU.mkdir(exist_ok=True)
     shutil.rmtree(GPU / "data", ignore_errors=True)
@@ -87,6 +93,58 @@ def main() -> None:
     download_wheels(GPU / "wheels")
     shutil.copy(ROOT / "scripts" / "gpu_run.sh", GPU / "run.sh")
     print(f"ready under {GPU}")
+    print_calls()
+
+
+CARRY_LIMIT_BYTES = 64 * 2**20  # what one device call may carry, the repository's tracked files included
+CARRY_MAX_PATHS = 8
+
+
+def path_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def tracked_bytes() -> int:
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    return sum((ROOT / n.decode()).stat().st_size for n in names if n and (ROOT / n.decode()).is_file())
+
+
+def carry_plan(groups: list[list[str]], sizes: dict[str, int], tree_bytes: int,
+               limit: int = CARRY_LIMIT_BYTES) -> list[list[str]]:
+    """Split the paths to carry into device calls, in order, keeping each group in one call.
+
+    Every call sends the repository too, so a call holds what fits beside it. Paths carried by earlier calls
+    stay on the machine while it is warm, so the last call (the one that trains) needs only its own share.
+    """
+    calls: list[list[str]] = [[]]
+    used = tree_bytes
+    for group in groups:
+        size = sum(sizes[p] for p in group)
+        if tree_bytes + size > limit:
+            raise ValueError(f"{group} ({size / 2**20:.1f} MiB) does not fit one call beside the repository "
+                             f"({tree_bytes / 2**20:.1f} MiB)")
+        if used + size > limit or len(calls[-1]) + len(group) > CARRY_MAX_PATHS:
+            calls.append([])
+            used = tree_bytes
+        calls[-1].extend(group)
+        used += size
+    return calls
+
+
+def print_calls() -> None:
+    """The device calls for the two plans, from the sizes of what .gpu/ holds now."""
+    base = [[".gpu/data/part0", ".gpu/data_val/part0"], [".gpu/data/part1", ".gpu/data_val/part1"],
+            [".gpu/data/part2"], [".gpu/text_minilm.safetensors"], [".gpu/run.sh"], [".gpu/wheels"]]
+    tree = tracked_bytes()
+    for plan, extra, command in (("student", [], "bash .gpu/run.sh final 0 530"),
+                                 ("lite2", [[".gpu/lite2_imagenet_fp16.pth"]], "bash .gpu/run.sh final 220 290 lite2")):
+        groups = base + extra
+        sizes = {p: path_bytes(ROOT / p) for g in groups for p in g}
+        calls = carry_plan(groups, sizes, tree)
+        print(f"{plan} plan, {len(calls)} device calls (`true` but the last, which runs `{command}`):")
+        for i, carry in enumerate(calls, 1):
+            print(f"  {i}. carry {json.dumps(carry)} "
+                  f"({(tree + sum(sizes[p] for p in carry)) / 2**20:.1f} of 64 MiB with the repository)")
 
 
 def download_wheels(folder: Path) -> None:

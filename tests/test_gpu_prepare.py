@@ -31,3 +31,20 @@ def test_image_list_is_read_without_comments(gpu_prepare) -> None:
     packages = gpu_prepare.gpu_image_packages()
     assert {"torch", "numpy", "opencv-python-headless", "safetensors", "pyyaml"} <= packages
     assert "pydantic" not in packages and not any(p.startswith("#") for p in packages)
+
+
+def test_carry_plan_keeps_each_call_under_the_limit_and_groups_together(gpu_prepare) -> None:
+    mib = 2**20
+    groups = [["part0", "val0"], ["part1", "val1"], ["part2"], ["text"], ["wheels"], ["lite2"]]
+    sizes = {"part0": 27 * mib, "val0": 8 * mib, "part1": 27 * mib, "val1": 8 * mib, "part2": 27 * mib,
+             "text": 1, "wheels": 3 * mib, "lite2": 9 * mib}
+    calls = gpu_prepare.carry_plan(groups, sizes, tree_bytes=27 * mib)
+    assert [p for call in calls for p in call] == [p for g in groups for p in g]  # all of it, in order
+    assert calls[0] == ["part0", "val0"] and calls[1] == ["part1", "val1"]
+    assert all(27 * mib + sum(sizes[p] for p in call) <= 64 * mib for call in calls)
+    assert calls[2] == ["part2", "text", "wheels"] and calls[3] == ["lite2"]  # 27+27+3+9 MiB would not fit
+
+
+def test_carry_plan_refuses_a_group_too_big_for_any_call(gpu_prepare) -> None:
+    with pytest.raises(ValueError, match="does not fit one call"):
+        gpu_prepare.carry_plan([["big"]], {"big": 40 * 2**20}, tree_bytes=27 * 2**20)
