@@ -10,6 +10,7 @@ parts riding with part0 and part1. Parts carried by earlier calls stay on the ma
 between calls), so the calls are `true` but the last, which trains. The plan printed at the end groups the
 carried paths into calls under the limit: three for the student alone, four for the `lite2` plan (MODEL.md).
 """
+
 from __future__ import annotations
 
 import argparse
