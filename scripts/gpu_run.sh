@@ -41,9 +41,10 @@ if [ "$plan" = "lite2" ] && [ "$teacher_budget" != "0" ]; then
     --budget "$teacher_budget" --val-every 3
   wait
   # Distil from the new teacher only if its last validation beats the shipped teacher's on the same packed
-  # split and protocol (crack 0.440 + taping 0.674 at threshold 0.5, session 2's log).
+  # split and protocol: crack 0.466 + taping 0.678 at threshold 0.5, the session-5 `lite` measured in session 9
+  # with train/trainer.py's validate on the packed validation split (fp32 on CPU; session 2's teacher had 1.114).
   teacher=models/lite_effnet_lite0.safetensors
-  if python3 -c 'import json, sys; r = json.loads(open(sys.argv[1]).read().splitlines()[-1]); sys.exit(r.get("iou_0", 0) + r.get("iou_1", 0) <= 1.114)' \
+  if python3 -c 'import json, sys; r = json.loads(open(sys.argv[1]).read().splitlines()[-1]); sys.exit(r.get("iou_0", 0) + r.get("iou_1", 0) <= 1.144)' \
       /tmp/drywallqa-runs/teacher_lite2/log.jsonl; then teacher="$out/teacher_lite2.safetensors"; fi
   echo "the student distils from $teacher" | tee -a "$out/train.log"
   job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
