@@ -52,9 +52,13 @@ import drywallqa.train.gpu_job
 """
 
 
+def _distribution_key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")  # as _IMPORT_CHECK compares them
+
+
 def gpu_image_packages() -> set[str]:
     lines = GPU_IMAGE_PACKAGES_FILE.read_text().splitlines()
-    return {line.strip().lower().replace("_", "-") for line in lines if line.strip() and not line.startswith("#")}
+    return {_distribution_key(line) for line in lines if line.strip() and not line.startswith("#")}
 
 
 def check_job_imports(carried: tuple[str, ...] = GPU_MISSING_PACKAGES) -> None:
@@ -62,7 +66,7 @@ def check_job_imports(carried: tuple[str, ...] = GPU_MISSING_PACKAGES) -> None:
 
     (Session 9 lost a call to this: the job reached pydantic through the shared contract.)
     """
-    allowed = gpu_image_packages() | {name.lower() for name in carried} | {"drywallqa"}
+    allowed = gpu_image_packages() | {_distribution_key(name) for name in carried} | {"drywallqa"}
     run = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, json.dumps(sorted(allowed))],
                          capture_output=True, text=True, cwd=ROOT)
     if run.returncode != 0:
@@ -133,9 +137,12 @@ def carry_plan(groups: list[list[str]], sizes: dict[str, int], tree_bytes: int,
 
 
 def print_calls() -> None:
-    """The device calls for the two plans, from the sizes of what .gpu/ holds now."""
-    base = [[".gpu/data/part0", ".gpu/data_val/part0"], [".gpu/data/part1", ".gpu/data_val/part1"],
-            [".gpu/data/part2"], [".gpu/text_minilm.safetensors"], [".gpu/run.sh"], [".gpu/wheels"]]
+    """The device calls for the two plans, from the parts and sizes of what .gpu/ holds now."""
+    train_parts = sorted(p.relative_to(ROOT).as_posix() for p in (GPU / "data").glob("part*"))
+    val_parts = sorted(p.relative_to(ROOT).as_posix() for p in (GPU / "data_val").glob("part*"))
+    # validation part i rides with training part i
+    base = [[part, *val_parts[i:i + 1]] for i, part in enumerate(train_parts)] + [[p] for p in val_parts[len(train_parts):]]
+    base += [[".gpu/text_minilm.safetensors"], [".gpu/run.sh"], [".gpu/wheels"]]
     tree = tracked_bytes()
     for plan, extra, command in (("student", [], "bash .gpu/run.sh final 0 530"),
                                  ("lite2", [[".gpu/lite2_imagenet_fp16.pth"]], "bash .gpu/run.sh final 220 290 lite2")):

@@ -141,6 +141,11 @@ def set_training_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
 
 
 @torch.no_grad()
+def model_input(model: Segmenter, images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC RGB images -> the normalised float NCHW batch the model takes (no augmentation)."""
+    return model.normalize(images.permute(0, 3, 1, 2).float() / 255.0)
+
+
 def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: int, num_classes: int,
              threshold: float = 0.5) -> dict[str, float]:
     """Mean IoU per class on each class's own images, at the cached resolution (quick per-epoch signal).
@@ -149,7 +154,7 @@ def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: 
     ious: list[list[float]] = [[] for _ in range(num_classes)]
     for start in range(0, len(data), batch):
         img, msk, cls = data.batch(torch.arange(start, min(start + batch, len(data))), device)
-        x = model.normalize(img.permute(0, 3, 1, 2).float() / 255.0)
+        x = model_input(model, img)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             probs = torch.sigmoid(model(x).float())
         for i in range(len(cls)):
