@@ -14,7 +14,6 @@ from drywallqa.export.metadata import build_metadata
 from drywallqa.export.onnx_export import export_onnx, probe_images
 from drywallqa.export.openvino_export import export_openvino, quantize_int8
 from drywallqa.export.random_weights import RANDOM_EMBED_DIM, random_model
-from drywallqa.train.models.segmenter import ExportWrapper
 
 SIZE = (128, 128)
 # Max abs diff on probabilities. FP16 weight rounding moves steep-sigmoid pixels more; its mean stays tiny.
@@ -56,7 +55,7 @@ def exported(request, tmp_path_factory):
     onnx_path = export_onnx(model, meta, out / "m.onnx")
     images = _eval_images()
     with torch.no_grad():
-        ref = ExportWrapper(model)(torch.from_numpy(images)).numpy()
+        ref = model.probabilities(torch.from_numpy(images)).numpy()
     calib, source = calibration_set(16, SIZE)
     paths = {
         "onnxruntime": onnx_path,

@@ -16,7 +16,6 @@ from drywallqa.edge.backends import load_backend  # noqa: E402
 from drywallqa.edge.inference import PromptSegmenter  # noqa: E402
 from drywallqa.export.pipeline import run_export  # noqa: E402
 from drywallqa.train.checkpoint import load_weights  # noqa: E402
-from drywallqa.train.models.segmenter import ExportWrapper  # noqa: E402
 
 needs_data = pytest.mark.skipif(not SHARED_DATA_DIR.is_dir(),
                                 reason=f"real photos not found at {SHARED_DATA_DIR} (CI has ../shared/data)")
@@ -58,7 +57,7 @@ def test_onnx_export_matches_torch_on_real_photos(exported, profile):
     for ex in _val_images("cracks", 2) + _val_images("drywall-join-detect", 2):
         batch = seg.preprocess(ex.image)[None]
         with torch.no_grad():
-            ref = ExportWrapper(model)(torch.from_numpy(batch)).numpy()
+            ref = model.probabilities(torch.from_numpy(batch)).numpy()
         got = seg.network(batch)
         assert np.abs(got - ref).max() < 2e-3
         for c, name in enumerate(info.classes):
@@ -99,7 +98,7 @@ def test_openvino_fp16_and_int8_of_the_shipped_lite_model_agree_with_torch(tmp_p
         for ex in photos:
             batch = seg.preprocess(ex.image)[None]
             with torch.no_grad():
-                ref = ExportWrapper(model)(torch.from_numpy(batch)).numpy()
+                ref = model.probabilities(torch.from_numpy(batch)).numpy()
             got = seg.network(batch)
             for c, name in enumerate(info.classes):
                 a, b = ref[0, c] >= info.thresholds[name], got[0, c] >= info.thresholds[name]

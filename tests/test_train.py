@@ -58,6 +58,28 @@ def test_prompt_embeddings_are_frozen_buffers_and_one_pass_gives_every_class():
     assert float(probs.min()) >= 0 and float(probs.max()) <= 1
 
 
+@pytest.mark.parametrize("architecture", ["effnet_lite0_fpn", "hrnet_w18"])
+def test_export_wrapper_rewrites_normalisation_and_film_exactly(architecture):
+    """The deployable graph's rewrites give the training form's probabilities and leave the model as it was."""
+    from drywallqa.export.onnx_export import probe_images
+    from drywallqa.export.random_weights import random_model
+
+    model, _ = random_model(architecture, (64, 96), seed=3)
+    model = model.double()  # in float64 the rewrite's own rounding (~1e-16) is all that can differ
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.from_numpy(probe_images((64, 96), 2, seed=4))
+    x[0, :5] = 0  # the extremes of the uint8 range
+    x[1, -7:, -9:] = 255
+    with torch.no_grad():
+        wrapper = ExportWrapper(model)
+        folded, reference = wrapper(x), model.probabilities(x)
+    assert all(torch.equal(v, weights_before[k]) for k, v in model.state_dict().items())
+    assert folded.shape == reference.shape == (2, 2, 64, 96)
+    assert float((folded - reference).abs().max()) < 1e-9
+    assert float((reference[:, 0] - reference[:, 1]).abs().max()) > 1e-3  # the classes differ, so FiLM was tested
+    assert [(f.groups, f.kernel_size) for f in wrapper.head.film] == [(model.body.out_channels, (1, 1))] * 2
+
+
 def test_class_outputs_follow_the_prompt_embedding():
     vocab, emb, cls = random_embeddings()
     model = build_segmenter("effnet_lite0_fpn", emb, cls, 2).eval()
