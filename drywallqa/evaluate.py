@@ -193,6 +193,7 @@ def run_eval(
     tune_thresholds: bool = False,
     limit: int | None = None,
     progress: bool = True,
+    flip_tta: bool = False,
 ) -> EvalResult:
     from drywallqa.edge.backends import load_backend
     from drywallqa.edge.inference import PromptSegmenter
@@ -218,7 +219,7 @@ def run_eval(
         raise FileNotFoundError(f"no images on the {split!r} side of {split_path}")
 
     be = load_backend(path, backend=backend, threads=threads)
-    segmenter = PromptSegmenter(be)
+    segmenter = PromptSegmenter(be, flip_tta=flip_tta)
     examples = (load_labelled(r, fmt, setup.box_strategy) for r, fmt in chosen)
     class_of = {s.name: s.class_name for s in setup.specs}
     data, ranked = evaluate(segmenter, examples, class_of, tune_thresholds, progress, total=len(chosen))
@@ -226,7 +227,7 @@ def run_eval(
     data["model"] = {"path": str(path), "name": meta.model_name, "profile": meta.profile,
                      "architecture": meta.architecture, "version": meta.version, "precision": meta.precision,
                      "input": [meta.input.height, meta.input.width], "backend": be.name,
-                     "threads": threads, "file_bytes": model_file_size(path)}
+                     "threads": threads, "file_bytes": model_file_size(path), "flip_tta": flip_tta}
     data["split"] = {"name": split, "file": str(split_path), "box_strategy": setup.box_strategy}
     markdown = to_markdown(data)
     out = Path(out_dir) if out_dir else None

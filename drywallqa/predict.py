@@ -210,11 +210,12 @@ def run_predict(
     batch_size: int = 4,
     progress: bool = True,
     report: str | None = None,
+    flip_tta: bool = False,
 ) -> PredictSummary:
     """Load the model (path or profile) and run `predict`; the CLI's entry point."""
     from drywallqa.edge.backends import load_backend
     from drywallqa.edge.inference import PromptSegmenter
 
     path = resolve_model(model)
-    segmenter = PromptSegmenter(load_backend(path, backend=backend, threads=threads))
+    segmenter = PromptSegmenter(load_backend(path, backend=backend, threads=threads), flip_tta=flip_tta)
     return predict(segmenter, prompts, inputs, out_dir, batch_size=batch_size, progress=progress, report=report)

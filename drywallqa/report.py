@@ -72,7 +72,9 @@ def _preamble(data: dict) -> list[str]:
     images = ", ".join(f"{ds} {n}" for ds, n in data["images"].items())
     return [
         f"Model file: `{m.get('path', '?')}`. Split: `{s.get('name', '?')}` of `{s.get('file', '?')}` "
-        f"({images} images at native resolution; box labels rasterised with `{s.get('box_strategy', '?')}`).",
+        f"({images} images at native resolution; box labels rasterised with `{s.get('box_strategy', '?')}`)."
+        + (" Test-time flips: each image's probabilities are the mean over it and its two mirror images."
+           if m.get("flip_tta") else ""),
         "",
         f"Convention: {data['convention']}",
         "",

@@ -31,8 +31,12 @@ def resize_interpolation(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> in
 
 
 class PromptSegmenter:
-    def __init__(self, backend: InferenceBackend) -> None:
+    """`flip_tta`: average the probabilities of the image and its horizontal and vertical mirror images (three
+    network passes; for photos checked offline, where accuracy matters more than time. MODEL.md has its gain)."""
+
+    def __init__(self, backend: InferenceBackend, flip_tta: bool = False) -> None:
         self.backend = backend
+        self.flip_tta = flip_tta
         self.metadata = backend.metadata
         self.vocabulary = self.metadata.vocabulary()
 
@@ -60,7 +64,11 @@ class PromptSegmenter:
 
     def network(self, batch: np.ndarray) -> np.ndarray:
         """The backend call alone (uint8 N x H x W x 3 at input size -> float32 N x C x H x W)."""
-        return self.backend.infer(batch)
+        if not self.flip_tta:
+            return self.backend.infer(batch)
+        n = len(batch)
+        probs = self.backend.infer(np.concatenate([batch, batch[:, :, ::-1], batch[:, ::-1]]))
+        return (probs[:n] + probs[n:2 * n, :, :, ::-1] + probs[2 * n:, :, ::-1]) / np.float32(3)
 
     @staticmethod
     def postprocess(probs: np.ndarray, source_hw: tuple[int, int]) -> np.ndarray:

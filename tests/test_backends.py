@@ -10,9 +10,10 @@ import pytest
 from _export_fixtures import export_random_model
 from onnx import TensorProto, helper
 
-from drywallqa.contract import METADATA_KEY, InvalidModelError
+from drywallqa.contract import METADATA_KEY, InvalidModelError, TextEncoderInfo, metadata_from_vocabulary
 from drywallqa.edge.backends import (
     BackendUnavailableError,
+    InferenceBackend,
     auto_backend_name,
     load_backend,
     read_metadata,
@@ -185,6 +186,43 @@ def test_prompt_segmenter_batch_and_odd_inputs(model_path):
     assert out[1]["crack"].shape == (300, 200)
     assert seg.probabilities_batch([]) == []
 
+
+
+class _ColourBackend(InferenceBackend):
+    """A backend subclass whose 'network' is per pixel (crack = red / 255, taping = blue / 255): mirroring its input
+    mirrors its output, so correct flip averaging must give back exactly the plain output."""
+
+    name = "colour"
+
+    def __init__(self, hw: tuple[int, int]) -> None:
+        meta = metadata_from_vocabulary(load_vocabulary(), model_name="colour", profile="test", architecture="none",
+                                        version="0", input_size=hw, thresholds={"crack": 0.5, "taping": 0.5},
+                                        text_encoder=TextEncoderInfo(name="none", dim=1))
+        super().__init__(Path("colour.onnx"), meta)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return (batch[..., [0, 2]].transpose(0, 3, 1, 2) / np.float32(255)).astype(np.float32)
+
+
+def test_flip_tta_puts_each_mirror_images_output_back_in_place():
+    images = _images(2, seed=7)
+    plain = PromptSegmenter(_ColourBackend(SIZE)).network(images)
+    averaged = PromptSegmenter(_ColourBackend(SIZE), flip_tta=True).network(images)
+    assert averaged.shape == plain.shape == (2, 2, *SIZE)
+    np.testing.assert_allclose(averaged, plain, atol=1e-6)
+
+
+def test_flip_tta_on_a_real_model_is_the_mean_over_three_views(model_path):
+    backend = load_backend(model_path, "onnxruntime")
+    images = _images(2, seed=8)
+    views = [backend.infer(images), backend.infer(images[:, :, ::-1])[..., ::-1],
+             backend.infer(images[:, ::-1])[:, :, ::-1]]
+    seg = PromptSegmenter(backend, flip_tta=True)
+    averaged = seg.network(images)
+    np.testing.assert_allclose(averaged, np.mean(views, axis=0), atol=1e-6)
+    assert np.abs(averaged - views[0]).max() > 1e-3  # a random net is not mirror-symmetric: the views differ
+    masks = seg.masks(images[0], ["segment crack"])
+    assert masks["segment crack"].shape == SIZE and set(np.unique(masks["segment crack"])) <= {0, 255}
 
 _ISA_PROBE = r"""
 import json, sys

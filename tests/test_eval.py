@@ -156,6 +156,15 @@ def test_eval_end_to_end_writes_json_markdown_html(tmp_path, capsys):
     assert (tmp_path / "rep" / "eval.md").read_text().startswith("# DrywallQA evaluation")
 
 
+def test_eval_with_tta_says_so_in_its_report(tmp_path, capsys):
+    cfg = small_project(tmp_path, n_crack=2, n_wall=2)
+    assert main(["data", "split", "--config", str(cfg)]) == 0
+    assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--out", str(tmp_path / "rep"),
+                 "--tta", "--quiet", "--backend", "onnxruntime"]) == 0
+    assert "Test-time flips" in capsys.readouterr().out
+    assert json.loads((tmp_path / "rep" / "eval.json").read_text())["model"]["flip_tta"] is True
+
+
 def test_eval_without_split_file_says_what_to_run(tmp_path, capsys):
     cfg = small_project(tmp_path)
     assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--quiet"]) == 2

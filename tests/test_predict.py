@@ -81,6 +81,23 @@ def test_batch_size_does_not_change_masks(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_tta_writes_masks_of_the_flip_averaged_probabilities(tmp_path):
+    from drywallqa.edge.backends import load_backend
+    from drywallqa.edge.inference import PromptSegmenter
+    from drywallqa.imageio import read_image_rgb
+
+    model = random_onnx()
+    write_jpeg(tmp_path / "in" / "im.jpg", 48, 40, seed=3)
+    assert main(["predict", "--model", str(model), "--prompt", "crack", "--out", str(tmp_path / "o"), "--tta",
+                 "--quiet", "--backend", "onnxruntime", str(tmp_path / "in")]) == 0
+    got = cv2.imread(str(tmp_path / "o" / "im__crack.png"), cv2.IMREAD_UNCHANGED)
+    image = read_image_rgb(tmp_path / "in" / "im.jpg")
+    seg = PromptSegmenter(load_backend(model, "onnxruntime"), flip_tta=True)
+    np.testing.assert_array_equal(got, seg.masks(image, ["crack"])["crack"])
+    seg.flip_tta = False
+    assert not np.array_equal(got, seg.masks(image, ["crack"])["crack"])  # so the flag did change the masks
+
+
 def test_corrupt_and_missing_inputs_are_named_counted_and_skipped(tmp_path, capsys):
     model = random_onnx()
     write_jpeg(tmp_path / "good.jpg", 21, 34)
