@@ -46,7 +46,7 @@ def evaluate(weights: str, size: int | None = None, limit: int | None = None, th
             own = [i for i, k in enumerate(info.prompt_class) if k == c]
             h, w = ex.image.shape[:2]
             x = torch.from_numpy(cv2.resize(ex.image, (size, size), interpolation=resize_interpolation((h, w), (size, size))))
-            x = model.normalize(x.permute(2, 0, 1)[None].float() / 255)
+            x = model.input_from_uint8(x[None])
             feat = model.features(x)
             emb = torch.cat([model.class_embeddings[c:c + 1], model.prompt_embeddings[own]])
             logits = model.head(feat, emb)

@@ -143,7 +143,7 @@ def set_training_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
 @torch.no_grad()
 def model_input(model: Segmenter, images: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC RGB images -> the normalised float NCHW batch the model takes (no augmentation)."""
-    return model.normalize(images.permute(0, 3, 1, 2).float() / 255.0)
+    return model.input_from_uint8(images)
 
 
 def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: int, num_classes: int,

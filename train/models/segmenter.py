@@ -149,6 +149,10 @@ class Segmenter(nn.Module):
         """RGB in [0, 1], N x 3 x H x W -> the network's input (ImageNet mean/std)."""
         return (x01 - self.mean) / self.std
 
+    def input_from_uint8(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 N x H x W x 3 RGB -> the normalised N x 3 x H x W input, in the model's float type."""
+        return self.normalize(image.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
@@ -167,8 +171,7 @@ class Segmenter(nn.Module):
 
         The reference that ExportWrapper's rewritten graph and every exported file are checked against.
         """
-        x = image.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0
-        return torch.sigmoid(self(self.normalize(x)))
+        return torch.sigmoid(self(self.input_from_uint8(image)))
 
 
 class ExportWrapper(nn.Module):
@@ -181,15 +184,12 @@ class ExportWrapper(nn.Module):
 
     def __init__(self, model: Segmenter) -> None:
         super().__init__()
-        model = copy.deepcopy(model).eval()
-        self.body = model.body
-        self.head = FixedPromptFiLMHead(model.head, model.class_embeddings)
-        self.register_buffer("mean", model.mean.clone())
-        self.register_buffer("std", model.std.clone())
+        self.model = copy.deepcopy(model).eval()
+        self.head = FixedPromptFiLMHead(self.model.head, self.model.class_embeddings)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = (image.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0 - self.mean) / self.std
-        logits = self.head(self.body(x))
+        x = self.model.input_from_uint8(image)
+        logits = self.head(self.model.features(x))
         return torch.sigmoid(F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False))
 
 
