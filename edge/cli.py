@@ -124,16 +124,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.model_check:
-        from drywallqa.edge.runner import EdgeRunner, resolve_model_path
+        from drywallqa.edge.runner import EdgeRunner, load_segmenter
 
         try:
-            from drywallqa.edge.backends import load_backend
-            from drywallqa.edge.inference import PromptSegmenter
-
             runner = EdgeRunner(settings)
-            path = resolve_model_path(settings.model.path, settings.model.backend)
-            runner.segmenter = PromptSegmenter(load_backend(path, settings.model.backend, settings.model.threads,
-                                                               settings.model.openvino_cpu_isa))
+            path, runner.segmenter = load_segmenter(settings.model)
             runner.meta = runner.segmenter.metadata
             watched = runner.resolve_prompts(settings.analysis.prompts)
             for rule in settings.alerts:

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -33,10 +34,13 @@ from drywallqa.edge.payloads import (
 )
 from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
-from drywallqa.edge.settings import ConfigError, EdgeSettings
+from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings
 from drywallqa.edge.sources import make_source
 from drywallqa.edge.spool import Spool
 from drywallqa.paths import EXPORTED_DIR, PROFILES
+
+if TYPE_CHECKING:
+    from drywallqa.edge.inference import PromptSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,16 @@ _SUFFIXES_BY_BACKEND = {
     "tensorrt": (".engine", ".plan"),
     "auto": (".xml", ".onnx", ".engine"),
 }
+
+
+def load_segmenter(model: ModelSettings) -> tuple[Path, PromptSegmenter]:
+    """The model file that `model` names, loaded on its backend and wrapped as the settings ask."""
+    from drywallqa.edge.backends import load_backend
+    from drywallqa.edge.inference import PromptSegmenter
+
+    path = resolve_model_path(model.path, model.backend)
+    backend = load_backend(path, model.backend, model.threads, model.openvino_cpu_isa)
+    return path, PromptSegmenter(backend, flip_tta=model.flip_tta)
 
 
 def resolve_model_path(spec: str, backend: str = "auto") -> Path:
@@ -104,16 +118,10 @@ class EdgeRunner:
     # -- start-up --------------------------------------------------------------------------------------
     def setup(self) -> EdgeRunner:
         """Load the model, resolve prompts and rules, open spool, broker link and source (errors stop here)."""
-        from drywallqa.edge.backends import load_backend
-        from drywallqa.edge.inference import PromptSegmenter
-
         s = self.settings
         if s.model.opencv_threads:
             cv2.setNumThreads(s.model.opencv_threads)
-        model_path = resolve_model_path(s.model.path, s.model.backend)
-        self.model_path = model_path
-        self.segmenter = PromptSegmenter(load_backend(model_path, s.model.backend, s.model.threads,
-                                                      s.model.openvino_cpu_isa))
+        self.model_path, self.segmenter = load_segmenter(s.model)
         self.meta = self.segmenter.metadata
         self.watched = self.resolve_prompts(s.analysis.prompts)
         watched_classes = {w.class_name for w in self.watched}
@@ -122,7 +130,7 @@ class EdgeRunner:
             if rule.class_name not in watched_classes:
                 raise ConfigError(f"alerts: a rule watches class {rule.class_name!r}, but analysis.prompts "
                                   f"{s.analysis.prompts} has no prompt for it; add one")
-        log.info("model %s (%s, backend %s), watching %s", model_path.name, self.meta.architecture,
+        log.info("model %s (%s, backend %s), watching %s", self.model_path.name, self.meta.architecture,
                  self.segmenter.backend.name, [(w.prompt, w.class_name) for w in self.watched])
 
         self.spool = Spool(s.spool.resolved_path(), s.spool.max_rows, int(s.spool.max_mb * 2**20))

@@ -69,6 +69,10 @@ class ModelSettings(_Section):
         description="cap OpenVINO's CPU kernels at this instruction set for a float (FP32/FP16 IR) model; INT8 "
                     "models keep the native one (VNNI). On CPUs that run AVX-512 as two halves (AMD Zen 4) avx2 "
                     "made hrnet 3-7% faster; `drywallqa bench` measures both on your machine")
+    flip_tta: bool = Field(
+        default=False,
+        description="average each frame's probabilities with its two mirror images: 3x the network time for about "
+                    "+0.6 crack and +1.4 taping IoU points with lite (MODEL.md); for slow-moving cameras")
     opencv_threads: int = Field(
         default=1, ge=0,
         description="OpenCV's thread pool for decoding, resizing and analysis (0: OpenCV's default). 1 keeps its "

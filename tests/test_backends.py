@@ -224,6 +224,18 @@ def test_flip_tta_on_a_real_model_is_the_mean_over_three_views(model_path):
     masks = seg.masks(images[0], ["segment crack"])
     assert masks["segment crack"].shape == SIZE and set(np.unique(masks["segment crack"])) <= {0, 255}
 
+
+def test_edge_model_settings_turn_flip_tta_on_for_the_live_loop(model_path):
+    from drywallqa.edge.runner import load_segmenter
+    from drywallqa.edge.settings import ModelSettings
+
+    path, seg = load_segmenter(ModelSettings(path=str(model_path), backend="onnxruntime", flip_tta=True))
+    assert path == model_path and seg.flip_tta
+    frame = _images(1, seed=9)[0]
+    plain = PromptSegmenter(load_backend(model_path, "onnxruntime")).model_probabilities(frame)
+    assert np.abs(seg.model_probabilities(frame) - plain).max() > 1e-3  # the live loop's call averages the mirrors
+    assert not load_segmenter(ModelSettings(path=str(model_path), backend="onnxruntime"))[1].flip_tta
+
 _ISA_PROBE = r"""
 import json, sys
 import numpy as np
