@@ -59,8 +59,8 @@ def test_prompt_embeddings_are_frozen_buffers_and_one_pass_gives_every_class():
 
 
 @pytest.mark.parametrize("architecture", ["effnet_lite0_fpn", "hrnet_w18"])
-def test_export_wrapper_rewrites_normalisation_and_film_exactly(architecture):
-    """The deployable graph's rewrites give the training form's probabilities and leave the model as it was."""
+def test_export_wrapper_computes_the_training_form_exactly(architecture):
+    """The deployable graph (FiLM as depthwise convs) gives the training form's probabilities; the model is left as it was."""
     from drywallqa.export.onnx_export import probe_images
     from drywallqa.export.random_weights import random_model
 
