@@ -59,7 +59,7 @@ def _probe(model: Segmenter, input_size: tuple[int, int], gen: torch.Generator, 
 
     h, w = (min(int(input_size[0]), 128), min(int(input_size[1]), 128))
     x = torch.from_numpy(probe_images((h, w), n, seed=int(torch.randint(0, 2**31, (1,), generator=gen))))
-    return (x.permute(0, 3, 1, 2).float() / 255.0 - model.mean) / model.std
+    return model.input_from_uint8(x)
 
 
 @torch.no_grad()

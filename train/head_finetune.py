@@ -24,14 +24,7 @@ import torch.nn.functional as F
 from drywallqa.train.checkpoint import load_weights, save_weights
 from drywallqa.train.losses import distillation_loss, segmentation_loss
 from drywallqa.train.models.segmenter import HRNetEncoderDecoder
-from drywallqa.train.trainer import (
-    TrainConfig,
-    lr_at,
-    model_input,
-    seed_everything,
-    set_training_mode,
-    validate,
-)
+from drywallqa.train.trainer import TrainConfig, lr_at, seed_everything, set_training_mode, validate
 from drywallqa.train.training_data import InMemoryData
 
 STRIDE = 4
@@ -65,7 +58,7 @@ def build_feature_cache(model, teacher, data: InMemoryData, out: Path, key: str,
     t0 = time.time()
     for start in range(done, n, chunk):
         stop = min(n, start + chunk)
-        x = model_input(model, torch.from_numpy(np.ascontiguousarray(data.images[start:stop])))
+        x = model.input_from_uint8(torch.from_numpy(np.ascontiguousarray(data.images[start:stop])))
         feats[start:stop] = model.body.encoder(x).half().numpy()
         if teacher is not None:
             soft[start:stop] = (torch.sigmoid(teacher(x)) * 255 + 0.5).clamp(0, 255).byte().numpy()

@@ -141,11 +141,6 @@ def set_training_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
 
 
 @torch.no_grad()
-def model_input(model: Segmenter, images: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC RGB images -> the normalised float NCHW batch the model takes (no augmentation)."""
-    return model.input_from_uint8(images)
-
-
 def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: int, num_classes: int,
              threshold: float = 0.5) -> dict[str, float]:
     """Mean IoU per class on each class's own images, at the cached resolution (quick per-epoch signal).
@@ -154,7 +149,7 @@ def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: 
     ious: list[list[float]] = [[] for _ in range(num_classes)]
     for start in range(0, len(data), batch):
         img, msk, cls = data.batch(torch.arange(start, min(start + batch, len(data))), device)
-        x = model_input(model, img)
+        x = model.input_from_uint8(img)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             probs = torch.sigmoid(model(x).float())
         for i in range(len(cls)):
