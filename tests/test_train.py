@@ -349,6 +349,27 @@ def test_frozen_batchnorm_keeps_its_statistics_while_the_weights_learn(tmp_path)
     assert any(not torch.equal(frozen[k], start[k]) for k in convs)  # the weights themselves still train
 
 
+def test_validation_scores_each_class_on_its_own_images_without_building_autograd_graphs():
+    from drywallqa.train.trainer import validate
+    from drywallqa.train.training_data import InMemoryData
+
+    vocab, emb, cls = random_embeddings()
+    model = build_segmenter("effnet_lite0_fpn", emb, cls, 2)
+    grad_seen: list[bool] = []
+    model.register_forward_hook(lambda m, inp, out: grad_seen.append(out.requires_grad))
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    masks = np.zeros((3, 32, 32), np.uint8)
+    masks[0] = 1  # a crack image labelled everywhere, a crack image with no label, a taping image with no label
+    data = InMemoryData(images, masks, np.array([0, 0, 1]), ["a", "b", "c"])
+    everything = validate(model, data, torch.device("cpu"), batch=2, num_classes=2, threshold=0.0)
+    nothing = validate(model, data, torch.device("cpu"), batch=2, num_classes=2, threshold=1.1)
+    assert grad_seen and not any(grad_seen)  # per-epoch validation must not hold activations for backward
+    assert not model.training
+    # all-predicted: image a is right (1), b wrong (0); c wrong. Nothing predicted: a wrong, b and c right (empty).
+    assert everything == {"iou_0": pytest.approx(0.5), "iou_1": pytest.approx(0.0)}
+    assert nothing == {"iou_0": pytest.approx(0.5), "iou_1": pytest.approx(1.0)}
+
+
 def test_every_shipped_training_config_loads():
     from drywallqa.train.losses import LOSSES as known_losses
     from drywallqa.train.models.segmenter import ARCHITECTURES
