@@ -92,7 +92,9 @@ def test_int8_parity(exported):
     _compare(images, ref, paths["openvino_int8"], "openvino", meta.thresholds)
     assert _compare.mean_diff < INT8_MEAN_ATOL, f"int8: mean abs diff {_compare.mean_diff:.3f}"
     assert _compare.mean_iou >= INT8_MEAN_IOU, f"int8: mean mask IoU {_compare.mean_iou:.4f}"
-    assert load_backend(paths["openvino_int8"], "openvino").metadata.precision == "int8"
+    got = load_backend(paths["openvino_int8"], "openvino").metadata
+    assert got.precision == "int8"
+    assert got.extra["bias_correction"] == ("full" if meta.profile == "lite" else "fast")  # the file says how it was made
 
 
 def test_metadata_travels_in_ir(exported):
