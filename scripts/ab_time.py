@@ -20,15 +20,9 @@ from drywallqa.edge.backends import load_backend
 
 
 def photos(hw: tuple[int, int], n: int = 4) -> list[np.ndarray]:
-    from drywallqa.export.calibration import load_resized, pick_evenly, training_images
-    from drywallqa.export.onnx_export import probe_images
+    from drywallqa.export.calibration import calibration_set
 
-    try:
-        paths = training_images()
-    except FileNotFoundError:
-        paths = []
-    batch = load_resized(pick_evenly(paths, n), hw) if paths else probe_images(hw, n, seed=0)
-    return [b[None] for b in batch]
+    return [b[None] for b in calibration_set(n, hw)[0]]
 
 
 def runner(path: Path, threads: int) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[int, int]]:
