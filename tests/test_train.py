@@ -463,3 +463,39 @@ def test_head_finetune_trains_only_decoder_and_head_on_cached_features_and_resum
     third = run(1)
     assert third.returncode == 0, third.stderr[-2000:]
     assert "made from other weights or data; rebuilding it" in third.stdout
+
+
+def _lite_checkpoint(path: Path, seed: int, embedding_seed: int = 0) -> Path:
+    vocab, emb, cls = random_embeddings(embedding_seed)
+    torch.manual_seed(seed)
+    model = build_segmenter("effnet_lite0_fpn", emb, cls, 2).eval()
+    info = CheckpointInfo("effnet_lite0_fpn", "lite", list(vocab.classes), vocab.all_prompts, cls.tolist(),
+                          "minilm:test", {"crack": 0.4, "taping": 0.9}, (64, 64), recipe={"name": f"seed{seed}"})
+    return save_weights(model, info, path)
+
+
+def test_weight_average_mixes_learned_weights_keeps_the_contract_and_refuses_other_models(tmp_path):
+    from safetensors.torch import load_file
+
+    from drywallqa.train.average_weights import average_weights
+
+    a = _lite_checkpoint(tmp_path / "a.safetensors", seed=1)
+    b = _lite_checkpoint(tmp_path / "b.safetensors", seed=2)
+    out = average_weights(a, b, tmp_path / "soup.safetensors", weight_a=0.25, note_b="a continuation of a")
+    ta, tb, ts = load_file(str(a)), load_file(str(b)), load_file(str(out))
+    learned = [k for k, v in ta.items() if v.is_floating_point() and k != "prompt_embeddings" and v.numel() > 100]
+    assert learned
+    for k in learned:
+        want = 0.25 * ta[k].float() + 0.75 * tb[k].float()
+        assert torch.allclose(ts[k].float(), want, atol=2e-3), k
+        assert ts[k].dtype == ta[k].dtype
+    assert torch.equal(ts["prompt_embeddings"], ta["prompt_embeddings"])
+    model, info = load_weights(out)  # loads as a model with A's decision rule and both parents in the recipe
+    assert info.thresholds == {"crack": 0.4, "taping": 0.9}
+    assert info.recipe["weight_a"] == 0.25 and info.recipe["b"] == "a continuation of a"
+    assert info.recipe["a_recipe"] == {"name": "seed1"} and info.recipe["b_recipe"] == {"name": "seed2"}
+    other_text = _lite_checkpoint(tmp_path / "c.safetensors", seed=3, embedding_seed=7)
+    with pytest.raises(ValueError, match="prompt_embeddings differ"):
+        average_weights(a, other_text, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"weight-a must lie in \[0, 1\]"):
+        average_weights(a, b, tmp_path / "bad.safetensors", weight_a=1.5)

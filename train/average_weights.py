@@ -1,0 +1,82 @@
+"""Average two checkpoints of one model, weight by weight (a "model soup" of a run and its continuation).
+
+    python -m drywallqa.train.average_weights A.safetensors B.safetensors --weight-a 0.5 --out OUT.safetensors \
+        [--note-a "what A is"] [--note-b "what B is"]
+
+Averaging works when B was trained on from A (the two lie in one basin); it is no use for unrelated runs.
+Both files must have the same architecture, classes, prompts and baked prompt embeddings: the embeddings are
+the frozen contract, so they are copied, never averaged. The output keeps A's header (decision rule included),
+with a recipe that names both parents and the weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from drywallqa.train.checkpoint import CheckpointInfo
+
+FROZEN_TENSORS = ("prompt_embeddings", "prompt_class")  # buffers that carry the contract, identical in both parents
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def average_weights(path_a: str | Path, path_b: str | Path, out: str | Path, weight_a: float = 0.5,
+                    note_a: str = "", note_b: str = "") -> Path:
+    """out = weight_a * A + (1 - weight_a) * B for every float tensor, in A's dtype; other tensors from A."""
+    from safetensors.torch import save_file
+
+    if not 0.0 <= weight_a <= 1.0:
+        raise ValueError(f"--weight-a must lie in [0, 1], got {weight_a}")
+    header_a, tensors_a = _read(Path(path_a))
+    header_b, tensors_b = _read(Path(path_b))
+    info_a, info_b = CheckpointInfo.from_header(header_a), CheckpointInfo.from_header(header_b)
+    for field in ("architecture", "classes", "prompts", "prompt_class"):
+        if getattr(info_a, field) != getattr(info_b, field):
+            raise ValueError(f"cannot average {path_a} and {path_b}: their {field} differ")
+    if tensors_a.keys() != tensors_b.keys():
+        raise ValueError(f"cannot average {path_a} and {path_b}: different tensors "
+                         f"({sorted(tensors_a.keys() ^ tensors_b.keys())[:5]} ...)")
+    averaged = {}
+    for name, a in tensors_a.items():
+        b = tensors_b[name]
+        if a.shape != b.shape:
+            raise ValueError(f"cannot average {path_a} and {path_b}: {name} is {tuple(a.shape)} against {tuple(b.shape)}")
+        if name in FROZEN_TENSORS:
+            if not a.float().allclose(b.float(), atol=1e-3):
+                raise ValueError(f"cannot average {path_a} and {path_b}: their baked {name} differ "
+                                 "(different text encoders or vocabularies)")
+            averaged[name] = a
+        elif a.is_floating_point():
+            averaged[name] = (weight_a * a.float() + (1.0 - weight_a) * b.float()).to(a.dtype)
+        else:
+            averaged[name] = a  # e.g. BatchNorm's num_batches_tracked
+    info_a.recipe = {"kind": "weight_average", "weight_a": weight_a,
+                     "a": note_a or str(path_a), "b": note_b or str(path_b),
+                     "a_recipe": info_a.recipe, "b_recipe": info_b.recipe}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(averaged, str(out), metadata=info_a.to_header())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("a", help="first checkpoint (its header, decision rule included, is kept)")
+    ap.add_argument("b", help="second checkpoint, trained on from the first")
+    ap.add_argument("--weight-a", type=float, default=0.5, help="share of A in the average (default 0.5)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--note-a", default="", help="what A is, for the recipe (default: its path)")
+    ap.add_argument("--note-b", default="", help="what B is, for the recipe (default: its path)")
+    args = ap.parse_args()
+    out = average_weights(args.a, args.b, args.out, args.weight_a, args.note_a, args.note_b)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
