@@ -1,6 +1,7 @@
 #!/bin/bash
 # Runs on a lent GPU machine from the repository root (prepared by scripts/gpu_prepare.py):
-#   bash .gpu/run.sh OUTNAME TEACHER_BUDGET_S STUDENT_BUDGET_S [PLAN]   (TEACHER_BUDGET_S 0: the student alone)
+#   bash .gpu/run.sh OUTNAME TEACHER_BUDGET_S STUDENT_BUDGET_S [PLAN]   (TEACHER_BUDGET_S 0: the student alone;
+#   STUDENT_BUDGET_S 0 with the lite2 plan: the Lite2 teacher alone, for a longer teacher run)
 # Makes the package importable without installing it, then trains on the one GPU. PLAN:
 #   variants (session 2), side by side:
 #   - the HRNet-W18 student, continued from the shipped weights, distilled from the shipped teacher;
@@ -46,9 +47,11 @@ if [ "$plan" = "lite2" ] && [ "$teacher_budget" != "0" ]; then
   teacher=models/lite_effnet_lite0.safetensors
   if python3 -c 'import json, sys; r = json.loads(open(sys.argv[1]).read().splitlines()[-1]); sys.exit(r.get("iou_0", 0) + r.get("iou_1", 0) <= 1.144)' \
       /tmp/drywallqa-runs/teacher_lite2/log.jsonl; then teacher="$out/teacher_lite2.safetensors"; fi
-  echo "the student distils from $teacher" | tee -a "$out/train.log"
-  job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
-    --teacher "$teacher" --lr 1e-3 --budget "$student_budget" --val-every 3
+  if [ "$student_budget" != "0" ]; then
+    echo "the student distils from $teacher" | tee -a "$out/train.log"
+    job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
+      --teacher "$teacher" --lr 1e-3 --budget "$student_budget" --val-every 3
+  fi
 else
   job student_hrnet_w18 --role student --init models/hrnet_w18_student.safetensors \
     --teacher models/lite_effnet_lite0.safetensors --lr 1e-3 --budget "$student_budget" --val-every 3
