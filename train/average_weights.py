@@ -14,16 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from drywallqa.train.checkpoint import CheckpointInfo
+from drywallqa.train.checkpoint import CheckpointInfo, read_raw
 
 FROZEN_TENSORS = ("prompt_embeddings", "prompt_class")  # buffers that carry the contract, identical in both parents
-
-
-def _read(path: Path) -> tuple[dict[str, str], dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
 
 def average_weights(path_a: str | Path, path_b: str | Path, out: str | Path, weight_a: float = 0.5,
@@ -33,8 +26,8 @@ def average_weights(path_a: str | Path, path_b: str | Path, out: str | Path, wei
 
     if not 0.0 <= weight_a <= 1.0:
         raise ValueError(f"--weight-a must lie in [0, 1], got {weight_a}")
-    header_a, tensors_a = _read(Path(path_a))
-    header_b, tensors_b = _read(Path(path_b))
+    header_a, tensors_a = read_raw(path_a)
+    header_b, tensors_b = read_raw(path_b)
     info_a, info_b = CheckpointInfo.from_header(header_a), CheckpointInfo.from_header(header_b)
     for field in ("architecture", "classes", "prompts", "prompt_class"):
         if getattr(info_a, field) != getattr(info_b, field):

@@ -103,15 +103,20 @@ def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[Segmenter
     return model.eval(), info
 
 
+def read_raw(path: str | Path) -> tuple[dict[str, str], dict]:
+    """A weights file's header and tensors as stored (dtype kept), for tools that rewrite files."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
 def set_thresholds(path: str | Path, thresholds: dict[str, float], mask_shapes: dict[str, str] | None = None) -> None:
     """Rewrite a shipped file's decision rule (thresholds and mask shapes, tuned on validation) in place;
     tensors are untouched."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(path), framework="pt") as f:
-        header = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    header, tensors = read_raw(path)
     info = CheckpointInfo.from_header(header)
     shapes = mask_shapes or {}
     unknown = (set(thresholds) | set(shapes)) - set(info.classes)
