@@ -20,6 +20,7 @@ Module-level imports stay light: `drywallqa --help` imports the CLI, not this mo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -65,12 +66,20 @@ AVX2_CAPPED = BackendSpec("openvino_fp16_avx2", "openvino", "fp16", "OpenVINO FP
                           "fp16 weights, f32 compute", cpu_isa="avx2")
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpuinfo(field: str) -> str:
+    """The first value of a /proc/cpuinfo field ("model name", "flags"), or "" where there is none."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+        pass
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
 
 
 def cpu_has_avx512() -> bool:
@@ -657,13 +666,7 @@ def _targets(model: dict, rows: list[dict], size) -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return _cpuinfo("model name") or platform.processor()
 
 
 def _loadavg() -> list[float] | None:
