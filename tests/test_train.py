@@ -204,6 +204,40 @@ def test_student_distils_from_a_teacher_checkpoint(tmp_path):
     assert student.returncode == 0, student.stderr[-2000:]
     _, info = load_weights(tmp_path / "out.safetensors")
     assert info.architecture == "hrnet_w18" and info.recipe["teacher"].endswith("out.safetensors")
+    # a YAML list of teachers: the student distils from their average, and the recipe names them all
+    second = _lite_checkpoint(tmp_path / "second_teacher.safetensors", seed=5)
+    both = [str(teacher_dir / "out.safetensors"), str(second)]
+    student = _train(tmp_path / "from_two", epochs=1, teacher=f"[{both[0]}, {both[1]}]", arch="hrnet_w18")
+    assert student.returncode == 0, student.stderr[-2000:]
+    assert load_weights(tmp_path / "from_two" / "out.safetensors")[1].recipe["teacher"] == both
+
+
+def test_a_teacher_of_several_models_gives_the_mean_of_their_probabilities(tmp_path):
+    from drywallqa.train.teacher import load_teacher
+
+    vocab = load_vocabulary()
+    paths = [_lite_checkpoint(tmp_path / f"t{seed}.safetensors", seed=seed) for seed in (1, 2)]
+    teacher = load_teacher([str(p) for p in paths], vocab.all_prompts)
+    members = [load_weights(p)[0] for p in paths]
+    x = torch.randn(2, 3, 64, 64)
+    prompt_ids = torch.tensor([[0, len(vocab.all_prompts) - 1], [1, len(vocab.all_prompts) - 2]])
+    for ids in (None, prompt_ids):
+        with torch.no_grad():
+            one, two = (torch.sigmoid(m(x, ids)) for m in members)
+        assert not torch.allclose(one, two, atol=1e-3)  # two different teachers...
+        assert torch.allclose(teacher(x, ids), (one + two) / 2, atol=1e-6)  # ...averaged
+    teacher.train()  # as a training loop would call on everything: the teacher stays in eval mode, frozen
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    alone = load_teacher(str(paths[0]), vocab.all_prompts)
+    assert len(alone.members) == 1 and torch.allclose(alone(x), torch.sigmoid(members[0](x)), atol=1e-6)
+    assert load_teacher(None, vocab.all_prompts) is None
+    _, emb, cls = random_embeddings()
+    reordered = CheckpointInfo("effnet_lite0_fpn", "lite", list(vocab.classes), vocab.all_prompts[::-1], cls.tolist(),
+                               "minilm:test", {"crack": 0.4, "taping": 0.9}, (64, 64))
+    other = save_weights(build_segmenter("effnet_lite0_fpn", emb, cls, 2), reordered, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="other prompts than the model it teaches"):
+        load_teacher([str(paths[0]), str(other)], vocab.all_prompts)
 
 
 @pytest.mark.slow

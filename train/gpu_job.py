@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--encoder-weights", default=None,
                     help="ImageNet encoder weights of the role's architecture (a teacher from scratch)")
     ap.add_argument("--init", default=None, help="continue from these weights (a fresh schedule)")
-    ap.add_argument("--teacher", default=None, help="distil from this teacher (student role)")
+    ap.add_argument("--teacher", nargs="+", default=None,
+                    help="distil from this teacher, or from the average of several (student role)")
     ap.add_argument("--loss", default="bce_dice", choices=LOSSES)
     ap.add_argument("--crop", type=int, default=384)
     ap.add_argument("--batch", type=int, default=32)

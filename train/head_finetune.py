@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from drywallqa.train.checkpoint import load_weights, save_weights
 from drywallqa.train.losses import distillation_loss, segmentation_loss
 from drywallqa.train.models.segmenter import HRNetEncoderDecoder
+from drywallqa.train.teacher import load_teacher, teacher_paths
 from drywallqa.train.trainer import TrainConfig, lr_at, seed_everything, set_training_mode, validate
 from drywallqa.train.training_data import InMemoryData
 
@@ -61,7 +62,7 @@ def build_feature_cache(model, teacher, data: InMemoryData, out: Path, key: str,
         x = model.input_from_uint8(torch.from_numpy(np.ascontiguousarray(data.images[start:stop])))
         feats[start:stop] = model.body.encoder(x).half().numpy()
         if teacher is not None:
-            soft[start:stop] = (torch.sigmoid(teacher(x)) * 255 + 0.5).clamp(0, 255).byte().numpy()
+            soft[start:stop] = (teacher(x) * 255 + 0.5).clamp(0, 255).byte().numpy()
         feats.flush()
         soft.flush()
         done_file.write_text(json.dumps({"done": stop, "key": key}))
@@ -79,9 +80,9 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
     model, info = load_weights(cfg.init_weights)
     if not isinstance(model.body, HRNetEncoderDecoder):
         raise ValueError(f"{cfg.name}: frozen_encoder needs a single-map encoder (hrnet_w18), not {info.architecture}")
-    teacher = load_weights(cfg.teacher)[0] if cfg.teacher else None
+    teacher = load_teacher(cfg.teacher, info.prompts)
     run_dir = Path(cfg.runs_dir) / cfg.name
-    key = ":".join([_file_digest(cfg.init_weights), _file_digest(cfg.teacher) if cfg.teacher else "-",
+    key = ":".join([_file_digest(cfg.init_weights), *(_file_digest(p) for p in teacher_paths(cfg.teacher) or ["-"]),
                     train_data.fingerprint, str(len(train_data))])
     build_feature_cache(model, teacher, train_data, run_dir / "features", key, log=log)
     feats = np.load(run_dir / "features" / "features.npy", mmap_mode="r")

@@ -24,6 +24,7 @@ from drywallqa.train.augment import augment_batch
 from drywallqa.train.checkpoint import CheckpointInfo, load_weights, save_weights
 from drywallqa.train.losses import distillation_loss, segmentation_loss
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
+from drywallqa.train.teacher import load_teacher
 from drywallqa.train.training_data import InMemoryData
 from drywallqa.vocab import Vocabulary, load_vocabulary
 
@@ -37,7 +38,7 @@ class TrainConfig:
     profile: str
     output: str  # shipped weights path (fp16 safetensors)
     pretrained_encoder: bool = False
-    teacher: str | None = None  # weights of a trained teacher -> distillation
+    teacher: str | list[str] | None = None  # a trained teacher's weights, or several (averaged) -> distillation
     init_weights: str | None = None  # start from these weights (fine-tuning) instead of from scratch/ImageNet
     distill_weight: float = 1.0
     freeze_bn: bool = False  # fine-tuning with small batches: keep BatchNorm's running statistics as they are
@@ -185,10 +186,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         log(f"[{cfg.name}] initialised from {cfg.init_weights}")
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    teacher = None
-    if cfg.teacher:
-        teacher, _ = load_weights(cfg.teacher)
-        teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = load_teacher(cfg.teacher, prompts, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     per_class = prompt_sampler(vocab, prompts)
@@ -256,8 +254,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
                 logits = net(x, prompt_ids).float()
                 loss = segmentation_loss(logits, target, cfg.loss, extra_channels=crack_channel)
                 if teacher is not None:
-                    with torch.no_grad():
-                        soft = torch.sigmoid(teacher(x, prompt_ids).float())
+                    soft = teacher(x, prompt_ids)
                     loss = loss + cfg.distill_weight * distillation_loss(logits, soft)
             opt.zero_grad(set_to_none=True)
             loss.backward()
