@@ -6,9 +6,10 @@
     python scripts/gpu_prepare.py --calls-only   # only print the device calls (what each one carries)
 
 The committed files (~36 MiB, the Lite2 teacher included) travel with every call, so each call carries one
-training part (~20 MiB) and one validation part (~4 MiB). Parts carried by earlier calls stay on the machine while it is warm (30 s between calls), so the
-calls are `true` but the last, which trains. The plan printed at the end groups the carried paths into calls
-under the limit (MODEL.md).
+training part (~20 MiB) and one validation part (~4 MiB). Parts carried by earlier calls stay on the machine while
+it is warm (30 s between calls), so the calls are `true` but the last, which trains. The plan printed at the end
+groups the carried paths into calls under the limit (MODEL.md). The ImageNet encoder weights are for a teacher
+trained from ImageNet (`gpu_job.py --encoder-weights`); neither plan needs them now, so no call carries them.
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 from _edge_helpers import clean_env, edge_cmd, make_video, start_edge, write_config
 from _mqtt_fixtures import Collector, Mosquitto, free_port, mosquitto_fixture, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
 
 pytestmark = pytest.mark.slow
 mosquitto = pytest.fixture(mosquitto_fixture, name="mosquitto")
@@ -92,6 +94,33 @@ def test_video_source_alerts_status_and_sd_notify(tmp_path, mosquitto, model):
         sock.close()
         collector.close()
     assert _spool_rows(tmp_path / "spool.sqlite") == []  # everything acknowledged -> deleted
+
+
+def test_broker_keeps_persistent_sessions_and_its_log_across_a_restart(tmp_path, mosquitto):
+    """What the outage test below relies on: a subscriber's persistent session (QoS 1) survives stop()/start(), so
+    what is published while it reconnects waits for it. Also when the tests run as root, where mosquitto would
+    otherwise switch to a user that cannot write the session store or the log."""
+    collector = Collector(mosquitto.port, "drywallqa/dev1/alerts", client_id="restart-collector")
+    assert collector.connected.wait(10)
+    collector.close()  # gone before the restart: only its stored session can get the message to it
+    mosquitto.stop()
+    assert (mosquitto.workdir / "mosquitto.db").is_file()
+    mosquitto.start()
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="restart-publisher")
+    publisher.connect("127.0.0.1", mosquitto.port)
+    publisher.loop_start()
+    try:
+        publisher.publish("drywallqa/dev1/alerts", json.dumps({"event_id": "while-away"}), qos=1).wait_for_publish(10)
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+    back = Collector(mosquitto.port, "drywallqa/dev1/alerts", client_id="restart-collector")
+    try:
+        assert wait_until(lambda: back.payloads("alerts"), 10, "the message queued for the persistent session")
+    finally:
+        back.close()
+    assert back.payloads("alerts") == [{"event_id": "while-away"}]
+    assert "restart-collector" in mosquitto.log()
 
 
 def test_broker_outage_mid_run_loses_nothing(tmp_path, mosquitto, model):
