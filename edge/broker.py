@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -53,11 +52,12 @@ class EmbeddedBroker:
         self._dir: tempfile.TemporaryDirectory | None = None
 
     def _config(self, workdir: Path, logfile: Path) -> str:
-        # Started as root, mosquitto switches to the `mosquitto` user, which cannot write our folders: no log, and a
-        # session store that silently is not saved, so persistent sessions die with a restart. Loopback-only and
-        # owned by the edge process, the broker runs as that process's user instead.
-        user = pwd.getpwuid(os.geteuid()).pw_name
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", f"user {user}"]
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        if os.geteuid() == 0:
+            # Started as root, mosquitto would switch to the `mosquitto` user, which cannot write our folders: no log,
+            # and a session store silently not saved, so persistent sessions die with a restart. This broker is
+            # loopback-only and belongs to the edge process, so it stays root like it. (Other users never switch.)
+            lines.append("user root")
         if self.persistence:
             lines += ["persistence true", f"persistence_location {workdir}/", "autosave_interval 1"]
         else:
