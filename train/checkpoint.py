@@ -83,31 +83,26 @@ def save_weights(model: Segmenter, info: CheckpointInfo, path: str | Path, fp16:
 
 def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[Segmenter, CheckpointInfo]:
     """Rebuild the model from a shipped file; returns it in eval mode, fp32."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no weights at {path}")
-    with safe_open(str(path), framework="pt", device=map_location) as f:
-        header = f.metadata() or {}
-        missing = [k for k in ("architecture", "classes", "prompts", "prompt_class") if k not in header]
-        if missing:
-            raise ValueError(f"{path}: not a DrywallQA checkpoint, header lacks {missing}")
-        state = {}
-        for k in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            t = f.get_tensor(k)
-            state[k] = t.float() if t.is_floating_point() else t
+    header, stored = read_raw(path, map_location)
+    missing = [k for k in ("architecture", "classes", "prompts", "prompt_class") if k not in header]
+    if missing:
+        raise ValueError(f"{path}: not a DrywallQA checkpoint, header lacks {missing}")
+    state = {k: t.float() if t.is_floating_point() else t for k, t in stored.items()}
     info = CheckpointInfo.from_header(header)
     model = build_segmenter(info.architecture, state["prompt_embeddings"], state["prompt_class"], len(info.classes))
     model.load_state_dict(state)
     return model.eval(), info
 
 
-def read_raw(path: str | Path) -> tuple[dict[str, str], dict]:
-    """A weights file's header and tensors as stored (dtype kept), for tools that rewrite files."""
+def read_raw(path: str | Path, device: str = "cpu") -> tuple[dict[str, str], dict]:
+    """A weights file's header and tensors as stored (dtype kept): what load_weights rebuilds a model from, and
+    what tools that rewrite files (set_thresholds, average_weights) keep."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt", device=device) as f:
         return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
 

@@ -53,9 +53,7 @@ def build_feature_cache(model, teacher, data: InMemoryData, out: Path, key: str,
     mode = "r+" if done else "w+"
     feats = np.lib.format.open_memmap(out / "features.npy", mode, np.float16, (n, c, h, h))
     soft = np.lib.format.open_memmap(out / "teacher.npy", mode, np.uint8, (n, k, size, size))
-    model.eval()
-    if teacher is not None:
-        teacher.eval()
+    model.eval()  # the teacher (train/teacher.py) never leaves eval mode
     t0 = time.time()
     for start in range(done, n, chunk):
         stop = min(n, start + chunk)
