@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from drywallqa.train.checkpoint import load_weights, save_weights
+from drywallqa.train.cpu_tuning import keep_freed_memory_in_heap
 from drywallqa.train.losses import distillation_loss, segmentation_loss
 from drywallqa.train.models.segmenter import HRNetEncoderDecoder
 from drywallqa.train.teacher import load_teacher, teacher_paths
@@ -75,6 +76,7 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
     if not cfg.init_weights:
         raise ValueError(f"{cfg.name}: frozen_encoder needs init_weights (a trained model to fine-tune)")
     seed_everything(cfg.seed)
+    keep_freed_memory_in_heap()
     model, info = load_weights(cfg.init_weights)
     if not isinstance(model.body, HRNetEncoderDecoder):
         raise ValueError(f"{cfg.name}: frozen_encoder needs a single-map encoder (hrnet_w18), not {info.architecture}")

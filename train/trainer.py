@@ -22,6 +22,7 @@ import yaml
 
 from drywallqa.train.augment import augment_batch
 from drywallqa.train.checkpoint import CheckpointInfo, load_weights, save_weights
+from drywallqa.train.cpu_tuning import keep_freed_memory_in_heap, use_channels_last
 from drywallqa.train.losses import distillation_loss, segmentation_loss
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
 from drywallqa.train.teacher import load_teacher
@@ -184,9 +185,14 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         init, init_info = load_weights(cfg.init_weights)
         model.load_state_dict(init.state_dict())
         log(f"[{cfg.name}] initialised from {cfg.init_weights}")
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     teacher = load_teacher(cfg.teacher, prompts, device)
+    channels_last = use_channels_last(cfg.architecture, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    if device.type == "cpu" and keep_freed_memory_in_heap():
+        log(f"[{cfg.name}] CPU: freed memory stays in the heap{', channels-last tensors' if channels_last else ''}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     per_class = prompt_sampler(vocab, prompts)
@@ -243,7 +249,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             img, msk, cls = train_data.batch(idx, device)
             x, m = augment_batch(img, msk, cfg.crop, cfg.scale)
             x = model.normalize(x)
-            if device.type == "cuda":
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             target = one_hot_targets(m, cls, num_classes)
             prompt_ids = sample_prompt_ids(per_class, len(idx), device)
