@@ -1,12 +1,15 @@
-"""A tiny synthetic data cache in the `drywallqa data prepare` layout, for training tests."""
+"""Training-test fixtures: a tiny synthetic data cache in the `drywallqa data prepare` layout, random prompt
+embeddings."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from drywallqa.train.data.cache import CacheWriter
+from drywallqa.vocab import load_vocabulary
 
 
 def write_synthetic_cache(root: Path, size: int = 64, n_per_class: int = 6, seed: int = 0) -> Path:
@@ -46,3 +49,12 @@ def tiny_train_config(path: Path, out: Path, runs: Path, architecture: str = "ef
         lines.append(f"teacher: {teacher}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def random_embeddings(seed: int = 0):
+    """The vocabulary, random unit prompt embeddings (MiniLM's width) and each prompt's class index."""
+    vocab = load_vocabulary()
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(len(vocab.all_prompts), 384, generator=g), dim=1)
+    cls = torch.tensor([vocab.class_index(vocab.prompt_to_class[p]) for p in vocab.all_prompts])
+    return vocab, emb, cls

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from drywallqa.train.cpu_tuning import use_channels_last  # noqa: E402
 from drywallqa.train.models.segmenter import build_segmenter  # noqa: E402
-from drywallqa.vocab import load_vocabulary  # noqa: E402
+from tests._train_fixtures import random_embeddings  # noqa: E402
 
 FAULTS_OF_REPEATED_BUFFERS = textwrap.dedent("""
     import resource, sys
@@ -29,7 +29,6 @@ FAULTS_OF_REPEATED_BUFFERS = textwrap.dedent("""
         del buf
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
-
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's; other platforms keep defaults")
@@ -51,9 +50,7 @@ def test_channels_last_training_on_cpu_gives_the_same_gradients():
     assert use_channels_last("effnet_lite0_fpn", torch.device("cpu"))
     assert not use_channels_last("hrnet_w18", torch.device("cpu"))  # slower that way on CPU (measured)
     assert use_channels_last("hrnet_w18", torch.device("cuda"))
-    vocab = load_vocabulary()
-    emb = torch.nn.functional.normalize(torch.randn(len(vocab.all_prompts), 384), dim=1)
-    cls = torch.tensor([vocab.class_index(vocab.prompt_to_class[p]) for p in vocab.all_prompts])
+    vocab, emb, cls = random_embeddings()
     torch.manual_seed(0)
     plain = build_segmenter("effnet_lite0_fpn", emb, cls, len(vocab.classes)).train()
     nhwc = copy.deepcopy(plain).to(memory_format=torch.channels_last)

@@ -20,17 +20,9 @@ from drywallqa.train.losses import LOSSES, cldice_loss, lovasz_hinge_per_image, 
 from drywallqa.train.models.hrnet import HRNetW18  # noqa: E402
 from drywallqa.train.models.segmenter import ExportWrapper, build_segmenter  # noqa: E402
 from drywallqa.vocab import UnknownPromptError, load_vocabulary  # noqa: E402
-from tests._train_fixtures import tiny_train_config, write_synthetic_cache  # noqa: E402
+from tests._train_fixtures import random_embeddings, tiny_train_config, write_synthetic_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def random_embeddings(seed: int = 0):
-    vocab = load_vocabulary()
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.nn.functional.normalize(torch.randn(len(vocab.all_prompts), 384, generator=g), dim=1)
-    cls = torch.tensor([vocab.class_index(vocab.prompt_to_class[p]) for p in vocab.all_prompts])
-    return vocab, emb, cls
 
 
 def test_hrnet_w18_has_four_branches_and_the_v2_head_width():
