@@ -125,13 +125,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                     "the exit status is 1 if any input failed.")
     p.add_argument("inputs", nargs="+", help="image files, folders and/or glob patterns (quote globs)")
     p.add_argument("--prompt", action="append", required=True,
-                   help='text prompt, e.g. "segment crack" (repeat for several)')
+                   help='text prompt, e.g. "segment crack" or "drywall seam" (repeat for several); one of the '
+                        "model's prompts (configs/prompts.yaml: nine per class), matched ignoring case and punctuation; "
+                        "an unknown one is refused with the list")
     p.add_argument("--out", required=True, help="output folder for the masks")
     p.add_argument("--model", default=None,
                    help="exported model (.onnx/.xml) or profile name hrnet|lite (default: hrnet)")
     p.add_argument("--backend", default="auto", choices=["auto", "openvino", "onnxruntime", "tensorrt"])
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: runtime's choice)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per inference call (default: 4)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="inference threads (default: runtime's choice)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per inference call (default: 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", default=None, metavar="CSV",
                    help="also write a findings CSV: per image and prompt, the mask's share of the image, its "
@@ -169,17 +172,30 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="data config (default: configs/data.yaml)")
     p.add_argument("--split-file", type=_path, default=None, help="split file (default: from the data config)")
     p.add_argument("--backend", default="auto", choices=["auto", "openvino", "onnxruntime", "tensorrt"])
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: runtime's choice)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="inference threads (default: runtime's choice)")
     p.add_argument("--tune-thresholds", action="store_true",
                    help="also sweep the decision rule (thresholds 0.05..0.99, mask shapes pixels and boxes) "
                         "and report the best per class")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N images per dataset (quick checks)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="evaluate at most N images per dataset (quick checks)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.set_defaults(handler=_cmd_eval)
 
 
 # ----------------------------------------------------------------------------------------------- main
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (thread counts, batch sizes, limits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _path(text: str):
@@ -213,14 +229,16 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from drywallqa.findings import ReportWriteError
     from drywallqa.imageio import ImageReadError
     from drywallqa.masks import MaskContractError
+    from drywallqa.outdir import OutputDirError
     from drywallqa.vocab import UnknownPromptError
 
     errors: list[type[BaseException]] = [InvalidModelError, UnknownPromptError, ImageReadError, MaskContractError,
-                                         FileNotFoundError, ReportWriteError]
+                                         FileNotFoundError, ReportWriteError, OutputDirError]
     try:
         from drywallqa.train.data.prepare import DataConfigError
+        from drywallqa.train.data.split import SplitFileError
 
-        errors.append(DataConfigError)
+        errors += [DataConfigError, SplitFileError]
     except ImportError:
         pass
     try:

@@ -27,6 +27,7 @@ from drywallqa.metrics import (
     iou_from_counts,
     threshold_counts,
 )
+from drywallqa.outdir import ensure_writable_dir
 from drywallqa.predict import resolve_model
 from drywallqa.progress import progress_bar
 
@@ -202,6 +203,7 @@ def run_eval(
     from drywallqa.train.data.split import read_split
 
     path = resolve_model(model)
+    out = ensure_writable_dir(out_dir) if out_dir else None  # before the evaluation, not after it
     setup = load_setup(data_config)
     split_path = Path(split_file) if split_file else setup.split_file
     if not split_path.is_file():
@@ -230,9 +232,7 @@ def run_eval(
                      "threads": threads, "file_bytes": model_file_size(path), "flip_tta": flip_tta}
     data["split"] = {"name": split, "file": str(split_path), "box_strategy": setup.box_strategy}
     markdown = to_markdown(data)
-    out = Path(out_dir) if out_dir else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         fmt_of = {s.name: s.format for s in setup.specs}
         shots = gallery(segmenter, ranked, lambda rec: load_labelled(rec, fmt_of[rec.dataset], setup.box_strategy),
                         GALLERY_PER_CLASS)

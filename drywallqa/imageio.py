@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +35,25 @@ def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def read_image_rgb(path: str | Path) -> np.ndarray:
-    """Decode with EXIF orientation applied; raises ImageReadError naming the file on failure."""
+    """Decode with EXIF orientation applied; raises ImageReadError naming the file on failure.
+
+    PIL's decompression-bomb limit (about 179 megapixels) stays on: such a file is reported like a
+    corrupt one instead of taking gigabytes of memory, and the warning PIL prints from half that size on
+    is silenced, since those images are read normally."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return to_rgb_uint8(np.asarray(im).astype(np.uint32))
-            if im.mode not in ("RGB", "L", "RGBA"):
-                im = im.convert("RGBA" if "A" in im.getbands() or im.mode == "P" else "RGB")
-            return to_rgb_uint8(np.asarray(im))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    return to_rgb_uint8(np.asarray(im).astype(np.uint32))
+                if im.mode == "F":  # 32-bit float (TIFF): 0..1 or 0..255, scaled by to_rgb_uint8
+                    return to_rgb_uint8(np.asarray(im))
+                if im.mode not in ("RGB", "L", "RGBA"):
+                    im = im.convert("RGBA" if "A" in im.getbands() or im.mode == "P" else "RGB")
+                return to_rgb_uint8(np.asarray(im))
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"cannot read image {path}: too large to decode safely ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc

@@ -50,8 +50,12 @@ def write_mask(path: str | Path, mask: np.ndarray, shape: tuple[int, int] | None
     if not ok:
         raise OSError(f"cannot encode mask for {path}")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.tobytes())
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(buf.tobytes())
+        tmp.replace(path)
+    except OSError as exc:  # e.g. a full disk: leave no partial .tmp behind, and name the real file
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 
 
@@ -61,3 +65,10 @@ def read_mask(path: str | Path) -> np.ndarray:
     if mask is None:
         raise OSError(f"cannot read mask {path}")
     return mask
+
+
+def is_mask_file(path: str | Path, prompts: list[str]) -> bool:
+    """Whether `path` is named like a mask of one of `prompts` (a file an earlier run wrote)."""
+    name = Path(path).name
+    return any(name.endswith(f"{SEPARATOR}{prompt_to_filename_part(p)}{MASK_SUFFIX}") for p in prompts
+               if prompt_to_filename_part(p))

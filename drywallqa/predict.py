@@ -13,12 +13,13 @@ from pathlib import Path
 
 from drywallqa.findings import Finding, FindingsWriter, measure
 from drywallqa.imageio import ImageReadError, read_image_rgb
-from drywallqa.masks import mask_filename, write_mask
+from drywallqa.masks import is_mask_file, mask_filename, write_mask
+from drywallqa.outdir import ensure_writable_dir
 from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights
 from drywallqa.progress import progress_bar
 from drywallqa.vocab import prompt_to_filename_part
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MODEL_SUFFIXES = (".onnx", ".xml", ".engine", ".plan")
 
 
@@ -29,6 +30,8 @@ class ModelNotFoundError(FileNotFoundError):
 def resolve_model(model: str | Path | None) -> Path:
     """A model path, or a profile name ('hrnet', 'lite') -> its exported ONNX file."""
     name = str(model) if model is not None else DEFAULT_PROFILE
+    if name not in PROFILES and name.lower() in PROFILES and not Path(name).exists():
+        name = name.lower()  # 'LITE' means the profile, unless a file of that name is there
     if name in PROFILES:
         path = profile_onnx(name)
         if not path.is_file():
@@ -91,18 +94,25 @@ class PredictSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     found: dict[str, int] = field(default_factory=dict)  # prompt -> images whose mask is not empty
     report: str = ""
+    report_error: str = ""  # why the findings CSV stopped short (the masks go on being written)
+    earlier_masks: int = 0  # masks of an earlier run found among the inputs in the output folder, not segmented
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.report_error
 
     def format(self) -> str:
         lines = [f"predict: {self.images} image(s) segmented, {self.masks} mask(s) written to {self.out_dir}; "
                  f"{len(self.failures)} failed"]
         if self.images:
             lines += [f"  {prompt!r}: something found in {n} of {self.images} image(s)" for prompt, n in self.found.items()]
+        if self.earlier_masks:
+            lines.append(f"  skipped {self.earlier_masks} mask file(s) of an earlier run found among the inputs in "
+                         f"{self.out_dir}")
         if self.report:
             lines.append(f"  findings per image and prompt: {self.report}")
+        if self.report_error:
+            lines.append(f"  FAILED findings report (incomplete from here on): {self.report_error}")
         lines += [f"  FAILED {name}: {why}" for name, why in self.failures]
         return "\n".join(lines)
 
@@ -134,15 +144,32 @@ def predict(
         raise ValueError("give at least one --prompt")
     classes = segmenter.resolve(prompts)  # unknown prompt -> UnknownPromptError before any work
     class_index = [segmenter.metadata.classes.index(c) for c in classes]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(out_dir)  # before any inference: an unusable folder stops the run at once
     paths, problems = collect_inputs(inputs)
     summary = PredictSummary(out_dir=str(out), failures=list(problems), found=dict.fromkeys(prompts, 0),
                              report=str(report) if report else "")
+    # Re-running with --out set to the photo folder must not segment the masks the last run wrote there.
+    known_prompts = segmenter.vocabulary.all_prompts
+    kept = [p for p in paths if not (p.parent.resolve() == out.resolve() and is_mask_file(p, known_prompts))]
+    summary.earlier_masks = len(paths) - len(kept)
+    paths = kept
     findings = FindingsWriter(report) if report else None
     owners: dict[str, Path] = {}
     bar = progress_bar(len(paths), "predict", progress)
     batch: list[tuple[Path, object]] = []
+
+    def add_findings(rows: list[Finding]) -> None:
+        # The masks are what the user asked for; a report that can't be written (full disk) is said once
+        # and dropped, and the masks go on.
+        nonlocal findings
+        if findings is None:
+            return
+        try:
+            findings.add(rows)
+        except OSError as exc:
+            summary.report_error = f"cannot write {findings.path}: {exc.strerror or exc}"
+            _close_quietly(findings)
+            findings = None
 
     def flush() -> None:
         if not batch:
@@ -170,8 +197,7 @@ def predict(
                     summary.images += 1
                 except (OSError, ValueError) as exc:
                     summary.failures.append((str(path), f"cannot write mask: {exc}"))
-                if findings:
-                    findings.add(rows)
+                add_findings(rows)
         bar.update(len(batch))
         batch.clear()
 
@@ -196,8 +222,19 @@ def predict(
     finally:
         bar.close()
         if findings:
-            findings.close()
+            error = _close_quietly(findings)
+            if error and not summary.report_error:
+                summary.report_error = f"cannot write {findings.path}: {error}"
     return summary
+
+
+def _close_quietly(findings: FindingsWriter) -> str:
+    """Close the CSV; the error text, or '' when it closed cleanly."""
+    try:
+        findings.close()
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return ""
 
 
 def run_predict(

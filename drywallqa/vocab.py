@@ -17,8 +17,16 @@ class UnknownPromptError(ValueError):
 
 
 def normalize_prompt(prompt: str) -> str:
-    """Lower-case and collapse whitespace, so 'Segment   Crack ' == 'segment crack'."""
+    """Lower-case and collapse whitespace, so 'Segment   Crack ' == 'segment crack' (how prompts are shown)."""
     return re.sub(r"\s+", " ", prompt.strip().lower())
+
+
+def match_key(prompt: str) -> str:
+    """What prompts are compared by: normalize_prompt, with '_', '/' and '-' read as spaces and surrounding
+    punctuation dropped, so 'Segment crack.', 'segment_crack' and 'joint-tape' find their entries."""
+    text = re.sub(r"[_/\\-]+", " ", normalize_prompt(prompt))
+    text = text.strip(" \t.,;:!?\"'`()[]{}")
+    return re.sub(r"\s+", " ", text)
 
 
 def prompt_to_filename_part(prompt: str) -> str:
@@ -44,14 +52,19 @@ class Vocabulary:
             if not prompts:
                 raise ValueError(f"class {name!r} has no prompts")
             for p in prompts:
-                if p in seen and seen[p] != name:
-                    raise ValueError(f"prompt {p!r} is listed under both {seen[p]!r} and {name!r}")
-                seen[p] = name
+                key = match_key(p)
+                if key in seen and seen[key] != name:
+                    raise ValueError(f"prompt {p!r} is listed under both {seen[key]!r} and {name!r}")
+                seen[key] = name
         return cls(classes=names, prompts_by_class=table)
 
     @property
     def prompt_to_class(self) -> dict[str, str]:
         return {p: c for c, ps in self.prompts_by_class.items() for p in ps}
+
+    @property
+    def class_by_match_key(self) -> dict[str, str]:
+        return {match_key(p): c for c, ps in self.prompts_by_class.items() for p in ps}
 
     @property
     def all_prompts(self) -> list[str]:
@@ -73,11 +86,14 @@ class Vocabulary:
         `similarity` (e.g. a text encoder's cosine similarity) ranks the suggestion when given;
         otherwise a character-level match is used.
         """
-        key = normalize_prompt(prompt)
-        table = self.prompt_to_class
+        key = match_key(prompt)
+        table = self.class_by_match_key
         if key in table:
             return table[key]
         known = self.all_prompts
+        listing = "; ".join(f"{c}: " + ", ".join(repr(p) for p in self.prompts_by_class[c]) for c in self.classes)
+        if not key:
+            raise UnknownPromptError(f"empty prompt {prompt!r}. Known prompts by class -> {listing}")
         if similarity is not None:
             scores = similarity(key, known)
             best = max(range(len(known)), key=lambda i: scores[i])
@@ -86,7 +102,6 @@ class Vocabulary:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.0)
             ratio = difflib.SequenceMatcher(None, key, close[0]).ratio() if close else 0.0
             hint = f"nearest known prompt: {close[0]!r} (string similarity {ratio:.2f})" if close else ""
-        listing = "; ".join(f"{c}: " + ", ".join(repr(p) for p in self.prompts_by_class[c]) for c in self.classes)
         raise UnknownPromptError(f"unknown prompt {prompt!r}. {hint}. Known prompts by class -> {listing}")
 
 

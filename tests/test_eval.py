@@ -169,3 +169,32 @@ def test_eval_without_split_file_says_what_to_run(tmp_path, capsys):
     cfg = small_project(tmp_path)
     assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--quiet"]) == 2
     assert "drywallqa data split" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_unusable_out_folder_before_evaluating(tmp_path, capsys):
+    cfg = small_project(tmp_path, n_crack=2, n_wall=2)
+    assert main(["data", "split", "--config", str(cfg)]) == 0
+    (tmp_path / "afile").write_text("mine")
+    assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--out", str(tmp_path / "afile"),
+                 "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "cannot use" in captured.err and "a file of that name exists" in captured.err
+    assert "## Per class" not in captured.out  # stopped before the evaluation, not after it
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_eval_names_a_split_file_that_is_not_one(tmp_path, capsys):
+    cfg = small_project(tmp_path, n_crack=2, n_wall=2)
+    for text in ("not json at all", '{"seed": 1}', '{"datasets": [1, 2]}'):
+        (tmp_path / "bad.json").write_text(text)
+        assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--split-file",
+                     str(tmp_path / "bad.json"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"drywallqa: error: {tmp_path / 'bad.json'}" in err and "split" in err, err
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_eval_limit_must_be_positive(tmp_path, capsys, limit):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", "lite", "--limit", limit])
+    assert exc.value.code == 2 and "argument --limit: must be 1 or more" in capsys.readouterr().err

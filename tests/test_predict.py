@@ -249,3 +249,113 @@ def test_report_that_cannot_be_written_stops_before_any_work(tmp_path, capsys):
     assert code == 2
     assert f"cannot write the findings report {tmp_path}" in capsys.readouterr().err
     assert not any((tmp_path / "out").glob("*.png"))
+
+
+def test_image_too_large_to_decode_is_one_failure_not_the_end_of_the_run(tmp_path, monkeypatch, capsys):
+    # PIL refuses a "decompression bomb" (over 2x MAX_IMAGE_PIXELS, ~179 MP by default). Lowered here so a
+    # small file plays the part: 64x64 = 4096 px > 2 x 1000 is refused; 40x40 = 1600 px only warns and is read.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    write_jpeg(tmp_path / "in" / "a_small.jpg", 20, 20)
+    write_jpeg(tmp_path / "in" / "b_huge.jpg", 64, 64)
+    write_jpeg(tmp_path / "in" / "c_large.jpg", 40, 40)
+    code = main(["predict", "--model", str(random_onnx()), "--prompt", "crack", "--out", str(tmp_path / "out"),
+                 "--quiet", "--batch-size", "1", str(tmp_path / "in")])
+    assert code == 1
+    text = capsys.readouterr().out
+    assert "2 image(s) segmented" in text and "b_huge.jpg: cannot read image" in text
+    assert "too large to decode safely" in text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_small__crack.png", "c_large__crack.png"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to play a full disk")
+def test_findings_report_on_a_full_disk_is_reported_and_the_masks_go_on(tmp_path, capsys):
+    for i in range(3):
+        write_jpeg(tmp_path / "in" / f"im{i}.jpg", 24, 20, seed=i)
+    code = main(["predict", "--model", str(random_onnx()), "--prompt", "crack", "--out", str(tmp_path / "out"),
+                 "--quiet", "--batch-size", "1", "--report", "/dev/full", str(tmp_path / "in")])
+    assert code == 1  # the report is incomplete, so the run is not clean
+    text = capsys.readouterr().out
+    assert "3 image(s) segmented, 3 mask(s) written" in text
+    assert "FAILED findings report (incomplete from here on): cannot write /dev/full" in text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"im{i}__crack.png" for i in range(3)]
+
+
+def test_a_mask_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "m.png"
+    target.mkdir()  # a folder where the mask should go: the final rename fails
+    (target / "keep").write_text("x")
+    with pytest.raises(OSError, match=f"cannot write {target}"):
+        write_mask(target, np.zeros((4, 4), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png"]  # no m.png.tmp left behind
+
+
+def test_unusable_output_folder_stops_before_any_work(tmp_path, capsys):
+    write_jpeg(tmp_path / "a.jpg", 20, 20)
+    (tmp_path / "afile").write_text("not a folder")
+    for out, why in ((tmp_path / "afile", "a file of that name exists"),
+                     (tmp_path / "afile" / "sub", "part of that path is a file")):
+        code = main(["predict", "--model", str(random_onnx()), "--prompt", "crack", "--out", str(out), "--quiet",
+                     str(tmp_path / "a.jpg")])
+        assert code == 2
+        assert "drywallqa: error: cannot " in (err := capsys.readouterr().err) and why in err, err
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_folder_that_takes_no_files_stops_before_any_work(tmp_path, capsys):
+    import os
+
+    if os.geteuid() != 0:
+        target = tmp_path / "ro"
+        target.mkdir(mode=0o555)
+    elif Path("/sys/kernel").is_dir():
+        target = Path("/sys/kernel")  # sysfs refuses new files even to root
+    else:
+        pytest.skip("running as root without sysfs: no folder here refuses a new file")
+    write_jpeg(tmp_path / "a.jpg", 20, 20)
+    code = main(["predict", "--model", str(random_onnx()), "--prompt", "crack", "--out", str(target), "--quiet",
+                 str(tmp_path / "a.jpg")])
+    assert code == 2 and f"cannot write to the output folder {target}" in capsys.readouterr().err
+
+
+def test_rerun_into_the_photo_folder_does_not_segment_its_own_masks(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    write_jpeg(folder / "wall.jpg", 30, 40)
+    write_jpeg(folder / "my__notes.png", 30, 40)  # a photo whose name merely has the separator in it
+    args = ["predict", "--model", str(random_onnx()), "--prompt", "crack", "--prompt", "taping area",
+            "--out", str(folder), "--quiet", str(folder)]
+    assert main(args) == 0
+    assert "2 image(s) segmented, 4 mask(s) written" in capsys.readouterr().out
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "2 image(s) segmented, 4 mask(s) written" in text and "skipped 4 mask file(s) of an earlier run" in text
+    assert sorted(p.name for p in folder.iterdir()) == sorted([
+        "wall.jpg", "my__notes.png", "wall__crack.png", "wall__taping_area.png",
+        "my__notes__crack.png", "my__notes__taping_area.png"])
+
+
+@pytest.mark.parametrize(("option", "value"), [("--threads", "0"), ("--threads", "-1"), ("--batch-size", "0"),
+                                               ("--batch-size", "two")])
+def test_nonsense_numbers_are_refused_by_the_parser(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--model", "lite", "--prompt", "crack", "--out", str(tmp_path / "o"), option, value,
+              str(tmp_path)])
+    assert exc.value.code == 2
+    assert f"argument {option}:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_profile_names_ignore_case(tmp_path, monkeypatch):
+    monkeypatch.setattr("drywallqa.predict.profile_onnx", lambda profile: tmp_path / f"{profile}.onnx")
+    (tmp_path / "lite.onnx").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("LITE") == resolve_model("lite") == tmp_path / "lite.onnx"
+
+
+def test_float_tiff_in_zero_to_one_is_scaled_not_clipped(tmp_path):
+    from drywallqa.imageio import read_image_rgb
+
+    values = np.linspace(0.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+    Image.fromarray(values, "F").save(tmp_path / "f.tif")
+    got = read_image_rgb(tmp_path / "f.tif")
+    assert got.shape == (3, 4, 3)
+    np.testing.assert_array_equal(got[..., 0], np.round(values * 255).astype(np.uint8))

@@ -46,8 +46,20 @@ def write_split(path: str | Path, split: dict[str, dict[str, str]], seed: int, v
     Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
 
 
+class SplitFileError(ValueError):
+    """A split file that is not one `write_split` wrote; the message names the file."""
+
+
 def read_split(path: str | Path) -> dict[str, dict[str, str]]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))["datasets"]
+    """dataset -> {file name -> 'train'|'val'}, from a file `write_split` wrote."""
+    try:
+        datasets = json.loads(Path(path).read_text(encoding="utf-8"))["datasets"]
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise SplitFileError(f"{path} is not a split file (JSON with a 'datasets' table, as `drywallqa data "
+                             f"split` writes): {type(exc).__name__}: {exc}") from exc
+    if not isinstance(datasets, dict) or not all(isinstance(v, dict) for v in datasets.values()):
+        raise SplitFileError(f"{path}: 'datasets' must map each dataset to {{file name: 'train'|'val'}}")
+    return datasets
 
 
 def leaked_bases(split: dict[str, dict[str, str]]) -> dict[str, list[str]]:
