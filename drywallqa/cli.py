@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from drywallqa.argtypes import positive_int
+
 # Areas written by others; each module defines register(subparsers) -> None. A module that does not exist
 # (yet, or in this install) is skipped; an ImportError raised *inside* an existing module is not hidden.
 PLUGIN_MODULES = (
@@ -185,17 +187,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (thread counts, batch sizes, limits)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
 
 
 def _path(text: str):

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# File name endings read as images where a folder is scanned (predict, the edge runtime's folder source).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
 
 class ImageReadError(ValueError):
     """An image that cannot be decoded; the message names the file."""

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drywallqa.findings import Finding, FindingsWriter, measure
-from drywallqa.imageio import ImageReadError, read_image_rgb
+from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 from drywallqa.masks import is_mask_file, mask_filename, write_mask
 from drywallqa.outdir import ensure_writable_dir
 from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights
 from drywallqa.progress import progress_bar
 from drywallqa.vocab import prompt_to_filename_part
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MODEL_SUFFIXES = (".onnx", ".xml", ".engine", ".plan")
 
 

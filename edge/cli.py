@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from drywallqa.argtypes import positive_float, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     edge = subparsers.add_parser(
@@ -22,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "alerts over MQTT. With the default config it needs no camera and no broker: "
                                      "synthetic demo frames and an embedded mosquitto on 127.0.0.1.")
     _add_config(run)
-    run.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N processed frames")
-    run.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    run.add_argument("--max-frames", type=positive_int, default=None, metavar="N",
+                     help="stop after N processed frames")
+    run.add_argument("--duration", type=positive_float, default=None, metavar="S", help="stop after S seconds")
     run.add_argument("--source", default=None, help="override source.uri (demo, 0, /dev/video0, URL, file, folder)")
     run.add_argument("--model", default=None, help="override model.path (hrnet, lite or a model file)")
     run.add_argument("--stats-json", type=Path, default=None, help="write loop statistics here at exit")
@@ -66,10 +69,12 @@ def _load(args: argparse.Namespace, **overrides):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from drywallqa.contract import InvalidModelError
     from drywallqa.edge.broker import BrokerError
     from drywallqa.edge.runner import EdgeRunner
-    from drywallqa.edge.settings import ConfigError
+    from drywallqa.edge.settings import ConfigError, format_validation_error
     from drywallqa.vocab import UnknownPromptError
 
     try:
@@ -80,7 +85,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 data["source"]["uri"] = args.source
             if args.model is not None:
                 data["model"]["path"] = args.model
-            settings = type(settings).model_validate(data)
+            try:
+                settings = type(settings).model_validate(data)
+            except ValidationError as exc:
+                raise ConfigError(format_validation_error(exc, "--source / --model")) from exc
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -131,8 +139,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             path, runner.segmenter = load_segmenter(settings.model)
             runner.meta = runner.segmenter.metadata
             watched = runner.resolve_prompts(settings.analysis.prompts)
-            for rule in settings.alerts:
-                runner._resolve_class(rule.prompt)
+            runner.resolve_rules(watched)  # the same checks `edge run` makes at start-up
         except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

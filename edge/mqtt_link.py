@@ -34,10 +34,12 @@ from drywallqa.edge.payloads import (
     StatusPayload,
     topic,
 )
-from drywallqa.edge.settings import MqttSettings
+from drywallqa.edge.settings import ConfigError, MqttSettings
 from drywallqa.edge.spool import Spool
 
 log = logging.getLogger(__name__)
+
+CONNECT_FAIL_LOG_INTERVAL_S = 60.0
 
 
 class EdgeLink:
@@ -59,6 +61,8 @@ class EdgeLink:
         self.topic_snapshot = topic(settings.prefix, settings.device_id, TOPIC_SNAPSHOT)
         self.topic_cmd = topic(settings.prefix, settings.device_id, TOPIC_CMD)
         self.connected = threading.Event()
+        self.connect_failures = 0
+        self._last_fail_log: float | None = None
         self.delivered = 0
         self.spool_dropped = spool.dropped()
         self._acks: collections.deque[int] = collections.deque()
@@ -79,12 +83,17 @@ class EdgeLink:
         if s.username:
             client.username_pw_set(s.username, s.password)
         if s.tls.enabled:
-            client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
-                           cert_reqs=ssl.CERT_REQUIRED)
+            try:
+                client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
+                               cert_reqs=ssl.CERT_REQUIRED)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(f"mqtt.tls: cannot load the certificates (ca_certs={s.tls.ca_certs!r}, "
+                                  f"certfile={s.tls.certfile!r}, keyfile={s.tls.keyfile!r}): {exc}") from exc
             client.tls_insecure_set(s.tls.insecure)
         client.reconnect_delay_set(1, s.reconnect_max_s)
         client.max_inflight_messages_set(s.inflight_window)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
@@ -104,10 +113,22 @@ class EdgeLink:
                       reason_code)
             return
         log.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
+        self._last_fail_log = None  # the next outage is reported at once again
         client.subscribe(self.topic_cmd, qos=1)
         client.publish(self.topic_status, self._status("online").model_dump_json(), qos=1, retain=True)
         self.connected.set()
         self._wake.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """paho could not reach the broker (refused, unreachable, unknown host, TLS handshake): say so at the
+        first failure and then once a minute, never silently."""
+        self.connect_failures += 1
+        now = time.monotonic()
+        if self._last_fail_log is None or now - self._last_fail_log >= CONNECT_FAIL_LOG_INTERVAL_S:
+            self._last_fail_log = now
+            log.warning("MQTT broker %s:%d unreachable (%d failed attempt(s) so far; check mqtt.host, mqtt.port "
+                        "and mqtt.tls); alerts are spooled until it answers", self.settings.host,
+                        self.settings.port, self.connect_failures)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.connected.is_set() and not self._stop.is_set():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,8 +35,8 @@ from drywallqa.edge.payloads import (
 )
 from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
-from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings
-from drywallqa.edge.sources import make_source
+from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings, SpoolSettings
+from drywallqa.edge.sources import check_source_exists, make_source
 from drywallqa.edge.spool import Spool
 from drywallqa.paths import EXPORTED_DIR, PROFILES
 
@@ -80,6 +81,25 @@ def resolve_model_path(spec: str, backend: str = "auto") -> Path:
     return path
 
 
+def unwatched_rules(engine: AlertEngine, watched: list[WatchedClass], raise_as: type[Exception]) -> None:
+    """Raise `raise_as` when an alert rule watches a class that no analysed prompt covers: it could never fire."""
+    classes = {w.class_name for w in watched}
+    missing = sorted({rule.class_name for rule in engine.rules} - classes)
+    if missing:
+        raise raise_as(f"alerts: rules watch class(es) {missing}, but the prompts "
+                       f"{[w.prompt for w in watched]} cover none of them; add a prompt for each")
+
+
+def open_spool(settings: SpoolSettings) -> Spool:
+    """The alert spool, or a ConfigError naming spool.path when it cannot be created or is not a spool."""
+    path = settings.resolved_path()
+    try:
+        return Spool(path, settings.max_rows, int(settings.max_mb * 2**20))
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"spool.path: cannot open the alert spool {path}: {exc} (set spool.path to a writable "
+                          f"file, e.g. under $STATE_DIRECTORY)") from exc
+
+
 @dataclass
 class LoopStats:
     processed: int = 0
@@ -121,19 +141,15 @@ class EdgeRunner:
         s = self.settings
         if s.model.opencv_threads:
             cv2.setNumThreads(s.model.opencv_threads)
+        check_source_exists(s.source.uri)
         self.model_path, self.segmenter = load_segmenter(s.model)
         self.meta = self.segmenter.metadata
         self.watched = self.resolve_prompts(s.analysis.prompts)
-        watched_classes = {w.class_name for w in self.watched}
-        self.engine = AlertEngine.from_settings(s.alerts, self._resolve_class)
-        for rule in self.engine.rules:
-            if rule.class_name not in watched_classes:
-                raise ConfigError(f"alerts: a rule watches class {rule.class_name!r}, but analysis.prompts "
-                                  f"{s.analysis.prompts} has no prompt for it; add one")
+        self.engine = self.resolve_rules(self.watched)
         log.info("model %s (%s, backend %s), watching %s", self.model_path.name, self.meta.architecture,
                  self.segmenter.backend.name, [(w.prompt, w.class_name) for w in self.watched])
 
-        self.spool = Spool(s.spool.resolved_path(), s.spool.max_rows, int(s.spool.max_mb * 2**20))
+        self.spool = open_spool(s.spool)
         if self.spool.count():
             log.info("spool %s holds %d undelivered alert(s); replaying them first", self.spool.path,
                      self.spool.count())
@@ -148,6 +164,12 @@ class EdgeRunner:
                                reconnect_max_s=s.source.reconnect_max_s, on_state=self._on_source_state)
         self.capture.start()
         return self
+
+    def resolve_rules(self, watched: list[WatchedClass]) -> AlertEngine:
+        """The alert rules, each checked to watch a class that `watched` analyses (else it could never fire)."""
+        engine = AlertEngine.from_settings(self.settings.alerts, self._resolve_class)
+        unwatched_rules(engine, watched, raise_as=ConfigError)
+        return engine
 
     def _resolve_class(self, prompt_or_class: str) -> str:
         if prompt_or_class in self.meta.classes:
@@ -205,7 +227,9 @@ class EdgeRunner:
             try:
                 if not cmd.prompts:
                     raise ValueError("set_prompts needs a non-empty 'prompts' list")
-                self.watched = self.resolve_prompts(cmd.prompts)
+                watched = self.resolve_prompts(cmd.prompts)
+                unwatched_rules(self.engine, watched, raise_as=ValueError)  # alerts must not go quiet unseen
+                self.watched = watched
                 self.last_error = ""
             except ValueError as exc:  # UnknownPromptError is a ValueError
                 self.last_error = f"set_prompts rejected: {exc}"
@@ -317,13 +341,16 @@ class EdgeRunner:
                     self._publish_status()
                 if duration_s is not None and time.monotonic() - started >= duration_s:
                     break
+                if self.paused:
+                    # Take no frames: a file or folder waits where it is (nothing skipped), a camera's frames are
+                    # replaced by newer ones and counted as dropped.
+                    self.stop_event.wait(0.1)
+                    continue
                 frame = self.capture.get(timeout=0.2)
                 if frame is None:
                     if self.capture.finished:
                         log.info("source ended")
                         break
-                    continue
-                if self.paused:
                     continue
                 try:
                     probs, inference_ms = self.infer(frame)

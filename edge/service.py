@@ -32,10 +32,33 @@ def unit_template_path() -> Path:
 
 
 def default_exec() -> str:
-    script = shutil.which("drywallqa")
-    if script:
-        return f"{Path(script).resolve()} edge run"
-    return f"{Path(sys.executable).resolve()} -m drywallqa.edge run"
+    """The drywallqa of the environment running this command. Never sys.executable resolved: a virtualenv's
+    python is a link to the base interpreter, which does not see the virtualenv's packages."""
+    python = Path(os.path.abspath(sys.executable))
+    script = python.parent / "drywallqa"
+    if script.is_file():
+        return f"{script} edge run"
+    return f"{python} -m drywallqa.edge run"
+
+
+PROTECTED_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
+
+
+def hidden_by_protect_home(exec_cmd: str) -> bool:
+    """The unit sets ProtectHome=yes, so a command under /home or /root cannot start as the service."""
+    program = Path(exec_cmd.split()[0])
+    return any(program == home or home in program.parents for home in PROTECTED_HOMES)
+
+
+def service_config_text() -> str:
+    """The packaged config with `embedded_broker: never`. A service on a device publishes to a real broker
+    (mosquitto.service or the site's) and spools alerts while it is down; in `auto` it could take the port from a
+    broker that starts after it and hand alerts to a private broker nobody reads."""
+    text = default_config_path().read_text(encoding="utf-8")
+    new = text.replace("embedded_broker: auto", "embedded_broker: never", 1)
+    if new == text:
+        raise ServiceInstallError(f"{default_config_path()} has no 'embedded_broker: auto' line to switch off")
+    return new
 
 
 def render_unit(exec_cmd: str, config: Path, user: str) -> str:
@@ -52,6 +75,10 @@ def install_service(*, prefix: Path = Path("/"), config: Path = Path("/etc/drywa
                     enable: bool = True) -> int:
     exec_cmd = exec_path or default_exec()
     unit = render_unit(exec_cmd, config, user)
+    if hidden_by_protect_home(exec_cmd):
+        print(f"warning: {exec_cmd.split()[0]} is under /home, /root or /run/user, which the unit hides "
+              f"(ProtectHome=yes), so the service cannot start it. Install DrywallQA outside them (e.g. a "
+              f"virtualenv in /opt/drywallqa) and run this again, or pass --exec.", file=sys.stderr)
     unit_path = _under(prefix, Path("/etc/systemd/system") / UNIT_NAME)
     config_path = _under(prefix, config)
     env_path = _under(prefix, Path("/etc/drywallqa/edge.env"))
@@ -59,7 +86,7 @@ def install_service(*, prefix: Path = Path("/"), config: Path = Path("/etc/drywa
     if dry_run:
         print(f"# would write {unit_path}\n{unit}")
         if not config_path.exists():
-            print(f"# would copy {default_config_path()} -> {config_path}")
+            print(f"# would copy {default_config_path()} -> {config_path} (with mqtt.embedded_broker: never)")
         if not env_path.exists():
             print(f"# would write {env_path} (mode 0600)\n{ENV_TEMPLATE}")
         if real_root:
@@ -74,7 +101,7 @@ def install_service(*, prefix: Path = Path("/"), config: Path = Path("/etc/drywa
     unit_path.chmod(0o644)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     if not config_path.exists():
-        shutil.copyfile(default_config_path(), config_path)
+        config_path.write_text(service_config_text(), encoding="utf-8")
         config_path.chmod(0o644)
     if not env_path.exists():
         env_path.write_text(ENV_TEMPLATE, encoding="utf-8")

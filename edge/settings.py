@@ -13,11 +13,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -40,7 +49,9 @@ class SourceSettings(_Section):
     )
     width: int | None = Field(default=None, gt=0, description="requested capture width (cameras)")
     height: int | None = Field(default=None, gt=0, description="requested capture height (cameras)")
-    fps: float | None = Field(default=None, gt=0, description="pace files/demo at this rate (default: file fps)")
+    fps: float | None = Field(default=None, gt=0,
+                              description="pace frames at this rate (default: demo 10 fps; a file at its own rate "
+                                          "when realtime, else every frame as fast as the model goes)")
     realtime: bool | None = Field(
         default=None,
         description="True: newest frame only, older ones dropped (default for cameras, streams, demo). "
@@ -50,7 +61,7 @@ class SourceSettings(_Section):
     stall_timeout_s: float = Field(default=5.0, gt=0, description="no frame for this long -> reopen")
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=10.0, gt=0)
-    demo_size: tuple[int, int] = Field(default=(480, 640), description="demo frame height, width")
+    demo_size: tuple[PositiveInt, PositiveInt] = Field(default=(480, 640), description="demo frame height, width")
 
     @field_validator("uri")
     @classmethod
@@ -79,6 +90,9 @@ class ModelSettings(_Section):
                     "spinning workers off the cores the network uses: on 2 cores that is ~1.4 ms of CPU per frame")
 
 
+FRACTION_METRICS = ("area_fraction", "mean_confidence")  # both lie in [0, 1]
+
+
 class RuleSettings(_Section):
     """One alert rule: `metric >= min` held for `persistence_frames` frames, then quiet for `cooldown_s`."""
 
@@ -87,6 +101,12 @@ class RuleSettings(_Section):
     min: float = Field(ge=0.0, description="the rule fires when metric >= min (min 0 fires on any frame)")
     persistence_frames: int = Field(default=3, ge=1)
     cooldown_s: float = Field(default=60.0, ge=0.0, description="per class")
+
+    @model_validator(mode="after")
+    def _reachable(self) -> RuleSettings:
+        if self.metric in FRACTION_METRICS and self.min > 1.0:
+            raise ValueError(f"min {self.min} can never be reached: {self.metric} lies between 0 and 1")
+        return self
 
 
 class AnalysisSettings(_Section):
@@ -103,6 +123,15 @@ class TlsSettings(_Section):
     certfile: str | None = None
     keyfile: str | None = None
     insecure: bool = Field(default=False, description="skip hostname verification (testing only)")
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TlsSettings:
+        if self.enabled:
+            for name in ("ca_certs", "certfile", "keyfile"):
+                value = getattr(self, name)
+                if value and not Path(value).expanduser().is_file():
+                    raise ValueError(f"{name}: no such file {value!r}")
+        return self
 
 
 class MqttSettings(_Section):
@@ -226,10 +255,33 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSet
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    check_environment()
     _YAML_PATH["path"] = path
     try:
         return EdgeSettings(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from exc
+    except SettingsError as exc:  # an environment value pydantic-settings cannot parse (lists, sections: JSON)
+        raise ConfigError(f"invalid edge configuration (environment): {exc}. A list or a whole section given in "
+                          f"the environment must be JSON, e.g. {ENV_PREFIX}ANALYSIS__PROMPTS="
+                          f"'[\"segment crack\"]'; a single setting needs '__', e.g. {ENV_PREFIX}MQTT__HOST") from exc
     finally:
         _YAML_PATH["path"] = None
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Refuse DRYWALLQA_<SECTION>_<KEY> (one underscore) for a real setting: pydantic-settings would ignore it
+    silently, and a broker host typed that way means a device publishing to the wrong place. Other DRYWALLQA_*
+    variables belong to other tools and are left alone."""
+    env = os.environ if environ is None else environ
+    sections = {name: field.annotation for name, field in EdgeSettings.model_fields.items()}
+    for var in env:
+        if not var.upper().startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        for section, model in sections.items():
+            fields = getattr(model, "model_fields", None)
+            if fields and rest.startswith(section + "_") and not rest.startswith(section + "__") \
+                    and rest[len(section) + 1:] in fields:
+                raise ConfigError(f"environment variable {var} is not read: a setting inside a section needs "
+                                  f"'__', i.e. {ENV_PREFIX}{section.upper()}__{rest[len(section) + 1:].upper()}")

@@ -6,6 +6,7 @@ thread acts on: CorruptFrame (skip, count), EndOfSource (finished or loop), Sour
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 import re
@@ -15,9 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from drywallqa.imageio import ImageReadError, read_image_rgb
+from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES) - {".gif"}  # a .gif given alone plays as a video (animated GIFs)
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 
 
@@ -92,6 +93,7 @@ class CvCaptureSource(FrameSource):
         self.timeout_ms = int(timeout_s * 1000)
         self._cap: cv2.VideoCapture | None = None
         self._fps: float | None = None
+        self._position = 0  # frames of a video file already grabbed
 
     def open(self) -> None:
         self.close()
@@ -118,6 +120,8 @@ class CvCaptureSource(FrameSource):
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         fps = cap.get(cv2.CAP_PROP_FPS)
         self._fps = float(fps) if fps and 0 < fps < 1000 else None
+        if self.kind == "file" and self._position:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, self._position)  # reopened after an error: go on, don't replay
         self._cap = cap
 
     def read(self) -> np.ndarray:
@@ -129,6 +133,7 @@ class CvCaptureSource(FrameSource):
             raise SourceError("not open")
         if not self._cap.grab():
             self._no_frame()
+        self._position += 1
 
     def retrieve(self) -> np.ndarray:
         if self._cap is None:
@@ -140,8 +145,8 @@ class CvCaptureSource(FrameSource):
 
     def _no_frame(self) -> None:
         if self.kind == "file":
-            if not Path(self.uri).is_file():
-                raise SourceError(f"video file disappeared: {self.uri}")
+            # The end of the file that is open (renaming or deleting it does not cut an open file short).
+            self._position = 0  # a reopen after the end (loop) starts again
             raise EndOfSource(self.uri)
         raise SourceError(f"{self.kind} {self.uri!r} returned no frame (disconnected or stalled)")
 
@@ -164,6 +169,7 @@ class ImageListSource(FrameSource):
         super().__init__(uri)
         self._files: list[str] = []
         self._index = 0
+        self._last: str | None = None  # the last file handed out; a reopen goes on after it
 
     def _list(self) -> list[str]:
         p = Path(self.uri)
@@ -175,17 +181,19 @@ class ImageListSource(FrameSource):
 
     def open(self) -> None:
         self._files = self._list()
-        self._index = 0
+        self._index = bisect.bisect_right(self._files, self._last) if self._last is not None else 0
         if not self._files:
             raise SourceError(f"no images found in {self.uri!r}")
 
     def read(self) -> np.ndarray:
         if self._index >= len(self._files):
+            self._last = None  # a reopen after the end (loop) starts again from the first image
             raise EndOfSource(self.uri)
         path = self._files[self._index]
         self._index += 1
+        self._last = path
         if not os.path.exists(path):
-            raise SourceError(f"image disappeared: {path}")
+            raise CorruptFrame(f"image disappeared before it was read, skipped: {path}")
         try:
             return check_frame(read_image_rgb(path))
         except ImageReadError as exc:
@@ -252,6 +260,14 @@ def classify_uri(uri: str) -> str:
     if p.suffix.lower() in IMAGE_EXTENSIONS:
         return "images"
     return "file"
+
+
+def check_source_exists(uri: str) -> None:
+    """At start-up a video file must be there: a typo (or '/dev/vide0') should stop the service with a clear
+    error, not retry forever. Cameras, streams and folders may come later, so they are retried."""
+    if classify_uri(uri) == "file" and not Path(uri).expanduser().is_file():
+        raise SourceError(f"source.uri: video file not found: {uri!r} (or a camera index, /dev/videoN, a URL, "
+                          f"a folder, a glob or 'demo')")
 
 
 def make_source(uri: str, *, width: int | None = None, height: int | None = None, timeout_s: float = 5.0,

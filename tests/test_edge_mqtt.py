@@ -277,3 +277,73 @@ def test_crack_skeleton_is_measured_only_when_something_reads_it(tmp_path, mosqu
         assert crack(3).skeleton_length_px == first.skeleton_length_px and runner.stats.alerts == 1
     finally:
         runner.shutdown()
+
+
+def test_set_prompts_that_would_silence_an_alert_rule_is_rejected(tmp_path, mosquitto, model):
+    from drywallqa.edge.payloads import CommandPayload
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import load_settings
+
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite")  # its rule watches crack
+    runner = EdgeRunner(load_settings(cfg)).setup()
+    try:
+        before = [w.class_name for w in runner.watched]
+        runner._handle_command(CommandPayload(command="set_prompts", prompts=["segment taping area"]))
+        assert [w.class_name for w in runner.watched] == before
+        assert "set_prompts rejected" in runner.last_error and "['crack']" in runner.last_error
+        runner._handle_command(CommandPayload(command="set_prompts", prompts=["crack", "drywall seam"]))
+        assert runner.last_error == "" and [w.prompt for w in runner.watched] == ["crack", "drywall seam"]
+    finally:
+        runner.shutdown()
+
+
+def test_check_config_makes_the_start_up_checks_of_the_alert_rules(tmp_path, model):
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=1883, spool=tmp_path / "s.sqlite",
+                       analysis={"prompts": ["segment taping area"]})  # the default rule watches crack
+    check = subprocess.run([*edge_cmd(cfg)[:3], "check-config", "--config", str(cfg), "--model-check"],
+                           env=clean_env(), capture_output=True, text=True, timeout=120)
+    run = subprocess.run(edge_cmd(cfg), env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert check.returncode == run.returncode == 2
+    assert "rules watch class(es) ['crack']" in check.stderr and "rules watch class(es) ['crack']" in run.stderr
+
+
+def test_pause_holds_a_folder_where_it_is(tmp_path, mosquitto, model):
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import load_settings
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(folder / f"p{i}.png"), np.full((40, 48, 3), 30 * i, np.uint8))
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(folder), model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite", rules=[])
+    runner = EdgeRunner(load_settings(cfg)).setup()
+    try:
+        runner.paused = True
+        assert runner.run_frames(duration_s=1.0) == 0
+        runner.paused = False
+        assert runner.run_frames(max_frames=10) == 6  # every photo once: none skipped while paused
+        assert runner.capture.stats.dropped == 0 and runner.stats.processed == 6
+    finally:
+        runner.shutdown()
+
+
+def test_unreachable_broker_is_logged_while_alerts_are_spooled(tmp_path, model):
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=free_port(),
+                       spool=tmp_path / "spool.sqlite", source={"fps": 10.0, "demo_size": [64, 80]})
+    proc = subprocess.run(edge_cmd(cfg, "--max-frames", "5"), env=clean_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MQTT broker 127.0.0.1:" in proc.stderr and "unreachable" in proc.stderr
+    assert "still undelivered; they stay in the spool" in proc.stderr
+
+
+def test_tls_file_that_holds_no_certificate_is_a_clear_error(tmp_path, model):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=free_port(),
+                       spool=tmp_path / "spool.sqlite", mqtt={"tls": {"enabled": True, "ca_certs": str(bad)}})
+    proc = subprocess.run(edge_cmd(cfg), env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "mqtt.tls: cannot load the certificates" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -200,3 +200,54 @@ def test_realtime_decodes_only_the_frames_a_slow_consumer_can_take():
     assert src.decodes <= 35 and src.grabs >= 2 * src.decodes, (src.decodes, src.grabs)
     assert cap.stats.dropped >= src.grabs - src.decodes
     assert sorted(ages)[len(ages) // 2] <= 2  # and what it hands over is still fresh
+
+
+def test_folder_file_deleted_mid_run_is_skipped_and_a_reopen_does_not_replay(tmp_path):
+    from drywallqa.edge.sources import CorruptFrame, EndOfSource
+
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    src = ImageListSource(str(tmp_path))
+    src.open()
+    assert [int(src.read()[0, 0, 0]) for _ in range(2)] == [0, 40]
+    (tmp_path / "f2.png").unlink()
+    with pytest.raises(CorruptFrame, match="disappeared"):
+        src.read()  # one missing file is one skipped frame, not a broken source
+    src.close()
+    src.open()  # a reopen (after an error) goes on after the last image handed out
+    assert int(src.read()[0, 0, 0]) == 120
+    assert int(src.read()[0, 0, 0]) == 160
+    with pytest.raises(EndOfSource):
+        src.read()
+    src.open()  # after the end (loop: true) it starts again
+    assert int(src.read()[0, 0, 0]) == 0
+
+
+def test_video_renamed_while_open_still_ends_and_a_reopen_resumes(tmp_path):
+    from drywallqa.edge.sources import EndOfSource
+
+    video = make_video(tmp_path / "v.avi", 6)
+    src = make_source(str(video))
+    src.open()
+    first = [src.read() for _ in range(3)]
+    src.close()
+    src.open()  # reopened after an error: the next frame, not frame 0 again
+    fourth = src.read()
+    assert not np.array_equal(fourth, first[0]) and not np.array_equal(fourth, first[2])
+    video.rename(tmp_path / "moved.avi")  # the open file still reads to its end, and then it has ended
+    src.read(), src.read()
+    with pytest.raises(EndOfSource):
+        src.read()
+    src.close()
+
+
+def test_missing_video_file_is_refused_at_start(tmp_path):
+    from drywallqa.edge.sources import SourceError, check_source_exists
+
+    with pytest.raises(SourceError, match="video file not found"):
+        check_source_exists(str(tmp_path / "missing.mp4"))
+    with pytest.raises(SourceError, match="video file not found"):
+        check_source_exists("/dev/vide0")  # a typo of a camera device is a file path that does not exist
+    check_source_exists(str(make_video(tmp_path / "v.avi", 2)))  # these may appear later, so they pass:
+    for uri in ("demo", "0", "/dev/video9", "rtsp://cam/stream", str(tmp_path / "nofolder" / "*.jpg")):
+        check_source_exists(uri)

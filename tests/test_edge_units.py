@@ -48,6 +48,12 @@ def test_default_config_loads_and_env_overrides(monkeypatch):
         ("source: {uri: ' '}\n", {}, ["source.uri", "must not be empty"]),
         ("model: {opencv_threads: -1}\n", {}, ["model.opencv_threads", "greater than or equal to 0"]),
         ("model: {openvino_cpu_isa: avx}\n", {}, ["model.openvino_cpu_isa", "'avx2'", "'avx'"]),
+        ("alerts: [{prompt: crack, metric: area_fraction, min: 5}]\n", {}, ["alerts.0", "can never be reached"]),
+        ("alerts: [{prompt: crack, metric: mean_confidence, min: 1.5}]\n", {}, ["alerts.0", "between 0 and 1"]),
+        ("source: {demo_size: [0, -5]}\n", {}, ["source.demo_size", "greater than 0"]),
+        ("mqtt: {tls: {enabled: true, ca_certs: /nonexistent/ca.pem}}\n", {}, ["mqtt.tls", "no such file"]),
+        ("{}\n", {"DRYWALLQA_ANALYSIS__PROMPTS": "segment crack"}, ["environment", "must be JSON"]),
+        ("{}\n", {"DRYWALLQA_MQTT_HOST": "broker.example"}, ["DRYWALLQA_MQTT_HOST is not read", "DRYWALLQA_MQTT__HOST"]),
     ],
 )
 def test_bad_config_names_field_and_allowed(tmp_path, monkeypatch, yaml_text, env, expected):
@@ -59,6 +65,37 @@ def test_bad_config_names_field_and_allowed(tmp_path, monkeypatch, yaml_text, en
         load_settings(cfg)
     for text in expected:
         assert text in str(info.value)
+
+
+def test_a_list_setting_in_the_environment_as_json_works(monkeypatch):
+    monkeypatch.setenv("DRYWALLQA_ANALYSIS__PROMPTS", '["segment crack"]')
+    monkeypatch.setenv("DRYWALLQA_DASHBOARD_TOKEN", "x")  # other tools' DRYWALLQA_ variables are left alone
+    assert load_settings().analysis.prompts == ["segment crack"]
+
+
+def test_cli_source_override_that_is_invalid_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "drywallqa.edge", "run", "--source", " "],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "source.uri" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("option", [["--max-frames", "0"], ["--max-frames", "-1"], ["--duration", "-5"]])
+def test_cli_frame_and_time_limits_must_be_positive(option):
+    proc = subprocess.run([sys.executable, "-m", "drywallqa.edge", "run", *option],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"argument {option[0]}" in proc.stderr
+
+
+def test_spool_path_that_cannot_be_a_spool_is_a_config_error(tmp_path):
+    from drywallqa.edge.runner import open_spool
+    from drywallqa.edge.settings import SpoolSettings
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes.sqlite").write_text("these are my notes, not a database" * 20)
+    for path in (tmp_path / "afile" / "spool.sqlite", tmp_path / "notes.sqlite"):
+        with pytest.raises(ConfigError, match=f"spool.path: cannot open the alert spool {path}"):
+            open_spool(SpoolSettings(path=str(path)))
+    assert (tmp_path / "notes.sqlite").read_text().startswith("these are my notes")  # not overwritten
 
 
 def test_missing_or_malformed_config_file(tmp_path):
@@ -195,6 +232,27 @@ def test_install_service_into_prefix_and_dry_run(tmp_path, capsys):
         assert line in unit
     assert (tmp_path / "etc/drywallqa/edge.yaml").read_text().startswith("# DrywallQA edge runtime")
     assert (tmp_path / "etc/drywallqa/edge.env").stat().st_mode & 0o777 == 0o600
+    assert not [ln for ln in unit.splitlines() if ln.startswith("Group=")]  # the user's own primary group
+    installed = load_settings(tmp_path / "etc/drywallqa/edge.yaml")
+    assert installed.mqtt.embedded_broker == "never"  # a service never squats the port of the real broker
+    assert load_settings().mqtt.embedded_broker == "auto"  # the packaged default (demo, laptops) keeps auto
+
+
+def test_service_command_is_the_virtualenv_of_the_installer(tmp_path, monkeypatch, capsys):
+    from drywallqa.edge.service import default_exec, hidden_by_protect_home, install_service
+
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(sys.executable)  # as a virtualenv has it: a link to the base interpreter
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    assert default_exec() == f"{venv_bin / 'python'} -m drywallqa.edge run"  # the link itself, not its target
+    (venv_bin / "drywallqa").write_text("#!/bin/sh\n")
+    assert default_exec() == f"{venv_bin / 'drywallqa'} edge run"
+    assert hidden_by_protect_home("/root/.venv/bin/drywallqa edge run")
+    assert hidden_by_protect_home("/home/site/dq/bin/python -m drywallqa.edge run")
+    assert not hidden_by_protect_home("/opt/drywallqa/bin/drywallqa edge run")
+    assert install_service(prefix=tmp_path / "root", exec_path="/home/site/bin/drywallqa edge run", dry_run=True) == 0
+    assert "ProtectHome=yes" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
