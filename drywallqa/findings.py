@@ -1,5 +1,6 @@
 """What `predict` found in each image: one row per image and prompt, for an inspector who has a folder of
-photos and wants to know which ones to open, without opening every mask.
+photos and wants to know which ones to open, without opening every mask. An image that got no masks (corrupt,
+missing) has rows too, with its `error` and the measurements left empty.
 
 The CSV is written row by row and flushed after every image, so an interrupted run keeps what it measured.
 """
@@ -26,6 +27,7 @@ class Finding:
     regions: int  # 8-connected regions of the mask
     max_probability: float  # the class's highest probability anywhere in the image (a near miss shows here)
     mean_probability_in_mask: float  # 0.0 when the mask is empty
+    error: str = ""  # why this image has no mask (then every measurement is left empty); "" when it has one
 
 
 FIELDS = [f.name for f in fields(Finding)]
@@ -67,6 +69,13 @@ class FindingsWriter:
             for key in ("mask_share", "max_probability", "mean_probability_in_mask"):
                 record[key] = f"{record[key]:.6f}"
             self._writer.writerow(record)
+        self._file.flush()
+
+    def add_failure(self, image: str, prompts_and_classes: list[tuple[str, str]], why: str) -> None:
+        """Rows for an image that got no masks, so a reader sorting the CSV still sees it and why."""
+        for prompt, class_name in prompts_and_classes:
+            self._writer.writerow({**dict.fromkeys(FIELDS, ""), "image": image, "prompt": prompt,
+                                   "class_name": class_name, "error": why})
         self._file.flush()
 
     def close(self) -> None:

@@ -154,21 +154,32 @@ def predict(
     paths = kept
     findings = FindingsWriter(report) if report else None
     owners: dict[str, Path] = {}
+    prompts_and_classes = list(zip(prompts, classes, strict=True))
     bar = progress_bar(len(paths), "predict", progress)
     batch: list[tuple[Path, object]] = []
 
-    def add_findings(rows: list[Finding]) -> None:
+    def add_findings(rows: list[Finding], failed: tuple[str, str] | None = None) -> None:
         # The masks are what the user asked for; a report that can't be written (full disk) is said once
         # and dropped, and the masks go on.
         nonlocal findings
         if findings is None:
             return
         try:
-            findings.add(rows)
+            if failed is None:
+                findings.add(rows)
+            else:
+                findings.add_failure(failed[0], prompts_and_classes, failed[1])
         except OSError as exc:
             summary.report_error = f"cannot write {findings.path}: {exc.strerror or exc}"
             _close_quietly(findings)
             findings = None
+
+    def fail(image: str, why: str) -> None:
+        summary.failures.append((image, why))
+        add_findings([], (image, why))
+
+    for item, why in problems:
+        add_findings([], (item, why))
 
     def flush() -> None:
         if not batch:
@@ -176,13 +187,14 @@ def predict(
         try:
             results = segmenter.probabilities_batch([im for _, im in batch])
         except Exception as exc:  # one bad batch must not end the run; every image in it is reported
-            summary.failures += [(str(p), f"inference failed: {type(exc).__name__}: {exc}") for p, _ in batch]
+            for p, _ in batch:
+                fail(str(p), f"inference failed: {type(exc).__name__}: {exc}")
         else:
             for (path, _), probs in zip(batch, results, strict=True):
                 try:
                     masks = segmenter.masks_from_probabilities(probs, prompts)
                 except Exception as exc:  # as above: this image fails, the run goes on
-                    summary.failures.append((str(path), f"postprocessing failed: {type(exc).__name__}: {exc}"))
+                    fail(str(path), f"postprocessing failed: {type(exc).__name__}: {exc}")
                     continue
                 rows = []
                 try:
@@ -195,23 +207,24 @@ def predict(
                             rows.append(Finding(str(path), prompt, cls, name, *measure(mask, probs[k])))
                     summary.images += 1
                 except (OSError, ValueError) as exc:
-                    summary.failures.append((str(path), f"cannot write mask: {exc}"))
-                add_findings(rows)
+                    fail(str(path), f"cannot write mask: {exc}")
+                else:
+                    add_findings(rows)
         bar.update(len(batch))
         batch.clear()
 
     try:
         for path in paths:
             if path.stem in owners:
-                summary.failures.append((str(path), f"same image id {path.stem!r} as {owners[path.stem]}; its masks "
-                                                    f"would overwrite those (rename one)"))
+                fail(str(path), f"same image id {path.stem!r} as {owners[path.stem]}; its masks would overwrite "
+                                f"those (rename one)")
                 bar.update(1)
                 continue
             owners[path.stem] = path
             try:
                 image = read_image_rgb(path)
             except ImageReadError as exc:
-                summary.failures.append((str(path), str(exc)))
+                fail(str(path), str(exc))
                 bar.update(1)
                 continue
             batch.append((path, image))

@@ -226,7 +226,12 @@ def test_report_describes_every_written_mask(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 1 and "broken.jpg" in printed  # the corrupt file is named; the others still get rows
     with report.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+        every_row = list(csv.DictReader(f))
+    failed = [r for r in every_row if r["error"]]  # the corrupt photo is in the report too, with why
+    assert [(Path(r["image"]).name, r["prompt"]) for r in failed] == [("broken.jpg", p) for p in PROMPTS]
+    assert all(r["mask_file"] == r["mask_share"] == r["regions"] == "" for r in failed)
+    assert "cannot read image" in failed[0]["error"]
+    rows = [r for r in every_row if not r["error"]]
     assert len(rows) == 3 * len(PROMPTS)
     assert {r["class_name"] for r in rows} == {"crack", "taping"}
     found = dict.fromkeys(PROMPTS, 0)
