@@ -364,3 +364,10 @@ def test_float_tiff_in_zero_to_one_is_scaled_not_clipped(tmp_path):
     got = read_image_rgb(tmp_path / "f.tif")
     assert got.shape == (3, 4, 3)
     np.testing.assert_array_equal(got[..., 0], np.round(values * 255).astype(np.uint8))
+
+
+def test_folders_yield_every_image_kind_pil_reads(tmp_path):
+    for name in ("a.gif", "b.jfif", "c.jpe", "d.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    found, problems = collect_inputs([tmp_path])
+    assert [p.name for p in found] == ["a.gif", "b.jfif", "c.jpe"] and not problems
