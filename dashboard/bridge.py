@@ -9,6 +9,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import TypeVar
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
@@ -52,19 +53,33 @@ class BrokerConfig:
         return f"{'mqtts' if self.tls_ca else 'mqtt'}://{self.host}:{self.port}"
 
 
+class BrokerConfigError(ValueError):
+    """Broker settings that cannot work (a prefix with MQTT wildcards, an unreadable CA file)."""
+
+
 class PayloadError(ValueError):
     """A message on a dashboard topic that does not match the payload schema."""
 
 
+MAX_JPEG_BYTES = 4 * 2**20  # the edge sends <= 640-px snapshots (~0.1 MiB); far beyond that is not a snapshot
+
+
 def decode_jpeg_b64(text: str, what: str) -> bytes:
-    """Base64 -> JPEG bytes; PayloadError when it is not base64 or not a JPEG."""
+    """Base64 -> JPEG bytes; PayloadError when it is not base64, not a JPEG, or over MAX_JPEG_BYTES (each device's
+    latest frames are kept in memory and every alert's picture on disk, so their size must be bounded)."""
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise PayloadError(f"{what} is not valid base64: {exc}") from exc
+    if len(data) > MAX_JPEG_BYTES:
+        raise PayloadError(f"{what} is {len(data) / 2**20:.1f} MiB, over the {MAX_JPEG_BYTES // 2**20} MiB limit for "
+                           f"a picture")
     if not data.startswith(b"\xff\xd8"):
         raise PayloadError(f"{what} is not a JPEG (missing FFD8 start marker)")
     return data
+
+
+_DevicePayload = TypeVar("_DevicePayload", StatusPayload, DetectionPayload, SnapshotPayload, AlertPayload)
 
 
 class MqttBridge:
@@ -79,6 +94,9 @@ class MqttBridge:
         self.state = state
         self.store = store
         self.prefix = config.prefix.strip("/")
+        if not self.prefix or any(ch in self.prefix for ch in "+#\0"):
+            raise BrokerConfigError(f"--prefix {config.prefix!r}: must be non-empty, without '+', '#' (MQTT "
+                                    f"wildcards) or NUL")
         client_id = config.client_id or f"drywallqa-dashboard-{socket.gethostname()}"
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -89,7 +107,10 @@ class MqttBridge:
         if config.username:
             self.client.username_pw_set(config.username, config.password)
         if config.tls_ca:
-            self.client.tls_set(ca_certs=config.tls_ca)
+            try:
+                self.client.tls_set(ca_certs=config.tls_ca)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise BrokerConfigError(f"--mqtt-tls-ca {config.tls_ca}: cannot load it as a CA file: {exc}") from exc
         self.client.reconnect_delay_set(min_delay=1, max_delay=max(1, config.reconnect_max_s))
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
@@ -152,14 +173,14 @@ class MqttBridge:
         parts = topic.split("/")
         if len(parts) < 2 or "/".join(parts[:-2]) != self.prefix:
             raise PayloadError(f"unexpected topic {topic!r} (prefix {self.prefix!r})")
-        leaf = parts[-1]
+        leaf, device = parts[-1], parts[-2]
         if not payload:  # a cleared retained message
             return
         try:
             if leaf == TOPIC_STATUS:
-                self.state.update_status(StatusPayload.model_validate_json(payload))
+                self.state.update_status(_same_device(StatusPayload.model_validate_json(payload), device))
             elif leaf == TOPIC_DETECTIONS:
-                det = DetectionPayload.model_validate_json(payload)
+                det = _same_device(DetectionPayload.model_validate_json(payload), device)
                 preview = (
                     decode_jpeg_b64(det.preview_jpeg_b64, "preview_jpeg_b64")
                     if det.preview_jpeg_b64
@@ -167,10 +188,10 @@ class MqttBridge:
                 )
                 self.state.update_detection(det, preview)
             elif leaf == TOPIC_SNAPSHOT:
-                snap = SnapshotPayload.model_validate_json(payload)
+                snap = _same_device(SnapshotPayload.model_validate_json(payload), device)
                 self.state.update_snapshot(snap, decode_jpeg_b64(snap.jpeg_b64, "jpeg_b64"))
             elif leaf == TOPIC_ALERTS:
-                self._handle_alert(AlertPayload.model_validate_json(payload))
+                self._handle_alert(_same_device(AlertPayload.model_validate_json(payload), device))
             else:
                 raise PayloadError(f"unexpected topic leaf {leaf!r}")
         except ValidationError as exc:
@@ -188,3 +209,11 @@ class MqttBridge:
                 self.state.publish("alert", stored)
         if problem:
             raise PayloadError(f"alert {alert.event_id}: {problem}")
+
+
+def _same_device(payload: _DevicePayload, topic_device: str) -> _DevicePayload:
+    """A payload speaks for the device of its topic: one that names another device is refused, so a client on the
+    broker cannot pass itself off as a camera it is not publishing for."""
+    if payload.device_id != topic_device:
+        raise PayloadError(f"payload device_id {payload.device_id!r} differs from the topic's device {topic_device!r}")
+    return payload

@@ -72,17 +72,19 @@ def _read_token(args: argparse.Namespace) -> str | None:
     if args.token_file is not None:
         try:
             token = args.token_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise SystemExit(f"drywallqa dashboard: token file {args.token_file} is not UTF-8 text") from exc
         except OSError as exc:
             raise SystemExit(f"drywallqa dashboard: cannot read --token-file: {exc}") from exc
         if not token:
             raise SystemExit(f"drywallqa dashboard: token file {args.token_file} is empty")
         return token
-    return os.environ.get(TOKEN_ENV) or None
+    return (os.environ.get(TOKEN_ENV) or "").strip() or None
 
 
 def run(args: argparse.Namespace) -> int:
     from .auth import AuthConfigError
-    from .bridge import BrokerConfig
+    from .bridge import BrokerConfig, BrokerConfigError
     from .server import DashboardApp, DashboardConfig
     from .store import StoreError
 
@@ -92,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_alerts < 1:
         raise SystemExit("drywallqa dashboard: --max-alerts must be at least 1")
+    for root in args.review_root or []:
+        if not root.expanduser().is_dir():
+            raise SystemExit(f"drywallqa dashboard: --review-root {root} is not a folder")
     password = next((os.environ[e] for e in MQTT_PASSWORD_ENVS if os.environ.get(e)), None)
     config = DashboardConfig(
         host=args.host,
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         app = DashboardApp(config)
-    except (AuthConfigError, StoreError) as exc:
+    except (AuthConfigError, StoreError, BrokerConfigError) as exc:
         raise SystemExit(f"drywallqa dashboard: {exc}") from exc
     except OSError as exc:
         raise SystemExit(f"drywallqa dashboard: cannot listen on {args.host}:{args.port}: {exc}") from exc

@@ -14,11 +14,10 @@ import cv2
 import numpy as np
 
 from drywallqa.edge.render import shrink_to
-from drywallqa.imageio import ImageReadError, read_image_rgb
+from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
 from drywallqa.vocab import load_vocabulary, prompt_to_filename_part
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 CLASS_COLORS_RGB = {"crack": (255, 40, 40), "taping": (40, 140, 255)}
 OTHER_COLOR_RGB = (255, 200, 0)
 
@@ -45,6 +44,15 @@ class ReviewItem:
 class ReviewListing:
     items: list[ReviewItem]
     orphan_masks: list[Path]  # masks whose image ID matches no image
+    unnamed: list[Path] = field(default_factory=list)  # names that are not UTF-8: a page or a URL cannot carry them
+
+
+def _utf8_name(path: Path) -> bool:
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:  # a byte file name Python holds as surrogates
+        return False
+    return True
 
 
 def resolve_under(path: str, roots: list[Path], want_dir: bool) -> Path:
@@ -72,19 +80,26 @@ def _class_by_part() -> dict[str, str]:
 
 
 def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
-    images = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    items = {p.stem: ReviewItem(p.stem, p) for p in images}
+    found = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    unnamed = [p for p in found if not _utf8_name(p)]
+    items: dict[str, ReviewItem] = {}
+    for p in found:
+        if _utf8_name(p):
+            items.setdefault(p.stem, ReviewItem(p.stem, p))  # 'a.jpg' before 'a.png', as find_item picks
     orphans: list[Path] = []
     if masks_dir is not None:
         classes = _class_by_part()
         for mask in sorted(masks_dir.glob(f"*{SEPARATOR}*{MASK_SUFFIX}")):
+            if not _utf8_name(mask):
+                unnamed.append(mask)
+                continue
             image_id, part = mask.name[: -len(MASK_SUFFIX)].rsplit(SEPARATOR, 1)
             item = items.get(image_id)
             if item is None:
                 orphans.append(mask)
             else:
                 item.masks.append(MaskFile(part, classes.get(part), mask))
-    return ReviewListing(list(items.values()), orphans)
+    return ReviewListing(list(items.values()), orphans, unnamed)
 
 
 def find_item(images_dir: Path, masks_dir: Path | None, image_id: str) -> ReviewItem:

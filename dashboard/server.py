@@ -6,6 +6,7 @@ import html
 import json
 import logging
 import mimetypes
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urlencode, urlsplit
 
 from drywallqa.vocab import load_vocabulary
 
@@ -26,7 +27,7 @@ from .store import AlertStore
 
 log = logging.getLogger(__name__)
 
-REVIEW_FILE_SUFFIXES = IMAGE_SUFFIXES | {".html", ".htm", ".css", ".js", ".json", ".csv", ".txt", ".svg"}
+REVIEW_FILE_SUFFIXES = set(IMAGE_SUFFIXES) | {".html", ".htm", ".css", ".js", ".json", ".csv", ".txt", ".svg"}
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -173,6 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self, limit: int = 64 * 1024) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
+        if length < 0:
+            raise ValueError("negative Content-Length")
         if length > limit:
             raise ValueError("request body too large")
         return self.rfile.read(length) if length else b""
@@ -375,7 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _file_url(self, path: Path) -> str:
         for i, root in enumerate(self.app.review_roots):
             if path == root or root in path.parents:
-                return f"/review/files/{i}/{quote(str(path.relative_to(root)))}"
+                return f"/review/files/{i}/{quote(os.fsencode(path.relative_to(root)))}"  # any file name bytes
         raise ReviewError(f"{path} is outside the review roots")
 
     def _review_file(self, rest: str) -> None:
@@ -383,7 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
         roots = self.app.review_roots
         if not index.isdigit() or int(index) >= len(roots):
             return self._error(404, "no such review root")
-        path = resolve_under(str(roots[int(index)] / unquote(rel)), roots, want_dir=False)
+        path = resolve_under(str(roots[int(index)] / os.fsdecode(unquote_to_bytes(rel))), roots, want_dir=False)
         if path.suffix.lower() not in REVIEW_FILE_SUFFIXES:
             return self._error(403, f"file type {path.suffix!r} is not served")
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -465,6 +468,10 @@ def _review_page(handler: _Handler, images: Path, masks: Path | None, listing, o
         if listing.orphan_masks
         else ""
     )
+    if listing.unnamed:
+        example = listing.unnamed[0].name.encode("utf-8", "replace").decode("utf-8")
+        orphans += (f"<p class='warn'>{len(listing.unnamed)} file(s) skipped: their names are not UTF-8 (e.g. "
+                    f"<code>{html.escape(example)}</code>); rename them to review them</p>")
     summary = (
         f"<p>{len(listing.items)} images in <code>{html.escape(str(images))}</code>"
         + (f", masks from <code>{html.escape(str(masks))}</code>" if masks else ", no mask folder given")

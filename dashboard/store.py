@@ -60,7 +60,7 @@ class AlertStore:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:
             raise StoreError(
                 f"cannot open dashboard store {self.path}: {exc}. Move the file away or pass another --store path."
             ) from exc
@@ -94,7 +94,9 @@ class AlertStore:
         (count,) = self._db.execute("SELECT COUNT(*) FROM alerts").fetchone()
         excess = count - self.max_alerts
         if excess > 0:
-            old = "SELECT event_id FROM alerts ORDER BY timestamp ASC LIMIT ?"
+            # Oldest received first, not oldest device time: a replayed (spooled) alert or a device with a wrong
+            # clock must neither be dropped on arrival nor stay forever.
+            old = "SELECT event_id FROM alerts ORDER BY rowid ASC LIMIT ?"
             self._db.execute(f"DELETE FROM acks WHERE event_id IN ({old})", (excess,))
             self._db.execute(f"DELETE FROM alerts WHERE event_id IN ({old})", (excess,))
 

@@ -232,6 +232,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         errors += [DataConfigError, SplitFileError]
     except ImportError:
         pass
+    try:  # needs torch: absent on an edge-only install
+        from drywallqa.train.checkpoint import CheckpointError
+        from drywallqa.train.trainer import TrainError
+
+        errors += [CheckpointError, TrainError]
+    except ImportError:
+        pass
     try:
         from drywallqa.edge.backends import BackendUnavailableError
 

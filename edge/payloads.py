@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 PAYLOAD_VERSION = 1
 
@@ -23,17 +23,27 @@ TOPIC_CMD = "cmd"
 TOPIC_SNAPSHOT = "snapshot"
 
 
+class _Payload(BaseModel):
+    """Every payload: numbers must be finite (a NaN or Infinity is not JSON, and would break a dashboard that reads
+    it back), and `version` must be this schema's."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+Version = Literal[PAYLOAD_VERSION]  # a payload of another version is refused, not half-read
+
+
 def topic(prefix: str, device_id: str, leaf: str) -> str:
     return f"{prefix.rstrip('/')}/{device_id}/{leaf}"
 
 
-class Region(BaseModel):
+class Region(_Payload):
     bbox: tuple[int, int, int, int] = Field(description="x, y, width, height in source pixels")
     area_px: int
     skeleton_length_px: float | None = Field(default=None, description="cracks only")
 
 
-class ClassResult(BaseModel):
+class ClassResult(_Payload):
     class_name: str
     prompt: str
     area_fraction: float = Field(ge=0.0, le=1.0)
@@ -43,8 +53,8 @@ class ClassResult(BaseModel):
     mean_confidence: float = Field(ge=0.0, le=1.0, description="mean probability inside the mask (0 if empty)")
 
 
-class StatusPayload(BaseModel):
-    version: int = PAYLOAD_VERSION
+class StatusPayload(_Payload):
+    version: Version = PAYLOAD_VERSION
     device_id: str
     state: Literal["online", "offline", "paused"]
     timestamp: float
@@ -62,8 +72,8 @@ class StatusPayload(BaseModel):
     last_error: str = Field(default="", description="latest source / command error, for operators")
 
 
-class DetectionPayload(BaseModel):
-    version: int = PAYLOAD_VERSION
+class DetectionPayload(_Payload):
+    version: Version = PAYLOAD_VERSION
     device_id: str
     frame_id: int
     timestamp: float
@@ -74,8 +84,8 @@ class DetectionPayload(BaseModel):
     preview_jpeg_b64: str | None = Field(default=None, description="small JPEG with masks drawn, when enabled")
 
 
-class AlertPayload(BaseModel):
-    version: int = PAYLOAD_VERSION
+class AlertPayload(_Payload):
+    version: Version = PAYLOAD_VERSION
     event_id: str = Field(description="unique per alert; consumers deduplicate on it")
     device_id: str
     timestamp: float
@@ -91,15 +101,15 @@ class AlertPayload(BaseModel):
     snapshot_jpeg_b64: str = Field(description="JPEG of the frame with the mask drawn on it, base64")
 
 
-class CommandPayload(BaseModel):
-    version: int = PAYLOAD_VERSION
+class CommandPayload(_Payload):
+    version: Version = PAYLOAD_VERSION
     command: Literal["pause", "resume", "set_prompts", "snapshot"]
     prompts: list[str] | None = None
     request_id: str | None = None
 
 
-class SnapshotPayload(BaseModel):
-    version: int = PAYLOAD_VERSION
+class SnapshotPayload(_Payload):
+    version: Version = PAYLOAD_VERSION
     device_id: str
     timestamp: float
     frame_id: int

@@ -31,6 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from drywallqa.argtypes import positive_int
+from drywallqa.outdir import OutputDirError, ensure_writable_dir
+
 SOURCE_HW = (640, 640)  # the cameras' / dataset's frame size; postprocessing upsamples to it
 BATCHES = (1, 4)
 N_IMAGES = 8
@@ -133,10 +136,12 @@ def register_arguments(p: argparse.ArgumentParser) -> None:
                    help="randomly initialised model(s) of these architectures (no trained weights needed)")
     p.add_argument("--profile", nargs="+", choices=sorted(PROFILES), default=["hrnet", "lite"],
                    help="shipped profile(s) to benchmark (default: hrnet lite)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(512, 512), help="input size (512 512)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads per backend (default 2)")
-    p.add_argument("--iters", type=int, default=30, help="timed batch-1 iterations (batch 4: half; default 30)")
-    p.add_argument("--rounds", type=int, default=ROUNDS,
+    p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"), default=(512, 512),
+                   help="input size (512 512)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads per backend (default 2)")
+    p.add_argument("--iters", type=positive_int, default=30,
+                   help="timed batch-1 iterations (batch 4: half; default 30)")
+    p.add_argument("--rounds", type=positive_int, default=ROUNDS,
                    help=f"interleaved batch-1 rounds over all backends; rows report the best (default {ROUNDS})")
     p.add_argument("--calib", type=int, default=32, help="INT8 calibration images (default 32)")
     p.add_argument("--out", "--json", dest="out", default="bench.json", help="JSON results (default bench.json)")
@@ -163,6 +168,9 @@ def main_from_args(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(getattr(args, "out", None) or getattr(args, "json", None) or "bench.json")
+    ensure_writable_dir(out.parent)  # checked before the benchmark, so its results are not lost at the end
+    if out.is_dir():
+        raise OutputDirError(f"--out {out} is a folder; give the JSON file's path")
     engine = getattr(args, "engine", None)
     with tempfile.TemporaryDirectory(prefix="drywallqa-bench-") as tmp:
         workdir = Path(args.workdir) if getattr(args, "workdir", None) else Path(tmp)
@@ -191,8 +199,8 @@ def _resolve_weights(args: argparse.Namespace, workdir: Path) -> list[Path]:
     paths = paths or [profile_weights(p) for p in _as_list(args.profile)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise SystemExit(f"error: no weights at {', '.join(missing)}. Pass --weights FILE.safetensors, or "
-                         f"--random-arch ARCH for a dry run.")
+        raise FileNotFoundError(f"no weights at {', '.join(missing)}. Pass --weights FILE.safetensors, or "
+                                f"--random-arch ARCH for a dry run.")
     return paths
 
 

@@ -5,14 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from drywallqa.argtypes import positive_int
+
 
 def _weights(args: argparse.Namespace) -> Path:
     from drywallqa.paths import profile_weights
 
-    path = Path(args.weights) if args.weights else profile_weights(args.profile)
+    if args.weights:
+        path = Path(args.weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"no weights at {path} (--weights wants a .safetensors file from training)")
+        return path
+    path = profile_weights(args.profile)
     if not path.is_file():
-        raise SystemExit(f"error: no weights at {path}. Pass --weights FILE.safetensors, or train/ship the "
-                         f"{args.profile!r} profile first (for a dry run: --random-arch).")
+        raise FileNotFoundError(f"no weights at {path}. Pass --weights FILE.safetensors, or train/ship the "
+                                f"{args.profile!r} profile first (for a dry run: --random-arch).")
     return path
 
 
@@ -40,8 +47,10 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
 
     from drywallqa.export.pipeline import run_export
+    from drywallqa.outdir import ensure_writable_dir
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ensure_writable_dir(args.out)  # before minutes of export and INT8 calibration, not after
     with tempfile.TemporaryDirectory() as tmp:
         weights = _resolve_weights(args, Path(tmp))
         out = run_export(weights, args.target, args.out, tuple(args.size) if args.size else None,
@@ -68,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="onnx: FP32 ONNX; openvino: + IR FP16 and NNCF INT8; jetson: + FP16 static ONNX for "
                         "TensorRT (then run export/build_engine.sh on the device); all: everything (default)")
     p.add_argument("--out", default="models/exported", help="output folder (default models/exported)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the checkpoint's)")
+    p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"),
+                   help="input size (default: the checkpoint's)")
     p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension (default static 1)")
     p.add_argument("--calib", type=int, default=300,
                    help="INT8 calibration images from the training split (default 300; 0 skips INT8)")

@@ -115,5 +115,17 @@ def test_flops_of_known_graph():
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no weights at"):
+    with pytest.raises(FileNotFoundError, match="no weights at"):
         bench.main(["--weights", str(tmp_path / "nope.safetensors"), "--workdir", str(tmp_path)])
+
+
+def test_unusable_json_path_stops_before_the_benchmark(tmp_path, capsys):
+    from drywallqa.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    code = main(["bench", "--random-arch", "effnet_lite0_fpn", "--out", str(tmp_path / "afile" / "b.json")])
+    assert code == 2 and "a file of that name exists" in capsys.readouterr().err
+    for option in (["--iters", "0"], ["--threads", "0"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            main(["bench", "--random-arch", "effnet_lite0_fpn", *option])
+        assert "must be 1 or more" in capsys.readouterr().err

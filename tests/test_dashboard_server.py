@@ -309,3 +309,69 @@ def test_snapshot_request_reaches_the_device_and_its_reply_becomes_the_frame(
     wait_until(lambda: not dashboard.state.broker.connected, 5, "the broker link to drop")
     code, _, body = http_post(dashboard, "/api/devices/cam-9/snapshot", b"", ACK_HEADERS)
     assert code == 503 and b"not connected" in body
+
+
+def test_payloads_that_would_break_the_page_or_lie_are_refused(dashboard, publisher) -> None:
+    from drywallqa.dashboard.bridge import MAX_JPEG_BYTES
+
+    good = status("cam-n").model_dump()
+    publisher.publish("cam-n", TOPIC_STATUS, json.dumps({**good, "fps": float("nan")}))  # Python writes NaN
+    publisher.publish("cam-n", TOPIC_STATUS, json.dumps({**good, "version": 99}))
+    publisher.publish("cam-n", TOPIC_STATUS, status("spoofed"))  # another device's name on cam-n's topic
+    huge = b"\xff\xd8" + bytes(MAX_JPEG_BYTES)
+    publisher.publish("cam-n", TOPIC_ALERTS, alert("cam-n", "evt-huge", huge))
+    publisher.publish("cam-n", TOPIC_STATUS, status("cam-n", state="paused"))
+    wait_until(lambda: get_json(dashboard, "/api/state")["devices"], 5, "the valid status")
+    code, _, body = http_get(dashboard, "/api/state")
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in /api/state: not JSON, a browser's JSON.parse fails on it")
+
+    state = json.loads(body, parse_constant=no_constants)
+    assert [d["status"]["device_id"] for d in state["devices"]] == ["cam-n"]
+    assert state["devices"][0]["status"]["state"] == "paused"
+    assert state["broker"]["invalid_messages"] == 4, (state["broker"], state["alerts"])
+    (kept,) = state["alerts"]  # the alert itself is kept, without its oversized picture
+    assert kept["event_id"] == "evt-huge" and kept["snapshot_url"] is None
+    assert "over the 4 MiB limit" in state["broker"]["last_invalid"]
+
+
+def test_review_lists_a_folder_whose_file_names_are_not_utf8(dashboard, tmp_path: Path) -> None:
+    import os
+
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "wall.jpg"), np.full((24, 32, 3), 128, np.uint8))
+    odd = os.path.join(os.fsencode(images), b"caf\xe9.jpg")
+    with open(odd, "wb") as f:
+        f.write(cv2.imencode(".jpg", np.full((24, 32, 3), 90, np.uint8))[1].tobytes())
+    code, _, body = http_get(dashboard, f"/review?images={images}")
+    assert code == 200 and b"wall" in body
+    assert b"1 file(s) skipped: their names are not UTF-8" in body
+
+
+def test_negative_content_length_is_refused_at_once(dashboard) -> None:
+    code, _, _ = http_post(dashboard, "/login", b"", {"Content-Length": "-1"})
+    assert code == 400
+
+
+def test_start_up_errors_name_what_is_wrong(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    (tmp_path / "token").write_bytes(b"\xff\xfe" + bytes(range(128, 160)))
+    store = ["--port", "0", "--store", str(tmp_path / "s.sqlite")]
+    cases = [
+        (["--port", "0", "--store", str(tmp_path / "afile" / "x.sqlite")], "cannot open dashboard store"),
+        ([*store, "--mqtt-tls-ca", str(tmp_path / "missing.pem")], "--mqtt-tls-ca"),
+        ([*store, "--mqtt-tls-ca", str(tmp_path / "bad.pem")], "cannot load it as a CA file"),
+        ([*store, "--prefix", "site/#"], "MQTT wildcards"),
+        ([*store, "--review-root", str(tmp_path / "nowhere")], "is not a folder"),
+        ([*store, "--token-file", str(tmp_path / "token")], "is not UTF-8 text"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exc:
+            dashboard_main(argv)
+        assert expected in str(exc.value) and "cannot listen" not in str(exc.value), (argv, exc.value)
+    monkeypatch.setenv("DRYWALLQA_DASHBOARD_TOKEN", " " * 24)  # blank is no token, whatever its length
+    with pytest.raises(SystemExit, match="without a token"):
+        dashboard_main(["--host", "0.0.0.0", *store])

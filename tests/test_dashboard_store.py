@@ -62,3 +62,14 @@ def test_a_file_that_is_not_a_store_gives_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError, match="cannot open dashboard store"):
         AlertStore(bad)
+
+
+def test_store_trims_by_arrival_not_by_the_devices_clock(tmp_path: Path) -> None:
+    store = AlertStore(tmp_path / "s.sqlite", max_alerts=3)
+    jpeg = make_jpeg()
+    store.add_alert(alert("cam", "future", jpeg, timestamp=4e9), jpeg)  # a device clock years ahead
+    store.add_alert(alert("cam", "now1", jpeg, timestamp=1000.0), jpeg)
+    store.add_alert(alert("cam", "now2", jpeg, timestamp=1001.0), jpeg)
+    assert store.add_alert(alert("cam", "late-spooled", jpeg, timestamp=10.0), jpeg)  # a replay from a spool
+    kept = {a["event_id"] for a in store.alerts()}
+    assert kept == {"now1", "now2", "late-spooled"}  # the oldest *received* went; the replay is kept

@@ -74,5 +74,5 @@ def test_dynamic_batch_export(tmp_path):
 
 def test_missing_weights_is_clear(tmp_path):
     args = _parse(["export", "--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="no weights at"):
+    with pytest.raises(FileNotFoundError, match="no weights at"):
         args.func(args)

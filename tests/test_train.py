@@ -525,3 +525,71 @@ def test_weight_average_mixes_learned_weights_keeps_the_contract_and_refuses_oth
         average_weights(a, other_text, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"weight-a must lie in \[0, 1\]"):
         average_weights(a, b, tmp_path / "bad.safetensors", weight_a=1.5)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name: t\narchitecture: effnet_lite0_fpn\nprofile: lite\noutput: o.safetensors\nepochs: 0\n", "epochs: must be >= 1"),
+    ("name: t\narchitecture: effnet_lite0_fpn\nprofile: lite\noutput: o.safetensors\nlr: fast\n", "lr: expected a number"),
+    ("name: t\narchitecture: effnet_lite0_fpn\nprofile: lite\noutput: o.safetensors\nbatch_size: 0\n", "batch_size: must be >= 1"),
+    ("name: t\narchitecture: effnet_lite0_fpn\nprofile: lite\noutput: o.safetensors\nepochs: 1.5\n", "epochs: expected a whole number"),
+    ("name: t\narchitecture: effnet_lite0_fpn\nprofile: lite\noutput: o.safetensors\ncrop: 4096\n", "crop 4096 is larger than"),
+    ("name: t\narchitecture: effnet_lite0_fpn\nprofile: lite\noutput: o.safetensors\nscale: 0.5\n", "scale:"),
+    ("name: ../../escape\narchitecture: effnet_lite0_fpn\nprofile: lite\noutput: o.safetensors\n", "name: a plain folder"),
+    ("name: t\narchitecture: resnet\nprofile: lite\noutput: o.safetensors\nloss: focal\n", "loss: one of"),
+    ("name: t\nprofile: lite\noutput: o.safetensors\n", "missing ['architecture']"),
+    ("- just\n- a list\n", "must hold a mapping"),
+    ("name: [unclosed\n", "is not valid YAML"),
+])
+def test_bad_training_config_is_one_clear_line_and_starts_nothing(tmp_path, capsys, text, expected):
+    from drywallqa.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    code = main(["train", "--config", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--cache", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()  # no run folder, no checkpoint, no weights
+
+
+def test_a_run_that_takes_no_step_writes_no_weights(tmp_path):
+    from drywallqa.train.trainer import TrainConfig, TrainError, train
+    from drywallqa.train.training_data import InMemoryData
+
+    cache = write_synthetic_cache(tmp_path / "cache")
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the trained model a user already has")
+    cfg = TrainConfig.from_yaml(tiny_train_config(tmp_path / "cfg.yaml", out, tmp_path / "runs"))
+    cfg.time_budget_s = 1e-9  # spent before the first step
+    vocab, emb, _ = random_embeddings()
+    data = InMemoryData.from_cache(cache, 64, "train", torch.device("cpu"))
+    with pytest.raises(TrainError, match="took no training step"):
+        train(cfg, data, None, emb, vocab.all_prompts, "random", vocab=vocab, log=lambda *_: None)
+    assert out.read_bytes() == b"the trained model a user already has"
+
+
+def test_a_checkpoint_that_cannot_be_resumed_is_named_and_left_alone(tmp_path):
+    first = _train(tmp_path, epochs=1)
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut short, as by a full disk
+    cut = last.read_bytes()
+    second = _train(tmp_path, epochs=2)
+    assert second.returncode == 2 and "cannot resume from" in second.stderr and "move it away" in second.stderr
+    assert "Traceback" not in second.stderr and last.read_bytes() == cut
+
+
+def test_foreign_or_broken_weights_are_named_by_export(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    from drywallqa.cli import main
+
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "foreign.safetensors"))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    for name, expected in (("foreign", "not a DrywallQA checkpoint"), ("broken", "cannot read it as a safetensors")):
+        code = main(["export", "--weights", str(tmp_path / f"{name}.safetensors"), "--target", "onnx",
+                     "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and "Traceback" not in err, err
+    (tmp_path / "afile").write_text("x")
+    code = main(["export", "--random-arch", "effnet_lite0_fpn", "--target", "onnx", "--out", str(tmp_path / "afile")])
+    assert code == 2 and "a file of that name exists" in capsys.readouterr().err

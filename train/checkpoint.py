@@ -81,19 +81,33 @@ def save_weights(model: Segmenter, info: CheckpointInfo, path: str | Path, fp16:
     return path
 
 
+class CheckpointError(ValueError):
+    """A weights file that is not a readable DrywallQA checkpoint; the message names the file."""
+
+
 def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[Segmenter, CheckpointInfo]:
     """Rebuild the model from a shipped file; returns it in eval mode, fp32."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no weights at {path}")
-    header, stored = read_raw(path, map_location)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a weights file (a folder?)")
+    try:
+        header, stored = read_raw(path, map_location)
+    except Exception as exc:  # safetensors' own error types: truncated, not safetensors at all
+        raise CheckpointError(f"{path}: cannot read it as a safetensors weights file: {exc}") from exc
     missing = [k for k in ("architecture", "classes", "prompts", "prompt_class") if k not in header]
     if missing:
-        raise ValueError(f"{path}: not a DrywallQA checkpoint, header lacks {missing}")
-    state = {k: t.float() if t.is_floating_point() else t for k, t in stored.items()}
-    info = CheckpointInfo.from_header(header)
-    model = build_segmenter(info.architecture, state["prompt_embeddings"], state["prompt_class"], len(info.classes))
-    model.load_state_dict(state)
+        raise CheckpointError(f"{path}: not a DrywallQA checkpoint, header lacks {missing}")
+    try:
+        state = {k: t.float() if t.is_floating_point() else t for k, t in stored.items()}
+        info = CheckpointInfo.from_header(header)
+        model = build_segmenter(info.architecture, state["prompt_embeddings"], state["prompt_class"],
+                                len(info.classes))
+        model.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: a DrywallQA header, but its tensors do not make that model: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     return model.eval(), info
 
 

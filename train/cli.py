@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
+
+from drywallqa.argtypes import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,12 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="training config (configs/train_*.yaml)")
-    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override the config's epochs")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="override the config's batch size")
     p.add_argument("--output", default=None, help="override where the fp16 weights are written")
     p.add_argument("--runs-dir", default=None, help="override where checkpoints and logs go (default runs/)")
     p.add_argument("--cache", type=Path, default=None, help="data cache root (default cache/)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
+    p.add_argument("--max-steps-per-epoch", type=positive_int, default=None,
+                   help="cap steps per epoch (smoke tests)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -38,6 +42,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     from drywallqa.train.training_data import InMemoryData
     from drywallqa.vocab import load_vocabulary
 
+    # systemd, docker stop and kill send SIGTERM: stop like Ctrl-C ("interrupted", exit 130). The last finished
+    # epoch's checkpoint is what the next start resumes from.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cfg = TrainConfig.from_yaml(args.config, epochs=args.epochs, batch_size=args.batch_size, output=args.output,
                                 runs_dir=args.runs_dir, max_steps_per_epoch=args.max_steps_per_epoch)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,9 +71,21 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main() -> int:
     """Entry for torchrun: `torchrun --nproc_per_node 2 -m drywallqa.train.cli --config ...`."""
+    import sys
+
+    from drywallqa.train.checkpoint import CheckpointError
+    from drywallqa.train.trainer import TrainError
+
     p = argparse.ArgumentParser(prog="drywallqa-train")
     add_train_arguments(p)
-    return run_from_args(p.parse_args())
+    try:
+        return run_from_args(p.parse_args())
+    except (TrainError, CheckpointError, FileNotFoundError) as exc:  # as `drywallqa train` reports them
+        print(f"drywallqa-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("drywallqa-train: error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

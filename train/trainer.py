@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,21 @@ from drywallqa.train.models.segmenter import Segmenter, build_segmenter
 from drywallqa.train.teacher import load_teacher
 from drywallqa.train.training_data import InMemoryData
 from drywallqa.vocab import Vocabulary, load_vocabulary
+
+
+class TrainError(ValueError):
+    """Training cannot start or go on (a bad config value, a checkpoint that cannot be resumed); the message
+    says what to change. Nothing is written when this is raised."""
+
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder under runs/, never a path out of it
+# (field, smallest allowed, whether the value may equal it); None is allowed where the field's default is None
+_LOWER_BOUNDS = {
+    "batch_size": (1, True), "epochs": (1, True), "lr": (0, False), "weight_decay": (0, True),
+    "warmup_steps": (0, True), "time_budget_s": (0, False), "cache_size": (16, True), "crop": (16, True),
+    "val_every": (1, True), "val_batch": (1, True), "max_steps_per_epoch": (1, True), "log_every": (0, True),
+    "val_limit_per_class": (1, True), "distill_weight": (0, True),
+}
 
 BUDGET_CHECK_EVERY = 10  # steps between the ranks' time-budget agreements under DDP (one collective each)
 
@@ -67,15 +83,62 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise TrainError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise TrainError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown training config keys {unknown}; known: {sorted(known)}")
-        if "scale" in data:
+            raise TrainError(f"{path}: unknown training config keys {unknown}; known: {sorted(known)}")
+        missing = sorted(f for f in ("name", "architecture", "profile", "output") if f not in data)
+        if missing:
+            raise TrainError(f"{path}: missing {missing} (every training config names its run, network, profile "
+                             f"and output file)")
+        if isinstance(data.get("scale"), list):
             data["scale"] = tuple(data["scale"])
-        return cls(**data)
+        cfg = cls(**data)
+        cfg.validate(str(path))
+        return cfg
+
+    def validate(self, origin: str = "config") -> None:
+        """Refuse values that would crash later, spin forever, exhaust memory or write an untrained model."""
+        from drywallqa.train.losses import LOSSES
+        from drywallqa.train.models.segmenter import ARCHITECTURES
+
+        problems = []
+        for name, (low, inclusive) in _LOWER_BOUNDS.items():
+            value = getattr(self, name)
+            default = self.__dataclass_fields__[name].default
+            if value is None and default is None:
+                continue
+            wants_int = isinstance(default, int) or name in ("max_steps_per_epoch", "val_limit_per_class")
+            if isinstance(value, bool) or not isinstance(value, int if wants_int else (int, float)):
+                problems.append(f"{name}: expected {'a whole number' if wants_int else 'a number'}, got {value!r}")
+            elif value < low or (value == low and not inclusive):
+                problems.append(f"{name}: must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+        if not isinstance(self.name, str) or not RUN_NAME.match(self.name) or self.name in (".", ".."):
+            problems.append(f"name: a plain folder name (letters, digits, '_', '.', '-'), got {self.name!r}")
+        if self.architecture not in ARCHITECTURES:
+            problems.append(f"architecture: one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.loss not in LOSSES:
+            problems.append(f"loss: one of {list(LOSSES)}, got {self.loss!r}")
+        if self.text_encoder not in ("minilm", "clip"):
+            problems.append(f"text_encoder: minilm or clip, got {self.text_encoder!r}")
+        scale = self.scale
+        if not (isinstance(scale, tuple) and len(scale) == 2 and all(isinstance(v, int | float) for v in scale)
+                and 0 < scale[0] <= scale[1]):
+            problems.append(f"scale: [smallest, largest] zoom with 0 < smallest <= largest, got {scale!r}")
+        if isinstance(self.crop, int) and isinstance(self.cache_size, int) and self.crop > self.cache_size:
+            problems.append(f"crop {self.crop} is larger than the cached images ({self.cache_size} px)")
+        if problems:
+            raise TrainError(f"invalid training config ({origin}):\n  " + "\n  ".join(problems))
 
 
 def seed_everything(seed: int) -> None:
@@ -203,10 +266,18 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     state = {"epoch": 0, "step": 0, "planned_epochs": cfg.epochs, "history": []}
     last = run_dir / "last.pt"
     if last.exists():
-        ckpt = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
+        try:
+            ckpt = torch.load(last, map_location=device, weights_only=False)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            state = ckpt["state"]
+        except Exception as exc:  # truncated, foreign, or of another architecture: never overwritten silently
+            raise TrainError(f"cannot resume from {last}: {type(exc).__name__}: {str(exc)[:300]}. It is left as it "
+                             f"is; move it away to start run {cfg.name!r} again, or give this run another name") from exc
+        # The checkpoint's history is the record: an epoch logged just before a kill (checkpoint not yet
+        # written) is trained again, so its line is dropped rather than written twice.
+        (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["history"]),
+                                           encoding="utf-8")
         if not cfg.time_budget_s:  # a longer run asked for after the fact continues the schedule
             state["planned_epochs"] = max(state["planned_epochs"], cfg.epochs)
         torch.set_rng_state(ckpt["rng_cpu"].cpu())  # map_location moved it to the training device
@@ -294,12 +365,14 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             vals = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("iou"))
             log(f"[{cfg.name}] epoch {state['epoch']}/{state['planned_epochs']} loss={record['loss']:.4f} "
                 f"{vals} {epoch_s:.1f}s/epoch ETA {eta / 60:.1f} min")
-            with open(run_dir / "log.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
             tmp = run_dir / "last.pt.tmp"
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
                         "rng_cpu": torch.get_rng_state(), "config": asdict(cfg)}, tmp)
             os.replace(tmp, last)
+            with open(run_dir / "log.jsonl", "a", encoding="utf-8") as fh:  # after the checkpoint it describes
+                fh.write(json.dumps(record) + "\n")
+    if state["step"] == 0:  # e.g. a time budget already spent: an untrained model must not replace a file
+        raise TrainError(f"run {cfg.name!r} took no training step, so {cfg.output} was not written")
     out = Path(cfg.output)
     if env.main:
         recipe = {k: v for k, v in asdict(cfg).items() if k not in ("extra",)} | {"history_tail": state["history"][-3:]}
