@@ -551,6 +551,14 @@ def test_bad_training_config_is_one_clear_line_and_starts_nothing(tmp_path, caps
     assert not (tmp_path / "runs").exists()  # no run folder, no checkpoint, no weights
 
 
+def test_a_rate_written_1e_4_is_read_as_the_number_it_is(tmp_path):
+    from drywallqa.train.trainer import TrainConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: t\narchitecture: effnet_lite0_fpn\nprofile: lite\noutput: o.safetensors\nlr: 1e-4\n")
+    assert TrainConfig.from_yaml(cfg).lr == pytest.approx(1e-4)  # YAML 1.1 hands over the string '1e-4'
+
+
 def test_a_run_that_takes_no_step_writes_no_weights(tmp_path):
     from drywallqa.train.trainer import TrainConfig, TrainError, train
     from drywallqa.train.training_data import InMemoryData

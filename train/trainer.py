@@ -119,6 +119,12 @@ class TrainConfig:
             if value is None and default is None:
                 continue
             wants_int = isinstance(default, int) or name in ("max_steps_per_epoch", "val_limit_per_class")
+            if isinstance(value, str) and not wants_int:  # YAML 1.1 reads '1e-4' (no dot) as a string
+                try:
+                    value = float(value)
+                    setattr(self, name, value)
+                except ValueError:
+                    pass
             if isinstance(value, bool) or not isinstance(value, int if wants_int else (int, float)):
                 problems.append(f"{name}: expected {'a whole number' if wants_int else 'a number'}, got {value!r}")
             elif value < low or (value == low and not inclusive):
