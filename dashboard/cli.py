@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from drywallqa.argtypes import positive_int
+
 TOKEN_ENV = "DRYWALLQA_DASHBOARD_TOKEN"
 MQTT_PASSWORD_ENVS = ("DRYWALLQA_DASHBOARD_MQTT_PASSWORD", "DRYWALLQA_MQTT__PASSWORD")
 
@@ -45,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--store", type=Path, default=None, help=f"SQLite file for alerts and acks [{default_store_path()}]"
     )
-    p.add_argument("--max-alerts", type=int, default=2000, help="alerts kept in the store (oldest dropped)")
+    p.add_argument("--max-alerts", type=positive_int, default=2000, help="alerts kept in the store (oldest dropped)")
     p.add_argument(
         "--review-root",
         type=Path,
@@ -92,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.max_alerts < 1:
-        raise SystemExit("drywallqa dashboard: --max-alerts must be at least 1")
     for root in args.review_root or []:
         if not root.expanduser().is_dir():
             raise SystemExit(f"drywallqa dashboard: --review-root {root} is not a folder")

@@ -81,10 +81,12 @@ def _class_by_part() -> dict[str, str]:
 
 def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
     found = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    unnamed = [p for p in found if not _utf8_name(p)]
+    unnamed: list[Path] = []
     items: dict[str, ReviewItem] = {}
     for p in found:
-        if _utf8_name(p):
+        if not _utf8_name(p):
+            unnamed.append(p)
+        else:
             items.setdefault(p.stem, ReviewItem(p.stem, p))  # 'a.jpg' before 'a.png', as find_item picks
     orphans: list[Path] = []
     if masks_dir is not None:

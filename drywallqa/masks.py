@@ -67,8 +67,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     return mask
 
 
-def is_mask_file(path: str | Path, prompts: list[str]) -> bool:
-    """Whether `path` is named like a mask of one of `prompts` (a file an earlier run wrote)."""
-    name = Path(path).name
-    return any(name.endswith(f"{SEPARATOR}{prompt_to_filename_part(p)}{MASK_SUFFIX}") for p in prompts
-               if prompt_to_filename_part(p))
+def mask_name_endings(prompts: list[str]) -> tuple[str, ...]:
+    """How the names of the masks of `prompts` end ('__segment_crack.png', ...): `name.endswith(these)` tells a
+    file an earlier run wrote."""
+    parts = (prompt_to_filename_part(p) for p in prompts)
+    return tuple(f"{SEPARATOR}{part}{MASK_SUFFIX}" for part in parts if part)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from drywallqa.findings import Finding, FindingsWriter, measure
 from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
-from drywallqa.masks import is_mask_file, mask_filename, write_mask
+from drywallqa.masks import mask_filename, mask_name_endings, write_mask
 from drywallqa.outdir import ensure_writable_dir
 from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights
 from drywallqa.progress import progress_bar
@@ -145,11 +145,10 @@ def predict(
     class_index = [segmenter.metadata.classes.index(c) for c in classes]
     out = ensure_writable_dir(out_dir)  # before any inference: an unusable folder stops the run at once
     paths, problems = collect_inputs(inputs)
-    summary = PredictSummary(out_dir=str(out), failures=list(problems), found=dict.fromkeys(prompts, 0),
-                             report=str(report) if report else "")
+    summary = PredictSummary(out_dir=str(out), found=dict.fromkeys(prompts, 0), report=str(report) if report else "")
     # Re-running with --out set to the photo folder must not segment the masks the last run wrote there.
-    known_prompts = segmenter.vocabulary.all_prompts
-    kept = [p for p in paths if not (p.parent.resolve() == out.resolve() and is_mask_file(p, known_prompts))]
+    endings, out_folder = mask_name_endings(segmenter.vocabulary.all_prompts), out.resolve()
+    kept = [p for p in paths if not (p.name.endswith(endings) and p.parent.resolve() == out_folder)]
     summary.earlier_masks = len(paths) - len(kept)
     paths = kept
     findings = FindingsWriter(report) if report else None
@@ -179,7 +178,7 @@ def predict(
         add_findings([], (image, why))
 
     for item, why in problems:
-        add_findings([], (item, why))
+        fail(item, why)
 
     def flush() -> None:
         if not batch:
