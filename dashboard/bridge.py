@@ -142,6 +142,22 @@ class MqttBridge:
             raise ConnectionError(f"could not send the snapshot command: {mqtt.error_string(info.rc)}")
         return request_id
 
+    def announce_alert(self, item: dict) -> None:
+        """Tell every browser about a new or (un)acknowledged alert, and the store's new totals."""
+        self.state.publish("alert", item)
+        self.state.publish("alert_counts", self.store.counts())
+
+    def forget_device(self, device_id: str) -> None:
+        """Clear the device's retained status on the broker (so neither this dashboard after a restart nor any
+        other consumer brings it back) and drop it from the page. A device that is still running reappears with
+        its next status."""
+        if not self.state.broker.connected:
+            raise ConnectionError(f"not connected to the broker {self.config.url}")
+        info = self.client.publish(topic(self.prefix, device_id, TOPIC_STATUS), b"", qos=1, retain=True)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"could not clear the device's retained status: {mqtt.error_string(info.rc)}")
+        self.state.remove_device(device_id)
+
     # --- paho callbacks (run on the paho thread) ---------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -160,7 +176,7 @@ class MqttBridge:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:
-            self.handle(msg.topic, msg.payload)
+            self.handle(msg.topic, msg.payload, retained=bool(msg.retain))
         except PayloadError as exc:
             log.warning("ignored message on %s: %s", msg.topic, exc)
             self.state.note_invalid(f"{msg.topic}: {exc}")
@@ -169,16 +185,19 @@ class MqttBridge:
             self.state.note_invalid(f"{msg.topic}: internal error {exc!r}")
 
     # --- message handling (also called directly by tests) -----------------------------------------
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         parts = topic.split("/")
         if len(parts) < 2 or "/".join(parts[:-2]) != self.prefix:
             raise PayloadError(f"unexpected topic {topic!r} (prefix {self.prefix!r})")
         leaf, device = parts[-1], parts[-2]
-        if not payload:  # a cleared retained message
+        if not payload:  # a cleared retained message: a cleared status means the device was retired
+            if leaf == TOPIC_STATUS:
+                self.state.remove_device(device)
             return
         try:
             if leaf == TOPIC_STATUS:
-                self.state.update_status(_same_device(StatusPayload.model_validate_json(payload), device))
+                status = _same_device(StatusPayload.model_validate_json(payload), device)
+                self.state.update_status(status, retained=retained)
             elif leaf == TOPIC_DETECTIONS:
                 det = _same_device(DetectionPayload.model_validate_json(payload), device)
                 preview = (
@@ -206,7 +225,7 @@ class MqttBridge:
         if self.store.add_alert(alert, jpeg):
             stored = self.store.get(alert.event_id)
             if stored is not None:  # None only if it was trimmed at once (max_alerts reached by older times)
-                self.state.publish("alert", stored)
+                self.announce_alert(stored)
         if problem:
             raise PayloadError(f"alert {alert.event_id}: {problem}")
 

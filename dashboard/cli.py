@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from drywallqa.argtypes import positive_int
+from drywallqa.argtypes import positive_float, positive_int
 
 TOKEN_ENV = "DRYWALLQA_DASHBOARD_TOKEN"
 MQTT_PASSWORD_ENVS = ("DRYWALLQA_DASHBOARD_MQTT_PASSWORD", "DRYWALLQA_MQTT__PASSWORD")
@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--store", type=Path, default=None, help=f"SQLite file for alerts and acks [{default_store_path()}]"
     )
     p.add_argument("--max-alerts", type=positive_int, default=2000, help="alerts kept in the store (oldest dropped)")
+    p.add_argument(
+        "--device-timeout",
+        type=positive_float,
+        default=45.0,
+        help="seconds without a message after which an online device is shown as silent (edge status: every 10 s)",
+    )
     p.add_argument(
         "--review-root",
         type=Path,
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         store_path=args.store or default_store_path(),
         review_roots=args.review_root or [Path.cwd()],
         max_alerts=args.max_alerts,
+        device_timeout_s=args.device_timeout,
         broker=BrokerConfig(
             host=args.mqtt_host,
             port=args.mqtt_port,

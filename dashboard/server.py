@@ -5,10 +5,12 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import mimetypes
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import SimpleCookie
@@ -27,6 +29,7 @@ from .store import AlertStore
 
 log = logging.getLogger(__name__)
 
+ALERT_PAGE = 100  # alerts a page shows at first and adds per "show older"; the rest stay in the store
 REVIEW_FILE_SUFFIXES = set(IMAGE_SUFFIXES) | {".html", ".htm", ".css", ".js", ".json", ".csv", ".txt", ".svg"}
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -45,6 +48,7 @@ class DashboardConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     heartbeat_s: float = 10.0
     max_alerts: int = 2000
+    device_timeout_s: float = 45.0  # a device silent this long is shown as "silent" (edge status every 10 s)
 
 
 class DashboardApp:
@@ -106,9 +110,12 @@ class DashboardApp:
         return {
             "devices": self.state.devices_json(),
             "broker": self.state.broker_json(),
-            "alerts": self.store.alerts(limit=500),
+            "alerts": self.store.alerts(limit=ALERT_PAGE),
+            "alert_counts": self.store.counts(),
             "classes": list(vocab.classes),
             "auth": self.auth.enabled,
+            "device_timeout_s": self.config.device_timeout_s,
+            "server_time": time.time(),
         }
 
 
@@ -245,6 +252,12 @@ class _Handler(BaseHTTPRequestHandler):
                 except ConnectionError as exc:
                     return self._json({"error": str(exc)}, 503)
                 return self._json({"request_id": request_id}, 202)
+            if len(parts) == 4 and parts[:2] == ["api", "devices"] and parts[3] == "forget":
+                try:
+                    self.app.bridge.forget_device(parts[2])
+                except ConnectionError as exc:
+                    return self._json({"error": str(exc)}, 503)
+                return self._json({"forgotten": parts[2]})
             return self._json({"error": f"no such endpoint: {path}"}, 404)
         except ValueError as exc:
             return self._json({"error": str(exc)}, 400)
@@ -280,7 +293,15 @@ class _Handler(BaseHTTPRequestHandler):
             limit = max(1, min(5000, int((query.get("limit") or ["500"])[0])))
         except ValueError as exc:
             raise ReviewError("limit must be an integer") from exc
-        return self.app.store.alerts(class_name=cls, include_acked=include_acked, limit=limit)
+        before = None
+        if query.get("before"):
+            try:
+                before = (float(query["before"][0]), (query.get("before_id") or [""])[0])
+            except ValueError as exc:
+                raise ReviewError("before must be an alert timestamp (a number)") from exc
+            if not math.isfinite(before[0]):
+                raise ReviewError("before must be a finite alert timestamp")
+        return self.app.store.alerts(class_name=cls, include_acked=include_acked, limit=limit, before=before)
 
     def _ack(self, event_id: str, ack: bool) -> None:
         body = self._read_body()
@@ -297,7 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
         except KeyError:
             return self._json({"error": f"unknown alert {event_id!r}"}, 404)
         item = self.app.store.get(event_id)
-        self.app.state.publish("alert", item or {})
+        if item is not None:
+            self.app.bridge.announce_alert(item)
         self._json(item)
 
     def _jpeg(self, data: bytes | None, missing: str) -> None:

@@ -142,12 +142,29 @@ class LiveState:
             timestamp,
         )
 
-    def update_status(self, status: StatusPayload) -> None:
+    def update_status(self, status: StatusPayload, retained: bool = False) -> None:
+        """A last will carries the figures of the device's latest status before its link dropped; the figures
+        shown stay the newest ones this dashboard saw, and a will that arrives live (not a retained copy from
+        before the dashboard started) dates the outage at its arrival."""
         with self._lock:
             dev = self._device(status.device_id)
-            dev.status = status.model_dump()
+            data = status.model_dump()
+            if status.last_will:
+                if dev.status is not None and dev.status["timestamp"] >= status.timestamp:
+                    data = {**dev.status, "state": "offline", "last_will": True}
+                if not retained:
+                    data["timestamp"] = max(data["timestamp"], time.time())
+            dev.status = data
             out = dev.to_json()
         self.publish("device", out)
+
+    def remove_device(self, device_id: str) -> bool:
+        """Forget a device (its retained status was cleared); False if it was not known."""
+        with self._lock:
+            known = self._devices.pop(device_id, None) is not None
+        if known:
+            self.publish("device_removed", {"device_id": device_id})
+        return known
 
     def update_detection(self, det: DetectionPayload, preview_jpeg: bytes | None) -> None:
         with self._lock:

@@ -110,8 +110,12 @@ class AlertStore:
         include_acked: bool = True,
         limit: int = 500,
         event_id: str | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[dict]:
-        """Newest first, as JSON-ready dicts (no snapshot bytes; each has `acked`/`ack` fields)."""
+        """Newest first, as JSON-ready dicts (no snapshot bytes; each has `acked`/`ack` fields).
+
+        `before=(timestamp, event_id)` pages: only alerts older than that one (ties broken on event_id), so a
+        client can walk the whole history a page at a time even while new alerts arrive."""
         sql = (
             "SELECT a.payload, a.received_at, length(a.snapshot), k.acked_at, k.by, k.note FROM alerts a "
             "LEFT JOIN acks k ON k.event_id = a.event_id WHERE 1=1"
@@ -125,7 +129,10 @@ class AlertStore:
             args.append(class_name)
         if not include_acked:
             sql += " AND k.event_id IS NULL"
-        sql += " ORDER BY a.timestamp DESC LIMIT ?"
+        if before is not None:
+            sql += " AND (a.timestamp < ? OR (a.timestamp = ? AND a.event_id < ?))"
+            args.extend([before[0], before[0], before[1]])
+        sql += " ORDER BY a.timestamp DESC, a.event_id DESC LIMIT ?"
         args.append(limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
@@ -139,6 +146,14 @@ class AlertStore:
             item["ack"] = {"acked_at": acked_at, "by": by, "note": note} if acked_at is not None else None
             out.append(item)
         return out
+
+    def counts(self) -> dict[str, int]:
+        """How many alerts the store holds, open and acknowledged."""
+        with self._lock:
+            total, acked = self._db.execute(
+                "SELECT COUNT(*), COUNT(k.event_id) FROM alerts a LEFT JOIN acks k ON k.event_id = a.event_id"
+            ).fetchone()
+        return {"open": total - acked, "acknowledged": acked, "total": total}
 
     def snapshot(self, event_id: str) -> bytes | None:
         with self._lock:

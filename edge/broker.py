@@ -15,6 +15,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+# mosquitto keeps at most 1000 messages per subscriber by default and silently drops the rest: a device
+# replaying a long outage's spool (up to spool.max_rows alerts) faster than a dashboard takes them would lose
+# alerts there. Sized to hold a full default spool; the same line belongs in a site broker (edge/MQTT.md).
+BROKER_MAX_QUEUED_MESSAGES = 20_000
+
+
 class BrokerError(RuntimeError):
     pass
 
@@ -52,7 +58,8 @@ class EmbeddedBroker:
         self._dir: tempfile.TemporaryDirectory | None = None
 
     def _config(self, workdir: Path, logfile: Path) -> str:
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
+                 f"max_queued_messages {BROKER_MAX_QUEUED_MESSAGES}"]
         if os.geteuid() == 0:
             # Started as root, mosquitto would switch to the `mosquitto` user, which cannot write our folders: no log,
             # and a session store silently not saved, so persistent sessions die with a restart. This broker is

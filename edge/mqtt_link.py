@@ -78,8 +78,7 @@ class EdgeLink:
         s = self.settings
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"drywallqa-edge-{s.device_id}",
                              clean_session=True)
-        offline = self._status("offline").model_dump_json()
-        client.will_set(self.topic_status, offline, qos=1, retain=True)
+        self._set_will(client, self._status("offline"))
         if s.username:
             client.username_pw_set(s.username, s.password)
         if s.tls.enabled:
@@ -99,6 +98,13 @@ class EdgeLink:
         client.on_message = self._on_message
         return client
 
+    def _set_will(self, client: mqtt.Client, latest: StatusPayload) -> None:
+        """The broker sends the will when the device vanishes (power cut, crash, network gone). It is fixed
+        when the client connects, so it is refreshed with every status: a reconnect then carries recent
+        figures, and `last_will=True` tells consumers that the figures are not from the moment it died."""
+        will = latest.model_copy(update={"state": "offline", "last_will": True})
+        client.will_set(self.topic_status, will.model_dump_json(), qos=1, retain=True)
+
     def start(self) -> EdgeLink:
         s = self.settings
         self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
@@ -115,7 +121,9 @@ class EdgeLink:
         log.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
         self._last_fail_log = None  # the next outage is reported at once again
         client.subscribe(self.topic_cmd, qos=1)
-        client.publish(self.topic_status, self._status("online").model_dump_json(), qos=1, retain=True)
+        online = self._status("online")
+        client.publish(self.topic_status, online.model_dump_json(), qos=1, retain=True)
+        self._set_will(client, online)
         self.connected.set()
         self._wake.set()
 
@@ -198,6 +206,7 @@ class EdgeLink:
         return self._client.publish(self.topic_detections, detection.model_dump_json(), qos=0).rc == 0
 
     def send_status(self, status: StatusPayload) -> None:
+        self._set_will(self._client, status)
         if self.connected.is_set():
             self._client.publish(self.topic_status, status.model_dump_json(), qos=1, retain=True)
 

@@ -70,6 +70,12 @@ class StatusPayload(_Payload):
     spool_dropped: int = Field(default=0, description="alerts dropped (oldest first) because the spool was full")
     frames_reopened: int = Field(default=0, description="times the source was reopened after a failure")
     last_error: str = Field(default="", description="latest source / command error, for operators")
+    last_will: bool = Field(
+        default=False,
+        description="true only on the last will the broker sends when the device vanished without a clean stop; "
+        "its figures date from the device's latest status before its connection was lost, so consumers keep "
+        "their last known figures and take the time the message arrived as the time it went offline",
+    )
 
 
 class DetectionPayload(_Payload):

@@ -117,7 +117,7 @@ def test_live_page_end_to_end(tmp_path: Path) -> None:
             expect(page.locator("li.alert.acked[data-event-id='evt-crack-1']")).to_contain_text(
                 "acknowledged"
             )
-            expect(page.locator("#alert-count")).to_have_text("(1 open, 1 acknowledged)")
+            expect(page.locator("#alert-count")).to_have_text("(1 open, 1 acknowledged; showing 2)")
             page.screenshot(path=str(shot), full_page=True)
 
             # --- the broker goes away: the page says so, keeps the last known state, and recovers
@@ -144,3 +144,74 @@ def test_live_page_end_to_end(tmp_path: Path) -> None:
     wait_until(shot.exists, 1, "screenshot file")
     assert shot.stat().st_size > 10_000
     print(f"dashboard screenshot: {shot}")
+
+
+def test_alert_burst_paging_and_device_lifecycle(tmp_path: Path) -> None:
+    """A device replaying a long outage's spool floods the page with alerts: the page stays usable, shows the
+    newest page, and pages older ones in from the server, also after a reload. A device that falls silent is
+    flagged, one that dies shows its last will, and "forget device" removes it."""
+    expect = sync_api.expect
+    burst = 260
+    with (
+        running_mosquitto(tmp_path) as broker,
+        running_dashboard(tmp_path, broker.port, device_timeout_s=2.0) as app,
+        sync_api.sync_playwright() as pw,
+    ):
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.goto(app.url + "/")
+            expect(page.locator("#stream-status")).to_have_attribute("data-state", "connected")
+            snap = make_jpeg(64, 48)
+            with running_publisher(broker.port) as pub:
+                pub.publish("cam-b", TOPIC_STATUS, status("cam-b"), retain=True)
+                for i in range(burst):
+                    kind = "taping" if i % 10 == 0 else "crack"
+                    pub.publish("cam-b", TOPIC_ALERTS,
+                                alert("cam-b", f"evt-{i:04d}", snap, class_name=kind, timestamp=1e9 + i))
+
+            alerts = page.locator("li.alert")
+            expect(page.locator("#alert-count")).to_have_text(f"({burst} open, 0 acknowledged; showing 100)")
+            expect(alerts).to_have_count(100)
+            expect(alerts.first).to_have_attribute("data-event-id", f"evt-{burst - 1:04d}")
+            older = page.locator("#older-alerts")
+            for shown in (200, burst):
+                older.click()
+                expect(alerts).to_have_count(shown)
+            expect(older).to_be_hidden()
+            expect(alerts.last).to_have_attribute("data-event-id", "evt-0000")
+
+            page.reload()  # the newest page again, and the rest still a click away
+            expect(alerts).to_have_count(100)
+            older.click()
+            older.click()
+            expect(alerts).to_have_count(burst)
+            page.select_option("#alert-class", "taping")  # the filter asks the server, not only the loaded page
+            expect(alerts).to_have_count(burst // 10)
+            expect(older).to_be_hidden()
+
+            # --- cam-b sent nothing for longer than the timeout: flagged silent, and it may be forgotten
+            card = page.locator("article.device[data-device='cam-b']")
+            expect(card.locator(".state")).to_have_text("silent", timeout=12_000)
+
+            # --- cam-c dies: its last will (figures from its connection's start) arrives live
+            with running_publisher(broker.port) as pub:
+                pub.publish("cam-c", TOPIC_STATUS, status("cam-c", frames_processed=900), retain=True)
+                cam_c = page.locator("article.device[data-device='cam-c']")
+                expect(cam_c.locator(".state")).to_have_text("online")
+                will = status("cam-c", state="offline", frames_processed=0, timestamp=1e9, last_will=True)
+                pub.publish("cam-c", TOPIC_STATUS, will, retain=True)
+            expect(cam_c.locator(".state")).to_have_text("offline")
+            expect(cam_c).to_contain_text("connection lost without a clean stop")
+            expect(cam_c).to_contain_text("900 frames")
+
+            card.locator("button.forget").click()
+            expect(card).to_have_count(0)
+            page.reload()
+            expect(page.locator("#stream-status")).to_have_attribute("data-state", "connected")
+            expect(cam_c).to_have_count(1)
+            expect(card).to_have_count(0)
+        finally:
+            browser.close()

@@ -375,3 +375,59 @@ def test_start_up_errors_name_what_is_wrong(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setenv("DRYWALLQA_DASHBOARD_TOKEN", " " * 24)  # blank is no token, whatever its length
     with pytest.raises(SystemExit, match="without a token"):
         dashboard_main(["--host", "0.0.0.0", *store])
+
+
+def test_alert_pages_and_totals_through_the_api(dashboard, publisher) -> None:
+    snap = make_jpeg()
+    for i in range(7):
+        publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", f"evt-{i}", snap, timestamp=2000.0 + i))
+    wait_until(lambda: len(get_json(dashboard, "/api/alerts")) == 7, 10, "7 alerts stored")
+    first = get_json(dashboard, "/api/alerts?limit=3")
+    assert [a["event_id"] for a in first] == ["evt-6", "evt-5", "evt-4"]
+    last = first[-1]
+    older = get_json(dashboard, f"/api/alerts?limit=10&before={last['timestamp']}&before_id={last['event_id']}")
+    assert [a["event_id"] for a in older] == ["evt-3", "evt-2", "evt-1", "evt-0"]
+    assert http_get(dashboard, "/api/alerts?before=soon")[0] == 400
+    assert http_get(dashboard, "/api/alerts?before=nan")[0] == 400
+    sse = SSE(dashboard)
+    try:
+        assert sse.wait_for("state")["alert_counts"] == {"open": 7, "acknowledged": 0, "total": 7}
+        assert http_post(dashboard, "/api/alerts/evt-2/ack", b"{}", ACK_HEADERS)[0] == 200
+        assert sse.wait_for("alert_counts") == {"open": 6, "acknowledged": 1, "total": 7}
+    finally:
+        sse.close()
+
+
+def test_a_retained_last_will_and_a_forgotten_device(dashboard, publisher, mosquitto) -> None:
+    """A will that was retained before the dashboard started keeps its own time (the dashboard cannot know when
+    the device died); forgetting a device clears its retained status, so it stays gone after a restart."""
+    died = time.time() - 3600
+    will = status("cam-gone", state="offline", timestamp=died, frames_processed=50, last_will=True)
+    publisher.publish("cam-gone", TOPIC_STATUS, will, retain=True)
+    wait_until(lambda: get_json(dashboard, "/api/state")["devices"], 5, "the will to arrive")
+    (dev,) = get_json(dashboard, "/api/state")["devices"]
+    assert dev["status"]["state"] == "offline" and dev["status"]["last_will"] is True
+    # This will arrived live (the dashboard was running), so it is dated on arrival.
+    assert dev["status"]["timestamp"] > died + 3000
+
+    assert http_post(dashboard, "/api/devices/cam-gone/forget", b"")[0] == 403  # CSRF header required
+    code, _, body = http_post(dashboard, "/api/devices/cam-gone/forget", b"", {"X-DrywallQA": "1"})
+    assert code == 200 and json.loads(body) == {"forgotten": "cam-gone"}
+    assert get_json(dashboard, "/api/state")["devices"] == []
+    time.sleep(0.5)  # the broker handles the cleared retained status
+    with running_dashboard(dashboard.config.store_path.parent / "second", mosquitto.port) as second:
+        wait_until(lambda: second.state.broker.connected, 10, "second dashboard connects")
+        publisher.publish("cam-late", TOPIC_STATUS, will.model_copy(update={"device_id": "cam-late"}), retain=True)
+        wait_until(lambda: get_json(second, "/api/state")["devices"], 5, "the retained will of cam-late")
+        devices = get_json(second, "/api/state")["devices"]
+    assert [d["device_id"] for d in devices] == ["cam-late"]  # cam-gone's retained status was cleared
+
+
+def test_a_retained_will_seen_at_start_up_keeps_its_time(tmp_path: Path, mosquitto, publisher) -> None:
+    died = time.time() - 3600
+    will = status("cam-old", state="offline", timestamp=died, frames_processed=50, last_will=True)
+    publisher.publish("cam-old", TOPIC_STATUS, will, retain=True)
+    with running_dashboard(tmp_path, mosquitto.port) as app:
+        wait_until(lambda: get_json(app, "/api/state")["devices"], 10, "the retained will")
+        (dev,) = get_json(app, "/api/state")["devices"]
+    assert dev["status"]["timestamp"] == pytest.approx(died) and dev["status"]["frames_processed"] == 50

@@ -347,3 +347,39 @@ def test_tls_file_that_holds_no_certificate_is_a_clear_error(tmp_path, model):
     proc = subprocess.run(edge_cmd(cfg), env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "mqtt.tls: cannot load the certificates" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_kill9_last_will_keeps_the_dashboards_last_known_figures(tmp_path, mosquitto, model):
+    """A device that dies without a clean stop: the broker publishes its last will (offline, `last_will`), whose
+    figures date from the connection's start; the dashboard shows it offline with the figures it saw last."""
+    from _dashboard_fixtures import running_dashboard
+
+    from drywallqa.dashboard.bridge import BrokerConfig
+
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite", rules=[], source={"fps": 10.0, "demo_size": [96, 128]})
+    broker = BrokerConfig(host="127.0.0.1", port=mosquitto.port, prefix="drywallqa", client_id="dash-will",
+                          keepalive=5, reconnect_max_s=1)
+    collector = Collector(mosquitto.port, "drywallqa/dev1/status")
+    with running_dashboard(tmp_path, mosquitto.port, broker=broker) as app:
+        assert collector.connected.wait(10)
+        proc = start_edge(cfg, log=tmp_path / "edge.log")
+        try:
+            def seen() -> dict:
+                devices = app.state.devices_json()
+                return (devices[0]["status"] or {}) if devices else {}
+
+            assert wait_until(lambda: seen().get("frames_processed", 0) >= 5, 60), (tmp_path / "edge.log").read_text()
+            last_known = seen()
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        assert wait_until(lambda: any(s["last_will"] for s in collector.payloads("status")), 15)
+        will = next(s for s in collector.payloads("status") if s["last_will"])
+        assert will["state"] == "offline" and will["frames_processed"] < last_known["frames_processed"]
+        assert wait_until(lambda: seen().get("state") == "offline", 10)
+        shown = seen()
+        collector.close()
+    assert shown["last_will"] is True
+    assert shown["frames_processed"] >= last_known["frames_processed"]  # not the will's start-up figures
+    assert shown["timestamp"] >= last_known["timestamp"]  # dated when the will arrived, not at start-up

@@ -2,7 +2,10 @@
 // strings come from devices on the network and are never inserted as HTML).
 "use strict";
 
-const model = { devices: new Map(), alerts: new Map(), broker: null, classes: [], streamUp: false, streamDownSince: null };
+const model = {
+  devices: new Map(), alerts: new Map(), broker: null, classes: [], counts: null, streamUp: false, streamDownSince: null,
+  deviceTimeout: 45, clockOffset: 0,  // clockOffset: server clock minus this browser's, from the last full state
+};
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -25,6 +28,7 @@ function ago(t) {
   if (s < 3600) return `${(s / 60).toFixed(0)} min ago`;
   return `${(s / 3600).toFixed(1)} h ago`;
 }
+const agoServer = (t) => ago(t - model.clockOffset);  // a time on the server's clock, told on this browser's
 const pct = (x) => `${(100 * x).toFixed(2)} %`;
 
 // ---- broker / stream indicators --------------------------------------------------------------------
@@ -53,7 +57,35 @@ function renderLinks() {
   document.body.dataset.stale = (!model.streamUp || (b && !b.connected)) ? "1" : "0";
 }
 
+// ---- render scheduling: a burst of messages (a reconnecting device replaying its spool) costs one render per
+// 100 ms, not one per message ----------------------------------------------------------------------------
+const pending = new Set();
+let flushTimer = null;
+function schedule(part) {
+  pending.add(part);
+  if (flushTimer === null) flushTimer = setTimeout(flush, 100);
+}
+function flush() {
+  flushTimer = null;
+  const parts = [...pending];
+  pending.clear();
+  if (parts.includes("classes")) renderClassFilter();
+  if (parts.includes("devices")) renderDevices();
+  if (parts.includes("alerts")) renderAlerts();
+}
+
 // ---- devices -------------------------------------------------------------------------------------------
+const serverNow = () => Date.now() / 1000 + model.clockOffset;
+
+// "silent": the device says it is online (or paused) but nothing has come from it for device_timeout_s; its
+// link or power may be gone and the broker has not noticed yet, or it never set a last will.
+function deviceState(d) {
+  const state = d.status ? d.status.state : "unknown";
+  const heard = model.broker && model.broker.connected;  // while the dashboard itself is cut off, it hears nobody
+  if (heard && state !== "offline" && d.last_seen && serverNow() - d.last_seen > model.deviceTimeout) return "silent";
+  return state;
+}
+
 function figuresTable(det) {
   const table = el("table", { class: "figures" },
     el("thead", {}, el("tr", {}, ...["class", "area", "regions", "crack length", "confidence"].map((h) => el("th", { text: h })))));
@@ -72,12 +104,18 @@ function figuresTable(det) {
 
 function renderDevice(d) {
   const st = d.status;
-  const state = st ? st.state : "unknown";
+  const state = deviceState(d);
   const card = el("article", { class: "device", "data-device": d.device_id, "data-state": state });
-  const badge = el("span", { class: `state state-${state}`, text: state });
+  const badge = el("span", { class: `state state-${state}`, text: state,
+    title: state === "silent" ? `last message ${agoServer(d.last_seen)}` : undefined });
   const stale = model.broker && !model.broker.connected;
   card.append(el("h3", {}, el("span", { class: "name", text: d.device_id }),
     el("span", {}, stale ? el("span", { class: "last-known", text: "last known: " }) : null, badge)));
+  if (st && st.last_will) {
+    card.append(el("p", { class: "meta warn lost", text: `connection lost without a clean stop (last will) ${agoServer(st.timestamp)}; figures are its last known ones` }));
+  } else if (state === "silent") {
+    card.append(el("p", { class: "meta warn lost", text: `nothing heard since ${fmtTime(d.last_seen)}` }));
+  }
   if (st) {
     const bits = [
       st.source ? `source ${st.source}${st.source_state ? " (" + st.source_state + ")" : ""}` : "",
@@ -85,10 +123,11 @@ function renderDevice(d) {
       `${st.fps.toFixed(1)} fps`,
       `${st.frames_processed} frames` + (st.frames_dropped ? `, ${st.frames_dropped} dropped` : "") + (st.frames_corrupt ? `, ${st.frames_corrupt} corrupt` : ""),
       st.spooled_alerts ? `${st.spooled_alerts} alerts spooled` : "",
-      `status ${ago(st.timestamp)}`,
+      `status ${agoServer(st.timestamp)}`,
     ].filter(Boolean);
     card.append(el("p", { class: "meta", text: bits.join(" | ") }));
     if (st.prompts && st.prompts.length) card.append(el("p", { class: "meta", text: "prompts: " + st.prompts.join(", ") }));
+    if (st.last_error) card.append(el("p", { class: "meta warn", text: "last error: " + st.last_error }));
   }
   if (d.frame) {
     card.append(el("a", { href: d.frame.url, target: "_blank", rel: "noopener" },
@@ -98,27 +137,105 @@ function renderDevice(d) {
     card.append(el("p", { class: "muted", text: "no frame yet (enable previews on the device or request a snapshot)" }));
   }
   card.append(el("button", { class: "snapshot", text: "request snapshot", onclick: () => requestSnapshot(d.device_id) }));
+  if (state === "offline" || state === "silent") {
+    card.append(el("button", { class: "forget", text: "forget device", title: "remove it from this page and clear its retained status on the broker (it comes back if it reports again)", onclick: () => forgetDevice(d.device_id) }));
+  }
   const det = d.detection;
   if (det) {
-    card.append(el("p", { class: "meta", text: `frame #${det.frame_id} ${det.width}x${det.height}, ${det.inference_ms.toFixed(1)} ms inference, ${ago(det.timestamp)}` }));
+    card.append(el("p", { class: "meta", text: `frame #${det.frame_id} ${det.width}x${det.height}, ${det.inference_ms.toFixed(1)} ms inference, ${agoServer(det.timestamp)}` }));
     card.append(figuresTable(det));
   }
   return card;
 }
 
+let deviceSignature = "";
 function renderDevices() {
   const box = document.getElementById("devices");
   const ids = [...model.devices.keys()].sort();
+  deviceSignature = ids.map((id) => deviceState(model.devices.get(id))).join(",");
   box.replaceChildren(...ids.map((id) => renderDevice(model.devices.get(id))));
   document.getElementById("no-devices").hidden = ids.length > 0;
 }
 
+// A device falls silent without any message: look every few seconds whether a badge must change.
+function checkSilence() {
+  const ids = [...model.devices.keys()].sort();
+  if (ids.map((id) => deviceState(model.devices.get(id))).join(",") !== deviceSignature) schedule("devices");
+}
+
+async function forgetDevice(deviceId) {
+  if (!confirm(`Forget device ${deviceId}? Its card goes away and its retained status is cleared on the broker; it comes back if it reports again.`)) return;
+  const res = await fetch(`/api/devices/${encodeURIComponent(deviceId)}/forget`, { method: "POST", headers: { "X-DrywallQA": "1" } });
+  if (!res.ok) alert(`Could not forget the device: ${(await res.json()).error || res.status}`);
+}
+
 // ---- alerts --------------------------------------------------------------------------------------------
+// The page holds one page of alerts that match the filter (newest first) and pages older ones in from the
+// server on request; the store keeps up to --max-alerts. Totals come from the server.
+const ALERT_PAGE = 100;
+const alertView = { limit: ALERT_PAGE, olderAvailable: false, loading: false, generation: 0 };
+
+function alertFilter() {
+  return { cls: document.getElementById("alert-class").value, showAcked: document.getElementById("show-acked").checked };
+}
+const matches = (a, f) => (!f.cls || a.class_name === f.cls) && (f.showAcked || !a.acked);
+const newerFirst = (x, y) => (y.timestamp - x.timestamp) || (y.event_id < x.event_id ? -1 : y.event_id > x.event_id ? 1 : 0);
+
+function alertsQuery(f, before) {
+  const q = new URLSearchParams({ limit: String(ALERT_PAGE + 1), include_acked: f.showAcked ? "1" : "0" });
+  if (f.cls) q.set("class", f.cls);
+  if (before) { q.set("before", String(before.timestamp)); q.set("before_id", before.event_id); }
+  return `/api/alerts?${q}`;
+}
+
+// Fetch a page from the server: the newest (reset) or the one older than the oldest shown.
+async function loadAlerts(reset) {
+  const f = alertFilter();
+  const gen = reset ? ++alertView.generation : alertView.generation;
+  let before = null;
+  if (reset) {
+    model.alerts = new Map();
+    alertView.limit = ALERT_PAGE;
+  } else {
+    const shown = [...model.alerts.values()].sort(newerFirst);
+    before = shown[shown.length - 1] || null;
+  }
+  alertView.loading = true;
+  schedule("alerts");
+  try {
+    const res = await fetch(alertsQuery(f, before), { cache: "no-store" });
+    if (res.status === 401) { window.location = "/login"; return; }
+    if (!res.ok) throw new Error(`${res.status} ${await res.text()}`);
+    const page = await res.json();
+    if (gen !== alertView.generation) return;  // the filter changed meanwhile; a newer load owns the list
+    alertView.olderAvailable = page.length > ALERT_PAGE;
+    for (const a of page.slice(0, ALERT_PAGE)) if (!model.alerts.has(a.event_id)) model.alerts.set(a.event_id, a);
+    if (!reset) alertView.limit += ALERT_PAGE;
+    document.getElementById("alerts-error").textContent = "";
+  } catch (e) {
+    document.getElementById("alerts-error").textContent = `Could not load alerts: ${e.message}`;
+  } finally {
+    if (gen === alertView.generation) alertView.loading = false;
+    schedule("alerts");
+  }
+}
+
+function takeAlert(a) {
+  const f = alertFilter();
+  if (!matches(a, f)) { model.alerts.delete(a.event_id); return; }
+  model.alerts.set(a.event_id, a);
+  if (model.alerts.size > alertView.limit) {  // keep the page bounded; the dropped ones are a click away
+    const shown = [...model.alerts.values()].sort(newerFirst);
+    for (const old of shown.slice(alertView.limit)) model.alerts.delete(old.event_id);
+    alertView.olderAvailable = true;
+  }
+}
+
 async function setAck(eventId, ack) {
   const res = await fetch(`/api/alerts/${encodeURIComponent(eventId)}/${ack ? "ack" : "unack"}`, {
     method: "POST", headers: { "X-DrywallQA": "1", "Content-Type": "application/json" }, body: "{}",
   });
-  if (res.ok) { const a = await res.json(); model.alerts.set(a.event_id, a); renderAlerts(); }
+  if (res.ok) { takeAlert(await res.json()); schedule("alerts"); }
   else alert(`Could not update the alert: ${res.status} ${await res.text()}`);
 }
 
@@ -147,15 +264,27 @@ function renderAlert(a) {
   return li;
 }
 
+// Rendered items are reused while the alert is unchanged, so a render touches only what changed.
+let alertNodes = new Map();
 function renderAlerts() {
-  const cls = document.getElementById("alert-class").value;
-  const showAcked = document.getElementById("show-acked").checked;
-  const all = [...model.alerts.values()].sort((x, y) => y.timestamp - x.timestamp);
-  const shown = all.filter((a) => (!cls || a.class_name === cls) && (showAcked || !a.acked));
-  document.getElementById("alerts").replaceChildren(...shown.map(renderAlert));
-  document.getElementById("no-alerts").hidden = shown.length > 0;
-  const open = all.filter((a) => !a.acked).length;
-  document.getElementById("alert-count").textContent = `(${open} open, ${all.length - open} acknowledged)`;
+  const shown = [...model.alerts.values()].sort(newerFirst);
+  const nodes = new Map();
+  const items = shown.map((a) => {
+    const key = `${a.acked ? 1 : 0}`;
+    const old = alertNodes.get(a.event_id);
+    const node = old && old.key === key ? old.node : renderAlert(a);
+    nodes.set(a.event_id, { key, node });
+    return node;
+  });
+  alertNodes = nodes;
+  document.getElementById("alerts").replaceChildren(...items);
+  document.getElementById("no-alerts").hidden = shown.length > 0 || alertView.loading;
+  const older = document.getElementById("older-alerts");
+  older.hidden = !alertView.olderAvailable;
+  older.disabled = alertView.loading;
+  const c = model.counts;
+  document.getElementById("alert-count").textContent = c
+    ? `(${c.open} open, ${c.acknowledged} acknowledged; showing ${shown.length})` : "";
 }
 
 function renderClassFilter() {
@@ -187,38 +316,50 @@ function connect() {
   source.addEventListener("state", (ev) => {
     const s = JSON.parse(ev.data);
     model.devices = new Map(s.devices.map((d) => [d.device_id, d]));
-    model.alerts = new Map(s.alerts.map((a) => [a.event_id, a]));
     model.broker = s.broker;
     model.classes = s.classes;
+    model.counts = s.alert_counts;
+    model.deviceTimeout = s.device_timeout_s;
+    model.clockOffset = s.server_time - Date.now() / 1000;
     document.getElementById("logout").hidden = !s.auth;
     model.streamUp = true;
-    renderClassFilter(); renderLinks(); renderDevices(); renderAlerts();
+    renderLinks();
+    schedule("classes"); schedule("devices");
+    loadAlerts(true);  // after a resync the page may have missed alerts: take the filter's newest page afresh
   });
   source.addEventListener("device", (ev) => {
     const d = JSON.parse(ev.data);
     model.devices.set(d.device_id, d);
-    renderDevices();
+    schedule("devices");
+  });
+  source.addEventListener("device_removed", (ev) => {
+    model.devices.delete(JSON.parse(ev.data).device_id);
+    schedule("devices");
   });
   source.addEventListener("alert", (ev) => {
     const a = JSON.parse(ev.data);
     if (!a.event_id) return;
-    const isNew = !model.alerts.has(a.event_id);
-    model.alerts.set(a.event_id, a);
-    if (isNew) renderClassFilter();
-    renderAlerts();
+    if (!model.classes.includes(a.class_name)) { model.classes.push(a.class_name); schedule("classes"); }
+    takeAlert(a);
+    schedule("alerts");
+  });
+  source.addEventListener("alert_counts", (ev) => {
+    model.counts = JSON.parse(ev.data);
+    schedule("alerts");
   });
   source.addEventListener("broker", (ev) => {
     const wasConnected = model.broker && model.broker.connected;
     model.broker = JSON.parse(ev.data);
     renderLinks();
-    if (wasConnected !== model.broker.connected) renderDevices();  // toggles the "last known" labels
+    if (wasConnected !== model.broker.connected) schedule("devices");  // toggles the "last known" labels
   });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  document.getElementById("alert-class").addEventListener("change", renderAlerts);
-  document.getElementById("show-acked").addEventListener("change", renderAlerts);
+  document.getElementById("alert-class").addEventListener("change", () => loadAlerts(true));
+  document.getElementById("show-acked").addEventListener("change", () => loadAlerts(true));
+  document.getElementById("older-alerts").addEventListener("click", () => loadAlerts(false));
   renderLinks();
   connect();
-  setInterval(() => { renderLinks(); }, 5000);
+  setInterval(() => { renderLinks(); checkSilence(); }, 5000);
 });
