@@ -9,6 +9,7 @@ No torch here: this module ships to devices.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -66,10 +67,15 @@ def _openvino_metadata_text(path: Path) -> str | None:
     return str(model.get_rt_info([METADATA_KEY]).astype(str))
 
 
+ENGINE_HASH_KEY = "engine_sha256"  # written into the sidecar's `extra` by export/build_engine.sh
+
+
 def _tensorrt_metadata_text(path: Path) -> str | None:
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        return sidecar.read_text(encoding="utf-8")
+        text = sidecar.read_text(encoding="utf-8")
+        _check_sidecar_is_for(path, sidecar, text)
+        return text
     onnx_path = path.with_suffix(".onnx")
     if onnx_path.is_file():
         return _onnx_metadata_text(onnx_path)
@@ -77,6 +83,28 @@ def _tensorrt_metadata_text(path: Path) -> str | None:
         f"{path}: a TensorRT engine carries no metadata; put the '{METADATA_KEY}' JSON next to it as "
         f"{sidecar.name} (export/build_engine.sh does this) or keep the source ONNX as {onnx_path.name}"
     )
+
+
+def _check_sidecar_is_for(engine: Path, sidecar: Path, text: str) -> None:
+    """An engine file holds no metadata, so a sidecar left over from another build (or another profile) would
+    silently give the wrong classes or thresholds. build_engine.sh binds the sidecar to its engine by hash."""
+    try:
+        expected = (json.loads(text).get("extra") or {}).get(ENGINE_HASH_KEY)
+    except (ValueError, AttributeError):
+        return  # not JSON / not an object: ModelMetadata.from_json reports it
+    if not expected:
+        log.warning("%s: carries no %s, so it cannot be checked against %s; rebuild with export/build_engine.sh "
+                    "to bind them", sidecar, ENGINE_HASH_KEY, engine.name)
+        return
+    digest = hashlib.sha256()
+    with engine.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise InvalidModelError(
+            f"{sidecar}: this metadata was written for another engine (its {ENGINE_HASH_KEY} does not match "
+            f"{engine.name}); rebuild with export/build_engine.sh, which writes the engine and its metadata together"
+        )
 
 
 def read_metadata(model_path: str | Path) -> ModelMetadata:
@@ -97,8 +125,15 @@ def read_metadata(model_path: str | Path) -> ModelMetadata:
     return ModelMetadata.from_json(text, source=str(path))
 
 
-def _check_io(path: Path, inputs: dict[str, tuple[str, list]], outputs: dict[str, tuple[str, list]]) -> None:
-    """inputs/outputs: name -> (element type name, shape with None/-1/str for dynamic dims)."""
+def _check_io(
+    path: Path,
+    inputs: dict[str, tuple[str, list]],
+    outputs: dict[str, tuple[str, list]],
+    metadata: ModelMetadata | None = None,
+) -> None:
+    """inputs/outputs: name -> (element type name, shape with None/-1/str for dynamic dims). With `metadata`,
+    also that the output has one channel per class it names (a sidecar or metadata from another model would
+    otherwise pair thresholds and classes with the wrong channels)."""
     problems = []
     if INPUT_NAME not in inputs:
         problems.append(f"no input named {INPUT_NAME!r} (has {sorted(inputs)})")
@@ -110,6 +145,12 @@ def _check_io(path: Path, inputs: dict[str, tuple[str, list]], outputs: dict[str
             problems.append(f"input {INPUT_NAME!r} has shape {shape}, expected N x H x W x 3")
     if OUTPUT_NAME not in outputs:
         problems.append(f"no output named {OUTPUT_NAME!r} (has {sorted(outputs)})")
+    elif metadata is not None:
+        out_shape = outputs[OUTPUT_NAME][1]
+        channels = out_shape[1] if len(out_shape) == 4 else None
+        if isinstance(channels, int) and channels > 0 and channels != len(metadata.classes):
+            problems.append(f"output {OUTPUT_NAME!r} has {channels} channels but the metadata names "
+                            f"{len(metadata.classes)} classes {metadata.classes}")
     if problems:
         raise InvalidModelError(f"{path}: does not follow the DrywallQA model contract: " + "; ".join(problems))
 
@@ -188,7 +229,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.providers = self.session.get_providers()
         ins = {i.name: (i.type, list(i.shape)) for i in self.session.get_inputs()}
         outs = {o.name: (o.type, list(o.shape)) for o in self.session.get_outputs()}
-        _check_io(model_path, ins, outs)
+        _check_io(model_path, ins, outs, metadata)
         shape = ins[INPUT_NAME][1]
         self.fixed_batch = _static_batch(shape[0])
         if isinstance(shape[1], int) and isinstance(shape[2], int):
@@ -229,7 +270,7 @@ class OpenVINOBackend(InferenceBackend):
                for i in model.inputs}
         outs = {o.get_any_name(): (o.get_element_type().get_type_name(), _ov_shape(o.get_partial_shape()))
                 for o in model.outputs}
-        _check_io(model_path, ins, outs)
+        _check_io(model_path, ins, outs, metadata)
         config: dict = {hints.performance_mode: hints.PerformanceMode.LATENCY}
         if device.upper().startswith("CPU"):
             _apply_cpu_isa(cpu_isa, int8=any(op.get_type_name() == "FakeQuantize" for op in model.get_ops()))
@@ -321,7 +362,7 @@ class TensorRTBackend(InferenceBackend):
                if is_input[n]}
         outs = {n: (str(engine.get_tensor_dtype(n)).lower(), list(engine.get_tensor_shape(n))) for n in names
                 if not is_input[n]}
-        _check_io(model_path, ins, outs)
+        _check_io(model_path, ins, outs, metadata)
         shape = ins[INPUT_NAME][1]
         self.fixed_batch = _static_batch(shape[0])
         self.input_hw = (int(shape[1]), int(shape[2]))
@@ -378,7 +419,8 @@ def _import_tensorrt():
     except ImportError as exc:
         raise BackendUnavailableError(
             "the tensorrt backend needs the `tensorrt` Python package (JetPack / NVIDIA TensorRT), which is not "
-            "importable here; use --backend openvino or onnxruntime on this machine"
+            "importable here; on this machine use openvino or onnxruntime (`--backend` of predict/eval, or "
+            "model.backend / DRYWALLQA_MODEL__BACKEND of the edge runtime), or auto"
         ) from exc
     try:
         from cuda.bindings import runtime as cudart

@@ -49,8 +49,19 @@ _SUFFIXES_BY_BACKEND = {
     "openvino": (".xml", ".onnx"),
     "onnxruntime": (".onnx",),
     "tensorrt": (".engine", ".plan"),
-    "auto": (".xml", ".onnx", ".engine"),
 }
+
+
+def _suffixes_for(backend: str) -> tuple[str, ...]:
+    """Which exported files a profile name may mean, best first. `auto` takes a TensorRT engine first where
+    TensorRT runs (a Jetson), since there the ONNX would run on the CPU."""
+    if backend != "auto":
+        return _SUFFIXES_BY_BACKEND[backend]
+    from drywallqa.edge.backends import tensorrt_unavailable_reason
+
+    if tensorrt_unavailable_reason() is None:
+        return (".engine", ".plan", ".xml", ".onnx")
+    return (".xml", ".onnx", ".engine", ".plan")
 
 
 def load_segmenter(model: ModelSettings) -> tuple[Path, PromptSegmenter]:
@@ -66,14 +77,19 @@ def load_segmenter(model: ModelSettings) -> tuple[Path, PromptSegmenter]:
 def resolve_model_path(spec: str, backend: str = "auto") -> Path:
     """A profile name (hrnet | lite) -> its exported file; otherwise the path itself, which must exist."""
     if spec in PROFILES:
-        tried = [EXPORTED_DIR / f"{PROFILES[spec]}{suf}" for suf in _SUFFIXES_BY_BACKEND[backend]]
+        tried = [EXPORTED_DIR / f"{PROFILES[spec]}{suf}" for suf in _suffixes_for(backend)]
         for p in tried:
             if p.is_file():
                 return p
+        how = (
+            f"build one on the device with export/build_engine.sh from `drywallqa export --profile {spec} "
+            f"--target jetson` (see Dockerfile.jetson)"
+            if backend == "tensorrt"
+            else f"run `drywallqa export --profile {spec} --target all`"
+        )
         raise ConfigError(
             f"model.path: profile {spec!r} has no exported model for backend {backend!r} "
-            f"(looked for {', '.join(str(p) for p in tried)}); run `drywallqa export --profile {spec} --target all` "
-            f"or set model.path to a .onnx/.xml/.engine file"
+            f"(looked for {', '.join(str(p) for p in tried)}); {how} or set model.path to a .onnx/.xml/.engine file"
         )
     path = Path(spec).expanduser()
     if not path.is_file():

@@ -1,0 +1,49 @@
+"""Dockerfile.jetson, checked as far as it can be without docker or an arm64 machine: what it copies exists,
+its entry point is a command the package installs, and the running container does not sit in a source tree
+(whose `drywallqa/` folder would hide the installed package: pyproject maps edge/ into drywallqa.edge)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml with tomllib")
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile.jetson").read_text()
+
+
+def _instructions(name: str) -> list[str]:
+    text = DOCKERFILE.replace("\\\n", " ")
+    return [line.split(None, 1)[1] for line in text.splitlines() if line.startswith(name + " ")]
+
+
+def test_everything_it_copies_exists_and_is_not_ignored() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for copy in _instructions("COPY"):
+        *sources, _dest = copy.split()
+        for src in sources:
+            assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+            assert src.rstrip("/") not in ignored, f"COPY {src}: excluded by .dockerignore"
+
+
+def test_entry_point_is_an_installed_command_and_runs_outside_the_sources() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    (entry,) = _instructions("ENTRYPOINT")
+    assert json.loads(entry)[0] in scripts
+    final_workdir = _instructions("WORKDIR")[-1]
+    assert final_workdir != "/src" and "rm -rf /src" in DOCKERFILE
+    assert re.search(r"install -D -m 0755 export/build_engine.sh /usr/local/bin/drywallqa-build-engine", DOCKERFILE)
+    # The engine name the build step writes is the one the image's default model path opens.
+    assert "DRYWALLQA_MODEL__PATH=/app/models/exported/hrnet_w18_student.engine" in DOCKERFILE
+
+
+def test_base_image_is_jetpack_6_whose_python_the_project_supports() -> None:
+    (base,) = _instructions("FROM")
+    assert re.fullmatch(r"nvcr\.io/nvidia/l4t-jetpack:r36\.\d+\.\d+", base.strip())
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.10"  # JetPack 6 ships Python 3.10; revisit the base image if this changes
