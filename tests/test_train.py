@@ -98,6 +98,25 @@ def test_fp16_checkpoint_round_trip_keeps_outputs(tmp_path):
     assert diff < 5e-3
 
 
+def test_weights_files_get_the_users_file_mode_not_private(tmp_path):
+    """safetensors writes 0600 files; a model trained under one account must be readable by the edge service."""
+    vocab, emb, cls = random_embeddings()
+    model = build_segmenter("effnet_lite0_fpn", emb, cls, 2).eval()
+    info = CheckpointInfo("effnet_lite0_fpn", "lite", list(vocab.classes), vocab.all_prompts, cls.tolist(),
+                          "minilm:test", {"crack": 0.4, "taping": 0.5}, (64, 64))
+    old = os.umask(0o022)
+    try:
+        path = save_weights(model, info, tmp_path / "m.safetensors")
+        assert path.stat().st_mode & 0o777 == 0o644
+        set_thresholds(path, {"crack": 0.3})  # rewrites the file in place
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)  # a user who wants private files still gets them
+        private = save_weights(model, info, tmp_path / "p.safetensors")
+        assert private.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_augmentation_keeps_image_and_mask_aligned():
     images = torch.zeros(4, 96, 96, 3, dtype=torch.uint8)
     masks = torch.zeros(4, 96, 96, dtype=torch.uint8)

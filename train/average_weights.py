@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from drywallqa.train.checkpoint import CheckpointInfo, read_raw
+from drywallqa.train.safetensors_io import write_safetensors
 
 FROZEN_TENSORS = ("prompt_embeddings", "prompt_class")  # buffers that carry the contract, identical in both parents
 
@@ -22,8 +23,6 @@ FROZEN_TENSORS = ("prompt_embeddings", "prompt_class")  # buffers that carry the
 def average_weights(path_a: str | Path, path_b: str | Path, out: str | Path, weight_a: float = 0.5,
                     note_a: str = "", note_b: str = "") -> Path:
     """out = weight_a * A + (1 - weight_a) * B for every float tensor, in A's dtype; other tensors from A."""
-    from safetensors.torch import save_file
-
     if not 0.0 <= weight_a <= 1.0:
         raise ValueError(f"--weight-a must lie in [0, 1], got {weight_a}")
     header_a, tensors_a = read_raw(path_a)
@@ -54,7 +53,7 @@ def average_weights(path_a: str | Path, path_b: str | Path, out: str | Path, wei
                      "a_recipe": info_a.recipe, "b_recipe": info_b.recipe}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(averaged, str(out), metadata=info_a.to_header())
+    write_safetensors(averaged, str(out), metadata=info_a.to_header())
     return out
 
 

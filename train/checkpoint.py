@@ -14,6 +14,7 @@ from pathlib import Path
 
 from drywallqa.edge.mask_shapes import MASK_SHAPES
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
+from drywallqa.train.safetensors_io import write_safetensors
 
 
 @dataclass
@@ -67,8 +68,6 @@ class CheckpointInfo:
 
 def save_weights(model: Segmenter, info: CheckpointInfo, path: str | Path, fp16: bool = True) -> Path:
     """Weights only (no optimizer), fp16 by default; buffers (incl. prompt embeddings) included."""
-    from safetensors.torch import save_file
-
     state = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu().contiguous()
@@ -77,7 +76,7 @@ def save_weights(model: Segmenter, info: CheckpointInfo, path: str | Path, fp16:
         state[k] = v
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=info.to_header())
+    write_safetensors(state, str(path), metadata=info.to_header())
     return path
 
 
@@ -123,8 +122,6 @@ def read_raw(path: str | Path, device: str = "cpu") -> tuple[dict[str, str], dic
 def set_thresholds(path: str | Path, thresholds: dict[str, float], mask_shapes: dict[str, str] | None = None) -> None:
     """Rewrite a shipped file's decision rule (thresholds and mask shapes, tuned on validation) in place;
     tensors are untouched."""
-    from safetensors.torch import save_file
-
     header, tensors = read_raw(path)
     info = CheckpointInfo.from_header(header)
     shapes = mask_shapes or {}
@@ -136,4 +133,4 @@ def set_thresholds(path: str | Path, thresholds: dict[str, float], mask_shapes: 
         raise ValueError(f"unknown mask shapes {bad}; allowed: {list(MASK_SHAPES)}")
     info.thresholds = {**info.thresholds, **{k: float(v) for k, v in thresholds.items()}}
     info.mask_shapes = {**info.mask_shapes, **shapes}
-    save_file(tensors, str(path), metadata=info.to_header())
+    write_safetensors(tensors, str(path), metadata=info.to_header())

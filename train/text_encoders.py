@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from drywallqa.train.safetensors_io import write_safetensors
+
 
 @dataclass
 class TextEmbeddings:
@@ -84,10 +86,8 @@ def cosine_similarity_fn(embeddings: TextEmbeddings, encoder: str = "minilm", cl
 def save_embeddings(emb: TextEmbeddings, path: str | Path) -> None:
     import json
 
-    from safetensors.torch import save_file
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"vectors": emb.vectors.contiguous()}, str(path),
+    write_safetensors({"vectors": emb.vectors.contiguous()}, str(path),
               metadata={"encoder": emb.encoder, "prompts": json.dumps(emb.prompts)})
 
 
