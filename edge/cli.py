@@ -46,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="config path the service reads (copied from the packaged default if missing)")
     inst.add_argument("--user", default="drywallqa", help="service user (created with useradd when missing)")
     inst.add_argument("--exec", dest="exec_path", default=None,
-                      help="drywallqa executable (default: the one running this command)")
+                      help="the drywallqa (or python) the unit runs; `edge run` (or `-m drywallqa.edge run`) is "
+                           "added to a bare program; a full command is used as given (default: this "
+                           "environment's drywallqa)")
     inst.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
     inst.add_argument("--no-enable", action="store_true", help="do not run systemctl daemon-reload/enable")
     inst.set_defaults(func=_cmd_install)

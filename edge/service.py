@@ -41,6 +41,21 @@ def default_exec() -> str:
     return f"{python} -m drywallqa.edge run"
 
 
+def exec_command(exec_path: str | None) -> str:
+    """The unit's command. A bare program gets what runs the edge added: `--exec /opt/dq/bin/drywallqa` means
+    `/opt/dq/bin/drywallqa edge run` (a unit running the bare program would only print its usage and fail)."""
+    if not exec_path:
+        return default_exec()
+    if len(exec_path.split()) > 1:
+        return exec_path
+    name = Path(exec_path).name
+    if name == "drywallqa":
+        return f"{exec_path} edge run"
+    if name.startswith("python"):
+        return f"{exec_path} -m drywallqa.edge run"
+    return exec_path
+
+
 PROTECTED_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
 
 
@@ -73,7 +88,7 @@ def _under(prefix: Path, path: Path) -> Path:
 def install_service(*, prefix: Path = Path("/"), config: Path = Path("/etc/drywallqa/edge.yaml"),
                     user: str = "drywallqa", exec_path: str | None = None, dry_run: bool = False,
                     enable: bool = True) -> int:
-    exec_cmd = exec_path or default_exec()
+    exec_cmd = exec_command(exec_path)
     unit = render_unit(exec_cmd, config, user)
     if hidden_by_protect_home(exec_cmd):
         print(f"warning: {exec_cmd.split()[0]} is under /home, /root or /run/user, which the unit hides "
