@@ -71,6 +71,27 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0 (how many entries to list)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _cache_size(text: str) -> int:
+    """A cache size in pixels: 1 to MAX_CACHE_SIZE (a 100000px cache would be a 270 GB file)."""
+    from drywallqa.train.data.cache import MAX_CACHE_SIZE
+
+    value = positive_int(text)
+    if value > MAX_CACHE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_CACHE_SIZE} pixels, got {value}")
+    return value
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="prepare datasets: masks, grouped split, training caches",
                           description="Dataset preparation (YOLO polygons/boxes, COCO JSON incl. RLE).")
@@ -79,7 +100,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", default=None, help="data config (default: configs/data.yaml)")
         p.add_argument("--split-file", type=_path, default=None,
-                       help="where to write the split (default: split.file in the config, configs/split.json)")
+                       help="where to write the split (default: split.file in the config; without it split.json "
+                            "beside a config named data.yaml, else <config name>.split.json beside the config)")
 
     prep = dsub.add_parser(
         "prepare", help="rasterise masks, write the split and the per-size caches",
@@ -88,11 +110,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                     "<out>/<size>/ (images.npy, masks.npy, meta.json, info.json). Malformed label lines and "
                     "unreadable images are reported by file (and line) and skipped.")
     common(prep)
-    prep.add_argument("--sizes", type=int, nargs="+", default=[512, 384], metavar="S",
-                      help="square cache sizes in pixels (default: 512 384)")
+    prep.add_argument("--sizes", type=_cache_size, nargs="+", default=[512, 384], metavar="S",
+                      help="square cache sizes in pixels, 1 to 4096 (default: 512 384)")
     prep.add_argument("--out", type=_path, default=None, help="cache folder (default: cache/ in the project)")
-    prep.add_argument("--workers", type=int, default=2, help="decode threads (default: 2)")
-    prep.add_argument("--list", type=int, default=20, help="how many skipped files/issues to list (default: 20)")
+    prep.add_argument("--workers", type=positive_int, default=2, help="decode threads (default: 2)")
+    prep.add_argument("--list", type=_count, default=20, help="how many skipped files/issues to list (default: 20)")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(handler=_cmd_data_prepare)
 
@@ -226,10 +248,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [InvalidModelError, UnknownPromptError, ImageReadError, MaskContractError,
                                          FileNotFoundError, ReportWriteError, OutputDirError]
     try:
-        from drywallqa.train.data.prepare import DataConfigError
-        from drywallqa.train.data.split import SplitFileError
+        from drywallqa.train.data.errors import DataError  # DataConfigError, SplitFileError, cache problems
 
-        errors += [DataConfigError, SplitFileError]
+        errors.append(DataError)
     except ImportError:
         pass
     try:  # needs torch: absent on an edge-only install

@@ -72,10 +72,13 @@ def make_coco_dataset(root: Path, images: dict[str, list[dict]], h: int = 40, w:
     return root
 
 
-def write_data_config(path: Path, datasets: list[dict], split_file: Path, box_strategy: str = "filled_box",
+def write_data_config(path: Path, datasets: list[dict], split_file: Path | None, box_strategy: str = "filled_box",
                       val_fraction: float = 0.5) -> Path:
-    cfg = {"datasets": datasets, "box_strategy": box_strategy,
-           "split": {"file": str(split_file), "val_fraction": val_fraction, "seed": 0}}
+    """A data config; split_file None leaves split.file out (the default beside the config applies)."""
+    split: dict = {"val_fraction": val_fraction, "seed": 0}
+    if split_file is not None:
+        split["file"] = str(split_file)
+    cfg = {"datasets": datasets, "box_strategy": box_strategy, "split": split}
     path.write_text(yaml.safe_dump(cfg))
     return path
 

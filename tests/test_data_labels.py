@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from _foundation_fixtures import make_coco_dataset, make_yolo_dataset
+from _foundation_fixtures import make_coco_dataset, make_yolo_dataset, write_data_config
 
 from drywallqa.train.data import coco
 from drywallqa.train.data.labels import BOX_MASK_STRATEGIES, parse_yolo_line, rasterize, read_yolo_labels
-from drywallqa.train.data.prepare import labels_for, load_labelled
+from drywallqa.train.data.prepare import collect_records, labels_for, load_labelled, load_setup
 from drywallqa.train.data.sources import DatasetSpec, yolo_records
 
 H, W = 8, 10
@@ -55,6 +55,68 @@ def test_yolo_malformed_lines_reported_by_file_and_line(tmp_path):
     assert "malformed label line" in str(parsed.issues[0])
     missing = read_yolo_labels(tmp_path / "none.txt", W, H)
     assert missing.issues and "label file missing" in missing.issues[0].reason
+
+
+def _load_one(tmp_path, lines: list[str]):
+    """The one image of a fresh single-class YOLO dataset with these label lines, through `load_labelled`."""
+    make_yolo_dataset(tmp_path / "y", ["img"], h=H, w=W, lines={"img": lines})
+    return load_labelled(yolo_records(DatasetSpec("y", tmp_path / "y", ("train",), "yolo", "crack"))[0], "yolo",
+                         "filled_box")
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("0 320 240 64 32", "outside [0, 1]"),  # pixels, not normalised
+    ("0 0.5 0.5 1e300 1e300", "outside [0, 1]"),  # was a 100 % mask
+    ("0 0.1 0.1 1.5 0.1 0.9 0.9", "outside [0, 1]"),
+    ("7 0.5 0.5 0.2 0.2", "class id 7 is not one of this dataset's class ids [0]"),
+    ("-3 0.5 0.5 0.2 0.2", "class id -3.0 is not a whole number >= 0"),
+    ("0.9 0.5 0.5 0.2 0.2", "class id 0.9 is not a whole number >= 0"),
+    ("inf 0.5 0.5 0.2 0.2", "class id inf is not a whole number >= 0"),  # was an OverflowError
+    ("nan 0.5 0.5 0.2 0.2", "class id nan is not a whole number >= 0"),
+])
+def test_bad_label_line_is_rejected_and_its_image_skipped_not_kept_as_negative(tmp_path, line, reason):
+    ex = _load_one(tmp_path, [line])
+    assert ex.skipped is not None and "no usable label (1 rejected" in ex.skipped and ex.mask is None
+    assert len(ex.labels.issues) == 1 and reason in ex.labels.issues[0].reason
+    assert ex.labels.issues[0].line == 1 and not ex.labels.objects
+
+
+def test_coordinates_just_outside_the_image_are_clipped(tmp_path):
+    ex = _load_one(tmp_path, ["0 0.5 0.5 1.0004 0.375", "0 -0.0005 0.5 1.0005 0.5 1 1 0 1"])
+    assert ex.skipped is None and not ex.labels.issues
+    expected = np.zeros((H, W), np.uint8)
+    expected[2:, :] = 255  # the box: rows 2..4 (y 2.5..5.5 px); the polygon: rows 4..7 (y 4..8 px)
+    np.testing.assert_array_equal(ex.mask, expected)
+
+
+def test_empty_label_file_is_a_negative_and_a_bom_does_not_spoil_line_one(tmp_path):
+    ex = _load_one(tmp_path / "a", [""])
+    assert ex.skipped is None and not ex.labels.issues and not ex.mask.any()
+    make_yolo_dataset(tmp_path / "b", ["img"], h=H, w=W)
+    (tmp_path / "b" / "train" / "labels" / "img.txt").write_text("\ufeff0 0.4 0.3125 0.4 0.375\n", encoding="utf-8")
+    rec = yolo_records(DatasetSpec("b", tmp_path / "b", ("train",), "yolo", "crack"))[0]
+    ex = load_labelled(rec, "yolo", "filled_box")
+    assert not ex.labels.issues
+    np.testing.assert_array_equal(ex.mask, EXPECTED_RECT)
+
+
+def test_class_ids_from_the_data_config(tmp_path):
+    make_yolo_dataset(tmp_path / "y", ["a", "b"], h=H, w=W,
+                      lines={"a": ["3 0.4 0.3125 0.4 0.375"], "b": ["0 0.4 0.3125 0.4 0.375"]})
+    cfg = write_data_config(tmp_path / "d.yaml", [{"name": "y", "root": str(tmp_path / "y"), "class": "crack",
+                                                   "class_ids": [3]}], tmp_path / "s.json")
+    a, b = (load_labelled(r, "yolo", "filled_box") for r in collect_records(load_setup(cfg))["y"])
+    np.testing.assert_array_equal(a.mask, EXPECTED_RECT)
+    assert b.skipped is not None and "class id 0 is not one of this dataset's class ids [3]" in b.labels.issues[0].reason
+
+
+def test_coco_first_annotation_malformed_keeps_the_image(tmp_path):
+    make_coco_dataset(tmp_path, {"a.jpg": [{"segmentation": [[1, 2, 3]]}, {"bbox": [1, 1, 5, 5]},
+                                           {"bbox": [1, 1, 5, 5], "category_id": 0.9}]})
+    ex = load_labelled(coco.coco_records(DatasetSpec("c", tmp_path, ("train",), "coco", "crack"))[0], "coco",
+                       "filled_box")
+    assert ex.skipped is None and len(ex.labels.objects) == 1  # annotation index 0 is not 'file missing'
+    assert [i.line for i in ex.labels.issues] == [0, 2] and "class id 0.9" in ex.labels.issues[1].reason
 
 
 # --- COCO ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import pytest
 from _foundation_fixtures import REAL_DATA, needs_real_data
 
+from drywallqa.cli import main
 from drywallqa.paths import PROJECT_ROOT
 from drywallqa.train.data.split import (
     base_name,
@@ -23,6 +24,28 @@ def test_base_name_roboflow_and_plain():
     assert base_name("IMG_1_resized_jpg.rf.abc123.jpg") == "IMG_1_resized"
     assert base_name("IMG-2.PNG.rf.00ff.png") == "IMG-2.PNG.rf.00ff"  # not the Roboflow pattern: own base
     assert base_name("wall_photo.jpg") == "wall_photo"
+
+
+H32 = "4edd530c932ebb7dfab4bde007222ad3"
+
+
+@pytest.mark.parametrize("name", [f"IMG_0002_{ext}.rf.{H32}.jpg" for ext in
+                                  ("jpg", "HEIC", "tif", "tiff", "jfif", "avif", "png", "jp2")]
+                         + [f"IMG_0002_jpg.rf.{H32}_jpg.rf.0a1b2c.jpg", f"IMG_0002_png.rf.{H32}_jpg.rf.0a_jpg.rf.1b.jpg"])
+def test_base_name_strips_any_roboflow_suffix_repeatedly(name):
+    assert base_name(name) == "IMG_0002"
+
+
+def test_variants_of_other_formats_and_re_exports_stay_on_one_side():
+    exts = ("jpg", "HEIC", "tif", "tiff", "jfif", "avif")
+    names = [f"p{b:03d}_{ext}.rf.{v:02x}{b:04x}.jpg" for b in range(100) for v, ext in enumerate(exts)]
+    names += [f"p{b:03d}_jpg.rf.aa{b:04x}_jpg.rf.bb{b:04x}.jpg" for b in range(100)]
+    split = grouped_split("ds", names, 0.3, seed=0)
+    sides: dict[str, set[str]] = {}
+    for name, side in split.items():
+        sides.setdefault(name[:4], set()).add(side)  # 'p007': the photo, read without base_name
+    assert len(sides) == 100 and all(len(s) == 1 for s in sides.values())
+    assert split_sizes({"ds": split})["ds"]["train_bases"] + split_sizes({"ds": split})["ds"]["val_bases"] == 100
 
 
 def test_synthetic_variants_stay_together_and_split_is_deterministic():
@@ -78,3 +101,13 @@ def test_committed_split_file_has_no_leak():
     split = read_split(path)
     assert leaked_bases(split) == {}
     assert all(side in ("train", "val") for files in split.values() for side in files.values())
+
+
+@needs_real_data
+@pytest.mark.shared_data
+def test_data_split_reproduces_the_committed_split_exactly(tmp_path):
+    committed = PROJECT_ROOT / "configs" / "split.json"
+    if not committed.is_file():
+        pytest.skip(f"{committed} not written yet (run `drywallqa data split`)")
+    assert main(["data", "split", "--split-file", str(tmp_path / "split.json")]) == 0
+    assert (tmp_path / "split.json").read_bytes() == committed.read_bytes()

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from drywallqa.train.data.labels import LabelIssue, LabelObject, ParsedLabels
-from drywallqa.train.data.sources import IMAGE_SUFFIXES, DatasetSpec, ImageRecord
+from drywallqa.train.data.errors import DataError
+from drywallqa.train.data.labels import LabelIssue, LabelObject, ParsedLabels, parse_class_id
+from drywallqa.train.data.sources import DatasetSpec, ImageRecord, image_files
 
 COCO_ANNOTATION_NAMES = ("_annotations.coco.json", "annotations.json")
 
@@ -103,7 +104,7 @@ class CocoFile:
 
 def parse_annotation(ann: dict, height: int, width: int) -> list[LabelObject]:
     """One COCO annotation -> objects (a polygon annotation may hold several parts)."""
-    class_id = int(ann.get("category_id", 0))
+    class_id = parse_class_id(float(ann.get("category_id", 0)))
     seg = ann.get("segmentation")
     if isinstance(seg, list) and seg:
         objects = []
@@ -129,15 +130,27 @@ def parse_annotation(ann: dict, height: int, width: int) -> list[LabelObject]:
     raise ValueError("annotation has neither segmentation nor bbox")
 
 
+def _image_entry(im: dict) -> dict:
+    """An 'images' entry with the fields this reader uses; KeyError, TypeError or ValueError otherwise."""
+    int(im["height"]) + int(im["width"])
+    if not isinstance(im["file_name"], str):
+        raise TypeError(f"file_name must be a string, got {im['file_name']!r}")
+    return im
+
+
 def read_coco(path: str | Path) -> CocoFile:
-    """Parse a COCO JSON file; bad annotations are reported (file and annotation index) and skipped."""
+    """Parse a COCO JSON file; bad annotations are reported (file and annotation index) and skipped.
+
+    A file that is not COCO JSON (truncated, no 'images' table, an image without id, file_name, height and
+    width) raises DataError naming the file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        images = {int(im["id"]): im for im in data["images"]}
-        annotations = data.get("annotations", [])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"cannot read COCO annotations {path}: {exc}") from exc
+        images = {int(im["id"]): _image_entry(im) for im in data["images"]}
+        annotations = list(data.get("annotations", []))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"cannot read COCO annotations {path}: {type(exc).__name__}: {exc}; fix or re-export "
+                        f"the file") from exc
     out = CocoFile(path)
     for im in images.values():
         out.images[im["file_name"]] = im
@@ -145,14 +158,14 @@ def read_coco(path: str | Path) -> CocoFile:
     for index, ann in enumerate(annotations):
         try:
             im = images[int(ann["image_id"])]
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             image_id = ann.get("image_id") if isinstance(ann, dict) else None
             out.issues.append(LabelIssue(str(path), index, f"annotation refers to unknown image_id {image_id!r}"))
             continue
         labels = out.objects[im["file_name"]]
         try:
             labels.objects.extend(parse_annotation(ann, int(im["height"]), int(im["width"])))
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             labels.issues.append(LabelIssue(str(path), index, f"malformed annotation id={ann.get('id')}: {exc}"))
     return out
 
@@ -174,9 +187,8 @@ def coco_records(spec: DatasetSpec) -> list[ImageRecord]:
         split_dir = spec.root / split
         ann = coco_annotation_file(split_dir)
         image_dir = split_dir / "images" if (split_dir / "images").is_dir() else split_dir
-        for img in sorted(image_dir.iterdir()):
-            if img.suffix.lower() in IMAGE_SUFFIXES:
-                records.append(ImageRecord(spec.name, spec.class_name, img, ann))
+        for img in image_files(image_dir):
+            records.append(ImageRecord(spec.name, spec.class_name, img, ann))
     return records
 
 
@@ -208,10 +220,11 @@ def labels_for_image(annotation_path: str | Path, file_name: str, height: int, w
     coco = load_coco_cached(path)
     labels = coco.objects.get(file_name)
     if labels is None:
-        return ParsedLabels(issues=[LabelIssue(str(path), 0, f"image {file_name!r} is not listed in the file")])
+        return ParsedLabels(issues=[LabelIssue(str(path), 0, f"image {file_name!r} is not listed in the file",
+                                               fatal=True)])
     entry = coco.images[file_name]
     if (int(entry["height"]), int(entry["width"])) != (height, width):
         return ParsedLabels(issues=[LabelIssue(
             str(path), 0, f"image {file_name!r} is {width}x{height} but the file says "
-            f"{entry['width']}x{entry['height']}")])
+            f"{entry['width']}x{entry['height']}", fatal=True)])
     return labels

@@ -5,7 +5,8 @@ Box-to-mask strategies are pluggable (`BOX_MASK_STRATEGIES`); the shipped model 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class LabelIssue:
     path: str
     line: int
     reason: str
+    fatal: bool = False  # the image has no usable labels at all (file missing/unreadable, not listed)
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.reason}"
@@ -38,38 +40,75 @@ class ParsedLabels:
     issues: list[LabelIssue] = field(default_factory=list)
 
 
-def parse_yolo_line(values: list[float], width: int, height: int) -> LabelObject:
-    """`cls xc yc w h` is a box; `cls x1 y1 x2 y2 x3 y3 ...` (>= 3 points) is a polygon. Normalised coords."""
-    class_id = int(values[0])
-    coords = values[1:]
-    if any(not np.isfinite(c) for c in coords):
+# Normalised coordinates this far outside [0, 1] are clipped (rounding in exporters); further out is an error.
+COORD_TOLERANCE = 1e-3
+
+
+def parse_class_id(value: float, class_ids: Collection[int] | None = None) -> int:
+    """A class id: a whole number >= 0, and one of `class_ids` when given."""
+    if not math.isfinite(value) or value < 0 or not float(value).is_integer():
+        raise ValueError(f"class id {value} is not a whole number >= 0")
+    class_id = int(value)
+    if class_ids is not None and class_id not in class_ids:
+        raise ValueError(f"class id {class_id} is not one of this dataset's class ids {sorted(class_ids)} "
+                         f"(set class_ids in the data config to accept it)")
+    return class_id
+
+
+def normalised_coords(coords: list[float]) -> np.ndarray:
+    """Coordinates in [0, 1]: within COORD_TOLERANCE of it they are clipped, beyond it they are an error."""
+    values = np.asarray(coords, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
         raise ValueError("non-finite coordinate")
+    outside = values[(values < -COORD_TOLERANCE) | (values > 1 + COORD_TOLERANCE)]
+    if outside.size:
+        raise ValueError(f"coordinate {outside[0]:g} is outside [0, 1] (YOLO labels are normalised to the image "
+                         f"size, not pixels)")
+    return np.clip(values, 0.0, 1.0)
+
+
+def parse_yolo_line(values: list[float], width: int, height: int,
+                    class_ids: Collection[int] | None = None) -> LabelObject:
+    """`cls xc yc w h` is a box; `cls x1 y1 x2 y2 x3 y3 ...` (>= 3 points) is a polygon. Normalised coords.
+
+    Raises ValueError for an unknown class id (see `parse_class_id`) or coordinates outside [0, 1]."""
+    class_id = parse_class_id(values[0], class_ids)
+    coords = values[1:]
     if len(coords) == 4:
-        xc, yc, w, h = coords
+        xc, yc, w, h = normalised_coords(coords)
         if w <= 0 or h <= 0:
-            raise ValueError(f"box with non-positive size w={w} h={h}")
+            raise ValueError(f"box with non-positive size w={w:g} h={h:g}")
         box = np.array([(xc - w / 2) * width, (yc - h / 2) * height, (xc + w / 2) * width, (yc + h / 2) * height])
         return LabelObject(class_id, "box", box)
     if len(coords) >= 6 and len(coords) % 2 == 0:
-        pts = np.asarray(coords, dtype=np.float64).reshape(-1, 2) * np.array([width, height])
+        pts = normalised_coords(coords).reshape(-1, 2) * np.array([width, height])
         return LabelObject(class_id, "polygon", pts)
     raise ValueError(f"expected 4 box values or an even count >= 6 of polygon values, got {len(coords)}")
 
 
-def read_yolo_labels(path: str | Path, width: int, height: int) -> ParsedLabels:
-    """Parse a YOLO label file; malformed lines are reported (file and line) and skipped."""
+def read_yolo_labels(path: str | Path, width: int, height: int,
+                     class_ids: Collection[int] | None = None) -> ParsedLabels:
+    """Parse a YOLO label file; malformed lines are reported (file and line) and skipped.
+
+    An empty file is a genuine negative (no objects, no issues). A missing or unreadable file is a fatal issue.
+    """
     out = ParsedLabels()
     path = Path(path)
     if not path.exists():
-        out.issues.append(LabelIssue(str(path), 0, "label file missing"))
+        out.issues.append(LabelIssue(str(path), 0, "label file missing", fatal=True))
         return out
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: a BOM must not spoil line 1
+    except OSError as exc:
+        out.issues.append(LabelIssue(str(path), 0, f"cannot read label file: {exc.strerror or exc}", fatal=True))
+        return out
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line:
             continue
         try:
             values = [float(v) for v in line.split()]
-            out.objects.append(parse_yolo_line(values, width, height))
+            out.objects.append(parse_yolo_line(values, width, height, class_ids))
         except ValueError as exc:
             out.issues.append(LabelIssue(str(path), lineno, f"malformed label line ({exc}): {line[:60]!r}"))
     return out

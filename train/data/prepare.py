@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from drywallqa.imageio import ImageReadError, read_image_rgb
+from drywallqa.outdir import ensure_writable_dir
 from drywallqa.paths import PROJECT_ROOT
 from drywallqa.progress import progress_bar
 from drywallqa.train.data import coco
-from drywallqa.train.data.cache import CacheWriter, resize_pair
+from drywallqa.train.data.cache import MAX_CACHE_SIZE, CacheWriter, check_free_space, resize_pair
+from drywallqa.train.data.errors import DataConfigError, DataError
 from drywallqa.train.data.labels import (
     BOX_MASK_STRATEGIES,
     MASK_RULE,
@@ -31,20 +35,25 @@ from drywallqa.train.data.labels import (
     read_yolo_labels,
 )
 from drywallqa.train.data.sources import (
+    IMAGE_SUFFIXES,
     DatasetSpec,
     ImageRecord,
     dataset_specs,
     load_data_config,
+    orphan_labels,
     yolo_records,
 )
-from drywallqa.train.data.split import grouped_split, leaked_bases, read_split, split_sizes, write_split
+from drywallqa.train.data.split import (
+    check_split_target,
+    grouped_split,
+    leaked_bases,
+    read_split,
+    split_sizes,
+    write_split,
+)
 from drywallqa.vocab import load_vocabulary
 
 FORMATS = ("yolo", "coco")
-
-
-class DataConfigError(ValueError):
-    """configs/data.yaml holds a value that cannot work; the message names the field."""
 
 
 @dataclass
@@ -57,39 +66,104 @@ class DataSetup:
     config_path: Path
 
 
-def load_setup(config_path: str | Path | None = None) -> DataSetup:
-    """Read and validate the data config (formats, classes, box strategy, split settings)."""
-    path = Path(config_path) if config_path else PROJECT_ROOT / "configs" / "data.yaml"
-    if not path.is_file():
-        raise DataConfigError(f"data config not found: {path}")
+def _one_line(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or ' '.join(str(exc).split())}{where}"
+
+
+def _read_config(path: Path) -> dict:
+    """The config as a mapping with a 'datasets' list; DataConfigError for anything else."""
     try:
         cfg = load_data_config(path)
+    except yaml.YAMLError as exc:
+        raise DataConfigError(f"{path} is not valid YAML ({_one_line(exc)}); fix the file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataConfigError(f"cannot read the data config {path}: {exc}") from exc
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("datasets"), list):
+        raise DataConfigError(f"{path}: expected a mapping with a 'datasets' list (see configs/data.yaml)")
+    return cfg
+
+
+def _read_specs(path: Path, cfg: dict) -> list[DatasetSpec]:
+    try:
         specs = dataset_specs(cfg)
-    except (KeyError, TypeError) as exc:
-        raise DataConfigError(f"{path}: every dataset needs 'name', 'root' and 'class' ({exc!r})") from exc
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DataConfigError(f"{path}: every dataset needs 'name', 'root' and 'class' "
+                              f"({type(exc).__name__}: {exc})") from exc
+    except ValueError as exc:
+        raise DataConfigError(f"{path}: {exc}") from exc
     if not specs:
         raise DataConfigError(f"{path}: 'datasets' is empty")
+    return specs
+
+
+def _check_specs(path: Path, specs: list[DatasetSpec]) -> None:
     vocab = load_vocabulary()
+    names = [spec.name for spec in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataConfigError(f"{path}: dataset name {twice[0]!r} is used more than once; give each dataset its "
+                              f"own name")
     for spec in specs:
         if spec.format not in FORMATS:
             raise DataConfigError(f"{path}: dataset {spec.name!r}: format {spec.format!r} is not one of {FORMATS}")
         if spec.class_name not in vocab.classes:
             raise DataConfigError(f"{path}: dataset {spec.name!r}: class {spec.class_name!r} is not in the "
                                   f"vocabulary (known: {list(vocab.classes)})")
+        if spec.class_ids is not None and spec.format != "yolo":
+            raise DataConfigError(f"{path}: dataset {spec.name!r}: class_ids is read for yolo datasets only; "
+                                  f"remove it")
+
+
+def default_split_file(config_path: Path) -> Path:
+    """`split.json` beside a config named data.yaml, `<name>.split.json` beside any other config.
+
+    So the project's configs/data.yaml gives configs/split.json, and no other config shares that file."""
+    config_path = config_path.resolve()
+    name = "split.json" if config_path.stem == "data" else f"{config_path.stem}.split.json"
+    return config_path.parent / name
+
+
+def _split_file(path: Path, split: dict) -> Path:
+    if "file" not in split:
+        return default_split_file(path)
+    value = split["file"]
+    if not isinstance(value, str) or not value.strip():
+        raise DataConfigError(f"{path}: split.file must be a path, got {value!r}; give one or remove the key "
+                              f"(default: {default_split_file(path)})")
+    file = Path(value)
+    return file if file.is_absolute() else PROJECT_ROOT / file
+
+
+def _split_settings(path: Path, cfg: dict) -> tuple[Path, float, int]:
+    split = cfg.get("split")
+    split = {} if split is None else split
+    if not isinstance(split, dict):
+        raise DataConfigError(f"{path}: 'split' must be a mapping with file, val_fraction and seed, got {split!r}")
+    fraction, seed = split.get("val_fraction", 0.15), split.get("seed", 0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise DataConfigError(f"{path}: split.val_fraction must be a number in (0, 1), got {fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataConfigError(f"{path}: split.seed must be a whole number, got {seed!r}")
+    return _split_file(path, split), float(fraction), seed
+
+
+def load_setup(config_path: str | Path | None = None) -> DataSetup:
+    """Read and validate the data config (formats, classes, box strategy, split settings).
+
+    split.file, when relative, is relative to the project root like the dataset roots; without it the split
+    file is `default_split_file(config)`, so a custom config never overwrites the project's split."""
+    path = Path(config_path) if config_path else PROJECT_ROOT / "configs" / "data.yaml"
+    if not path.is_file():
+        raise DataConfigError(f"data config not found: {path}")
+    cfg = _read_config(path)
+    specs = _read_specs(path, cfg)
+    _check_specs(path, specs)
     strategy = cfg.get("box_strategy", "filled_box")
-    if strategy not in BOX_MASK_STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in BOX_MASK_STRATEGIES:
         raise DataConfigError(f"{path}: box_strategy {strategy!r} is not one of {sorted(BOX_MASK_STRATEGIES)}")
-    split = cfg.get("split") or {}
-    split_file = Path(split.get("file", "configs/split.json"))
-    if not split_file.is_absolute():
-        split_file = PROJECT_ROOT / split_file
-    try:
-        val_fraction = float(split.get("val_fraction", 0.15))
-        seed = int(split.get("seed", 0))
-    except (TypeError, ValueError) as exc:
-        raise DataConfigError(f"{path}: split.val_fraction must be a number and split.seed an integer") from exc
-    if not 0.0 < val_fraction < 1.0:
-        raise DataConfigError(f"{path}: split.val_fraction must be in (0, 1), got {val_fraction}")
+    split_file, val_fraction, seed = _split_settings(path, cfg)
     return DataSetup(specs, strategy, split_file, val_fraction, seed, path)
 
 
@@ -102,7 +176,7 @@ def records_for(spec: DatasetSpec) -> list[ImageRecord]:
 def labels_for(record: ImageRecord, fmt: str, height: int, width: int) -> ParsedLabels:
     if fmt == "coco":
         return coco.labels_for_image(record.label_path, record.image_path.name, height, width)
-    return read_yolo_labels(record.label_path, width, height)
+    return read_yolo_labels(record.label_path, width, height, record.class_ids)
 
 
 @dataclass
@@ -117,16 +191,21 @@ class Example:
 
 
 def load_labelled(record: ImageRecord, fmt: str, box_strategy: str) -> Example:
-    """Decode + rasterise one image; unreadable images and missing label files become a skip reason."""
+    """Decode + rasterise one image; unreadable images, missing label files and label files whose every
+    line was rejected become a skip reason (an empty label file is a genuine negative and is kept)."""
     try:
         image = read_image_rgb(record.image_path)
     except ImageReadError as exc:
         return Example(record, skipped=str(exc))
     h, w = image.shape[:2]
     labels = labels_for(record, fmt, h, w)
-    missing = [i for i in labels.issues if i.line == 0]
-    if missing:
-        return Example(record, labels=labels, skipped=f"{record.image_path}: {missing[0].reason} ({missing[0].path})")
+    fatal = [i for i in labels.issues if i.fatal]
+    if fatal:
+        return Example(record, labels=labels, skipped=f"{record.image_path}: {fatal[0].reason} ({fatal[0].path})")
+    if labels.issues and not labels.objects:
+        return Example(record, labels=labels, skipped=f"{record.image_path}: no usable label ({len(labels.issues)} "
+                       f"rejected, see the label issues); fix {record.label_path} (an empty label file marks an "
+                       f"image with nothing to find)")
     try:
         mask = rasterize(labels.objects, h, w, box_strategy)
     except ValueError as exc:
@@ -158,6 +237,13 @@ def fingerprint(records: dict[str, list[ImageRecord]], box_strategy: str) -> str
     return h.hexdigest()[:16]
 
 
+def _listed(title: str, items: list, max_listed: int) -> list[str]:
+    lines = [f"  {title}: {len(items)}", *(f"    {i}" for i in items[:max_listed])]
+    if len(items) > max_listed:
+        lines.append(f"    ... and {len(items) - max_listed} more")
+    return lines
+
+
 @dataclass
 class PrepareSummary:
     images: Counter = field(default_factory=Counter)  # dataset -> images kept
@@ -165,6 +251,7 @@ class PrepareSummary:
     coverage: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # class -> per-image
     skipped: list[str] = field(default_factory=list)
     issues: list[LabelIssue] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # label files with no image
     split: dict[str, dict[str, int]] = field(default_factory=dict)
     caches: dict[int, str] = field(default_factory=dict)
     split_file: str = ""
@@ -179,6 +266,7 @@ class PrepareSummary:
                               for c, v in self.coverage.items() if v},
             "skipped": self.skipped,
             "label_issues": [str(i) for i in self.issues],
+            "orphan_labels": self.orphans,
             "split": self.split,
             "split_file": self.split_file,
             "caches": {str(k): v for k, v in self.caches.items()},
@@ -200,32 +288,73 @@ class PrepareSummary:
         for size, path in d["caches"].items():
             lines.append(f"  cache {size}: {path}")
         lines.append(f"  data fingerprint: {self.fingerprint}")
-        lines.append(f"  skipped files: {len(self.skipped)}")
-        lines += [f"    {s}" for s in self.skipped[:max_listed]]
-        if len(self.skipped) > max_listed:
-            lines.append(f"    ... and {len(self.skipped) - max_listed} more")
-        lines.append(f"  label issues (line skipped): {len(self.issues)}")
-        lines += [f"    {i}" for i in self.issues[:max_listed]]
-        if len(self.issues) > max_listed:
-            lines.append(f"    ... and {len(self.issues) - max_listed} more")
+        lines += _listed("skipped files", self.skipped, max_listed)
+        lines += _listed("label issues (line skipped)", [str(i) for i in self.issues], max_listed)
+        lines += _listed("label files without an image (ignored)", self.orphans, max_listed)
         return "\n".join(lines)
 
 
 def collect_records(setup: DataSetup) -> dict[str, list[ImageRecord]]:
-    out = {}
+    out: dict[str, list[ImageRecord]] = {}
     for spec in setup.specs:
+        if spec.name in out:
+            raise DataConfigError(f"{setup.config_path}: dataset name {spec.name!r} is used more than once; give "
+                                  f"each dataset its own name")
         try:
             out[spec.name] = records_for(spec)
-        except FileNotFoundError as exc:
-            raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r}: {exc}") from exc
+        except OSError as exc:
+            raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r}: {exc}; check its 'root' and "
+                                  f"'splits'") from exc
     return out
+
+
+def image_folders(spec: DatasetSpec) -> list[Path]:
+    """The folders `records_for` reads a dataset's images from."""
+    folders = []
+    for split in spec.splits:
+        split_dir = spec.root / split
+        use_split_dir = spec.format == "coco" and not (split_dir / "images").is_dir()
+        folders.append(split_dir if use_split_dir else split_dir / "images")
+    return folders
+
+
+def require_images(setup: DataSetup, records: dict[str, list[ImageRecord]]) -> None:
+    """Every configured dataset must have at least one image: an empty one is a wrong path, not a dataset."""
+    for spec in setup.specs:
+        if not records[spec.name]:
+            folders = ", ".join(str(f) for f in image_folders(spec))
+            raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r} has no images in {folders} "
+                                  f"(looked for {' '.join(IMAGE_SUFFIXES)}); put its images there or fix "
+                                  f"'root'/'splits'")
+
+
+def require_label_folders(setup: DataSetup) -> None:
+    """A YOLO dataset without its labels/ folder would turn every image into a skip: stop before any work."""
+    for spec in setup.specs:
+        for split in spec.splits if spec.format == "yolo" else ():
+            label_dir = spec.root / split / "labels"
+            if not label_dir.is_dir():
+                raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r}: no label folder {label_dir} "
+                                      f"(YOLO labels go in <root>/<split>/labels/<image name>.txt)")
+
+
+def unassigned_images(split: dict[str, dict[str, str]], records: dict[str, list[ImageRecord]]) -> int:
+    """How many images on disk the split file does not list (on neither side)."""
+    return sum(r.image_path.name not in split.get(ds, {}) for ds, recs in records.items() for r in recs)
+
+
+def warn_unassigned(count: int, split_file: Path) -> None:
+    if count:
+        print(f"drywallqa: warning: {count} images are not in {split_file} and are left out of both sides; run "
+              f"`drywallqa data split` to assign them", file=sys.stderr)
 
 
 def write_split_file(setup: DataSetup, split_file: Path | None = None) -> tuple[Path, dict[str, dict[str, int]]]:
     """`drywallqa data split`: (re)write the grouped split file only."""
+    target = check_split_target(split_file or setup.split_file)
     records = collect_records(setup)
+    require_images(setup, records)
     split = build_split(setup, records)
-    target = split_file or setup.split_file
     write_split(target, split, setup.seed, setup.val_fraction)
     return target, split_sizes(split)
 
@@ -249,6 +378,85 @@ def _iter_examples(items: list[tuple[ImageRecord, str]], box_strategy: str, work
                 nxt += 1
 
 
+def check_sizes(sizes: list[int]) -> None:
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_CACHE_SIZE for s in sizes):
+        raise DataConfigError(f"--sizes must be whole numbers from 1 to {MAX_CACHE_SIZE} pixels, got {sizes}")
+
+
+def coco_file_issues(setup: DataSetup, records: dict[str, list[ImageRecord]]) -> list[LabelIssue]:
+    """Reads every COCO file once up front (DataError for one that is not COCO JSON) and returns the problems
+    not tied to one image (e.g. an annotation of an unknown image_id)."""
+    issues: list[LabelIssue] = []
+    for spec in setup.specs:
+        if spec.format == "coco":
+            for ann_file in sorted({r.label_path for r in records[spec.name]}):
+                issues += coco.load_coco_cached(ann_file).issues
+    return issues
+
+
+def require_kept(setup: DataSetup, records: dict[str, list[ImageRecord]], summary: PrepareSummary,
+                 first_skip: dict[str, str]) -> None:
+    """A dataset whose every image was skipped is an error, even when the others are fine: training on it
+    would silently drop its class. The caches are not touched (the caller aborts them)."""
+    for spec in setup.specs:
+        if summary.images[spec.name] == 0:
+            raise DataError(f"dataset {spec.name!r}: none of its {len(records[spec.name])} images could be used "
+                            f"(first: {first_skip.get(spec.name, 'no reason recorded')}); fix its labels/images or "
+                            f"remove it from {setup.config_path}. Nothing was written")
+
+
+def _add_example(ex: Example, summary: PrepareSummary, first_skip: dict[str, str]) -> bool:
+    """Count one example in the summary; True when it goes into the caches."""
+    rec = ex.record
+    summary.issues += [i for i in ex.labels.issues if not i.fatal]
+    if ex.skipped is not None:
+        summary.skipped.append(ex.skipped)
+        first_skip.setdefault(rec.dataset, ex.skipped)
+        return False
+    assert ex.image is not None and ex.mask is not None
+    summary.images[rec.dataset] += 1
+    for obj in ex.labels.objects:
+        summary.objects[rec.dataset][obj.kind] += 1
+    summary.coverage[rec.class_name].append(float(np.count_nonzero(ex.mask)) / ex.mask.size)
+    return True
+
+
+def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split: dict[str, dict[str, str]],
+                  sizes: list[int], out_dir: Path, summary: PrepareSummary, workers: int, progress: bool) -> None:
+    """Decode, rasterise and cache every image; on any failure every work folder is removed, old caches kept."""
+    vocab = load_vocabulary()
+    fmt_of = {s.name: s.format for s in setup.specs}
+    items = [(r, fmt_of[ds]) for ds in records for r in records[ds]]
+    writers: dict[int, CacheWriter] = {}
+    meta: list[dict] = []
+    first_skip: dict[str, str] = {}
+    try:
+        for size in sorted(set(sizes)):
+            writers[size] = CacheWriter(out_dir, size, len(items))
+        bar = progress_bar(len(items), "prepare", progress)
+        for ex in _iter_examples(items, setup.box_strategy, workers):
+            bar.update(1)
+            if not _add_example(ex, summary, first_skip):
+                continue
+            assert ex.image is not None and ex.mask is not None
+            for size, writer in writers.items():
+                writer.put(*resize_pair(ex.image, ex.mask, size))
+            rec = ex.record
+            meta.append({"id": rec.image_id, "dataset": rec.dataset, "class": vocab.class_index(rec.class_name),
+                         "class_name": rec.class_name, "split": split[rec.dataset][rec.image_path.name],
+                         "file": rec.image_path.name})
+        bar.close()
+        require_kept(setup, records, summary, first_skip)
+        info = {"classes": list(vocab.classes), "box_strategy": setup.box_strategy, "mask_values": [0, 1],
+                "fingerprint": summary.fingerprint, "split_file": summary.split_file}
+        for size, writer in writers.items():
+            summary.caches[size] = str(writer.finish(meta, info))
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+
 def prepare(
     setup: DataSetup,
     sizes: list[int],
@@ -257,55 +465,24 @@ def prepare(
     workers: int = 2,
     progress: bool = True,
 ) -> PrepareSummary:
-    """Rasterise, split and cache every configured dataset; returns the summary (also written as JSON)."""
-    if not sizes or any(s <= 0 for s in sizes):
-        raise DataConfigError(f"--sizes must be positive integers, got {sizes}")
-    vocab = load_vocabulary()
-    records = collect_records(setup)
-    split = build_split(setup, records)
-    target = split_file or setup.split_file
-    write_split(target, split, setup.seed, setup.val_fraction)
+    """Rasterise, split and cache every configured dataset; returns the summary (also written as JSON).
 
+    Everything that can be checked is checked before any writing (data folders, COCO files, output folder,
+    split file, free space); the split file is written only after every cache was published."""
+    check_sizes(sizes)
+    out_dir = ensure_writable_dir(out_dir)
+    target = check_split_target(split_file or setup.split_file)
+    records = collect_records(setup)
+    require_images(setup, records)
+    require_label_folders(setup)
+    split = build_split(setup, records)
     summary = PrepareSummary(split=split_sizes(split), split_file=str(target),
                              fingerprint=fingerprint(records, setup.box_strategy))
-    for spec in setup.specs:  # COCO problems not tied to one image (e.g. unknown image_id)
-        if spec.format == "coco":
-            for ann_file in sorted({r.label_path for r in records[spec.name]}):
-                summary.issues += coco.load_coco_cached(ann_file).issues
-    fmt_of = {s.name: s.format for s in setup.specs}
-    items = [(r, fmt_of[ds]) for ds in records for r in records[ds]]
-    out_dir = Path(out_dir)
-    writers = {s: CacheWriter(out_dir, s, len(items)) for s in sorted(set(sizes))}
-    meta: list[dict] = []
-    try:
-        bar = progress_bar(len(items), "prepare", progress)
-        for ex in _iter_examples(items, setup.box_strategy, workers):
-            bar.update(1)
-            rec = ex.record
-            summary.issues += [i for i in ex.labels.issues if i.line != 0]
-            if ex.skipped is not None:
-                summary.skipped.append(ex.skipped)
-                continue
-            assert ex.image is not None and ex.mask is not None
-            summary.images[rec.dataset] += 1
-            for obj in ex.labels.objects:
-                summary.objects[rec.dataset][obj.kind] += 1
-            summary.coverage[rec.class_name].append(float(np.count_nonzero(ex.mask)) / ex.mask.size)
-            for size, writer in writers.items():
-                writer.put(*resize_pair(ex.image, ex.mask, size))
-            meta.append({"id": rec.image_id, "dataset": rec.dataset, "class": vocab.class_index(rec.class_name),
-                         "class_name": rec.class_name, "split": split[rec.dataset][rec.image_path.name],
-                         "file": rec.image_path.name})
-        bar.close()
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    info = {"classes": list(vocab.classes), "box_strategy": setup.box_strategy, "mask_values": [0, 1],
-            "fingerprint": summary.fingerprint, "split_file": str(target)}
-    for size, writer in writers.items():
-        summary.caches[size] = str(writer.finish(meta, info))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    summary.issues += coco_file_issues(setup, records)
+    summary.orphans = [str(p) for spec in setup.specs if spec.format == "yolo" for p in orphan_labels(spec)]
+    check_free_space(out_dir, sum(map(len, records.values())), sizes)
+    _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
+    write_split(target, split, setup.seed, setup.val_fraction)
     (out_dir / "prepare_summary.json").write_text(json.dumps(summary.as_dict(), indent=1) + "\n", encoding="utf-8")
     return summary
 
@@ -314,9 +491,11 @@ def records_in_split(setup: DataSetup, side: str, skip_missing: bool = False) ->
     """Each dataset's records on one side ('train' or 'val') of the split file (computed if it is absent).
 
     The one way every consumer (training pack, INT8 calibration, evaluation scripts) picks a split side.
+    Images the split file does not list are on neither side; their count is reported on stderr.
     """
     specs = [s for s in setup.specs if s.root.is_dir()] if skip_missing else setup.specs
     records = collect_records(DataSetup(specs, setup.box_strategy, setup.split_file, setup.val_fraction,
                                         setup.seed, setup.config_path))
     split = read_split(setup.split_file) if setup.split_file.is_file() else build_split(setup, records)
+    warn_unassigned(unassigned_images(split, records), setup.split_file)
     return {ds: [r for r in recs if split.get(ds, {}).get(r.image_path.name) == side] for ds, recs in records.items()}

@@ -7,9 +7,14 @@ from pathlib import Path
 
 import yaml
 
+from drywallqa.imageio import IMAGE_SUFFIXES  # one list of image endings for predict, edge and the data code
 from drywallqa.paths import PROJECT_ROOT
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+__all__ = ["IMAGE_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "DatasetSpec", "ImageRecord", "load_data_config",
+           "dataset_specs", "image_files", "yolo_records", "orphan_labels"]
+
+# A YOLO export of one class numbers it 0; a dataset's `class_ids` in the data config overrides this.
+DEFAULT_YOLO_CLASS_IDS = (0,)
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,7 @@ class DatasetSpec:
     splits: tuple[str, ...]
     format: str
     class_name: str
+    class_ids: tuple[int, ...] | None = None  # label class ids that mean `class_name`; None: the format's default
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class ImageRecord:
     class_name: str
     image_path: Path
     label_path: Path
+    class_ids: tuple[int, ...] | None = None  # accepted label class ids; None: any
 
     @property
     def image_id(self) -> str:
@@ -38,6 +45,15 @@ def load_data_config(path: str | Path | None = None) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+def _class_ids(value: object) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ValueError(f"class_ids must be a list of whole numbers >= 0, got {value!r}")
+    return tuple(value)
+
+
 def dataset_specs(config: dict, root: Path | None = None) -> list[DatasetSpec]:
     root = root or PROJECT_ROOT
     specs = []
@@ -45,19 +61,39 @@ def dataset_specs(config: dict, root: Path | None = None) -> list[DatasetSpec]:
         ds_root = Path(d["root"])
         if not ds_root.is_absolute():
             ds_root = (root / ds_root).resolve()
-        specs.append(DatasetSpec(d["name"], ds_root, tuple(d.get("splits", ["train"])), d.get("format", "yolo"),
-                                 d["class"]))
+        splits = d.get("splits", ["train"])
+        splits = (splits,) if isinstance(splits, str) else tuple(splits)
+        specs.append(DatasetSpec(d["name"], ds_root, splits, d.get("format", "yolo"), d["class"],
+                                 _class_ids(d.get("class_ids"))))
     return specs
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Sorted image files of a folder (endings as `drywallqa.imageio.IMAGE_SUFFIXES`, any case)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def yolo_records(spec: DatasetSpec) -> list[ImageRecord]:
+    """One record per image of `<root>/<split>/images/`; its label is `<root>/<split>/labels/<stem>.txt`."""
     records = []
+    class_ids = spec.class_ids or DEFAULT_YOLO_CLASS_IDS
     for split in spec.splits:
         image_dir = spec.root / split / "images"
         label_dir = spec.root / split / "labels"
         if not image_dir.is_dir():
-            raise FileNotFoundError(f"dataset {spec.name!r}: no image folder {image_dir}")
-        for img in sorted(image_dir.iterdir()):
-            if img.suffix.lower() in IMAGE_SUFFIXES:
-                records.append(ImageRecord(spec.name, spec.class_name, img, label_dir / f"{img.stem}.txt"))
+            raise FileNotFoundError(f"no image folder {image_dir}")
+        for img in image_files(image_dir):
+            records.append(ImageRecord(spec.name, spec.class_name, img, label_dir / f"{img.stem}.txt", class_ids))
     return records
+
+
+def orphan_labels(spec: DatasetSpec) -> list[Path]:
+    """YOLO label files with no image of the same stem (a renamed or deleted image, a wrong suffix)."""
+    orphans = []
+    for split in spec.splits:
+        image_dir, label_dir = spec.root / split / "images", spec.root / split / "labels"
+        if not (image_dir.is_dir() and label_dir.is_dir()):
+            continue
+        stems = {p.stem for p in image_files(image_dir)}
+        orphans += sorted(p for p in label_dir.glob("*.txt") if p.stem not in stems)
+    return orphans

@@ -1,25 +1,33 @@
 """Deterministic train/validation split grouped by base photo.
 
-Roboflow names every augmented variant of one photo `<base>_jpg.rf.<hash>.jpg`; all variants of a base
-land on the same side, so validation measures skill, not memory.
+Roboflow names every augmented variant of one photo `<base>_<ext>.rf.<hash>.<ext>` (`_jpg`, `_png`, `_HEIC`,
+`_tif`, ...; a re-exported variant gets a second `_<ext>.rf.<hash>`); all variants of a base land on the same
+side, so validation measures skill, not memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
-_RF = re.compile(r"^(?P<base>.+?)_(?:jpg|jpeg|png|bmp|webp)\.rf\.[0-9a-f]+$", re.IGNORECASE)
+from drywallqa.train.data.errors import DataError
+
+# `<base>_<ext>.rf.<hex hash>`: the original file's extension (any letters/digits, starting with a letter).
+_RF = re.compile(r"^(?P<base>.+)_[a-z][a-z0-9]*\.rf\.[0-9a-f]+$", re.IGNORECASE)
 
 
 def base_name(filename: str) -> str:
-    """'00002_jpg.rf.4edd53.jpg' -> '00002'; names without the Roboflow suffix are their own base."""
+    """'00002_jpg.rf.4edd53.jpg' -> '00002'; names without the Roboflow suffix are their own base.
+
+    The suffix is stripped repeatedly: '00002_jpg.rf.a1_jpg.rf.b2.jpg' (a re-exported variant) -> '00002'."""
     stem = Path(filename).stem
-    match = _RF.match(stem)
-    return match.group("base") if match else stem
+    while (match := _RF.match(stem)) is not None:
+        stem = match.group("base")
+    return stem
 
 
 def _bucket(dataset: str, base: str, seed: int) -> float:
@@ -34,26 +42,64 @@ def grouped_split(dataset: str, filenames: Iterable[str], val_fraction: float = 
     return {f: ("val" if _bucket(dataset, base_name(f), seed) < val_fraction else "train") for f in filenames}
 
 
-def write_split(path: str | Path, split: dict[str, dict[str, str]], seed: int, val_fraction: float) -> None:
-    """split: dataset -> {file name -> 'train'|'val'}; written sorted so the file diffs cleanly."""
+class SplitFileError(DataError):
+    """A split file that cannot be read or written; the message names the file."""
+
+
+def split_text(split: dict[str, dict[str, str]], seed: int, val_fraction: float) -> str:
+    """The split file's content: sorted so the file diffs cleanly."""
     payload = {
         "seed": seed,
         "val_fraction": val_fraction,
         "grouping": "roboflow base photo (<base>_jpg.rf.<hash>)",
         "datasets": {ds: dict(sorted(files.items())) for ds, files in sorted(split.items())},
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    return json.dumps(payload, indent=1) + "\n"
 
 
-class SplitFileError(ValueError):
-    """A split file that is not one `write_split` wrote; the message names the file."""
+def check_split_target(path: str | Path) -> Path:
+    """Raise SplitFileError unless a split file can be written at `path` (checked before any work is done)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SplitFileError(f"split file {path} is a folder; give a file path such as {path / 'split.json'}")
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise SplitFileError(f"cannot write the split file {path}: {folder} is not a writable folder; choose "
+                             f"another --split-file")
+    return path
+
+
+def stage_split(path: str | Path, split: dict[str, dict[str, str]], seed: int, val_fraction: float) -> Path:
+    """Write the split next to `path` under a hidden name and return that; `os.replace` it into place later.
+
+    Checks the target up front: a folder, or a place that cannot be written, raises SplitFileError."""
+    path = check_split_target(path)
+    staged = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged.write_text(split_text(split, seed, val_fraction), encoding="utf-8")
+    except OSError as exc:
+        if staged.parent.is_dir():
+            staged.unlink(missing_ok=True)
+        raise SplitFileError(f"cannot write the split file {path}: {exc.strerror or exc}; choose another "
+                             f"--split-file or make its folder writable") from exc
+    return staged
+
+
+def write_split(path: str | Path, split: dict[str, dict[str, str]], seed: int, val_fraction: float) -> None:
+    """split: dataset -> {file name -> 'train'|'val'}; replaced atomically, never left half-written."""
+    os.replace(stage_split(path, split, seed, val_fraction), path)
 
 
 def read_split(path: str | Path) -> dict[str, dict[str, str]]:
     """dataset -> {file name -> 'train'|'val'}, from a file `write_split` wrote."""
     try:
-        datasets = json.loads(Path(path).read_text(encoding="utf-8"))["datasets"]
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise SplitFileError(f"cannot read the split file {path}: {exc.strerror or exc}; run `drywallqa data "
+                             f"split` to write it") from exc
+    try:
+        datasets = json.loads(raw.decode("utf-8"))["datasets"]
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as exc:
         raise SplitFileError(f"{path} is not a split file (JSON with a 'datasets' table, as `drywallqa data "
                              f"split` writes): {type(exc).__name__}: {exc}") from exc
