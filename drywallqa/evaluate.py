@@ -199,7 +199,13 @@ def run_eval(
     from drywallqa.edge.backends import load_backend
     from drywallqa.edge.inference import PromptSegmenter
     from drywallqa.report import gallery, to_html, to_markdown
-    from drywallqa.train.data.prepare import collect_records, load_labelled, load_setup
+    from drywallqa.train.data.prepare import (
+        collect_records,
+        load_labelled,
+        load_setup,
+        unassigned_images,
+        warn_unassigned,
+    )
     from drywallqa.train.data.split import read_split
 
     path = resolve_model(model)
@@ -210,6 +216,7 @@ def run_eval(
         raise FileNotFoundError(f"split file not found: {split_path}; run `drywallqa data split` first")
     sides = read_split(split_path)
     records = collect_records(setup)
+    warn_unassigned(unassigned_images(sides, records), split_path)  # new photos: on neither side until re-split
     chosen = []
     for spec in setup.specs:
         side = sides.get(spec.name, {})

@@ -165,6 +165,22 @@ def test_eval_with_tta_says_so_in_its_report(tmp_path, capsys):
     assert json.loads((tmp_path / "rep" / "eval.json").read_text())["model"]["flip_tta"] is True
 
 
+def test_eval_names_images_the_split_file_does_not_list(tmp_path, capsys):
+    """Photos added after the split was made are on neither side: eval says so instead of dropping them quietly."""
+    import shutil
+
+    cfg = small_project(tmp_path, n_crack=2, n_wall=2)
+    assert main(["data", "split", "--config", str(cfg)]) == 0
+    folder = tmp_path / "cracks" / "train"
+    for kind, suffix in (("images", ".jpg"), ("labels", ".txt")):
+        first = sorted((folder / kind).glob(f"*{suffix}"))[0]
+        shutil.copy(first, folder / kind / f"new_photo{suffix}")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--out", str(tmp_path / "rep"),
+                 "--quiet", "--backend", "onnxruntime", "--split", "train"]) == 0
+    assert f"1 images are not in {tmp_path / 'split.json'}" in capsys.readouterr().err
+
+
 def test_eval_without_split_file_says_what_to_run(tmp_path, capsys):
     cfg = small_project(tmp_path)
     assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--quiet"]) == 2
