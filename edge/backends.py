@@ -262,6 +262,7 @@ class OpenVINOBackend(InferenceBackend):
         device = device or os.environ.get("DRYWALLQA_OV_DEVICE", "CPU")
         precision = inference_precision or os.environ.get("DRYWALLQA_OV_PRECISION", "f32")
         core = ov.Core()
+        _check_openvino_device(core, device)
         try:
             model = core.read_model(str(model_path))
         except RuntimeError as exc:
@@ -278,7 +279,11 @@ class OpenVINOBackend(InferenceBackend):
             config[props.num_streams] = 1
             if threads:
                 config[props.inference_num_threads] = int(threads)
-        self.compiled = core.compile_model(model, device, config)
+        try:
+            self.compiled = core.compile_model(model, device, config)
+        except RuntimeError as exc:
+            raise BackendUnavailableError(f"OpenVINO cannot compile {model_path.name} for device {device}: "
+                                          f"{' '.join(str(exc).split())[-300:]}") from exc
         self.request = self.compiled.create_infer_request()
         self.device = device
         shape = ins[INPUT_NAME][1]
@@ -289,6 +294,20 @@ class OpenVINOBackend(InferenceBackend):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         result = self.request.infer({INPUT_NAME: batch})
         return np.asarray(result[self.compiled.output(OUTPUT_NAME)], dtype=np.float32)
+
+
+def _check_openvino_device(core, device: str) -> None:
+    """A device this machine lacks (an Intel GPU or NPU without its driver) is named with the ones it has,
+    instead of OpenVINO's plug-in loading error. AUTO, MULTI and HETERO choose among the devices themselves."""
+    name = device.split(":", 1)[0].split(".", 1)[0].upper()
+    if name in ("AUTO", "MULTI", "HETERO", "BATCH"):
+        return
+    available = list(core.available_devices)
+    if not any(d == device.upper() or d.split(".", 1)[0] == name for d in available):
+        raise BackendUnavailableError(
+            f"OpenVINO device {device!r} is not available here (available: {available}); an Intel GPU needs its "
+            f"compute runtime (intel-opencl-icd) and an NPU its driver; or set model.openvino_device: CPU or AUTO"
+        )
 
 
 _isa_in_force: str | None = None  # the oneDNN ISA cap this process compiled its first OpenVINO CPU model with
@@ -458,7 +477,7 @@ def auto_backend_name(model_path: str | Path) -> str:
 
 
 def load_backend(model_path: str | Path, backend: str = "auto", threads: int | None = None,
-                 cpu_isa: str = "native") -> InferenceBackend:
+                 cpu_isa: str = "native", openvino_device: str | None = None) -> InferenceBackend:
     """Open an exported model with the chosen runtime; metadata comes from the file (InvalidModelError if absent)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -471,7 +490,7 @@ def load_backend(model_path: str | Path, backend: str = "auto", threads: int | N
     if backend == "onnxruntime":
         return OnnxRuntimeBackend(path, metadata, threads=threads)
     if backend == "openvino":
-        return OpenVINOBackend(path, metadata, threads=threads, cpu_isa=cpu_isa)
+        return OpenVINOBackend(path, metadata, threads=threads, device=openvino_device, cpu_isa=cpu_isa)
     return TensorRTBackend(path, metadata)
 
 

@@ -70,7 +70,7 @@ def load_segmenter(model: ModelSettings) -> tuple[Path, PromptSegmenter]:
     from drywallqa.edge.inference import PromptSegmenter
 
     path = resolve_model_path(model.path, model.backend)
-    backend = load_backend(path, model.backend, model.threads, model.openvino_cpu_isa)
+    backend = load_backend(path, model.backend, model.threads, model.openvino_cpu_isa, model.openvino_device)
     return path, PromptSegmenter(backend, flip_tta=model.flip_tta)
 
 

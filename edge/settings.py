@@ -80,6 +80,12 @@ class ModelSettings(_Section):
         description="cap OpenVINO's CPU kernels at this instruction set for a float (FP32/FP16 IR) model; INT8 "
                     "models keep the native one (VNNI). On CPUs that run AVX-512 as two halves (AMD Zen 4) avx2 "
                     "made hrnet 3-7% faster; `drywallqa bench` measures both on your machine")
+    openvino_device: str = Field(
+        default="CPU",
+        pattern=r"^[A-Za-z][A-Za-z0-9_.:,]*$",
+        description="OpenVINO device: CPU, GPU (an Intel NUC's iGPU), NPU, or AUTO to let OpenVINO choose; the "
+                    "hrnet profile is meant for an accelerator. Checked against the machine's devices at start",
+    )
     flip_tta: bool = Field(
         default=False,
         description="average each frame's probabilities with its two mirror images: 3x the network time for about "

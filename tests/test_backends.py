@@ -302,3 +302,29 @@ def test_openvino_cpu_isa_cap_leaves_int8_models_their_vnni_kernels(model_path, 
 def test_unknown_openvino_cpu_isa_is_rejected(model_path):
     with pytest.raises(ValueError, match="unknown OpenVINO CPU ISA 'sse9'"):
         load_backend(model_path, "openvino", cpu_isa="sse9")
+
+
+def test_an_openvino_device_this_machine_lacks_is_named_with_the_ones_it_has(model_path):
+    import openvino as ov
+
+    available = ov.Core().available_devices
+    if any(d.startswith("GPU") for d in available):
+        pytest.skip("this machine has an OpenVINO GPU device")
+    with pytest.raises(BackendUnavailableError, match=r"device 'GPU' is not available here \(available: \['CPU'"):
+        load_backend(model_path, "openvino", threads=1, openvino_device="GPU")
+    auto = load_backend(model_path, "openvino", threads=1, openvino_device="AUTO")  # OpenVINO picks the CPU
+    assert auto.infer(_images(1)).shape[:2] == (1, 2)
+
+
+def test_edge_check_config_reports_a_missing_openvino_device(model_path, capsys, monkeypatch):
+    import openvino as ov
+
+    from drywallqa.edge.cli import main as edge_main
+
+    if any(d.startswith("GPU") for d in ov.Core().available_devices):
+        pytest.skip("this machine has an OpenVINO GPU device")
+    monkeypatch.setenv("DRYWALLQA_MODEL__OPENVINO_DEVICE", "GPU")
+    monkeypatch.setenv("DRYWALLQA_MODEL__BACKEND", "openvino")
+    monkeypatch.setenv("DRYWALLQA_MODEL__PATH", str(model_path))
+    assert edge_main(["edge", "check-config", "--model-check"]) != 0
+    assert "OpenVINO device 'GPU' is not available here" in capsys.readouterr().err
