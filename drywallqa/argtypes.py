@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
-    """A whole number >= 1 (thread counts, batch sizes, limits, frame counts)."""
+def _int_at_least(minimum: int, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (thread counts, batch sizes, limits, frame counts)."""
+    return _int_at_least(1, text)
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0 (how many entries to list)."""
+    return _int_at_least(0, text)
 
 
 def positive_float(text: str) -> float:

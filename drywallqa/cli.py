@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from drywallqa.argtypes import positive_int
+from drywallqa.argtypes import non_negative_int, positive_int
 
 # Areas written by others; each module defines register(subparsers) -> None. A module that does not exist
 # (yet, or in this install) is skipped; an ImportError raised *inside* an existing module is not hidden.
@@ -71,17 +71,6 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    """A whole number >= 0 (how many entries to list)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def _cache_size(text: str) -> int:
     """A cache size in pixels: 1 to MAX_CACHE_SIZE (a 100000px cache would be a 270 GB file)."""
     from drywallqa.train.data.cache import MAX_CACHE_SIZE
@@ -114,7 +103,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                       help="square cache sizes in pixels, 1 to 4096 (default: 512 384)")
     prep.add_argument("--out", type=_path, default=None, help="cache folder (default: cache/ in the project)")
     prep.add_argument("--workers", type=positive_int, default=2, help="decode threads (default: 2)")
-    prep.add_argument("--list", type=_count, default=20, help="how many skipped files/issues to list (default: 20)")
+    prep.add_argument("--list", type=non_negative_int, default=20, help="how many skipped files/issues to list (default: 20)")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(handler=_cmd_data_prepare)
 
