@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 # mosquitto keeps at most 1000 messages per subscriber by default and silently drops the rest: a device
 # replaying a long outage's spool (up to spool.max_rows alerts) faster than a dashboard takes them would lose
-# alerts there. Sized to hold a full default spool; the same line belongs in a site broker (edge/MQTT.md).
+# alerts there. Sized to hold a full default spool; a site broker gets the same from configs/mosquitto/.
 BROKER_MAX_QUEUED_MESSAGES = 20_000
 
 
