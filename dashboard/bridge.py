@@ -118,6 +118,7 @@ class MqttBridge:
         self.client.on_message = self._on_message
         self.state.broker.url = config.url
         self._started = threading.Event()
+        self._announce_lock = threading.Lock()
 
     def start(self) -> None:
         """Connect in the background: a broker that is down at start-up is retried, not fatal."""
@@ -143,9 +144,11 @@ class MqttBridge:
         return request_id
 
     def announce_alert(self, item: dict) -> None:
-        """Tell every browser about a new or (un)acknowledged alert, and the store's new totals."""
-        self.state.publish("alert", item)
-        self.state.publish("alert_counts", self.store.counts())
+        """Tell every browser about a new or (un)acknowledged alert, and the store's new totals. Called from the
+        MQTT thread (new alerts) and HTTP threads (acks): one at a time, so older totals never follow newer ones."""
+        with self._announce_lock:
+            self.state.publish("alert", item)
+            self.state.publish("alert_counts", self.store.counts())
 
     def forget_device(self, device_id: str) -> None:
         """Clear the device's retained status on the broker (so neither this dashboard after a restart nor any

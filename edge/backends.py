@@ -259,7 +259,7 @@ class OpenVINOBackend(InferenceBackend):
             import openvino.properties.hint as hints
         except ImportError as exc:
             raise BackendUnavailableError("openvino is not installed: pip install openvino") from exc
-        device = device or os.environ.get("DRYWALLQA_OV_DEVICE", "CPU")
+        device = (device or os.environ.get("DRYWALLQA_OV_DEVICE", "CPU")).strip().upper()  # OpenVINO: CPU, not cpu
         precision = inference_precision or os.environ.get("DRYWALLQA_OV_PRECISION", "f32")
         core = ov.Core()
         _check_openvino_device(core, device)

@@ -70,6 +70,7 @@ class EdgeLink:
         self._last_handed = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._latest_status: StatusPayload | None = None
         self._client = self._make_client()
         self._thread = threading.Thread(target=self._deliver_loop, name="mqtt-deliver", daemon=True)
 
@@ -100,8 +101,9 @@ class EdgeLink:
 
     def _set_will(self, client: mqtt.Client, latest: StatusPayload) -> None:
         """The broker sends the will when the device vanishes (power cut, crash, network gone). It is fixed
-        when the client connects, so it is refreshed with every status: a reconnect then carries recent
-        figures, and `last_will=True` tells consumers that the figures are not from the moment it died."""
+        when the client connects, so it is refreshed from the latest status before each reconnect: then it
+        carries recent figures, and `last_will=True` tells consumers they are not from the moment it died.
+        Only on paho's network thread (or before it starts): paho reads the will twice while it builds CONNECT."""
         will = latest.model_copy(update={"state": "offline", "last_will": True})
         client.will_set(self.topic_status, will.model_dump_json(), qos=1, retain=True)
 
@@ -139,6 +141,8 @@ class EdgeLink:
                         self.settings.port, self.connect_failures)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._latest_status is not None:
+            self._set_will(client, self._latest_status)
         if self.connected.is_set() and not self._stop.is_set():
             log.warning("MQTT disconnected (%s); alerts are spooled until the broker is back", reason_code)
         self.connected.clear()
@@ -206,7 +210,7 @@ class EdgeLink:
         return self._client.publish(self.topic_detections, detection.model_dump_json(), qos=0).rc == 0
 
     def send_status(self, status: StatusPayload) -> None:
-        self._set_will(self._client, status)
+        self._latest_status = status  # the next reconnect's will (set on the network thread, _on_disconnect)
         if self.connected.is_set():
             self._client.publish(self.topic_status, status.model_dump_json(), qos=1, retain=True)
 

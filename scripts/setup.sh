@@ -16,6 +16,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: please install ${need_apt[*]} (MQTT broker for the edge runtime, browser for the dashboard test)" >&2
   fi
 fi
+# Node runs the dashboard's alert-paging test (tests/js/); best effort: that test skips without it.
+if ! command -v node >/dev/null && ! command -v nodejs >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >/dev/null 2>&1 || echo "setup: nodejs not installed" >&2
+fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

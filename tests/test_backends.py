@@ -314,6 +314,8 @@ def test_an_openvino_device_this_machine_lacks_is_named_with_the_ones_it_has(mod
         load_backend(model_path, "openvino", threads=1, openvino_device="GPU")
     auto = load_backend(model_path, "openvino", threads=1, openvino_device="AUTO")  # OpenVINO picks the CPU
     assert auto.infer(_images(1)).shape[:2] == (1, 2)
+    lower = load_backend(model_path, "openvino", threads=1, openvino_device=" cpu")  # OpenVINO itself wants "CPU"
+    assert lower.device == "CPU"
 
 
 def test_edge_check_config_reports_a_missing_openvino_device(model_path, capsys, monkeypatch):

@@ -383,3 +383,39 @@ def test_kill9_last_will_keeps_the_dashboards_last_known_figures(tmp_path, mosqu
     assert shown["last_will"] is True
     assert shown["frames_processed"] >= last_known["frames_processed"]  # not the will's start-up figures
     assert shown["timestamp"] >= last_known["timestamp"]  # dated when the will arrived, not at start-up
+
+
+def test_after_a_reconnect_the_last_will_carries_recent_figures(tmp_path, mosquitto, model):
+    """The will is fixed per connection; the edge refreshes it from its latest status before reconnecting, so a
+    device that dies after a broker outage is reported with the figures it had, not those of its first start."""
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite", rules=[], source={"fps": 10.0, "demo_size": [96, 128]})
+    proc = start_edge(cfg, log=tmp_path / "edge.log")
+    collector = None
+    try:
+        first = Collector(mosquitto.port, "drywallqa/dev1/status", client_id="will-watch-1")
+        assert wait_until(lambda: any(s["frames_processed"] >= 5 for s in first.payloads("status")), 60), \
+            (tmp_path / "edge.log").read_text()[-3000:]
+        before_outage = max(s["frames_processed"] for s in first.payloads("status"))
+        first.close()
+        mosquitto.stop()
+        time.sleep(1.5)
+        mosquitto.start()
+        collector = Collector(mosquitto.port, "drywallqa/dev1/status", client_id="will-watch-2")
+        assert wait_until(lambda: any(s["state"] == "online" and not s["last_will"] for s in collector.payloads("status")),
+                          30), (tmp_path / "edge.log").read_text()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    def wills_after_reconnect() -> list[dict]:  # mosquitto also sent the first connection's will when it stopped
+        statuses = collector.payloads("status")
+        back = max(i for i, s in enumerate(statuses) if s["state"] == "online" and not s["last_will"])
+        return [s for s in statuses[back:] if s["last_will"]]
+
+    try:
+        assert wait_until(wills_after_reconnect, 15)
+        will = wills_after_reconnect()[0]
+    finally:
+        collector.close()
+    assert will["state"] == "offline" and before_outage > 0, will
+    assert will["frames_processed"] >= before_outage, (will["frames_processed"], before_outage)

@@ -110,6 +110,9 @@ def test_weights_files_get_the_users_file_mode_not_private(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o644
         set_thresholds(path, {"crack": 0.3})  # rewrites the file in place
         assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)  # a mode the user chose stays through a rewrite
+        set_thresholds(path, {"crack": 0.35})
+        assert path.stat().st_mode & 0o777 == 0o640
         os.umask(0o077)  # a user who wants private files still gets them
         private = save_weights(model, info, tmp_path / "p.safetensors")
         assert private.stat().st_mode & 0o777 == 0o600

@@ -170,16 +170,22 @@ async function forgetDevice(deviceId) {
 }
 
 // ---- alerts --------------------------------------------------------------------------------------------
-// The page holds one page of alerts that match the filter (newest first) and pages older ones in from the
-// server on request; the store keeps up to --max-alerts. Totals come from the server.
+// The page holds the newest alerts that match the filter and pages older ones in from the server on request;
+// the store keeps up to --max-alerts. Totals come from the server.
+//
+// Invariant, so that paging never skips an alert: while older ones exist on the server (`olderAvailable`),
+// `model.alerts` holds exactly the matching alerts at or above `cursor` (the oldest one held), and "show
+// older" asks for the ones below it. An alert that arrives below the cursor (a device replaying its spool)
+// is left to paging. While a load is in flight everything is taken; the merge re-establishes the invariant.
 const ALERT_PAGE = 100;
-const alertView = { limit: ALERT_PAGE, olderAvailable: false, loading: false, generation: 0 };
+const alertView = { limit: ALERT_PAGE, olderAvailable: false, cursor: null, loading: false, generation: 0 };
 
 function alertFilter() {
   return { cls: document.getElementById("alert-class").value, showAcked: document.getElementById("show-acked").checked };
 }
 const matches = (a, f) => (!f.cls || a.class_name === f.cls) && (f.showAcked || !a.acked);
 const newerFirst = (x, y) => (y.timestamp - x.timestamp) || (y.event_id < x.event_id ? -1 : y.event_id > x.event_id ? 1 : 0);
+const olderThan = (a, b) => newerFirst(a, b) > 0;
 
 function alertsQuery(f, before) {
   const q = new URLSearchParams({ limit: String(ALERT_PAGE + 1), include_acked: f.showAcked ? "1" : "0" });
@@ -188,18 +194,27 @@ function alertsQuery(f, before) {
   return `/api/alerts?${q}`;
 }
 
-// Fetch a page from the server: the newest (reset) or the one older than the oldest shown.
+// Keep at most `limit` alerts: drop the oldest and move the cursor up to the oldest kept.
+function trimAlerts() {
+  if (model.alerts.size <= alertView.limit) return;
+  const held = [...model.alerts.values()].sort(newerFirst);
+  for (const old of held.slice(alertView.limit)) model.alerts.delete(old.event_id);
+  alertView.cursor = held[alertView.limit - 1];
+  alertView.olderAvailable = true;
+}
+
+// Fetch a page from the server: the newest (reset) or the one below the cursor.
 async function loadAlerts(reset) {
   const f = alertFilter();
   const gen = reset ? ++alertView.generation : alertView.generation;
-  let before = null;
+  if (!reset && (alertView.loading || !alertView.cursor)) return;
   if (reset) {
     model.alerts = new Map();
     alertView.limit = ALERT_PAGE;
-  } else {
-    const shown = [...model.alerts.values()].sort(newerFirst);
-    before = shown[shown.length - 1] || null;
+    alertView.cursor = null;
+    alertView.olderAvailable = false;
   }
+  const before = reset ? null : alertView.cursor;
   alertView.loading = true;
   schedule("alerts");
   try {
@@ -207,10 +222,18 @@ async function loadAlerts(reset) {
     if (res.status === 401) { window.location = "/login"; return; }
     if (!res.ok) throw new Error(`${res.status} ${await res.text()}`);
     const page = await res.json();
-    if (gen !== alertView.generation) return;  // the filter changed meanwhile; a newer load owns the list
-    alertView.olderAvailable = page.length > ALERT_PAGE;
-    for (const a of page.slice(0, ALERT_PAGE)) if (!model.alerts.has(a.event_id)) model.alerts.set(a.event_id, a);
+    if (gen !== alertView.generation) return;  // the filter changed or a resync began; that load owns the list
+    const more = page.length > ALERT_PAGE;
+    const got = page.slice(0, ALERT_PAGE);
+    for (const a of got) if (!model.alerts.has(a.event_id)) model.alerts.set(a.event_id, a);
+    if (more) {  // alerts below this page stay on the server; anything held below it is left to paging too
+      alertView.cursor = got[got.length - 1];
+      for (const a of [...model.alerts.values()]) if (olderThan(a, alertView.cursor)) model.alerts.delete(a.event_id);
+    }
+    alertView.olderAvailable = more;
+    if (!more) alertView.cursor = null;
     if (!reset) alertView.limit += ALERT_PAGE;
+    trimAlerts();
     document.getElementById("alerts-error").textContent = "";
   } catch (e) {
     document.getElementById("alerts-error").textContent = `Could not load alerts: ${e.message}`;
@@ -221,14 +244,13 @@ async function loadAlerts(reset) {
 }
 
 function takeAlert(a) {
-  const f = alertFilter();
-  if (!matches(a, f)) { model.alerts.delete(a.event_id); return; }
-  model.alerts.set(a.event_id, a);
-  if (model.alerts.size > alertView.limit) {  // keep the page bounded; the dropped ones are a click away
-    const shown = [...model.alerts.values()].sort(newerFirst);
-    for (const old of shown.slice(alertView.limit)) model.alerts.delete(old.event_id);
-    alertView.olderAvailable = true;
+  if (!matches(a, alertFilter())) { model.alerts.delete(a.event_id); return; }
+  if (!alertView.loading && alertView.olderAvailable && alertView.cursor && olderThan(a, alertView.cursor)) {
+    model.alerts.delete(a.event_id);  // below the cursor: "show older" brings it, in its place
+    return;
   }
+  model.alerts.set(a.event_id, a);
+  if (!alertView.loading) trimAlerts();
 }
 
 async function setAck(eventId, ack) {

@@ -162,7 +162,9 @@ class CacheWriter:
         shutil.rmtree(old, ignore_errors=True)
         return self.final
 
-    def finish(self, meta: list[dict], info: dict) -> Path:
+    def seal(self, meta: list[dict], info: dict) -> None:
+        """Complete the work folder (rows cut to `count`, meta.json, info.json) without publishing it, so that
+        several sizes can all be completed before any of them replaces its old cache."""
         if len(meta) != self.count:
             raise ValueError(f"meta has {len(meta)} rows but {self.count} images were cached")
         try:
@@ -170,11 +172,23 @@ class CacheWriter:
             (self.tmp / "meta.json").write_text(json.dumps(meta, indent=0) + "\n", encoding="utf-8")
             (self.tmp / "info.json").write_text(json.dumps({**info, "size": self.size, "count": self.count},
                                                            indent=1) + "\n", encoding="utf-8")
-            return self._publish()
         except OSError as exc:
             self.abort()
             raise DataError(f"cannot write the {self.size}px cache in {self.final.parent}: {exc.strerror or exc}; "
                             f"free some space or choose another --out") from exc
+
+    def publish(self) -> Path:
+        """Swap the sealed folder in place of the old cache (two renames)."""
+        try:
+            return self._publish()
+        except OSError as exc:
+            self.abort()
+            raise DataError(f"cannot publish the {self.size}px cache in {self.final.parent}: "
+                            f"{exc.strerror or exc}") from exc
+
+    def finish(self, meta: list[dict], info: dict) -> Path:
+        self.seal(meta, info)
+        return self.publish()
 
     def abort(self) -> None:
         """Remove the work folder (safe to call more than once, and after a failed start)."""

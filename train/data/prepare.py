@@ -449,8 +449,10 @@ def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split
         require_kept(setup, records, summary, first_skip)
         info = {"classes": list(vocab.classes), "box_strategy": setup.box_strategy, "mask_values": [0, 1],
                 "fingerprint": summary.fingerprint, "split_file": summary.split_file}
+        for writer in writers.values():  # every size complete before any old cache is replaced
+            writer.seal(meta, info)
         for size, writer in writers.items():
-            summary.caches[size] = str(writer.finish(meta, info))
+            summary.caches[size] = str(writer.publish())
     except BaseException:
         for w in writers.values():
             w.abort()
