@@ -91,7 +91,8 @@ def _cut_rows(path: Path, rows: int) -> bool:
 
 
 class CacheWriter:
-    """Writes one size's cache; rows are appended in order with `put`, then `finish` publishes it.
+    """Writes one size's cache; rows are appended in order with `put`, then `seal` completes it
+    and `publish` swaps it in (`finish` does both).
 
     The arrays' disk space is reserved up front; any failure (and `abort`) removes the hidden work folder."""
 
@@ -151,17 +152,6 @@ class CacheWriter:
             if not _cut_rows(self.tmp / f"{name}.npy", self.count):
                 self._shrink(name)
 
-    def _publish(self) -> Path:
-        """Swap the finished folder in; the old cache is moved aside first and removed only afterwards."""
-        old = self.final.with_name(f".{self.size}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if self.final.exists():
-            self.final.rename(old)
-        self.tmp.rename(self.final)
-        shutil.rmtree(old, ignore_errors=True)
-        return self.final
-
     def seal(self, meta: list[dict], info: dict) -> None:
         """Complete the work folder (rows cut to `count`, meta.json, info.json) without publishing it, so that
         several sizes can all be completed before any of them replaces its old cache."""
@@ -178,15 +168,23 @@ class CacheWriter:
                             f"free some space or choose another --out") from exc
 
     def publish(self) -> Path:
-        """Swap the sealed folder in place of the old cache (two renames)."""
+        """Swap the sealed folder in; the old cache is moved aside first and removed only afterwards."""
+        old = self.final.with_name(f".{self.size}.old")
         try:
-            return self._publish()
+            if old.exists():
+                shutil.rmtree(old)
+            if self.final.exists():
+                self.final.rename(old)
+            self.tmp.rename(self.final)
+            shutil.rmtree(old, ignore_errors=True)
+            return self.final
         except OSError as exc:
             self.abort()
             raise DataError(f"cannot publish the {self.size}px cache in {self.final.parent}: "
                             f"{exc.strerror or exc}") from exc
 
     def finish(self, meta: list[dict], info: dict) -> Path:
+        """seal + publish, for a single size."""
         self.seal(meta, info)
         return self.publish()
 

@@ -177,6 +177,11 @@ def coco_annotation_file(split_dir: Path) -> Path:
     raise FileNotFoundError(f"no COCO annotation file ({' or '.join(COCO_ANNOTATION_NAMES)}) in {split_dir}")
 
 
+def coco_image_dir(split_dir: Path) -> Path:
+    """A COCO split keeps its images in `images/` when there is one, else beside the annotation file."""
+    return split_dir / "images" if (split_dir / "images").is_dir() else split_dir
+
+
 def coco_records(spec: DatasetSpec) -> list[ImageRecord]:
     """Images of a COCO dataset (`<root>/<split>/` with `_annotations.coco.json`, Roboflow's layout).
 
@@ -186,8 +191,7 @@ def coco_records(spec: DatasetSpec) -> list[ImageRecord]:
     for split in spec.splits:
         split_dir = spec.root / split
         ann = coco_annotation_file(split_dir)
-        image_dir = split_dir / "images" if (split_dir / "images").is_dir() else split_dir
-        for img in image_files(image_dir):
+        for img in image_files(coco_image_dir(split_dir)):
             records.append(ImageRecord(spec.name, spec.class_name, img, ann))
     return records
 

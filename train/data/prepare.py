@@ -41,6 +41,7 @@ from drywallqa.train.data.sources import (
     dataset_specs,
     load_data_config,
     orphan_labels,
+    yolo_dirs,
     yolo_records,
 )
 from drywallqa.train.data.split import (
@@ -297,9 +298,6 @@ class PrepareSummary:
 def collect_records(setup: DataSetup) -> dict[str, list[ImageRecord]]:
     out: dict[str, list[ImageRecord]] = {}
     for spec in setup.specs:
-        if spec.name in out:
-            raise DataConfigError(f"{setup.config_path}: dataset name {spec.name!r} is used more than once; give "
-                                  f"each dataset its own name")
         try:
             out[spec.name] = records_for(spec)
         except OSError as exc:
@@ -310,12 +308,9 @@ def collect_records(setup: DataSetup) -> dict[str, list[ImageRecord]]:
 
 def image_folders(spec: DatasetSpec) -> list[Path]:
     """The folders `records_for` reads a dataset's images from."""
-    folders = []
-    for split in spec.splits:
-        split_dir = spec.root / split
-        use_split_dir = spec.format == "coco" and not (split_dir / "images").is_dir()
-        folders.append(split_dir if use_split_dir else split_dir / "images")
-    return folders
+    if spec.format == "coco":
+        return [coco.coco_image_dir(spec.root / split) for split in spec.splits]
+    return [yolo_dirs(spec, split)[0] for split in spec.splits]
 
 
 def require_images(setup: DataSetup, records: dict[str, list[ImageRecord]]) -> None:
@@ -332,7 +327,7 @@ def require_label_folders(setup: DataSetup) -> None:
     """A YOLO dataset without its labels/ folder would turn every image into a skip: stop before any work."""
     for spec in setup.specs:
         for split in spec.splits if spec.format == "yolo" else ():
-            label_dir = spec.root / split / "labels"
+            label_dir = yolo_dirs(spec, split)[1]
             if not label_dir.is_dir():
                 raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r}: no label folder {label_dir} "
                                       f"(YOLO labels go in <root>/<split>/labels/<image name>.txt)")

@@ -11,7 +11,7 @@ from drywallqa.imageio import IMAGE_SUFFIXES  # one list of image endings for pr
 from drywallqa.paths import PROJECT_ROOT
 
 __all__ = ["IMAGE_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "DatasetSpec", "ImageRecord", "load_data_config",
-           "dataset_specs", "image_files", "yolo_records", "orphan_labels"]
+           "dataset_specs", "image_files", "yolo_dirs", "yolo_records", "orphan_labels"]
 
 # A YOLO export of one class numbers it 0; a dataset's `class_ids` in the data config overrides this.
 DEFAULT_YOLO_CLASS_IDS = (0,)
@@ -73,13 +73,17 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def yolo_dirs(spec: DatasetSpec, split: str) -> tuple[Path, Path]:
+    """A YOLO split's image and label folders: `<root>/<split>/images` and `<root>/<split>/labels`."""
+    return spec.root / split / "images", spec.root / split / "labels"
+
+
 def yolo_records(spec: DatasetSpec) -> list[ImageRecord]:
     """One record per image of `<root>/<split>/images/`; its label is `<root>/<split>/labels/<stem>.txt`."""
     records = []
     class_ids = spec.class_ids or DEFAULT_YOLO_CLASS_IDS
     for split in spec.splits:
-        image_dir = spec.root / split / "images"
-        label_dir = spec.root / split / "labels"
+        image_dir, label_dir = yolo_dirs(spec, split)
         if not image_dir.is_dir():
             raise FileNotFoundError(f"no image folder {image_dir}")
         for img in image_files(image_dir):
@@ -91,7 +95,7 @@ def orphan_labels(spec: DatasetSpec) -> list[Path]:
     """YOLO label files with no image of the same stem (a renamed or deleted image, a wrong suffix)."""
     orphans = []
     for split in spec.splits:
-        image_dir, label_dir = spec.root / split / "images", spec.root / split / "labels"
+        image_dir, label_dir = yolo_dirs(spec, split)
         if not (image_dir.is_dir() and label_dir.is_dir()):
             continue
         stems = {p.stem for p in image_files(image_dir)}

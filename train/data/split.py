@@ -69,26 +69,19 @@ def check_split_target(path: str | Path) -> Path:
     return path
 
 
-def stage_split(path: str | Path, split: dict[str, dict[str, str]], seed: int, val_fraction: float) -> Path:
-    """Write the split next to `path` under a hidden name and return that; `os.replace` it into place later.
-
-    Checks the target up front: a folder, or a place that cannot be written, raises SplitFileError."""
-    path = check_split_target(path)
+def write_split(path: str | Path, split: dict[str, dict[str, str]], seed: int, val_fraction: float) -> None:
+    """split: dataset -> {file name -> 'train'|'val'}; replaced atomically, never left half-written."""
+    path = Path(path)
     staged = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staged.write_text(split_text(split, seed, val_fraction), encoding="utf-8")
+        os.replace(staged, path)
     except OSError as exc:
         if staged.parent.is_dir():
             staged.unlink(missing_ok=True)
         raise SplitFileError(f"cannot write the split file {path}: {exc.strerror or exc}; choose another "
                              f"--split-file or make its folder writable") from exc
-    return staged
-
-
-def write_split(path: str | Path, split: dict[str, dict[str, str]], seed: int, val_fraction: float) -> None:
-    """split: dataset -> {file name -> 'train'|'val'}; replaced atomically, never left half-written."""
-    os.replace(stage_split(path, split, seed, val_fraction), path)
 
 
 def read_split(path: str | Path) -> dict[str, dict[str, str]]:
