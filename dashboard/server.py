@@ -23,7 +23,15 @@ from drywallqa.vocab import load_vocabulary
 
 from .auth import COOKIE_NAME, TokenAuth, check_auth_config
 from .bridge import BrokerConfig, MqttBridge
-from .review import IMAGE_SUFFIXES, ReviewError, find_item, list_review, render_overlay, resolve_under
+from .review import (
+    IMAGE_SUFFIXES,
+    ReviewError,
+    find_item,
+    list_review,
+    mask_problems,
+    render_overlay,
+    resolve_under,
+)
 from .state import LiveState
 from .store import AlertStore
 
@@ -31,6 +39,10 @@ log = logging.getLogger(__name__)
 
 ALERT_PAGE = 100  # alerts a page shows at first and adds per "show older"; the rest stay in the store
 REVIEW_FILE_SUFFIXES = set(IMAGE_SUFFIXES) | {".html", ".htm", ".css", ".js", ".json", ".csv", ".txt", ".svg"}
+# Files under a review root (an eval report, an SVG, any .html someone left there) are served on the dashboard's
+# own origin, where a script could call its API with the signed-in user's cookie: let them show images and
+# styles (the eval report's are inline and data: URIs) and run nothing.
+REVIEW_FILE_CSP = "default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; font-src 'self' data:"
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -344,7 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
                     sub.needs_resync = False
                     self._sse("state", app.full_state())
                 try:
-                    name, data = sub.queue.get(timeout=app.config.heartbeat_s)
+                    name, data = sub.get(timeout=app.config.heartbeat_s)
                 except queue.Empty:
                     self.wfile.write(b": ping\n\n")
                     self.wfile.flush()
@@ -414,7 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if ctype.startswith("text/"):
             ctype += "; charset=utf-8"
-        self._send(200, path.read_bytes(), ctype, {"Cache-Control": "no-cache"})
+        headers = {"Cache-Control": "no-cache", "Content-Security-Policy": REVIEW_FILE_CSP}
+        self._send(200, path.read_bytes(), ctype, headers)
 
 
 # --- server-rendered pages (small; the live page is static/index.html) --------------------------------
@@ -471,9 +484,15 @@ def _review_page(handler: _Handler, images: Path, masks: Path | None, listing, o
             or "<span class='muted'>no masks</span>"
         )
         overlay = "/review/overlay.jpg?" + urlencode({**base, "id": item.image_id})
+        problems = mask_problems(item)  # the overlay stretches a wrong-size mask: say so where it is seen
+        warn = (
+            "<p class='warn mask-problems'>" + "<br>".join(html.escape(p) for p in problems) + "</p>"
+            if problems
+            else ""
+        )
         rows.append(
             f"<figure class='review-item' data-image-id='{html.escape(item.image_id)}'>"
-            f"<figcaption><b>{html.escape(item.image_id)}</b> {chips}</figcaption>"
+            f"<figcaption><b>{html.escape(item.image_id)}</b> {chips}{warn}</figcaption>"
             f"<div class='pair'><img loading='lazy' alt='image' src='{handler._file_url(item.image)}'>"
             f"<img loading='lazy' alt='masks' class='overlay' src='{overlay}'></div></figure>"
         )

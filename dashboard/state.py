@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -13,24 +15,55 @@ from drywallqa.edge.payloads import DetectionPayload, SnapshotPayload, StatusPay
 Event = tuple[str, dict]
 
 
+def coalescing_key(name: str, data: dict) -> str | None:
+    """The key under which a pending event is replaced by a newer one, or None for events that must all be
+    delivered. A device's card, the broker line, the alert totals and one alert's state are latest values:
+    a browser that has not read the older one yet only needs the newest."""
+    if name in ("alert_counts", "broker"):
+        return name
+    if name in ("device", "device_removed"):
+        return f"device:{data.get('device_id')}"
+    if name == "alert" and data.get("event_id"):
+        return f"alert:{data['event_id']}"
+    return None
+
+
 class Subscription:
-    """One browser's event queue. When it overflows (a slow client) it is flagged for a full resync
-    instead of blocking the MQTT thread or growing without bound."""
+    """One browser's pending events, in order. An event with a coalescing key replaces its pending predecessor
+    and moves to the back, so what the browser reads is the original sequence minus superseded values: a burst
+    of frames costs one slot per device and an alert's totals one slot in all. When distinct events still
+    overflow (a slow client) the backlog is dropped and the client is flagged for a full resync, instead of
+    blocking the MQTT thread or growing without bound."""
 
     def __init__(self, maxsize: int = 500) -> None:
-        self.queue: queue.Queue[Event] = queue.Queue(maxsize=maxsize)
+        self.maxsize = maxsize
         self.needs_resync = False
+        self._pending: OrderedDict[object, Event] = OrderedDict()
+        self._serial = itertools.count()
+        self._ready = threading.Condition()
 
     def put(self, event: Event) -> None:
-        try:
-            self.queue.put_nowait(event)
-        except queue.Full:
-            self.needs_resync = True
-            while True:  # drop the stale backlog; the client will get a fresh full state
-                try:
-                    self.queue.get_nowait()
-                except queue.Empty:
-                    break
+        name, data = event
+        key = coalescing_key(name, data)
+        with self._ready:
+            if key is not None and key in self._pending:
+                del self._pending[key]
+            elif len(self._pending) >= self.maxsize:
+                self.needs_resync = True
+                self._pending.clear()  # the stale backlog; the client will get a fresh full state
+            self._pending[key if key is not None else next(self._serial)] = event
+            self._ready.notify()
+
+    def get(self, timeout: float) -> Event:
+        """The oldest pending event; raises queue.Empty after `timeout` seconds without one."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._pending, timeout=timeout):
+                raise queue.Empty
+            return self._pending.popitem(last=False)[1]
+
+    def pending(self) -> int:
+        with self._ready:
+            return len(self._pending)
 
 
 @dataclass
