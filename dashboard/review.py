@@ -7,11 +7,13 @@ Only folders under the configured review roots may be opened (the page takes fol
 from __future__ import annotations
 
 import glob
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from drywallqa.edge.render import shrink_to
 from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
@@ -61,10 +63,13 @@ def resolve_under(path: str, roots: list[Path], want_dir: bool) -> Path:
         raise ReviewError("no path given")
     if not roots:
         raise ReviewError("review is disabled: start the dashboard with --review-root DIR")
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute():
-        candidate = roots[0] / candidate
-    candidate = candidate.resolve()
+    try:
+        candidate = Path(path).expanduser()
+        if not candidate.is_absolute():
+            candidate = roots[0] / candidate
+        candidate = candidate.resolve()
+    except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, '~nosuchuser', a symlink loop
+        raise ReviewError(f"{path!r} is not a usable path: {exc}") from exc
     if not any(candidate == r or r in candidate.parents for r in roots):
         raise ReviewError(f"{path} is outside the review roots ({', '.join(str(r) for r in roots)})")
     if want_dir and not candidate.is_dir():
@@ -111,7 +116,8 @@ def find_item(images_dir: Path, masks_dir: Path | None, image_id: str) -> Review
     candidates = sorted(
         p
         for p in images_dir.glob(glob.escape(image_id) + ".*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        # 'a.*' also matches 'a.b.jpg', the image with ID 'a.b': keep only this ID's own files
+        if p.stem == image_id and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not candidates:
         raise ReviewError(f"no image with ID {image_id!r} in {images_dir}")
@@ -123,6 +129,41 @@ def find_item(images_dir: Path, masks_dir: Path | None, image_id: str) -> Review
             if SEPARATOR not in part:  # 'a__b__c.png' belongs to image 'a__b', not 'a'
                 item.masks.append(MaskFile(part, classes.get(part), mask))
     return item
+
+
+def _header_size_bands(path: Path, oriented: bool) -> tuple[tuple[int, int], int]:
+    """(width, height) and channel count from the file's header alone (no pixel decoding)."""
+    with warnings.catch_warnings(), Image.open(path) as im:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        (w, h), bands = im.size, 3 if im.mode == "P" else len(im.getbands())  # OpenCV expands a palette
+        if oriented and im.getexif().get(0x0112) in (5, 6, 7, 8):  # read_image_rgb turns these by 90 degrees
+            w, h = h, w
+    return (w, h), bands
+
+
+def mask_problems(item: ReviewItem) -> list[str]:
+    """What render_overlay would report (unreadable, not single-channel, wrong size), from the file headers only:
+    cheap enough for every image of a listing page, where the overlay's own report (a response header) is not
+    seen."""
+    if not item.masks:
+        return []
+    try:
+        (w, h), _ = _header_size_bands(item.image, oriented=True)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return [f"{item.image.name}: cannot read image"]
+    problems: list[str] = []
+    for mask_file in item.masks:
+        name = mask_file.path.name
+        try:
+            (mw, mh), bands = _header_size_bands(mask_file.path, oriented=False)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            problems.append(f"{name}: cannot read mask")
+            continue
+        if bands != 1:
+            problems.append(f"{name}: has {bands} channels, expected 1")
+        if (mw, mh) != (w, h):
+            problems.append(f"{name}: size {mw}x{mh} differs from image {w}x{h}")
+    return problems
 
 
 def render_overlay(item: ReviewItem, max_side: int = 1024, alpha: float = 0.45) -> tuple[bytes, list[str]]:

@@ -199,6 +199,7 @@ def run_eval(
     from drywallqa.edge.backends import load_backend
     from drywallqa.edge.inference import PromptSegmenter
     from drywallqa.report import gallery, to_html, to_markdown
+    from drywallqa.train.data.errors import DataError
     from drywallqa.train.data.prepare import (
         collect_records,
         load_labelled,
@@ -232,6 +233,10 @@ def run_eval(
     examples = (load_labelled(r, fmt, setup.box_strategy) for r, fmt in chosen)
     class_of = {s.name: s.class_name for s in setup.specs}
     data, ranked = evaluate(segmenter, examples, class_of, tune_thresholds, progress, total=len(chosen))
+    if not data["images"]:  # a report of n/a everywhere with exit status 0 would read as a pass
+        reasons = "; ".join(data["skipped"][:3]) + (" ..." if len(data["skipped"]) > 3 else "")
+        raise DataError(f"none of the {len(chosen)} images on the {split!r} side could be scored, every one was "
+                         f"skipped: {reasons}")
     meta = segmenter.metadata
     data["model"] = {"path": str(path), "name": meta.model_name, "profile": meta.profile,
                      "architecture": meta.architecture, "version": meta.version, "precision": meta.precision,

@@ -214,3 +214,18 @@ def test_eval_limit_must_be_positive(tmp_path, capsys, limit):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--model", "lite", "--limit", limit])
     assert exc.value.code == 2 and "argument --limit: must be 1 or more" in capsys.readouterr().err
+
+
+def test_eval_where_every_image_is_skipped_fails_and_says_why(tmp_path, capsys):
+    """No scored image must not give exit status 0 and a report of n/a that reads like a pass."""
+    cfg = small_project(tmp_path, n_crack=2, n_wall=2)
+    assert main(["data", "split", "--config", str(cfg)]) == 0
+    for labels in tmp_path.glob("*/train/labels"):
+        for f in labels.glob("*.txt"):
+            f.unlink()
+    capsys.readouterr()
+    assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--out", str(tmp_path / "rep"),
+                 "--quiet", "--backend", "onnxruntime", "--split", "train"]) == 2
+    captured = capsys.readouterr()
+    assert "could be scored, every one was skipped" in captured.err and "label file missing" in captured.err
+    assert "## Per class" not in captured.out and not (tmp_path / "rep" / "eval.json").exists()

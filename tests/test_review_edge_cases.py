@@ -1,0 +1,92 @@
+"""Review page and routes on awkward folders: look-alike image IDs, masks of the wrong shape, odd paths, and
+files from a review root that must not run script on the dashboard's origin. No broker is needed for these."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from _dashboard_fixtures import http_get, running_dashboard
+
+from drywallqa.dashboard.server import DashboardApp
+from drywallqa.masks import mask_filename
+
+JSON = {"Accept": "application/json"}
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dashboard(tmp_path: Path) -> Iterator[DashboardApp]:
+    with running_dashboard(tmp_path, _closed_port()) as app:  # broker down: review does not need it
+        yield app
+
+
+def _gray(path: Path, value: int, h: int = 48, w: int = 64) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((h, w, 3), value, np.uint8))
+
+
+def test_overlay_shows_the_image_of_its_own_id_not_one_whose_name_starts_with_it(dashboard, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    _gray(images / "photo.jpg", 40)
+    _gray(images / "photo.a.jpg", 220)  # image ID 'photo.a'; 'photo.*' matches it too, and sorts first
+    for image_id, value in (("photo", 40), ("photo.a", 220)):
+        code, _, jpeg = http_get(dashboard, f"/review/overlay.jpg?images={images}&id={image_id}")
+        assert code == 200, jpeg[:200]
+        img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert abs(float(img.mean()) - value) < 12, (image_id, float(img.mean()))
+
+
+@pytest.mark.parametrize("path", [
+    "/review?images=images%00",
+    "/review/overlay.jpg?images=images%00&id=photo",
+    "/review?images=~no_such_user_drywallqa",
+    "/review/files/0/images/a%00b.jpg",
+])
+def test_unusable_review_paths_are_refused_with_a_message(dashboard, tmp_path: Path, path: str) -> None:
+    _gray(tmp_path / "images" / "photo.jpg", 40)
+    code, _, body = http_get(dashboard, path, JSON)  # used to drop the connection without any answer
+    assert code == 400 and b"is not a usable path" in body, body
+
+
+def test_review_files_may_show_images_but_run_no_script(dashboard, tmp_path: Path) -> None:
+    report = tmp_path / "runs" / "eval.html"
+    report.parent.mkdir()
+    report.write_text("<html><body><script>fetch('/api/devices/x/forget', {method: 'POST'})</script></body></html>")
+    (tmp_path / "runs" / "evil.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'><script>1</script></svg>")
+    for name in ("eval.html", "evil.svg"):
+        code, headers, _ = http_get(dashboard, f"/review/files/0/runs/{name}")
+        assert code == 200
+        policy = headers.get("Content-Security-Policy", "")
+        assert "default-src 'none'" in policy and "script-src" not in policy, policy
+        assert "img-src 'self' data:" in policy  # the eval report's overlays are data: URIs
+
+
+def test_review_page_names_mask_problems_beside_the_image(dashboard, tmp_path: Path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "pred"
+    _gray(images / "good.jpg", 90)
+    _gray(images / "bad.jpg", 90)
+    masks.mkdir()
+    ok = np.zeros((48, 64), np.uint8)
+    ok[5:10, 5:20] = 255
+    cv2.imwrite(str(masks / mask_filename("good", "segment crack")), ok)
+    cv2.imwrite(str(masks / mask_filename("bad", "segment crack")), ok[:24, :32])  # half size
+    cv2.imwrite(str(masks / "bad__someone_elses.png"), np.zeros((48, 64, 3), np.uint8))  # foreign colour PNG
+    (masks / mask_filename("bad", "drywall seam")).write_bytes(b"not a png")
+    code, _, body = http_get(dashboard, f"/review?images={images}&masks={masks}")
+    assert code == 200
+    page = body.decode()
+    good, bad = page.split("data-image-id='good'")[1], page.split("data-image-id='bad'")[1].split("data-image-id")[0]
+    assert "mask-problems" not in good
+    assert "bad__segment_crack.png: size 32x24 differs from image 64x48" in bad
+    assert "bad__someone_elses.png: has 3 channels, expected 1" in bad
+    assert "bad__drywall_seam.png: cannot read mask" in bad
