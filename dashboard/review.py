@@ -179,8 +179,8 @@ def render_overlay(item: ReviewItem, max_side: int = 1024, alpha: float = 0.45) 
     for mask_file in item.masks:
         try:
             mask = read_mask(mask_file.path)
-        except OSError as exc:
-            problems.append(str(exc))
+        except OSError:
+            problems.append(f"{mask_file.path.name}: cannot read mask")  # the name only, not where it lies
             continue
         if mask.ndim == 3:
             problems.append(f"{mask_file.path.name}: has {mask.shape[2]} channels, expected 1")

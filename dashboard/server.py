@@ -244,6 +244,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, str(exc))
         except (BrokenPipeError, ConnectionResetError):
             return None
+        except OSError as exc:  # a review file or folder the dashboard may not read, or one that vanished
+            name = Path(exc.filename).name if isinstance(exc.filename, str) else "a file"
+            return self._error(403 if isinstance(exc, PermissionError) else 500, f"cannot read {name}: {exc.strerror}")
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path

@@ -90,3 +90,15 @@ def test_review_page_names_mask_problems_beside_the_image(dashboard, tmp_path: P
     assert "bad__segment_crack.png: size 32x24 differs from image 64x48" in bad
     assert "bad__someone_elses.png: has 3 channels, expected 1" in bad
     assert "bad__drywall_seam.png: cannot read mask" in bad
+
+
+def test_the_overlay_names_a_broken_mask_without_saying_where_it_lies(dashboard, tmp_path: Path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "pred"
+    _gray(images / "bad.jpg", 90)
+    masks.mkdir()
+    (masks / mask_filename("bad", "segment crack")).write_bytes(b"not a png")
+    code, headers, _ = http_get(dashboard, f"/review/overlay.jpg?images={images}&masks={masks}&id=bad")
+    assert code == 200
+    problem = headers.get("X-Mask-Problems", "")
+    assert "bad__segment_crack.png" in problem and "cannot read" in problem, problem
+    assert str(tmp_path) not in problem
