@@ -54,7 +54,9 @@ def tables(data: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
           f"{m.get('file_bytes', 0) / 2**20:.2f}"]],
     )
     for c, sweep in data.get("threshold_sweep", {}).items():
-        out[f"Decision sweep: {c} (best {sweep['best_shape']} at {sweep['best_threshold']})"] = (
+        best = (f"best {sweep['best_shape']} at {sweep['best_threshold']}" if sweep.get("best_shape") is not None
+                else "no image of this class to tune on")
+        out[f"Decision sweep: {c} ({best})"] = (
             ["mask shape", "threshold", "IoU mean", "IoU pooled", "FP image rate"],
             [[r["shape"], f"{r['threshold']:.2f}" + (" *" if r == sweep["best"] else ""),
               _f(r["iou_mean"]), _f(r["iou_pooled"]), _f(r["fp_image_rate"], pct=True)] for r in sweep["rows"]],
@@ -136,11 +138,25 @@ td:first-child,th:first-child{text-align:left}figure{display:inline-block;margin
 figure img{display:block}.legend{font-size:13px;color:#555}"""
 
 
+def _html_paragraph(text: str) -> str:
+    """One preamble paragraph of the Markdown report as HTML: `code` spans, and "- " lines as a list."""
+
+    def inline(line: str) -> str:
+        pieces = html.escape(line).split("`")
+        if len(pieces) % 2 == 0:  # an unpaired backtick: leave the text as it is
+            return html.escape(line)
+        return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
+
+    head, *items = text.split("\n- ")
+    listed = "<ul>" + "".join(f"<li>{inline(item)}</li>" for item in items) + "</ul>" if items else ""
+    return f"<p>{inline(head)}</p>{listed}"
+
+
 def to_html(data: dict, shots: dict[str, list[dict]]) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(_title(data))}</title>"
              f"<style>{_CSS}</style></head><body><h1>{e(_title(data))}</h1>"]
-    parts += [f"<p>{e(line)}</p>" for line in _preamble(data) if line]
+    parts += [_html_paragraph(line) for line in _preamble(data) if line]
     for title, (header, rows) in tables(data).items():
         parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(c.strip('`'))}</td>" for c in r) + "</tr>" for r in rows]

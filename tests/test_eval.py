@@ -22,6 +22,7 @@ from drywallqa.metrics import (
     iou,
     threshold_counts,
 )
+from drywallqa.report import to_html
 from drywallqa.train.data.prepare import Example
 from drywallqa.train.data.sources import ImageRecord
 from drywallqa.vocab import load_vocabulary
@@ -154,6 +155,16 @@ def test_eval_end_to_end_writes_json_markdown_html(tmp_path, capsys):
     html = (tmp_path / "rep" / "eval.html").read_text()
     assert html.count("src='data:image/jpeg;base64,") >= 1 and "both empty scores 1.0" in html
     assert (tmp_path / "rep" / "eval.md").read_text().startswith("# DrywallQA evaluation")
+    # the HTML renders the Markdown preamble: code spans and the list of skipped images, no literal backticks
+    preamble = html.split("<h2>")[0]
+    assert f"<code>{model}</code>" in preamble and "`" not in preamble
+
+    # a skipped image is a list item; a class without images says so instead of "best None at None"
+    data["skipped"] = ["a.jpg: label file missing", "b.jpg: cannot decode `b.jpg`"]
+    data["threshold_sweep"]["taping"].update(best_shape=None, best_threshold=None)
+    page = to_html(data, {})
+    assert "<ul><li>a.jpg: label file missing</li><li>b.jpg: cannot decode <code>b.jpg</code></li></ul>" in page
+    assert "Decision sweep: taping (no image of this class to tune on)" in page and "None" not in page
 
 
 def test_eval_with_tta_says_so_in_its_report(tmp_path, capsys):
