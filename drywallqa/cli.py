@@ -121,11 +121,11 @@ TTA_HELP = ("average the probabilities of each image and its horizontal and vert
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from drywallqa.predict import run_predict
+    from drywallqa.predict import parse_aliases, run_predict
 
     summary = run_predict(args.model, args.prompt, args.inputs, args.out, backend=args.backend,
                           threads=args.threads, batch_size=args.batch_size, progress=not args.quiet,
-                          report=args.report, flip_tta=args.tta)
+                          report=args.report, flip_tta=args.tta, aliases=parse_aliases(args.alias))
     print(summary.format())
     return 0 if summary.ok else 1
 
@@ -141,6 +141,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help='text prompt, e.g. "segment crack" or "drywall seam" (repeat for several); one of the '
                         "model's prompts (configs/prompts.yaml: nine per class), matched ignoring case and punctuation; "
                         "an unknown one is refused with the list")
+    p.add_argument("--alias", action="append", default=None, metavar="WORDING=CLASS",
+                   help="your own wording for a class (or one of its prompts), usable as a --prompt in this run, "
+                        "e.g. --alias 'hairline crack=crack' --prompt 'hairline crack' (repeat for several); the "
+                        "mask file is named after your wording")
     p.add_argument("--out", required=True, help="output folder for the masks")
     p.add_argument("--model", default=None,
                    help="exported model (.onnx/.xml) or profile name hrnet|lite (default: hrnet)")
@@ -232,10 +236,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from drywallqa.imageio import ImageReadError
     from drywallqa.masks import MaskContractError
     from drywallqa.outdir import OutputDirError
-    from drywallqa.vocab import UnknownPromptError
+    from drywallqa.vocab import UnknownPromptError, VocabularyError
 
     errors: list[type[BaseException]] = [InvalidModelError, UnknownPromptError, ImageReadError, MaskContractError,
-                                         FileNotFoundError, ReportWriteError, OutputDirError]
+                                         FileNotFoundError, ReportWriteError, OutputDirError, VocabularyError]
     try:
         from drywallqa.train.data.errors import DataError  # DataConfigError, SplitFileError, cache problems
 

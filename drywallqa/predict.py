@@ -17,7 +17,7 @@ from drywallqa.masks import mask_filename, mask_name_endings, write_mask
 from drywallqa.outdir import ensure_writable_dir
 from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights
 from drywallqa.progress import progress_bar
-from drywallqa.vocab import prompt_to_filename_part
+from drywallqa.vocab import VocabularyError, prompt_to_filename_part
 
 MODEL_SUFFIXES = (".onnx", ".xml", ".engine", ".plan")
 
@@ -116,6 +116,17 @@ class PredictSummary:
         return "\n".join(lines)
 
 
+def parse_aliases(items: Sequence[str] | None) -> dict[str, str]:
+    """--alias 'WORDING=CLASS_OR_PROMPT' (repeatable) -> {wording: target}; VocabularyError for a malformed one."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        wording, sep, target = item.rpartition("=")
+        if not sep or not wording.strip() or not target.strip():
+            raise VocabularyError(f"--alias {item!r}: expected WORDING=CLASS, e.g. --alias 'hairline crack=crack'")
+        out[wording.strip()] = target.strip()
+    return out
+
+
 def unique_prompts(prompts: Sequence[str]) -> list[str]:
     """Drop prompts that would write the same file ('Segment Crack' and 'segment crack')."""
     out, seen = [], set()
@@ -125,6 +136,16 @@ def unique_prompts(prompts: Sequence[str]) -> list[str]:
             seen.add(key)
             out.append(p)
     return out
+
+
+def check_mask_names(prompts: Sequence[str]) -> None:
+    """VocabularyError, before any work, for a prompt whose mask file name part is empty: file names keep only
+    a-z and 0-9, so '裂缝' (an alias) has none, and every image would fail at its first mask."""
+    for p in prompts:
+        if not prompt_to_filename_part(p):
+            raise VocabularyError(f"prompt {p!r} gives no mask file name (<imageID>__<prompt>.png keeps only "
+                                  f"letters a-z and digits); use a wording with some (an --alias can map it to "
+                                  f"the class)")
 
 
 def predict(
@@ -142,12 +163,15 @@ def predict(
     if not prompts:
         raise ValueError("give at least one --prompt")
     classes = segmenter.resolve(prompts)  # unknown prompt -> UnknownPromptError before any work
+    check_mask_names(prompts)  # ... and a prompt that gives no mask file name (non-Latin wording) too
     class_index = [segmenter.metadata.classes.index(c) for c in classes]
     out = ensure_writable_dir(out_dir)  # before any inference: an unusable folder stops the run at once
     paths, problems = collect_inputs(inputs)
     summary = PredictSummary(out_dir=str(out), found=dict.fromkeys(prompts, 0), report=str(report) if report else "")
     # Re-running with --out set to the photo folder must not segment the masks the last run wrote there.
-    endings, out_folder = mask_name_endings(segmenter.vocabulary.all_prompts), out.resolve()
+    # (this run's own prompts too: a class name such as 'taping' is in no prompt table)
+    endings = mask_name_endings([*segmenter.vocabulary.all_prompts, *prompts])
+    out_folder = out.resolve()
     kept = [p for p in paths if not (p.name.endswith(endings) and p.parent.resolve() == out_folder)]
     summary.earlier_masks = len(paths) - len(kept)
     paths = kept
@@ -259,11 +283,14 @@ def run_predict(
     progress: bool = True,
     report: str | None = None,
     flip_tta: bool = False,
+    aliases: dict[str, str] | None = None,
 ) -> PredictSummary:
-    """Load the model (path or profile) and run `predict`; the CLI's entry point."""
+    """Load the model (path or profile) and run `predict`; the CLI's entry point. `aliases`: {wording: class
+    or known prompt} added to the model's prompts for this run (PromptSegmenter)."""
     from drywallqa.edge.backends import load_backend
     from drywallqa.edge.inference import PromptSegmenter
 
     path = resolve_model(model)
-    segmenter = PromptSegmenter(load_backend(path, backend=backend, threads=threads), flip_tta=flip_tta)
+    segmenter = PromptSegmenter(load_backend(path, backend=backend, threads=threads), flip_tta=flip_tta,
+                                aliases=aliases)
     return predict(segmenter, prompts, inputs, out_dir, batch_size=batch_size, progress=progress, report=report)

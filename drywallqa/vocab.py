@@ -11,9 +11,18 @@ from importlib import resources
 
 import yaml
 
+NO_CLOSE_MATCH_BELOW = 0.7  # a spelling match weaker than this is no suggestion ('segment fissure' is no 'segment taping area')
+ALIAS_HINT = ("your own wording for a class can be mapped to it: `drywallqa predict --alias 'WORDING=CLASS'`, "
+              "or `analysis.aliases` in the edge config (README, 'Prompts')")
+
 
 class UnknownPromptError(ValueError):
     """A prompt that is not in the vocabulary; the message lists what is known."""
+
+
+class VocabularyError(ValueError):
+    """A vocabulary that cannot be used (configs/prompts.yaml, a model's prompt table, aliases); the message says
+    which entry and why."""
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -44,19 +53,76 @@ class Vocabulary:
     prompts_by_class: Mapping[str, tuple[str, ...]]
 
     @classmethod
-    def from_mapping(cls, classes: Mapping[str, Iterable[str]]) -> Vocabulary:
-        names = tuple(classes)
-        table = {name: tuple(normalize_prompt(p) for p in prompts) for name, prompts in classes.items()}
-        seen: dict[str, str] = {}
-        for name, prompts in table.items():
-            if not prompts:
-                raise ValueError(f"class {name!r} has no prompts")
+    def from_mapping(cls, classes: Mapping[str, Iterable[str] | None], strict: bool = False) -> Vocabulary:
+        """Checked: every class a non-empty name with a list of text prompts, and no prompt under two classes once
+        matched (match_key). `strict` (a prompts file being written, not a model already made with it): also no
+        prompt that is empty or listed twice in its class once matched. VocabularyError otherwise."""
+        if not isinstance(classes, Mapping) or not classes:
+            raise VocabularyError(f"'classes' must map each class name to its list of prompts, got {classes!r}")
+        table: dict[str, tuple[str, ...]] = {}
+        seen: dict[str, tuple[str, str]] = {}  # match key -> (class, prompt as listed)
+        for name, prompts in classes.items():
+            if not isinstance(name, str) or not name.strip():
+                raise VocabularyError(f"class name {name!r} must be a non-empty text")
+            if prompts is None or (isinstance(prompts, list | tuple) and not prompts):
+                raise VocabularyError(f"class {name!r} has no prompts")
+            if not isinstance(prompts, list | tuple):
+                raise VocabularyError(f"class {name!r}: its prompts must be a list (one '- prompt' a line), "
+                                      f"got {type(prompts).__name__} {prompts!r}")
             for p in prompts:
+                if not isinstance(p, str):
+                    raise VocabularyError(f"class {name!r}: prompt {p!r} is not text ({type(p).__name__}); "
+                                          f"quote it in YAML")
                 key = match_key(p)
-                if key in seen and seen[key] != name:
-                    raise ValueError(f"prompt {p!r} is listed under both {seen[key]!r} and {name!r}")
-                seen[key] = name
-        return cls(classes=names, prompts_by_class=table)
+                if strict and not key:
+                    raise VocabularyError(f"class {name!r}: prompt {p!r} is empty once case and punctuation "
+                                          f"are ignored")
+                if key in seen:
+                    other, listed = seen[key]
+                    if other != name:
+                        raise VocabularyError(f"prompt {p!r} is listed under both {other!r} and {name!r}")
+                    if strict:
+                        raise VocabularyError(f"class {name!r}: prompt {p!r} is listed twice (as {listed!r}); "
+                                              f"prompts that differ only in case, spacing or punctuation are one "
+                                              f"prompt")
+                seen.setdefault(key, (name, p))
+            table[name] = tuple(normalize_prompt(p) for p in prompts)
+        return cls(classes=tuple(table), prompts_by_class=table)
+
+    def with_aliases(self, aliases: Mapping[str, str] | None) -> Vocabulary:
+        """This vocabulary plus `aliases`: {your wording: a class name or one of its known prompts}. An alias only
+        maps a wording to a class (every forward pass gives all classes), so it needs no new embedding.
+
+        VocabularyError for an alias whose target is unknown, or whose wording already names another class."""
+        if not aliases:
+            return self
+        vocab = self
+        for wording, target in aliases.items():
+            if not isinstance(wording, str) or not isinstance(target, str):
+                raise VocabularyError(f"alias {wording!r}: {target!r}: both must be text")
+            if not match_key(wording):
+                raise VocabularyError(f"alias {wording!r} is empty once case and punctuation are ignored")
+            cls = vocab.class_of_name(target)
+            if cls is None:
+                try:
+                    cls = vocab.resolve(target)
+                except UnknownPromptError:
+                    raise VocabularyError(
+                        f"alias {wording!r} -> {target!r}: the target must be a class ({', '.join(vocab.classes)}) "
+                        f"or one of its prompts") from None
+            known = vocab.class_by_match_key.get(match_key(wording)) or vocab.class_of_name(wording)
+            if known is not None and known != cls:
+                raise VocabularyError(f"alias {wording!r} -> {cls!r}: that wording already names class {known!r}")
+            if match_key(wording) not in vocab.class_by_match_key:  # later aliases see the earlier ones
+                table = dict(vocab.prompts_by_class)
+                table[cls] = (*table[cls], normalize_prompt(wording))
+                vocab = Vocabulary(vocab.classes, table)
+        return vocab
+
+    def class_of_name(self, name: str) -> str | None:
+        """The class called `name` (compared as prompts are), or None."""
+        key = match_key(name)
+        return next((c for c in self.classes if match_key(c) == key), None)
 
     @property
     def prompt_to_class(self) -> dict[str, str]:
@@ -90,6 +156,9 @@ class Vocabulary:
         table = self.class_by_match_key
         if key in table:
             return table[key]
+        by_name = self.class_of_name(prompt) if key else None  # 'taping': a class's own name, as the edge allows
+        if by_name is not None:
+            return by_name
         known = self.all_prompts
         listing = "; ".join(f"{c}: " + ", ".join(repr(p) for p in self.prompts_by_class[c]) for c in self.classes)
         if not key:
@@ -101,13 +170,65 @@ class Vocabulary:
         else:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.0)
             ratio = difflib.SequenceMatcher(None, key, close[0]).ratio() if close else 0.0
-            hint = f"nearest known prompt: {close[0]!r} (string similarity {ratio:.2f})" if close else ""
-        raise UnknownPromptError(f"unknown prompt {prompt!r}. {hint}. Known prompts by class -> {listing}")
+            if ratio >= NO_CLOSE_MATCH_BELOW:
+                hint = f"nearest known prompt: {close[0]!r} (string similarity {ratio:.2f})"
+            else:  # by spelling alone 'segmenter la fissure' is nearest 'segment taping area': no suggestion
+                hint = "no known prompt is spelled like it"
+        raise UnknownPromptError(f"unknown prompt {prompt!r}. {hint}. Known prompts by class -> {listing}. "
+                                 f"Classes: {', '.join(self.classes)}; {ALIAS_HINT}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: plain YAML keeps only the last `crack:`
+    block and would drop every synonym of the first without a word."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    keys: dict[object, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in keys:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice in one mapping (first at line {keys[key].start_mark.line + 1})",
+                key_node.start_mark)
+        keys[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def parse_vocabulary(text: str, origin: str = "prompts.yaml") -> Vocabulary:
+    """A prompts file's text -> its checked Vocabulary; VocabularyError names `origin` and the problem.
+
+    Beyond Vocabulary.from_mapping: no key twice, and every prompt gives a mask file name of its own
+    (`predict` writes `<imageID>__<prompt_with_underscores>.png`, which keeps only a-z and 0-9)."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise VocabularyError(f"{origin} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict) or "classes" not in data:
+        raise VocabularyError(f"{origin} must hold a 'classes:' mapping of class name -> list of prompts")
+    try:
+        vocab = Vocabulary.from_mapping(data["classes"], strict=True)
+    except VocabularyError as exc:
+        raise VocabularyError(f"{origin}: {exc}") from exc
+    parts: dict[str, tuple[str, str]] = {}
+    for c in vocab.classes:
+        for p in vocab.prompts_by_class[c]:
+            part = prompt_to_filename_part(p)
+            if not part:
+                raise VocabularyError(f"{origin}: class {c!r}: prompt {p!r} has no letter a-z or digit, so it gives "
+                                      f"no mask file name; add it in Latin letters (or as an alias on the device)")
+            if part in parts and parts[part][0] != c:
+                raise VocabularyError(f"{origin}: prompts {parts[part][1]!r} ({parts[part][0]}) and {p!r} ({c}) "
+                                      f"give the same mask file name part {part!r}")
+            parts.setdefault(part, (c, p))
+    return vocab
 
 
 @lru_cache(maxsize=1)
 def load_vocabulary() -> Vocabulary:
-    """The packaged vocabulary from configs/prompts.yaml."""
-    text = resources.files("drywallqa.configs").joinpath("prompts.yaml").read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
-    return Vocabulary.from_mapping(data["classes"])
+    """The packaged vocabulary from configs/prompts.yaml (checked: parse_vocabulary)."""
+    source = resources.files("drywallqa.configs").joinpath("prompts.yaml")
+    return parse_vocabulary(source.read_text(encoding="utf-8"), origin=str(source))

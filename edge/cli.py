@@ -138,7 +138,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
         try:
             runner = EdgeRunner(settings)
-            path, runner.segmenter = load_segmenter(settings.model)
+            path, runner.segmenter = load_segmenter(settings.model, settings.analysis.aliases)
             runner.meta = runner.segmenter.metadata
             watched = runner.resolve_prompts(settings.analysis.prompts)
             runner.resolve_rules(watched)  # the same checks `edge run` makes at start-up

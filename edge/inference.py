@@ -6,7 +6,7 @@ decision rule (threshold and mask shape) comes from there too, so a model file i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -32,13 +32,18 @@ def resize_interpolation(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> in
 
 class PromptSegmenter:
     """`flip_tta`: average the probabilities of the image and its horizontal and vertical mirror images (three
-    network passes; for photos checked offline, where accuracy matters more than time. MODEL.md has its gain)."""
+    network passes; for photos checked offline, where accuracy matters more than time. MODEL.md has its gain).
 
-    def __init__(self, backend: InferenceBackend, flip_tta: bool = False) -> None:
+    `aliases`: {wording: class name or known prompt}, added to the model's own prompt table for this session
+    (Vocabulary.with_aliases; VocabularyError for a bad one). One forward pass gives every class, so a site's
+    own wording needs no new embedding."""
+
+    def __init__(self, backend: InferenceBackend, flip_tta: bool = False,
+                 aliases: Mapping[str, str] | None = None) -> None:
         self.backend = backend
         self.flip_tta = flip_tta
         self.metadata = backend.metadata
-        self.vocabulary = self.metadata.vocabulary()
+        self.vocabulary = self.metadata.vocabulary().with_aliases(aliases)
 
     @property
     def classes(self) -> list[str]:

@@ -64,14 +64,19 @@ def _suffixes_for(backend: str) -> tuple[str, ...]:
     return (".xml", ".onnx", ".engine", ".plan")
 
 
-def load_segmenter(model: ModelSettings) -> tuple[Path, PromptSegmenter]:
-    """The model file that `model` names, loaded on its backend and wrapped as the settings ask."""
+def load_segmenter(model: ModelSettings, aliases: dict[str, str] | None = None) -> tuple[Path, PromptSegmenter]:
+    """The model file that `model` names, loaded on its backend and wrapped as the settings ask; `aliases`
+    (analysis.aliases) are checked against the model's prompt table here (ConfigError)."""
     from drywallqa.edge.backends import load_backend
     from drywallqa.edge.inference import PromptSegmenter
+    from drywallqa.vocab import VocabularyError
 
     path = resolve_model_path(model.path, model.backend)
     backend = load_backend(path, model.backend, model.threads, model.openvino_cpu_isa, model.openvino_device)
-    return path, PromptSegmenter(backend, flip_tta=model.flip_tta)
+    try:
+        return path, PromptSegmenter(backend, flip_tta=model.flip_tta, aliases=aliases)
+    except VocabularyError as exc:
+        raise ConfigError(f"analysis.aliases: {exc} (model {path.name})") from exc
 
 
 def resolve_model_path(spec: str, backend: str = "auto") -> Path:
@@ -158,7 +163,7 @@ class EdgeRunner:
         if s.model.opencv_threads:
             cv2.setNumThreads(s.model.opencv_threads)
         check_source_exists(s.source.uri)
-        self.model_path, self.segmenter = load_segmenter(s.model)
+        self.model_path, self.segmenter = load_segmenter(s.model, s.analysis.aliases)
         self.meta = self.segmenter.metadata
         self.watched = self.resolve_prompts(s.analysis.prompts)
         self.engine = self.resolve_rules(self.watched)

@@ -117,6 +117,11 @@ class RuleSettings(_Section):
 
 class AnalysisSettings(_Section):
     prompts: list[str] = Field(default_factory=lambda: ["segment crack", "segment taping area"], min_length=1)
+    aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="this site's own wordings -> a class name or one of the model's prompts, e.g. "
+                    "{'hairline crack': crack}; usable in prompts, alert rules and set_prompts, and published as "
+                    "written. Checked against the model at start-up")
     min_region_area_px: int = Field(default=16, ge=0, description="smaller connected regions are ignored")
     max_regions: int = Field(default=20, ge=0, description="regions listed per class (largest first)")
     skeleton_classes: list[str] = Field(default_factory=lambda: ["crack"])
