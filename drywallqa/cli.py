@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
+def expected_errors() -> tuple[type[BaseException], ...]:
     """User-facing failures: printed as one clear line, exit status 2, no traceback."""
     from drywallqa.contract import InvalidModelError
     from drywallqa.findings import ReportWriteError
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as exc:
-        if isinstance(exc, _expected_errors()):
+        if isinstance(exc, expected_errors()):
             return _fail(str(exc))
         raise
     return int(code or 0)

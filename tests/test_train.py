@@ -623,3 +623,14 @@ def test_foreign_or_broken_weights_are_named_by_export(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     code = main(["export", "--random-arch", "effnet_lite0_fpn", "--target", "onnx", "--out", str(tmp_path / "afile")])
     assert code == 2 and "a file of that name exists" in capsys.readouterr().err
+
+
+def test_the_torchrun_entry_reports_a_bad_config_in_one_line(tmp_path):
+    """`python -m drywallqa.train.cli` (what torchrun runs) reports what `drywallqa train` reports, no traceback."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: x\narchitecture: effnet_lite0_fpn\nepochs: 1\n")
+    res = subprocess.run([sys.executable, "-m", "drywallqa.train.cli", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "drywallqa-train: error:" in res.stderr and "missing ['output', 'profile']" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -73,14 +73,13 @@ def main() -> int:
     """Entry for torchrun: `torchrun --nproc_per_node 2 -m drywallqa.train.cli --config ...`."""
     import sys
 
-    from drywallqa.train.checkpoint import CheckpointError
-    from drywallqa.train.trainer import TrainError
+    from drywallqa.cli import expected_errors
 
     p = argparse.ArgumentParser(prog="drywallqa-train")
     add_train_arguments(p)
     try:
         return run_from_args(p.parse_args())
-    except (TrainError, CheckpointError, FileNotFoundError) as exc:  # as `drywallqa train` reports them
+    except expected_errors() as exc:  # as `drywallqa train` reports them (a bad config, prompts.yaml, cache)
         print(f"drywallqa-train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
