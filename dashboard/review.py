@@ -80,8 +80,12 @@ def resolve_under(path: str, roots: list[Path], want_dir: bool) -> Path:
 
 
 def _class_by_part() -> dict[str, str]:
+    """Mask file name part -> class, for the packaged prompts and the class names (`--prompt taping`). A mask named
+    after a site's alias shows as unclassified: its mapping lives in that run's command line or edge config."""
     vocab = load_vocabulary()
-    return {prompt_to_filename_part(p): c for c in vocab.classes for p in vocab.prompts_by_class[c]}
+    by_part = {prompt_to_filename_part(c): c for c in vocab.classes}
+    by_part.update({prompt_to_filename_part(p): c for c in vocab.classes for p in vocab.prompts_by_class[c]})
+    return by_part
 
 
 def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:

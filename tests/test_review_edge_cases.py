@@ -102,3 +102,16 @@ def test_the_overlay_names_a_broken_mask_without_saying_where_it_lies(dashboard,
     problem = headers.get("X-Mask-Problems", "")
     assert "bad__segment_crack.png" in problem and "cannot read" in problem, problem
     assert str(tmp_path) not in problem
+
+
+def test_a_mask_named_after_a_class_is_shown_as_that_class(dashboard, tmp_path: Path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "pred"
+    _gray(images / "wall.jpg", 90)
+    masks.mkdir()
+    cv2.imwrite(str(masks / mask_filename("wall", "taping")), np.zeros((48, 64), np.uint8))  # `--prompt taping`
+    cv2.imwrite(str(masks / mask_filename("wall", "my site words")), np.zeros((48, 64), np.uint8))  # an alias
+    code, _, body = http_get(dashboard, f"/review?images={images}&masks={masks}")
+    page = body.decode()
+    assert code == 200
+    assert "class='chip cls-taping' href='/review/files/0/pred/wall__taping.png'" in page
+    assert "class='chip cls-other' href='/review/files/0/pred/wall__my_site_words.png'" in page
