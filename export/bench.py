@@ -143,7 +143,7 @@ def register_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed batch-1 iterations (batch 4: half; default 30)")
     p.add_argument("--rounds", type=positive_int, default=ROUNDS,
                    help=f"interleaved batch-1 rounds over all backends; rows report the best (default {ROUNDS})")
-    p.add_argument("--calib", type=int, default=32, help="INT8 calibration images (default 32)")
+    p.add_argument("--calib", type=positive_int, default=32, help="INT8 calibration images (default 32)")
     p.add_argument("--out", "--json", dest="out", default="bench.json", help="JSON results (default bench.json)")
     p.add_argument("--workdir", help="keep the exported models here and reuse them (default: a temporary folder)")
     p.add_argument("--engine", help="a TensorRT engine to add as a row (needs tensorrt + CUDA)")
@@ -171,14 +171,20 @@ def main_from_args(args: argparse.Namespace) -> int:
     ensure_writable_dir(out.parent)  # checked before the benchmark, so its results are not lost at the end
     if out.is_dir():
         raise OutputDirError(f"--out {out} is a folder; give the JSON file's path")
-    engine = getattr(args, "engine", None)
+    engine = Path(args.engine) if getattr(args, "engine", None) else None
+    if engine is not None and not engine.is_file():
+        raise FileNotFoundError(f"no TensorRT engine at {engine} (--engine)")
+    if getattr(args, "workdir", None):
+        ensure_writable_dir(args.workdir)
+    only = getattr(args, "backends", None)
+    if only:
+        select_backends(only, engine)  # an unknown name stops here, not after the first measurements
     with tempfile.TemporaryDirectory(prefix="drywallqa-bench-") as tmp:
         workdir = Path(args.workdir) if getattr(args, "workdir", None) else Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
         weights = _resolve_weights(args, workdir)
         report = run_bench(weights, size=tuple(args.size), threads=args.threads, iters=args.iters,
                            rounds=getattr(args, "rounds", ROUNDS), calib=args.calib, workdir=workdir,
-                           engine=Path(engine) if engine else None, only=getattr(args, "backends", None), log=print)
+                           engine=engine, only=only, log=print)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(markdown(report))
@@ -194,14 +200,30 @@ def _resolve_weights(args: argparse.Namespace, workdir: Path) -> list[Path]:
         from drywallqa.export.random_weights import write_random_weights
 
         return [write_random_weights(workdir / f"random_{a}.safetensors", a, tuple(args.size))
-                for a in _as_list(args.random_arch)]
+                for a in dict.fromkeys(_as_list(args.random_arch))]
     paths = [Path(w) for w in _as_list(getattr(args, "weights", None))]
     paths = paths or [profile_weights(p) for p in _as_list(args.profile)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"no weights at {', '.join(missing)}. Pass --weights FILE.safetensors, or "
                                 f"--random-arch ARCH for a dry run.")
-    return paths
+    unique: dict[Path, Path] = {}
+    for path in paths:  # a file named twice (--profile lite lite) is timed once
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def model_names(weights_list: list[Path]) -> list[str]:
+    """One name per model, unique within a run: the file's stem, numbered where two files share one
+    (runs/a/lite.safetensors and runs/b/lite.safetensors must not share their exported files in --workdir)."""
+    names: list[str] = []
+    for w in weights_list:
+        name, n = w.stem, 1
+        while name in names:
+            n += 1
+            name = f"{w.stem}_{n}"
+        names.append(name)
+    return names
 
 
 # --------------------------------------------------------------------------------------------------- preparation
@@ -210,20 +232,33 @@ def _fresh(paths: list[Path], than: Path) -> bool:
     return all(p.is_file() and p.stat().st_mtime >= than.stat().st_mtime for p in paths)
 
 
-def prepare_artifacts(weights: Path, size: tuple[int, int], calib: int, workdir: Path) -> dict[str, Path]:
-    """Dynamic-batch ONNX + FP16 IR + INT8 IR at `size` (reused from workdir when newer than the weights)."""
+def prepare_artifacts(weights: Path, size: tuple[int, int], calib: int, workdir: Path,
+                      name: str | None = None) -> dict[str, Path]:
+    """Dynamic-batch ONNX + FP16 IR + INT8 IR at `size`, in workdir/<name>_<h>x<w>/. Reused from there only when
+    they were made from this very weights file (path, size and mtime) with this many calibration images."""
     from drywallqa.edge.backends import read_metadata
     from drywallqa.export.pipeline import run_export
 
-    out_dir = workdir / f"{weights.stem}_{size[0]}x{size[1]}"
+    calib = max(1, calib)
+    out_dir = workdir / f"{name or weights.stem}_{size[0]}x{size[1]}"
     stem = weights.stem
     files = {"onnx": out_dir / f"{stem}.onnx", "fp16": out_dir / f"{stem}_fp16.xml",
              "int8": out_dir / f"{stem}_int8.xml"}
-    if _fresh(list(files.values()), weights):
+    made_from = out_dir / "made_from.json"
+    stat = weights.stat()
+    source = {"weights": str(weights.resolve()), "weights_bytes": stat.st_size, "weights_mtime_ns": stat.st_mtime_ns,
+              "size": list(size), "calib": calib}
+    try:
+        same_source = json.loads(made_from.read_text(encoding="utf-8")) == source
+    except (OSError, ValueError):
+        same_source = False
+    if same_source and _fresh(list(files.values()), weights):
         meta = read_metadata(files["onnx"])
         if (meta.input.height, meta.input.width) == tuple(size) and meta.input.dynamic_batch:
             return files
-    made = run_export(weights, "openvino", out_dir, size=size, dynamic_batch=True, calib=max(1, calib))
+    made_from.unlink(missing_ok=True)
+    made = run_export(weights, "openvino", out_dir, size=size, dynamic_batch=True, calib=calib)
+    made_from.write_text(json.dumps(source), encoding="utf-8")
     return {"onnx": made["onnx"], "fp16": made["openvino_fp16"], "int8": made["openvino_int8"]}
 
 
@@ -514,6 +549,20 @@ def _job_backend(job: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------------- the bench
 
+def select_backends(only: list[str] | None, engine: Path | None) -> list[BackendSpec]:
+    """The rows this machine can run, or only those named (BackendUnavailableError for a name it cannot)."""
+    specs = list(CPU_BACKENDS) + ([AVX2_CAPPED] if cpu_has_avx512() else []) + gpu_backends(engine)
+    if not only:
+        return specs
+    unknown = set(only) - {s.name for s in specs}
+    if unknown:
+        from drywallqa.edge.backends import BackendUnavailableError
+
+        raise BackendUnavailableError(f"unknown or unavailable --backends {sorted(unknown)}; this machine has "
+                                      f"{[s.name for s in specs]}")
+    return [s for s in specs if s.name in only]
+
+
 def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), threads: int = 2, iters: int = 30,
               rounds: int = ROUNDS, calib: int = 32, workdir: Path, engine: Path | None = None, only: list[str] | None = None,
               log=print) -> dict:
@@ -536,27 +585,22 @@ def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), t
     sources_file = workdir / "sources.npy"
     np.save(sources_file, np.stack(sources))
     report["settings"]["images"] = source_desc
-    specs = list(CPU_BACKENDS) + ([AVX2_CAPPED] if cpu_has_avx512() else []) + gpu_backends(engine)
-    if only:
-        unknown = set(only) - {s.name for s in specs}
-        if unknown:
-            raise SystemExit(f"error: unknown/unavailable backends {sorted(unknown)}; have {[s.name for s in specs]}")
-        specs = [s for s in specs if s.name in only]
-    for weights in weights_list:
-        report["models"].append(_bench_model(weights, specs, size, threads, iters, rounds, calib,
+    specs = select_backends(only, engine)
+    for weights, name in zip(weights_list, model_names(weights_list), strict=True):
+        report["models"].append(_bench_model(weights, name, specs, size, threads, iters, rounds, calib,
                                              workdir, engine, sources_file, gflops_machine, log))
     report["machine"]["load_avg_end"] = _loadavg()
     return report
 
 
-def _bench_model(weights: Path, specs: list[BackendSpec], size, threads, iters, rounds, calib, workdir, engine,
+def _bench_model(weights: Path, name: str, specs: list[BackendSpec], size, threads, iters, rounds, calib, workdir, engine,
                  sources_file: Path, gflops_machine: float | None, log) -> dict:
 
     from drywallqa.edge.backends import read_metadata
     from drywallqa.export.flops import count_macs
 
-    log(f"[{weights.stem}] exporting ONNX / OpenVINO FP16 / INT8 at {size[0]}x{size[1]} ...")
-    files = prepare_artifacts(weights, size, calib, workdir)
+    log(f"[{name}] exporting ONNX / OpenVINO FP16 / INT8 at {size[0]}x{size[1]} ...")
+    files = prepare_artifacts(weights, size, calib, workdir, name)
     meta = read_metadata(files["onnx"])
     flop = count_macs(files["onnx"])
     # This VM's matmul rate drifts by ~10 % within minutes. Measure it again next to this model's runs and
@@ -565,20 +609,20 @@ def _bench_model(weights: Path, specs: list[BackendSpec], size, threads, iters, 
     rates = [g for g in (gflops_machine, again) if g]
     best_rate = max(rates) if rates else None
     bound_ms = flop.gflops / best_rate * 1e3 if best_rate else None
-    model: dict = {"name": weights.stem, "weights": str(weights), "profile": meta.profile,
+    model: dict = {"name": name, "weights": str(weights), "profile": meta.profile,
                    "architecture": meta.architecture, "classes": list(meta.classes),
                    "macs": flop.macs, "gflops": flop.gflops, "flops_uncounted_nodes": flop.uncounted,
                    "matmul_gflops_seen": rates, "compute_bound_ms": bound_ms}
-    inputs_file = workdir / f"{weights.stem}_inputs.npy"
-    log(f"[{weights.stem}] pre/post-processing ...")
-    model["prepost"] = run_worker({"job": "prepost", "name": weights.stem, "model": str(files["onnx"]),
+    inputs_file = workdir / f"{name}_inputs.npy"
+    log(f"[{name}] pre/post-processing ...")
+    model["prepost"] = run_worker({"job": "prepost", "name": name, "model": str(files["onnx"]),
                                    "sources": str(sources_file), "inputs": str(inputs_file), "threads": threads,
                                    "iters": iters}, workdir, threads)
     if "error" in model["prepost"]:
         raise RuntimeError(f"pre/post-processing worker failed: {model['prepost']['error']}")
     results: dict[str, dict] = {}
     prepared: dict[str, dict[int, str]] = {}
-    probs_files = {spec.name: workdir / f"{weights.stem}_{spec.name}_probs.npy" for spec in specs}
+    probs_files = {spec.name: workdir / f"{name}_{spec.name}_probs.npy" for spec in specs}
     for spec in specs:
         try:
             prepared[spec.name] = batch_files(spec, files, weights, engine, workdir)
@@ -588,9 +632,9 @@ def _bench_model(weights: Path, specs: list[BackendSpec], size, threads, iters, 
         for spec in specs:
             if spec.name not in prepared or "error" in results.get(spec.name, {}):
                 continue
-            log(f"[{weights.stem}] {spec.label} (round {rnd + 1}/{rounds}) ...")
+            log(f"[{name}] {spec.label} (round {rnd + 1}/{rounds}) ...")
             bfiles = prepared[spec.name] if rnd == 0 else {1: prepared[spec.name][1]}  # later rounds: batch 1
-            res = run_worker({"job": "backend", "name": f"{weights.stem}_{spec.name}", "kind": spec.kind,
+            res = run_worker({"job": "backend", "name": f"{name}_{spec.name}", "kind": spec.kind,
                               "device": spec.device, "cpu_isa": spec.cpu_isa, "files": bfiles, "inputs": str(inputs_file),
                               "probs": str(probs_files[spec.name]),
                               "threads": threads, "iters": iters}, workdir, threads)

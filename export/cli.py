@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from drywallqa.argtypes import positive_int
+from drywallqa.argtypes import non_negative_int, positive_int
 
 
 def _weights(args: argparse.Namespace) -> Path:
@@ -68,6 +68,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from drywallqa.paths import EXPORTED_DIR
+
     p = subparsers.add_parser(
         "export", help="export weights to ONNX / OpenVINO (FP16, INT8) / Jetson TensorRT-ready ONNX",
         description="Export a checkpoint; every output file carries the model metadata (classes, prompts, "
@@ -76,11 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=("onnx", "openvino", "jetson", "all"), default="all",
                    help="onnx: FP32 ONNX; openvino: + IR FP16 and NNCF INT8; jetson: + FP16 static ONNX for "
                         "TensorRT (then run export/build_engine.sh on the device); all: everything (default)")
-    p.add_argument("--out", default="models/exported", help="output folder (default models/exported)")
+    p.add_argument("--out", default=str(EXPORTED_DIR),
+                   help="output folder (default: the project's models/exported, where --model hrnet|lite looks)")
     p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"),
                    help="input size (default: the checkpoint's)")
     p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension (default static 1)")
-    p.add_argument("--calib", type=int, default=300,
+    p.add_argument("--calib", type=non_negative_int, default=300,
                    help="INT8 calibration images from the training split (default 300; 0 skips INT8)")
     p.set_defaults(func=_export)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from drywallqa.export.metadata import build_metadata
@@ -20,15 +23,32 @@ def run_export(
     dynamic_batch: bool = False,
     calib: int = 300,
 ) -> dict[str, Path]:
-    """Returns {artifact name: path}. The FP32 ONNX is always written (the other targets start from it)."""
+    """Returns {artifact name: path}. The FP32 ONNX is always written (the other targets start from it).
+
+    Every file is first written to a staging folder inside `out_dir` and moved into place (a rename each) only
+    once all of them are made: an export that fails or is interrupted (Ctrl-C during INT8 calibration, a full
+    disk) leaves the files already in `out_dir` as they were, not a half-written model or a mixed set."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        made = _export_into(weights, target, staging, size, dynamic_batch, calib)
+        for path in sorted(staging.iterdir(), key=lambda p: p.suffix == ".xml"):  # an IR's .bin before its .xml
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: out_dir / path.name for name, path in made.items()}
+
+
+def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[int, int] | None, dynamic_batch: bool,
+                 calib: int) -> dict[str, Path]:
     from drywallqa.export.onnx_export import export_onnx
     from drywallqa.train.checkpoint import load_weights
 
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
     model, info = load_weights(weights)
     size = tuple(size or info.input_size)
-    out_dir = Path(out_dir)
     stem = Path(weights).stem
     meta = build_metadata(info, embed_dim=int(model.prompt_embeddings.shape[1]), input_size=size,
                           dynamic_batch=dynamic_batch, model_name=stem)

@@ -1,0 +1,148 @@
+"""`drywallqa export` / `drywallqa bench` command-line edge cases: interruption, bad values, reuse of a --workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from drywallqa.cli import main
+from drywallqa.edge.backends import read_metadata
+from drywallqa.export.random_weights import write_random_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return write_random_weights(tmp_path_factory.mktemp("w") / "w.safetensors", "effnet_lite0_fpn", (64, 64))
+
+
+def test_ctrl_c_during_int8_leaves_the_previous_export_untouched(weights, tmp_path):
+    """An export stopped after its ONNX and FP16 IR are made (here: Ctrl-C while NNCF calibrates INT8) must not
+    leave a new ONNX beside the old IRs, or any half-made file, where the previous export was."""
+    out = tmp_path / "models"
+    assert main(["export", "--weights", str(weights), "--target", "onnx", "--size", "64", "64", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert list(before) == ["w.onnx"]
+    cmd = [sys.executable, "-m", "drywallqa.cli", "export", "--weights", str(weights), "--target", "openvino",
+           "--size", "64", "96", "--calib", "8", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not any(out.rglob("w_fp16.xml")):  # the FP16 IR is made: INT8 comes next
+        assert time.monotonic() < deadline, "export never reached the FP16 IR"
+        time.sleep(0.02)
+    assert proc.poll() is None, f"export finished before it could be interrupted: {proc.communicate()}"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    after = {p.name: p.read_bytes() for p in out.iterdir()}  # hidden staging folders included
+    assert after == before
+    meta = read_metadata(out / "w.onnx")
+    assert (meta.input.height, meta.input.width) == (64, 64)
+
+
+def test_export_replaces_a_previous_export_whole(weights, tmp_path):
+    out = tmp_path / "models"
+    assert main(["export", "--weights", str(weights), "--target", "onnx", "--size", "64", "64", "--out", str(out)]) == 0
+    assert main(["export", "--weights", str(weights), "--target", "onnx", "--size", "64", "96", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["w.onnx"]  # no staging left behind
+    meta = read_metadata(out / "w.onnx")
+    assert (meta.input.height, meta.input.width) == (64, 96)
+    assert oct((out / "w.onnx").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not the staging folder's 0700
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("command, calib", [("export", "-1"), ("bench", "0"), ("bench", "-3")])
+def test_calibration_count_below_its_minimum_is_refused(command, calib, tmp_path, capsys):
+    """export --calib -1 used to skip INT8 silently (like 0); bench --calib 0 or -3 silently calibrated on 1 image."""
+    tiny = {"export": ["--target", "onnx", "--out", str(tmp_path / "o")],  # what runs if the value got through
+            "bench": ["--iters", "1", "--rounds", "1", "--backends", "onnxruntime", "--workdir", str(tmp_path / "w"),
+                      "--json", str(tmp_path / "b.json")]}[command]
+    with pytest.raises(SystemExit):
+        main([command, "--calib", calib, "--random-arch", "effnet_lite0_fpn", "--size", "32", "32", *tiny])
+    assert "must be" in capsys.readouterr().err
+
+
+def test_bench_refuses_bad_options_before_measuring(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    base = ["bench", "--random-arch", "effnet_lite0_fpn", "--size", "64", "64", "--json", str(tmp_path / "b.json")]
+    cases = {  # each used to cost a traceback, a silently missing row, or the matmul measurement first
+        "a file of that name exists": ["--workdir", str(tmp_path / "afile")],
+        "no TensorRT engine at": ["--engine", str(tmp_path / "nope.engine")],
+        "unknown or unavailable --backends ['onnxruntim']": ["--backends", "onnxruntim"],
+    }
+    for message, option in cases.items():
+        started = time.monotonic()
+        assert main([*base, *option]) == 2
+        assert message in capsys.readouterr().err
+        assert time.monotonic() - started < 30  # no export, no matmul measurement
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_a_weights_file_named_twice_is_benchmarked_once(tmp_path):
+    from drywallqa.export import bench
+
+    args = main_parser_namespace(["bench", "--profile", "lite", "lite"])
+    assert bench._resolve_weights(args, tmp_path) == [ROOT / "models" / "lite_effnet_lite0.safetensors"]
+    args = main_parser_namespace(["bench", "--random-arch", "effnet_lite0_fpn", "effnet_lite0_fpn",
+                                  "--size", "32", "32"])
+    assert [p.name for p in bench._resolve_weights(args, tmp_path)] == ["random_effnet_lite0_fpn.safetensors"]
+
+
+def main_parser_namespace(argv: list[str]):
+    from drywallqa.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_bench_keeps_same_named_checkpoints_apart_and_redoes_int8_for_another_calib(weights, tmp_path):
+    """runs/a/w.safetensors and runs/b/w.safetensors in one --workdir: the second model used to be timed on the
+    first one's exported files. And a --workdir export made with --calib 1 was reused for --calib 2."""
+    from drywallqa.export import bench
+    from drywallqa.train.checkpoint import set_thresholds
+
+    other = tmp_path / "b" / "w.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(weights.read_bytes())
+    set_thresholds(other, {"crack": 0.25})
+    work, out = tmp_path / "work", tmp_path / "bench.json"
+    assert main(["bench", "--weights", str(weights), str(other), "--size", "64", "64", "--iters", "1", "--rounds", "1",
+                 "--calib", "1", "--backends", "onnxruntime", "--workdir", str(work), "--json", str(out)]) == 0
+    models = json.loads(out.read_text())["models"]
+    assert [m["name"] for m in models] == ["w", "w_2"]
+    files = [Path(m["backends"][0]["file"]) for m in models]
+    assert files[0] != files[1]
+    assert read_metadata(files[0]).thresholds["crack"] == 0.5  # the random weights' own rule
+    assert read_metadata(files[1]).thresholds["crack"] == 0.25
+    again = bench.prepare_artifacts(other, (64, 64), 1, work, "w_2")
+    assert again["onnx"].stat().st_mtime_ns == files[1].stat().st_mtime_ns  # same source, same calib: reused
+    more = bench.prepare_artifacts(other, (64, 64), 2, work, "w_2")
+    assert read_metadata(more["int8"]).extra["calibration_images"] == 2
+
+
+def test_default_out_is_where_the_runtime_looks_from_any_folder(weights, tmp_path):
+    """`--model lite` resolves to <project>/models/exported; the export's default --out was models/exported under
+    the current folder, so an export run from anywhere else left the runtime on the old model."""
+    home, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (home / "models").mkdir(parents=True)
+    elsewhere.mkdir()
+    (home / "configs").symlink_to(ROOT / "configs")
+    (home / "models" / "lite_effnet_lite0.safetensors").write_bytes(weights.read_bytes())
+    env = {**os.environ, "DRYWALLQA_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "drywallqa.cli", "export", "--profile", "lite", "--target", "onnx",
+                           "--size", "32", "32"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (home / "models" / "exported" / "lite_effnet_lite0.onnx").is_file()
+    assert not (elsewhere / "models").exists()
