@@ -13,6 +13,8 @@ def _weights(args: argparse.Namespace) -> Path:
 
     if args.weights:
         path = Path(args.weights)
+        if path.is_dir():
+            raise FileNotFoundError(f"--weights {path} is a folder; give the .safetensors file in it")
         if not path.is_file():
             raise FileNotFoundError(f"no weights at {path} (--weights wants a .safetensors file from training)")
         return path

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 TARGETS = ("onnx", "openvino", "jetson", "all")
 
 
+INTERMEDIATE_DIR = "intermediate"  # inside the staging folder: files a target is made from, not shipped
+
+
 def run_export(
     weights: str | Path,
     target: str,
@@ -36,7 +39,8 @@ def run_export(
     try:
         made = _export_into(weights, target, staging, size, dynamic_batch, calib)
         for path in sorted(staging.iterdir(), key=lambda p: p.suffix == ".xml"):  # an IR's .bin before its .xml
-            os.replace(path, out_dir / path.name)
+            if path.is_file():  # folders hold intermediates (INTERMEDIATE_DIR), removed with the staging
+                os.replace(path, out_dir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {name: out_dir / path.name for name, path in made.items()}
@@ -68,6 +72,7 @@ def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[in
 
         static = onnx_path
         if dynamic_batch:
-            static = export_onnx(model, meta, out_dir / f"{stem}_static.onnx", dynamic_batch=False)
+            static = export_onnx(model, meta, out_dir / INTERMEDIATE_DIR / f"{stem}_static.onnx", dynamic_batch=False)
         out["jetson_onnx"] = make_jetson_onnx(static, out_dir / f"{stem}_jetson_fp16.onnx")
+        out["jetson_metadata"] = out["jetson_onnx"].with_suffix(".json")  # build_engine.sh binds it to the engine
     return out

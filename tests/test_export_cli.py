@@ -76,3 +76,8 @@ def test_missing_weights_is_clear(tmp_path):
     args = _parse(["export", "--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="no weights at"):
         args.func(args)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    args = _parse(["export", "--weights", str(folder), "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="is a folder; give the .safetensors file in it"):
+        args.func(args)

@@ -146,3 +146,15 @@ def test_default_out_is_where_the_runtime_looks_from_any_folder(weights, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (home / "models" / "exported" / "lite_effnet_lite0.onnx").is_file()
     assert not (elsewhere / "models").exists()
+
+
+def test_a_dynamic_batch_jetson_export_leaves_only_what_it_lists(weights, tmp_path, capsys):
+    """The static ONNX the Jetson file is made from is an intermediate: it must not be left in --out unlisted."""
+    out = tmp_path / "exp"
+    assert main(["export", "--weights", str(weights), "--target", "jetson", "--dynamic-batch", "--size", "64", "64",
+                 "--out", str(out)]) == 0
+    stem = weights.stem
+    made = [f"{stem}.onnx", f"{stem}_jetson_fp16.onnx", f"{stem}_jetson_fp16.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(made)
+    printed = capsys.readouterr().out
+    assert all(str(out / name) in printed for name in made), printed
