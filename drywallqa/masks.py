@@ -60,7 +60,8 @@ def write_mask(path: str | Path, mask: np.ndarray, shape: tuple[int, int] | None
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask PNG back as H x W uint8 (as written)."""
+    """Read a mask PNG back exactly as stored (IMREAD_UNCHANGED): H x W uint8 for a mask this project wrote; a
+    foreign PNG may come back with channels or 16 bits, which callers check (the review page names it)."""
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise OSError(f"cannot read mask {path}")
