@@ -91,6 +91,8 @@ def _read_token(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from drywallqa.vocab import VocabularyError
+
     from .auth import AuthConfigError
     from .bridge import BrokerConfig, BrokerConfigError
     from .server import DashboardApp, DashboardConfig
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         app = DashboardApp(config)
-    except (AuthConfigError, StoreError, BrokerConfigError) as exc:
+    except (AuthConfigError, StoreError, BrokerConfigError, VocabularyError) as exc:
         raise SystemExit(f"drywallqa dashboard: {exc}") from exc
     except OSError as exc:
         raise SystemExit(f"drywallqa dashboard: cannot listen on {args.host}:{args.port}: {exc}") from exc

@@ -68,6 +68,7 @@ class DashboardApp:
 
     def __init__(self, config: DashboardConfig) -> None:
         check_auth_config(config.host, config.token)
+        self.classes = list(load_vocabulary().classes)  # read once: a broken prompts.yaml stops the start, not pages
         self.config = config
         self.auth = TokenAuth(config.token)
         self.review_roots = [Path(r).expanduser().resolve() for r in config.review_roots]
@@ -118,13 +119,12 @@ class DashboardApp:
         self.store.close()
 
     def full_state(self) -> dict:
-        vocab = load_vocabulary()
         return {
             "devices": self.state.devices_json(),
             "broker": self.state.broker_json(),
             "alerts": self.store.alerts(limit=ALERT_PAGE),
             "alert_counts": self.store.counts(),
-            "classes": list(vocab.classes),
+            "classes": self.classes,
             "auth": self.auth.enabled,
             "device_timeout_s": self.config.device_timeout_s,
             "server_time": time.time(),
