@@ -127,10 +127,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from drywallqa.edge.settings import ConfigError
+    from drywallqa.edge.sources import SourceError, check_source_exists
 
     try:
         settings = _load(args)
-    except ConfigError as exc:
+        check_source_exists(settings.source.uri)  # as `edge run` does first: a missing video file stops it
+    except (ConfigError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.model_check:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,29 +32,51 @@ def unit_template_path() -> Path:
     raise ServiceInstallError(f"unit template {UNIT_NAME} not found (expected under {PROJECT_ROOT / 'systemd'})")
 
 
-def default_exec() -> str:
+def systemd_quote(arg: str) -> str:
+    """One word of a unit's command line: `%` and `$` doubled (systemd would expand them as specifiers and
+    environment variables), and a word with blanks, quotes or backslashes put in double quotes."""
+    if not arg or any(ch in arg for ch in "\n\r\0"):
+        raise ServiceInstallError(f"{arg!r} cannot be written on a unit's command line")
+    text = arg.replace("%", "%%").replace("$", "$$")
+    if arg != ";" and not any(ch in arg for ch in " \t\"'\\"):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def default_argv() -> list[str]:
     """The drywallqa of the environment running this command. Never sys.executable resolved: a virtualenv's
     python is a link to the base interpreter, which does not see the virtualenv's packages."""
     python = Path(os.path.abspath(sys.executable))
     script = python.parent / "drywallqa"
     if script.is_file():
-        return f"{script} edge run"
-    return f"{python} -m drywallqa.edge run"
+        return [str(script), "edge", "run"]
+    return [str(python), "-m", "drywallqa.edge", "run"]
+
+
+def default_exec() -> str:
+    return " ".join(systemd_quote(a) for a in default_argv())
+
+
+def exec_argv(exec_path: str | None) -> list[str]:
+    """The unit's command, word by word. A bare program gets what runs the edge added: `--exec
+    /opt/dq/bin/drywallqa` means `/opt/dq/bin/drywallqa edge run` (a unit running the bare program would only
+    print its usage and fail). A program whose path has blanks is one word when it exists (or is quoted)."""
+    if not exec_path:
+        return default_argv()
+    words = [exec_path] if Path(exec_path).is_file() else shlex.split(exec_path)
+    if len(words) > 1:
+        return words
+    name = Path(words[0]).name
+    if name == "drywallqa":
+        return [words[0], "edge", "run"]
+    if name.startswith("python"):
+        return [words[0], "-m", "drywallqa.edge", "run"]
+    return words
 
 
 def exec_command(exec_path: str | None) -> str:
-    """The unit's command. A bare program gets what runs the edge added: `--exec /opt/dq/bin/drywallqa` means
-    `/opt/dq/bin/drywallqa edge run` (a unit running the bare program would only print its usage and fail)."""
-    if not exec_path:
-        return default_exec()
-    if len(exec_path.split()) > 1:
-        return exec_path
-    name = Path(exec_path).name
-    if name == "drywallqa":
-        return f"{exec_path} edge run"
-    if name.startswith("python"):
-        return f"{exec_path} -m drywallqa.edge run"
-    return exec_path
+    """`exec_argv` as it goes on the unit's ExecStart= line (systemd quoting)."""
+    return " ".join(systemd_quote(a) for a in exec_argv(exec_path))
 
 
 PROTECTED_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
@@ -61,7 +84,7 @@ PROTECTED_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
 
 def hidden_by_protect_home(exec_cmd: str) -> bool:
     """The unit sets ProtectHome=yes, so a command under /home or /root cannot start as the service."""
-    program = Path(exec_cmd.split()[0])
+    program = Path(shlex.split(exec_cmd)[0])
     return any(program == home or home in program.parents for home in PROTECTED_HOMES)
 
 
@@ -77,8 +100,9 @@ def service_config_text() -> str:
 
 
 def render_unit(exec_cmd: str, config: Path, user: str) -> str:
+    """`exec_cmd` is already a unit command line (`exec_command`); the config path is quoted here."""
     text = unit_template_path().read_text(encoding="utf-8")
-    return text.replace("@EXEC@", exec_cmd).replace("@CONFIG@", str(config)).replace("@USER@", user)
+    return text.replace("@EXEC@", exec_cmd).replace("@CONFIG@", systemd_quote(str(config))).replace("@USER@", user)
 
 
 def _under(prefix: Path, path: Path) -> Path:
@@ -88,12 +112,24 @@ def _under(prefix: Path, path: Path) -> Path:
 def install_service(*, prefix: Path = Path("/"), config: Path = Path("/etc/drywallqa/edge.yaml"),
                     user: str = "drywallqa", exec_path: str | None = None, dry_run: bool = False,
                     enable: bool = True) -> int:
-    exec_cmd = exec_command(exec_path)
-    unit = render_unit(exec_cmd, config, user)
+    if not config.is_absolute():
+        print(f"error: --config {config}: give an absolute path (the service does not start in this directory)",
+              file=sys.stderr)
+        return 2
+    try:
+        argv = exec_argv(exec_path)
+        exec_cmd = exec_command(exec_path)
+        unit = render_unit(exec_cmd, config, user)
+    except (ServiceInstallError, ValueError) as exc:  # ValueError: shlex, an unclosed quote in --exec
+        print(f"error: --exec / --config: {exc}", file=sys.stderr)
+        return 2
     if hidden_by_protect_home(exec_cmd):
-        print(f"warning: {exec_cmd.split()[0]} is under /home, /root or /run/user, which the unit hides "
+        print(f"warning: {argv[0]} is under /home, /root or /run/user, which the unit hides "
               f"(ProtectHome=yes), so the service cannot start it. Install DrywallQA outside them (e.g. a "
               f"virtualenv in /opt/drywallqa) and run this again, or pass --exec.", file=sys.stderr)
+    if prefix.resolve() == Path("/") and Path(argv[0]).is_absolute() and not Path(argv[0]).is_file():
+        print(f"warning: {argv[0]} does not exist, so the service cannot start it (a path with blanks in --exec "
+              f"needs quotes: --exec '\"/opt/my dir/bin/drywallqa\"')", file=sys.stderr)
     unit_path = _under(prefix, Path("/etc/systemd/system") / UNIT_NAME)
     config_path = _under(prefix, config)
     env_path = _under(prefix, Path("/etc/drywallqa/edge.env"))
@@ -111,17 +147,21 @@ def install_service(*, prefix: Path = Path("/"), config: Path = Path("/etc/drywa
     if real_root and os.geteuid() != 0:
         print("error: installing into / needs root (sudo), or use --prefix DIR / --dry-run", file=sys.stderr)
         return 2
-    unit_path.parent.mkdir(parents=True, exist_ok=True)
-    unit_path.write_text(unit, encoding="utf-8")
-    unit_path.chmod(0o644)
+    # The config and the secrets first, then the unit that names them; existing ones are the site's: kept.
     config_path.parent.mkdir(parents=True, exist_ok=True)
     if not config_path.exists():
         config_path.write_text(service_config_text(), encoding="utf-8")
         config_path.chmod(0o644)
+    env_path.parent.mkdir(parents=True, exist_ok=True)
     if not env_path.exists():
         env_path.write_text(ENV_TEMPLATE, encoding="utf-8")
         env_path.chmod(0o600)
-    print(f"installed {unit_path}\nconfig    {config_path}\nsecrets   {env_path}")
+    unit_path.parent.mkdir(parents=True, exist_ok=True)
+    unit_path.write_text(unit, encoding="utf-8")
+    unit_path.chmod(0o644)
+    edge = shlex.join(argv[:-1]) if argv[-1] == "run" else "drywallqa edge"  # what the unit runs, less `run`
+    print(f"installed {unit_path}\nconfig    {config_path}\nsecrets   {env_path}\n"
+          f"check it: {edge} check-config --config {shlex.quote(str(config))} --model-check")
     if real_root:
         _ensure_user(user)
         if enable and shutil.which("systemctl"):

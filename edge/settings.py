@@ -6,11 +6,13 @@ Example: DRYWALLQA_MQTT__HOST=broker.local overrides `mqtt.host`. A bad value st
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -249,22 +251,43 @@ def format_validation_error(exc: ValidationError, origin: str) -> str:
         extra = f" (allowed: {allowed})" if allowed and str(allowed) not in msg else ""
         got = err.get("input")
         got_text = f"; got {got!r}" if not isinstance(got, dict | list) and got is not None else ""
-        lines.append(f"  {field}: {msg}{extra}{got_text}")
+        lines.append(f"  {field}: {msg}{extra}{got_text}{_env_note(err['loc'])}")
     lines.append(f"  (environment overrides use the prefix {ENV_PREFIX} and '__' between levels, "
                  f"e.g. {ENV_PREFIX}MQTT__HOST)")
     return "\n".join(lines)
 
 
+def _env_note(loc: tuple[Any, ...]) -> str:
+    """Which DRYWALLQA_* variable set this field (or the section holding it), if one did: the error is not in
+    the YAML file then."""
+    env = {k.upper(): k for k in os.environ}
+    for n in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(str(p) for p in loc[:n]).upper()
+        if name in env:
+            return f" (set by the environment: {env[name]})" if n == len(loc) else \
+                f" (the environment's {env[name]} sets this section)"
+    return ""
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSettings:
     """Read the YAML file (default: the packaged configs/edge.yaml), apply env overrides, validate."""
     path = Path(config) if config is not None else default_config_path()
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the YAML file in it, e.g. {path / DEFAULT_CONFIG_NAME}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if data is not None and not isinstance(data, dict):
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
+    if data is None:
+        raise ConfigError(f"config file {path} holds no settings (it is empty or only comments); copy "
+                          f"{default_config_path()} there, or write '{{}}' to run on the built-in defaults")
+    if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
     check_environment()
     _YAML_PATH["path"] = path
@@ -273,23 +296,62 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSet
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from exc
     except SettingsError as exc:  # an environment value pydantic-settings cannot parse (lists, sections: JSON)
-        raise ConfigError(f"invalid edge configuration (environment): {exc}. A list or a whole section given in "
+        where = ", ".join(_env_vars_not_json()) or f"a value ({exc})"
+        raise ConfigError(f"invalid edge configuration (environment): {where} is not valid JSON. A list or a whole section given in "
                           f"the environment must be JSON, e.g. {ENV_PREFIX}ANALYSIS__PROMPTS="
                           f"'[\"segment crack\"]'; a single setting needs '__', e.g. {ENV_PREFIX}MQTT__HOST") from exc
     finally:
         _YAML_PATH["path"] = None
 
 
+def _is_complex(annotation: Any) -> bool:
+    """Whether pydantic-settings reads this field from the environment as JSON (a list, dict, tuple or section)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    origin = get_origin(annotation)
+    if origin in (list, dict, tuple, set):
+        return True
+    return origin is not None and any(_is_complex(a) for a in get_args(annotation) if a is not type(None))
+
+
+def _env_vars_not_json(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The DRYWALLQA_* variables that set a list or a section with a value that is not JSON."""
+    env = os.environ if environ is None else environ
+    bad = []
+    for var, value in env.items():
+        if not var.upper().startswith(ENV_PREFIX):
+            continue
+        model: Any = EdgeSettings
+        annotation: Any = None
+        for part in var[len(ENV_PREFIX):].lower().split("__"):
+            fields = getattr(model, "model_fields", None)
+            if not fields or part not in fields:
+                annotation = None
+                break
+            annotation = model = fields[part].annotation
+        if annotation is not None and _is_complex(annotation):
+            try:
+                json.loads(value)
+            except ValueError:
+                bad.append(var)
+    return bad
+
+
 def check_environment(environ: dict[str, str] | None = None) -> None:
     """Refuse DRYWALLQA_<SECTION>_<KEY> (one underscore) for a real setting: pydantic-settings would ignore it
-    silently, and a broker host typed that way means a device publishing to the wrong place. Other DRYWALLQA_*
-    variables belong to other tools and are left alone."""
+    silently, and a broker host typed that way means a device publishing to the wrong place. Likewise
+    DRYWALLQA_<NOT A SECTION>__<KEY> (DRYWALLQA_MQQT__HOST): only the edge's settings use '__'. Other
+    DRYWALLQA_* variables belong to other tools and are left alone."""
     env = os.environ if environ is None else environ
     sections = {name: field.annotation for name, field in EdgeSettings.model_fields.items()}
     for var in env:
         if not var.upper().startswith(ENV_PREFIX):
             continue
         rest = var[len(ENV_PREFIX):].lower()
+        head = rest.split("__", 1)[0]
+        if "__" in rest and head not in sections:  # only the edge's settings use '__' (others: DRYWALLQA_X_Y)
+            raise ConfigError(f"environment variable {var} is not read: {head!r} is not a section of the edge "
+                              f"configuration (sections: {', '.join(sections)}), e.g. {ENV_PREFIX}MQTT__HOST")
         for section, model in sections.items():
             fields = getattr(model, "model_fields", None)
             if fields and rest.startswith(section + "_") and not rest.startswith(section + "__") \

@@ -1,0 +1,189 @@
+"""A technician's first install: `edge check-config` on good and broken configs and environments, and
+`edge install-service` into a temporary root (never the real /etc/systemd)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drywallqa.edge.settings import ConfigError, load_settings
+
+
+def _edge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DRYWALLQA_") and k != "NOTIFY_SOCKET"}
+    return subprocess.run([sys.executable, "-m", "drywallqa.edge", *args], env={**base, **(env or {})},
+                          capture_output=True, text=True, timeout=120)
+
+
+def _clean_env(monkeypatch) -> None:
+    for var in [v for v in os.environ if v.startswith("DRYWALLQA_")]:
+        monkeypatch.delenv(var)
+
+
+# -- the config file -------------------------------------------------------------------------------------------
+
+
+def test_a_folder_given_as_the_config_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory") as info:
+        load_settings(tmp_path)
+    assert "not found" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# every setting commented out\n# mqtt:\n#   host: broker\n"])
+def test_an_empty_config_file_is_refused_not_run_on_demo_defaults(tmp_path, monkeypatch, text):
+    _clean_env(monkeypatch)
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match="holds no settings"):
+        load_settings(cfg)
+    (tmp_path / "defaults.yaml").write_text("{}\n")  # the explicit way to ask for the built-in defaults
+    assert load_settings(tmp_path / "defaults.yaml").source.uri == "demo"
+
+
+def test_a_config_that_is_not_utf8_is_one_error_line_not_a_traceback(tmp_path):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_bytes(b"mqtt:\n  host: caf\xe9\n")  # saved as Latin-1 by a Windows editor
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_settings(cfg)
+    proc = _edge("check-config", "--config", str(cfg))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: config file {cfg} is not UTF-8 text (invalid continuation "
+                                                f"byte at byte 17)"]
+
+
+# -- the environment -------------------------------------------------------------------------------------------
+
+
+def test_a_misspelt_section_in_the_environment_is_refused(tmp_path, monkeypatch):
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("DRYWALLQA_MQQT__HOST", "broker.site")  # would leave the device publishing to 127.0.0.1
+    with pytest.raises(ConfigError, match="DRYWALLQA_MQQT__HOST is not read: 'mqqt' is not a section") as info:
+        load_settings()
+    assert "mqtt" in str(info.value)
+    monkeypatch.delenv("DRYWALLQA_MQQT__HOST")
+    monkeypatch.setenv("DRYWALLQA_DASHBOARD_TOKEN", "x")  # other tools' variables (one '_') are left alone
+    assert load_settings().mqtt.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("var,value", [("DRYWALLQA_ANALYSIS__ALIASES", '{"hairline crack": crack'),
+                                       ("DRYWALLQA_SOURCE__DEMO_SIZE", "480x640"),
+                                       ("DRYWALLQA_MQTT", "host=broker")])
+def test_environment_value_that_is_not_json_names_the_variable(monkeypatch, var, value):
+    _clean_env(monkeypatch)
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=f"{var} is not valid JSON"):
+        load_settings()
+
+
+def test_a_bad_value_from_the_environment_says_so(tmp_path, monkeypatch):
+    """The YAML file is not where the technician should look for `mqtt.hots`."""
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("DRYWALLQA_MQTT__HOTS", "broker.site")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "mqtt.hots: unknown setting" in str(info.value)
+    assert "set by the environment: DRYWALLQA_MQTT__HOTS" in str(info.value)
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("mqtt: {port: 0}\n")
+    monkeypatch.delenv("DRYWALLQA_MQTT__HOTS")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    assert "environment:" not in str(info.value).splitlines()[1]  # from the file: no environment named
+
+
+# -- check-config agrees with run --------------------------------------------------------------------------------
+
+
+def test_check_config_refuses_a_missing_video_file_as_run_does(tmp_path):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"source: {{uri: {tmp_path / 'walls.mp4'}}}\nmqtt: {{embedded_broker: never, port: 1}}\n"
+                   f"spool: {{path: {tmp_path / 's.sqlite'}}}\n")
+    check = _edge("check-config", "--config", str(cfg))
+    run = _edge("run", "--config", str(cfg), "--max-frames", "1")
+    assert check.returncode == run.returncode == 2, (check.stdout, run.stderr)
+    assert "source.uri: video file not found" in check.stderr and "source.uri: video file not found" in run.stderr
+
+
+# -- install-service -------------------------------------------------------------------------------------------
+
+
+def _unit(root: Path) -> str:
+    return (root / "etc/systemd/system/drywallqa-edge.service").read_text()
+
+
+def test_install_service_quotes_paths_with_spaces(tmp_path):
+    from drywallqa.edge.service import install_service
+
+    program = tmp_path / "Drywall QA" / "bin" / "drywallqa"
+    program.parent.mkdir(parents=True)
+    shutil.copy("/bin/true", program)
+    root = tmp_path / "root"
+    assert install_service(prefix=root, exec_path=str(program), config=Path("/etc/dry wall/edge.yaml")) == 0
+    exec_line = next(ln for ln in _unit(root).splitlines() if ln.startswith("ExecStart="))
+    assert exec_line == f'ExecStart="{program}" edge run --config "/etc/dry wall/edge.yaml"'
+    assert (root / "etc/dry wall/edge.yaml").is_file()
+
+
+def test_unit_command_escapes_what_systemd_would_expand():
+    from drywallqa.edge.service import exec_command, render_unit, systemd_quote
+
+    assert systemd_quote("/etc/site 50%/edge.yaml") == '"/etc/site 50%%/edge.yaml"'
+    assert systemd_quote("/opt/$HOME/x") == "/opt/$$HOME/x"
+    assert exec_command('"/opt/dry wall/bin/python3"') == '"/opt/dry wall/bin/python3" -m drywallqa.edge run'
+    assert exec_command("/opt/dq/bin/drywallqa edge run") == "/opt/dq/bin/drywallqa edge run"
+    unit = render_unit(exec_command("/opt/dq/bin/drywallqa"), Path("/etc/dq/%n.yaml"), "drywallqa")
+    assert "ExecStart=/opt/dq/bin/drywallqa edge run --config /etc/dq/%%n.yaml\n" in unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_unit_with_spaces_in_its_paths_passes_systemd_analyze_verify(tmp_path):
+    from drywallqa.edge.service import install_service
+
+    program = tmp_path / "Drywall QA" / "drywallqa"
+    program.parent.mkdir()
+    shutil.copy("/bin/true", program)
+    root = tmp_path / "root"
+    assert install_service(prefix=root, exec_path=str(program), config=Path("/etc/dry wall/edge.yaml"),
+                           user="root") == 0
+    copy = tmp_path / "drywallqa-edge.service"
+    copy.write_text(_unit(root))
+    proc = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in proc.stderr.splitlines() if "drywallqa-edge.service" in ln]
+    assert proc.returncode == 0 and not problems, proc.stderr
+
+
+def test_install_service_with_the_config_outside_etc_drywallqa(tmp_path):
+    """The secrets file /etc/drywallqa/edge.env is written even when the config lives elsewhere."""
+    proc = _edge("install-service", "--prefix", str(tmp_path), "--config", "/srv/site/edge.yaml",
+                 "--exec", "/opt/dq/bin/drywallqa")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "srv/site/edge.yaml").is_file()
+    assert stat.S_IMODE((tmp_path / "etc/drywallqa/edge.env").stat().st_mode) == 0o600
+    assert "--config /srv/site/edge.yaml" in _unit(tmp_path)
+    # the file the service reads, not the packaged default that a bare `check-config` would check
+    assert "/opt/dq/bin/drywallqa edge check-config --config /srv/site/edge.yaml --model-check" in proc.stdout
+
+
+def test_install_service_refuses_a_relative_config_path(tmp_path):
+    proc = _edge("install-service", "--prefix", str(tmp_path), "--config", "edge.yaml")
+    assert proc.returncode == 2 and "absolute path" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "etc").exists()
+
+
+def test_reinstalling_keeps_the_sites_config_and_secrets_and_renews_the_unit(tmp_path):
+    from drywallqa.edge.service import install_service
+
+    assert install_service(prefix=tmp_path, exec_path="/opt/old/bin/drywallqa") == 0
+    config, env = tmp_path / "etc/drywallqa/edge.yaml", tmp_path / "etc/drywallqa/edge.env"
+    config.write_text("mqtt: {host: broker.site, embedded_broker: never}\n")
+    env.write_text("DRYWALLQA_MQTT__PASSWORD=s3cret\n")
+    assert install_service(prefix=tmp_path, exec_path="/opt/new/bin/drywallqa") == 0
+    assert config.read_text() == "mqtt: {host: broker.site, embedded_broker: never}\n"
+    assert env.read_text() == "DRYWALLQA_MQTT__PASSWORD=s3cret\n"
+    assert "ExecStart=/opt/new/bin/drywallqa edge run" in _unit(tmp_path) and "/opt/old" not in _unit(tmp_path)
