@@ -138,14 +138,24 @@ def unique_prompts(prompts: Sequence[str]) -> list[str]:
     return out
 
 
-def check_mask_names(prompts: Sequence[str]) -> None:
+def check_mask_names(prompts: Sequence[str], classes: Sequence[str] | None = None) -> None:
     """VocabularyError, before any work, for a prompt whose mask file name part is empty: file names keep only
-    a-z and 0-9, so '裂缝' (an alias) has none, and every image would fail at its first mask."""
-    for p in prompts:
-        if not prompt_to_filename_part(p):
+    a-z and 0-9, so '裂缝' (an alias) has none, and every image would fail at its first mask. With `classes` (of
+    each prompt): also for two prompts of different classes that would write the same file (unique_prompts
+    would silently drop the second)."""
+    owner: dict[str, tuple[str, str]] = {}
+    for i, p in enumerate(prompts):
+        part = prompt_to_filename_part(p)
+        if not part:
             raise VocabularyError(f"prompt {p!r} gives no mask file name (<imageID>__<prompt>.png keeps only "
                                   f"letters a-z and digits); use a wording with some (an --alias can map it to "
                                   f"the class)")
+        if classes is None:
+            continue
+        first, first_class = owner.setdefault(part, (p, classes[i]))
+        if first_class != classes[i]:
+            raise VocabularyError(f"prompts {first!r} ({first_class}) and {p!r} ({classes[i]}) would write the "
+                                  f"same mask file <imageID>__{part}.png; give one of them another wording")
 
 
 def predict(
@@ -159,11 +169,13 @@ def predict(
 ) -> PredictSummary:
     """Segment every input with every prompt; `segmenter` is a drywallqa.edge.inference.PromptSegmenter.
     `report`: also write a findings CSV (drywallqa/findings.py), one row per image and prompt."""
-    prompts = unique_prompts(prompts)
     if not prompts:
         raise ValueError("give at least one --prompt")
-    classes = segmenter.resolve(prompts)  # unknown prompt -> UnknownPromptError before any work
-    check_mask_names(prompts)  # ... and a prompt that gives no mask file name (non-Latin wording) too
+    # unknown prompt -> UnknownPromptError before any work; so is a prompt that gives no mask file name (non-Latin
+    # wording), or two of different classes that give the same one
+    check_mask_names(prompts, segmenter.resolve(prompts))
+    prompts = unique_prompts(prompts)
+    classes = segmenter.resolve(prompts)
     class_index = [segmenter.metadata.classes.index(c) for c in classes]
     out = ensure_writable_dir(out_dir)  # before any inference: an unusable folder stops the run at once
     paths, problems = collect_inputs(inputs)

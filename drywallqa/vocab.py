@@ -93,7 +93,9 @@ class Vocabulary:
         """This vocabulary plus `aliases`: {your wording: a class name or one of its known prompts}. An alias only
         maps a wording to a class (every forward pass gives all classes), so it needs no new embedding.
 
-        VocabularyError for an alias whose target is unknown, or whose wording already names another class."""
+        VocabularyError for an alias whose target is unknown, or whose wording already names another class (also
+        by its mask file name: predict writes <imageID>__<wording>.png, and the review page reads the class back
+        from that name)."""
         if not aliases:
             return self
         vocab = self
@@ -113,6 +115,12 @@ class Vocabulary:
             known = vocab.class_by_match_key.get(match_key(wording)) or vocab.class_of_name(wording)
             if known is not None and known != cls:
                 raise VocabularyError(f"alias {wording!r} -> {cls!r}: that wording already names class {known!r}")
+            part = prompt_to_filename_part(wording)  # 'segment, crack' is no prompt; its masks: *__segment_crack
+            clash = next((c for c in vocab.classes if c != cls and part and any(
+                prompt_to_filename_part(p) == part for p in (c, *vocab.prompts_by_class[c]))), None)
+            if clash is not None:
+                raise VocabularyError(f"alias {wording!r} -> {cls!r}: its mask files would be named like those of "
+                                      f"class {clash!r} (<imageID>__{part}.png); choose another wording")
             if match_key(wording) not in vocab.class_by_match_key:  # later aliases see the earlier ones
                 table = dict(vocab.prompts_by_class)
                 table[cls] = (*table[cls], normalize_prompt(wording))

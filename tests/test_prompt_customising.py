@@ -121,6 +121,26 @@ def test_aliases_map_wordings_to_classes():
         load_vocabulary().with_aliases({"--": "crack"})
 
 
+def test_an_alias_may_not_take_another_classes_mask_file_name():
+    """'segment, crack' is no prompt (match_key keeps the comma), but predict names its masks *__segment_crack.png,
+    the file of crack's canonical prompt: an alias to taping wrote a taping mask there (shown as crack on the review
+    page), and with --prompt 'segment crack' beside it the taping prompt was dropped without a word."""
+    with pytest.raises(VocabularyError, match=r"named like those of class 'crack'.*__segment_crack\.png"):
+        load_vocabulary().with_aliases({"segment, crack": "taping"})
+    with pytest.raises(VocabularyError, match="named like those of class 'taping'"):
+        load_vocabulary().with_aliases({"drywall (seam)": "crack"})
+    vocab = load_vocabulary().with_aliases({"segment, crack": "crack"})  # the same class: the same masks, fine
+    assert vocab.resolve("segment, crack") == "crack"
+
+
+def test_predict_refuses_two_prompts_of_different_classes_with_one_mask_file():
+    from drywallqa.predict import check_mask_names
+
+    check_mask_names(["segment crack", "Segment Crack"], ["crack", "crack"])  # one file, one class: kept once
+    with pytest.raises(VocabularyError, match="would write the same mask file <imageID>__segment_crack.png"):
+        check_mask_names(["segment crack", "segment, crack"], ["crack", "taping"])
+
+
 def test_predict_with_an_alias_names_the_mask_after_the_users_wording(tmp_path, capsys):
     model = random_onnx()
     write_jpeg(tmp_path / "wall.jpg", 40, 56)
