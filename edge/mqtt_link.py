@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import sqlite3
 import ssl
 import threading
 import time
@@ -65,6 +66,12 @@ class EdgeLink:
         self._last_fail_log: float | None = None
         self.delivered = 0
         self.spool_dropped = spool.dropped()
+        self.spool_error = ""  # set while the spool cannot be written (disk full, read-only): for status
+        self._unspooled: set[int] = set()  # mids of alerts published from memory only (spool unwritable)
+        self._unspooled_lock = threading.Lock()  # its mid is recorded before its PUBACK is processed
+        self._delivery_failures = 0
+        self._delivery_failing_since: float | None = None
+        self._last_delivery_log = 0.0
         self._acks: collections.deque[int] = collections.deque()
         self._inflight: dict[int, int] = {}  # mid -> spool seq (owned by the delivery thread)
         self._last_handed = 0
@@ -116,9 +123,14 @@ class EdgeLink:
 
     # -- paho callbacks (network thread) -----------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("MQTT broker %s:%d refused the connection: %s", self.settings.host, self.settings.port,
-                      reason_code)
+        if reason_code.is_failure:  # bad credentials, not authorised, ...: paho retries; say so once a minute
+            self.connect_failures += 1
+            now = time.monotonic()
+            if self._last_fail_log is None or now - self._last_fail_log >= CONNECT_FAIL_LOG_INTERVAL_S:
+                self._last_fail_log = now
+                log.error("MQTT broker %s:%d refused the connection: %s (%d failed attempt(s) so far; check "
+                          "mqtt.username and mqtt.password); alerts are spooled until it accepts",
+                          self.settings.host, self.settings.port, reason_code, self.connect_failures)
             return
         log.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
         self._last_fail_log = None  # the next outage is reported at once again
@@ -167,6 +179,8 @@ class EdgeLink:
     def _process_acks(self) -> None:
         while self._acks:
             mid = self._acks.popleft()
+            with self._unspooled_lock:
+                self._unspooled.discard(mid)
             seq = self._inflight.pop(mid, None)
             if seq is not None:
                 self.spool.ack(seq)
@@ -191,18 +205,63 @@ class EdgeLink:
                     self._inflight[info.mid] = item.seq  # paho keeps and re-sends it until PUBACK
                     self._last_handed = item.seq
                 self._process_acks()
-            except Exception:  # noqa: BLE001 - keep delivering; the rows stay in the spool
-                log.exception("alert delivery error")
+                if self._delivery_failing_since is not None:
+                    log.warning("alert delivery works again after %d failed attempt(s)", self._delivery_failures)
+                    self._delivery_failing_since, self._delivery_failures = None, 0
+            except Exception as exc:  # noqa: BLE001 - keep delivering; the rows stay in the spool
+                self._note_delivery_error(exc)
                 time.sleep(0.5)
+
+    def _note_delivery_error(self, exc: Exception) -> None:
+        """The first failure with its traceback, then one line a minute: a spool that fails on every try (damaged
+        mid-run) must not write a traceback every half second for days."""
+        self._delivery_failures += 1
+        now = time.monotonic()
+        if self._delivery_failing_since is None:
+            self._delivery_failing_since = self._last_delivery_log = now
+            log.exception("alert delivery error (the alerts stay in the spool; while it lasts, logged once a minute)")
+        elif now - self._last_delivery_log >= CONNECT_FAIL_LOG_INTERVAL_S:
+            self._last_delivery_log = now
+            log.error("alert delivery still failing for %.0f s (%d attempts): %s", now - self._delivery_failing_since,
+                      self._delivery_failures, exc)
 
     # -- API for the live loop -----------------------------------------------------------------------------
     def send_alert(self, alert: AlertPayload) -> None:
-        """Durably spool, then deliver in order (returns once the row is on disk)."""
-        dropped = self.spool.put(alert.event_id, self.topic_alerts, alert.model_dump_json().encode())
+        """Durably spool, then deliver in order (returns once the row is on disk). When the spool cannot be
+        written (disk full, read-only, damaged), the alert is published from memory instead: paho keeps it until
+        its PUBACK, across reconnects (lost only if the process dies first), and `spool_error` says why."""
+        payload = alert.model_dump_json().encode()
+        try:
+            dropped = self.spool.put(alert.event_id, self.topic_alerts, payload)
+        except sqlite3.Error as exc:
+            self._send_unspooled(alert, payload, exc)
+            return
+        if self.spool_error:
+            log.warning("alert spool %s is writable again; alerts are spooled on disk again", self.spool.path)
+            self.spool_error = ""
         if dropped:
             self.spool_dropped += dropped
             log.warning("spool full: dropped %d oldest alert(s) (%d in total)", dropped, self.spool_dropped)
         self._wake.set()
+
+    def _send_unspooled(self, alert: AlertPayload, payload: bytes, exc: sqlite3.Error) -> None:
+        if not self.spool_error:
+            log.error("alert spool %s cannot be written (%s): alerts are kept in memory only (lost if the process "
+                      "dies before the broker has them) until it can; free disk space or fix spool.path",
+                      self.spool.path, exc)
+        self.spool_error = f"alert spool cannot be written ({exc}); alerts kept in memory only"
+        if len(self._unspooled) >= self.spool.max_rows:  # bounded like the spool: memory must not run out
+            self.spool_dropped += 1
+            log.warning("alert %s dropped: the spool cannot be written and %d alerts already wait in memory "
+                        "(%d dropped in total)", alert.event_id, len(self._unspooled), self.spool_dropped)
+            return
+        with self._unspooled_lock:
+            info = self._client.publish(self.topic_alerts, payload, qos=1)
+            if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                self._unspooled.add(info.mid)  # paho keeps (and after a reconnect re-sends) it until its PUBACK
+                return
+        self.spool_dropped += 1
+        log.error("alert %s lost: the spool cannot be written and publishing failed: %s", alert.event_id, info.rc)
 
     def send_detection(self, detection: DetectionPayload) -> bool:
         if not self.connected.is_set():
@@ -219,17 +278,18 @@ class EdgeLink:
             self._client.publish(self.topic_snapshot, snapshot.model_dump_json(), qos=1)
 
     def pending(self) -> int:
-        return self.spool.count()
+        """Alerts not yet acknowledged: spooled rows plus those kept in memory while the spool was unwritable."""
+        return self.spool.count() + len(self._unspooled)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every spooled alert is acknowledged (True) or `timeout` passes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.spool.count() == 0:
+            if self.pending() == 0:
                 return True
             self._wake.set()
             time.sleep(0.05)
-        return self.spool.count() == 0
+        return self.pending() == 0
 
     def stop(self, final_status: StatusPayload, timeout: float = 2.0) -> None:
         """Publish the final (offline) status, disconnect cleanly (no last will), stop threads."""

@@ -37,7 +37,7 @@ from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
 from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings, SpoolSettings
 from drywallqa.edge.sources import check_source_exists, make_source
-from drywallqa.edge.spool import Spool
+from drywallqa.edge.spool import Spool, SpoolDamaged
 from drywallqa.paths import EXPORTED_DIR, PROFILES
 
 if TYPE_CHECKING:
@@ -112,13 +112,32 @@ def unwatched_rules(engine: AlertEngine, watched: list[WatchedClass], raise_as: 
 
 
 def open_spool(settings: SpoolSettings) -> Spool:
-    """The alert spool, or a ConfigError naming spool.path when it cannot be created or is not a spool."""
+    """The alert spool, or a ConfigError naming spool.path when it cannot be created or is not a spool.
+
+    A damaged spool (an SQLite file whose pages are corrupt, e.g. after a power cut on a worn SD card) would stop
+    every start of an unattended device: it is moved aside, kept for recovery (`sqlite3 FILE .recover`), and a
+    fresh spool is started; `moved_aside` names where it went."""
     path = settings.resolved_path()
+    moved_aside = None
     try:
-        return Spool(path, settings.max_rows, int(settings.max_mb * 2**20))
+        try:
+            spool = Spool(path, settings.max_rows, int(settings.max_mb * 2**20))
+        except sqlite3.DatabaseError as exc:
+            if not isinstance(exc, SpoolDamaged) and getattr(exc, "sqlite_errorname", "") != "SQLITE_CORRUPT":
+                raise
+            moved_aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):  # the WAL belongs to the damaged file: it goes with it
+                part = path.with_name(path.name + suffix)
+                if part.exists():
+                    part.rename(moved_aside.with_name(moved_aside.name + suffix))
+            log.error("alert spool %s is damaged (%s): moved aside to %s (its undelivered alerts may be recovered "
+                      "with `sqlite3 %s .recover`); starting a fresh spool", path, exc, moved_aside, moved_aside)
+            spool = Spool(path, settings.max_rows, int(settings.max_mb * 2**20))
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError(f"spool.path: cannot open the alert spool {path}: {exc} (set spool.path to a writable "
                           f"file, e.g. under $STATE_DIRECTORY)") from exc
+    spool.moved_aside = moved_aside
+    return spool
 
 
 @dataclass
@@ -171,6 +190,8 @@ class EdgeRunner:
                  self.segmenter.backend.name, [(w.prompt, w.class_name) for w in self.watched])
 
         self.spool = open_spool(s.spool)
+        if self.spool.moved_aside is not None:
+            self.last_error = f"alert spool was damaged: moved aside to {self.spool.moved_aside}, started afresh"
         if self.spool.count():
             log.info("spool %s holds %d undelivered alert(s); replaying them first", self.spool.path,
                      self.spool.count())
@@ -225,7 +246,7 @@ class EdgeRunner:
             fps=round(self.stats.fps, 2),
             spooled_alerts=self.spool.count() if self.spool else 0,
             spool_dropped=self.link.spool_dropped if self.link else 0,
-            last_error=self.last_error or (cap.last_error if cap else ""),
+            last_error=self.last_error or (self.link.spool_error if self.link else "") or (cap.last_error if cap else ""),
         )
 
     def _publish_status(self) -> None:

@@ -26,6 +26,10 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 
+class SpoolDamaged(sqlite3.DatabaseError):
+    """The spool is an SQLite file whose pages are corrupt (PRAGMA quick_check at open)."""
+
+
 @dataclass(frozen=True)
 class SpoolItem:
     seq: int
@@ -40,11 +44,16 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
+        self.moved_aside: Path | None = None  # a damaged spool found at start and kept there (see open_spool)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)").fetchall()]
+        if problems != ["ok"]:  # else every read and write would fail later, mid-run
+            self._db.close()
+            raise SpoolDamaged(f"database disk image is malformed: {'; '.join(problems)}")
 
     def close(self) -> None:
         with self._lock:
@@ -62,7 +71,8 @@ class Spool:
                 dropped = self._enforce_bounds()
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
+                    self._db.execute("ROLLBACK")
                 raise
             return dropped
 
