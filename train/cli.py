@@ -37,8 +37,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     import torch
 
     from drywallqa.paths import CACHE_DIR
-    from drywallqa.train.text_encoders import vocabulary_embeddings
-    from drywallqa.train.trainer import TrainConfig, train
+    from drywallqa.train.text_encoders import TextEncoderError, vocabulary_embeddings
+    from drywallqa.train.trainer import TrainConfig, TrainError, train
     from drywallqa.train.training_data import InMemoryData
     from drywallqa.vocab import load_vocabulary
 
@@ -61,8 +61,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         finetune_head(cfg, train_data, val_data)
         return 0
     vocab = load_vocabulary()
-    emb = vocabulary_embeddings(vocab.all_prompts, cfg.text_encoder, cfg.clip_path,
-                                cache=Path(cfg.runs_dir) / f"text_{cfg.text_encoder}.safetensors")
+    try:
+        emb = vocabulary_embeddings(vocab.all_prompts, cfg.text_encoder, cfg.clip_path,
+                                    cache=Path(cfg.runs_dir) / f"text_{cfg.text_encoder}.safetensors")
+    except TextEncoderError as exc:  # e.g. a hub name with no internet: one line, before any training
+        raise TrainError(f"{args.config}: {exc}") from exc
     print(f"[{cfg.name}] {len(train_data)} train / {len(val_data)} val images at {cfg.cache_size}px on {device}; "
           f"text encoder {emb.encoder}")
     train(cfg, train_data, val_data, emb.vectors, emb.prompts, emb.encoder, vocab=vocab)

@@ -137,6 +137,12 @@ class TrainConfig:
             problems.append(f"loss: one of {list(LOSSES)}, got {self.loss!r}")
         if self.text_encoder not in ("minilm", "clip"):
             problems.append(f"text_encoder: minilm or clip, got {self.text_encoder!r}")
+        elif self.text_encoder == "clip" and not self.frozen_encoder:  # a head fine-tune embeds nothing
+            from drywallqa.train.text_encoders import clip_source_problem
+
+            clip_problem = clip_source_problem(self.clip_path)
+            if clip_problem:
+                problems.append(clip_problem)
         scale = self.scale
         if not (isinstance(scale, tuple) and len(scale) == 2 and all(isinstance(v, int | float) for v in scale)
                 and 0 < scale[0] <= scale[1]):
@@ -165,6 +171,11 @@ def lr_at(step: int, total: int, base: float, warmup: int, progress: float | Non
         progress = (step - warmup) / max(1, total - warmup)
     progress = min(1.0, max(0.0, progress))
     return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def same_embeddings(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two prompt-embedding tables are the same up to fp16 storage (shipped weights are fp16)."""
+    return a.shape == b.shape and torch.allclose(a.detach().float().cpu(), b.detach().float().cpu(), atol=2e-3)
 
 
 def prompt_sampler(vocab: Vocabulary, prompts: list[str]) -> list[torch.Tensor]:
@@ -252,6 +263,12 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     init_info: CheckpointInfo | None = None
     if cfg.init_weights:
         init, init_info = load_weights(cfg.init_weights)
+        if list(init_info.prompts) != list(prompts) or not same_embeddings(init.prompt_embeddings, prompt_embeddings):
+            raise TrainError(f"init_weights {cfg.init_weights} has other prompt embeddings (text encoder "
+                             f"{init_info.text_encoder!r}, {len(init_info.prompts)} prompts) than this run "
+                             f"({text_encoder_name!r}, {len(prompts)} prompts); a fine-tune keeps its parent's "
+                             f"text conditioning, so name the parent's text_encoder/clip_path and prompts, or drop "
+                             f"init_weights")
         model.load_state_dict(init.state_dict())
         log(f"[{cfg.name}] initialised from {cfg.init_weights}")
     teacher = load_teacher(cfg.teacher, prompts, device)
@@ -280,6 +297,12 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         except Exception as exc:  # truncated, foreign, or of another architecture: never overwritten silently
             raise TrainError(f"cannot resume from {last}: {type(exc).__name__}: {str(exc)[:300]}. It is left as it "
                              f"is; move it away to start run {cfg.name!r} again, or give this run another name") from exc
+        if not same_embeddings(model.prompt_embeddings, prompt_embeddings):  # resuming would keep the old ones
+            was = ckpt.get("config", {})
+            raise TrainError(f"cannot resume from {last}: it was trained with other prompt embeddings (text_encoder "
+                             f"{was.get('text_encoder')!r}, clip_path {was.get('clip_path')!r}) than this run's "
+                             f"{text_encoder_name!r}. It is left as it is; move it away to start run {cfg.name!r} "
+                             f"again, or give this run another name")
         # The checkpoint's history is the record: an epoch logged just before a kill (checkpoint not yet
         # written) is trained again, so its line is dropped rather than written twice.
         (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["history"]),
