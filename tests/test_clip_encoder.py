@@ -4,7 +4,6 @@ embeddings change under them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,48 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from drywallqa.train.checkpoint import load_weights  # noqa: E402
-from tests._train_fixtures import random_embeddings, tiny_train_config, write_synthetic_cache  # noqa: E402
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def tiny_clip(folder: Path, whole: bool = True, seed: int = 0) -> Path:
-    """A random CLIP saved with save_pretrained: CLIPModel (text + vision towers, as openai/clip-vit-base-patch32 is
-    downloaded, with its legacy eos_token_id 2) or CLIPTextModel alone; a byte-level tokenizer beside it."""
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=77, projection_dim=24)
-    torch.manual_seed(seed)
-    if whole:
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=32, patch_size=16, projection_dim=24)
-        cfg = transformers.CLIPConfig(text_config={**text, "eos_token_id": 2, "bos_token_id": 0, "pad_token_id": 1},
-                                      vision_config=vision, projection_dim=24)
-        transformers.CLIPModel(cfg).save_pretrained(folder)
-    else:
-        cfg = transformers.CLIPTextConfig(**text, eos_token_id=vocab["<|endoftext|>"],
-                                          bos_token_id=vocab["<|startoftext|>"])
-        transformers.CLIPTextModel(cfg).save_pretrained(folder)
-    return folder
+from tests._train_fixtures import random_embeddings, tiny_clip, tiny_train_config, write_synthetic_cache  # noqa: E402
 
 
 def test_a_whole_clipmodel_folder_gives_its_text_tower(tmp_path):

@@ -20,7 +20,7 @@ from drywallqa.train.losses import LOSSES, cldice_loss, lovasz_hinge_per_image, 
 from drywallqa.train.models.hrnet import HRNetW18  # noqa: E402
 from drywallqa.train.models.segmenter import ExportWrapper, build_segmenter  # noqa: E402
 from drywallqa.vocab import UnknownPromptError, load_vocabulary  # noqa: E402
-from tests._train_fixtures import random_embeddings, tiny_train_config, write_synthetic_cache  # noqa: E402
+from tests._train_fixtures import random_embeddings, tiny_clip, tiny_train_config, write_synthetic_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,37 +285,11 @@ def test_ddp_ranks_stop_together_on_a_time_budget(tmp_path):
     assert (tmp_path / "out.safetensors").exists()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def test_clip_text_encoder_path_with_a_tiny_random_clip(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from drywallqa.train.text_encoders import embed_prompts
 
-    # A byte-level vocabulary of single characters (no merges) is a valid CLIP BPE tokenizer.
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    tok.save_pretrained(tmp_path)
-    cfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                      eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"])
-    transformers.CLIPTextModel(cfg).save_pretrained(tmp_path)
+    tiny_clip(tmp_path, whole=False)  # a byte-level CLIP BPE tokenizer and a random 2-layer text tower
     emb = embed_prompts(["segment crack", "segment taping area"], "clip", str(tmp_path))
     assert emb.vectors.shape == (2, 32)
     assert torch.allclose(emb.vectors.norm(dim=1), torch.ones(2), atol=1e-5)
