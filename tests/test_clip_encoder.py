@@ -79,7 +79,6 @@ def test_fine_tuning_or_resuming_with_other_text_embeddings_is_refused(tmp_path)
     data = InMemoryData.from_cache(write_synthetic_cache(tmp_path / "cache"), 64, "train")
     vocab, emb, _ = random_embeddings(seed=0)
     _, other, _ = random_embeddings(seed=1)  # e.g. another CLIP of the same width
-    torch.set_num_threads(1)
 
     def run(name: str, vectors: torch.Tensor, encoder: str, epochs: int = 1, **kw) -> Path:
         cfg = TrainConfig(name=name, architecture="effnet_lite0_fpn", profile="lite",

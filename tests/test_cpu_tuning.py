@@ -46,7 +46,11 @@ def test_freed_training_buffers_are_reused_instead_of_faulted_in_again():
     assert tuned * 10 <= default  # the buffer's memory stayed in the heap and is reused
 
 
-def test_channels_last_training_on_cpu_gives_the_same_gradients():
+@pytest.mark.parametrize("threads, bound", [(2, 1e-3), (1, 1e-2)])
+def test_channels_last_training_on_cpu_gives_the_same_gradients(threads: int, bound: float) -> None:
+    """The same sums in another order: float32 rounding. On one thread oneDNN's channels-last backward rounds
+    differently (measured: 4.3e-3 of the gradient's norm, against 6e-5 on two threads and 2e-5 between thread
+    counts in the default layout), still far below the noise of a training step."""
     assert use_channels_last("effnet_lite0_fpn", torch.device("cpu"))
     assert not use_channels_last("hrnet_w18", torch.device("cpu"))  # slower that way on CPU (measured)
     assert use_channels_last("hrnet_w18", torch.device("cuda"))
@@ -57,13 +61,18 @@ def test_channels_last_training_on_cpu_gives_the_same_gradients():
     x = torch.randn(2, 3, 96, 96)
     ids = torch.tensor([[0, len(vocab.all_prompts) - 1]] * 2)
     results = []
-    for model, inp in ((plain, x), (nhwc, x.contiguous(memory_format=torch.channels_last))):
-        logits = model(inp, ids)
-        logits.square().mean().backward()
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for model, inp in ((plain, x), (nhwc, x.contiguous(memory_format=torch.channels_last))):
+            logits = model(inp, ids)
+            logits.square().mean().backward()
+            results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    finally:
+        torch.set_num_threads(before)
     (out_a, grads_a), (out_b, grads_b) = results
     assert torch.allclose(out_a, out_b, atol=1e-4)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 50
     flat_a = torch.cat([g.flatten() for g in grads_a.values()])
     flat_b = torch.cat([grads_b[name].flatten() for name in grads_a])
-    assert (flat_a - flat_b).norm() <= 1e-3 * flat_a.norm()  # the same sums in another order: float32 rounding
+    assert (flat_a - flat_b).norm() <= bound * flat_a.norm()
