@@ -43,6 +43,34 @@ log = logging.getLogger(__name__)
 CONNECT_FAIL_LOG_INTERVAL_S = 60.0
 
 
+class LogThrottle:
+    """A trouble that repeats (a broker that refuses or cannot be reached, a spool that fails on every try) is
+    logged at its first occurrence and then at most once an interval, never per retry."""
+
+    def __init__(self, interval_s: float = CONNECT_FAIL_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self.count = 0  # occurrences since the last reset
+        self.since: float | None = None  # monotonic time of the first of them
+        self._logged: float | None = None
+
+    def hit(self) -> bool:
+        """Count one occurrence; True when it should be logged now."""
+        now = time.monotonic()
+        self.count += 1
+        if self.since is None:
+            self.since = now
+        if self._logged is None or now - self._logged >= self.interval_s:
+            self._logged = now
+            return True
+        return False
+
+    def reset(self, count: bool = True) -> None:
+        """The trouble is over: the next one is logged at once (`count=False` keeps the running total)."""
+        self.since = self._logged = None
+        if count:
+            self.count = 0
+
+
 class EdgeLink:
     def __init__(
         self,
@@ -62,16 +90,13 @@ class EdgeLink:
         self.topic_snapshot = topic(settings.prefix, settings.device_id, TOPIC_SNAPSHOT)
         self.topic_cmd = topic(settings.prefix, settings.device_id, TOPIC_CMD)
         self.connected = threading.Event()
-        self.connect_failures = 0
-        self._last_fail_log: float | None = None
+        self._connect_trouble = LogThrottle()  # its count: failed attempts so far, over every outage
         self.delivered = 0
         self.spool_dropped = spool.dropped()
         self.spool_error = ""  # set while the spool cannot be written (disk full, read-only): for status
         self._unspooled: set[int] = set()  # mids of alerts published from memory only (spool unwritable)
         self._unspooled_lock = threading.Lock()  # its mid is recorded before its PUBACK is processed
-        self._delivery_failures = 0
-        self._delivery_failing_since: float | None = None
-        self._last_delivery_log = 0.0
+        self._delivery_trouble = LogThrottle()
         self._acks: collections.deque[int] = collections.deque()
         self._inflight: dict[int, int] = {}  # mid -> spool seq (owned by the delivery thread)
         self._last_handed = 0
@@ -124,16 +149,13 @@ class EdgeLink:
     # -- paho callbacks (network thread) -----------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:  # bad credentials, not authorised, ...: paho retries; say so once a minute
-            self.connect_failures += 1
-            now = time.monotonic()
-            if self._last_fail_log is None or now - self._last_fail_log >= CONNECT_FAIL_LOG_INTERVAL_S:
-                self._last_fail_log = now
+            if self._connect_trouble.hit():
                 log.error("MQTT broker %s:%d refused the connection: %s (%d failed attempt(s) so far; check "
                           "mqtt.username and mqtt.password); alerts are spooled until it accepts",
-                          self.settings.host, self.settings.port, reason_code, self.connect_failures)
+                          self.settings.host, self.settings.port, reason_code, self._connect_trouble.count)
             return
         log.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
-        self._last_fail_log = None  # the next outage is reported at once again
+        self._connect_trouble.reset(count=False)  # the next outage is reported at once again
         client.subscribe(self.topic_cmd, qos=1)
         online = self._status("online")
         client.publish(self.topic_status, online.model_dump_json(), qos=1, retain=True)
@@ -144,13 +166,10 @@ class EdgeLink:
     def _on_connect_fail(self, client, userdata) -> None:
         """paho could not reach the broker (refused, unreachable, unknown host, TLS handshake): say so at the
         first failure and then once a minute, never silently."""
-        self.connect_failures += 1
-        now = time.monotonic()
-        if self._last_fail_log is None or now - self._last_fail_log >= CONNECT_FAIL_LOG_INTERVAL_S:
-            self._last_fail_log = now
+        if self._connect_trouble.hit():
             log.warning("MQTT broker %s:%d unreachable (%d failed attempt(s) so far; check mqtt.host, mqtt.port "
                         "and mqtt.tls); alerts are spooled until it answers", self.settings.host,
-                        self.settings.port, self.connect_failures)
+                        self.settings.port, self._connect_trouble.count)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._latest_status is not None:
@@ -205,25 +224,22 @@ class EdgeLink:
                     self._inflight[info.mid] = item.seq  # paho keeps and re-sends it until PUBACK
                     self._last_handed = item.seq
                 self._process_acks()
-                if self._delivery_failing_since is not None:
-                    log.warning("alert delivery works again after %d failed attempt(s)", self._delivery_failures)
-                    self._delivery_failing_since, self._delivery_failures = None, 0
+                trouble = self._delivery_trouble
+                if trouble.count:
+                    log.warning("alert delivery works again after %d failed attempt(s)", trouble.count)
+                    trouble.reset()
             except Exception as exc:  # noqa: BLE001 - keep delivering; the rows stay in the spool
-                self._note_delivery_error(exc)
+                # the first failure with its traceback, then one line a minute: a spool that fails on every try
+                # (damaged mid-run) must not write a traceback every half second for days
+                trouble = self._delivery_trouble
+                if trouble.hit():
+                    if trouble.count == 1:
+                        log.exception("alert delivery error (the alerts stay in the spool; while it lasts, logged "
+                                      "once a minute)")
+                    else:
+                        log.error("alert delivery still failing for %.0f s (%d attempts): %s",
+                                  time.monotonic() - trouble.since, trouble.count, exc)
                 time.sleep(0.5)
-
-    def _note_delivery_error(self, exc: Exception) -> None:
-        """The first failure with its traceback, then one line a minute: a spool that fails on every try (damaged
-        mid-run) must not write a traceback every half second for days."""
-        self._delivery_failures += 1
-        now = time.monotonic()
-        if self._delivery_failing_since is None:
-            self._delivery_failing_since = self._last_delivery_log = now
-            log.exception("alert delivery error (the alerts stay in the spool; while it lasts, logged once a minute)")
-        elif now - self._last_delivery_log >= CONNECT_FAIL_LOG_INTERVAL_S:
-            self._last_delivery_log = now
-            log.error("alert delivery still failing for %.0f s (%d attempts): %s", now - self._delivery_failing_since,
-                      self._delivery_failures, exc)
 
     # -- API for the live loop -----------------------------------------------------------------------------
     def send_alert(self, alert: AlertPayload) -> None:

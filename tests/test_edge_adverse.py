@@ -168,7 +168,7 @@ def test_a_spool_that_fails_on_every_try_is_logged_once_a_minute_not_per_retry(t
         with spool._lock:  # not while the delivery thread is inside a query
             spool._db.close()  # every read of the spool now raises, as a damaged file does
         link._wake.set()
-        wait_until(lambda: link._delivery_failures >= 4, timeout=15, what="four failed delivery attempts")
+        wait_until(lambda: link._delivery_trouble.count >= 4, timeout=15, what="four failed delivery attempts")
         errors = [r for r in caplog.records if "alert delivery" in r.getMessage()]
         assert len(errors) == 1 and errors[0].exc_info is not None, [r.getMessage() for r in errors]
     finally:
