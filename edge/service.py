@@ -54,7 +54,7 @@ def default_argv() -> list[str]:
 
 
 def default_exec() -> str:
-    return " ".join(systemd_quote(a) for a in default_argv())
+    return unit_command(default_argv())
 
 
 def exec_argv(exec_path: str | None) -> list[str]:
@@ -74,9 +74,13 @@ def exec_argv(exec_path: str | None) -> list[str]:
     return words
 
 
+def unit_command(argv: list[str]) -> str:
+    """A command, word by word, as it goes on the unit's ExecStart= line (systemd quoting)."""
+    return " ".join(systemd_quote(a) for a in argv)
+
+
 def exec_command(exec_path: str | None) -> str:
-    """`exec_argv` as it goes on the unit's ExecStart= line (systemd quoting)."""
-    return " ".join(systemd_quote(a) for a in exec_argv(exec_path))
+    return unit_command(exec_argv(exec_path))
 
 
 PROTECTED_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
@@ -118,7 +122,7 @@ def install_service(*, prefix: Path = Path("/"), config: Path = Path("/etc/drywa
         return 2
     try:
         argv = exec_argv(exec_path)
-        exec_cmd = exec_command(exec_path)
+        exec_cmd = unit_command(argv)
         unit = render_unit(exec_cmd, config, user)
     except (ServiceInstallError, ValueError) as exc:  # ValueError: shlex, an unclosed quote in --exec
         print(f"error: --exec / --config: {exc}", file=sys.stderr)
