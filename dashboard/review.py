@@ -145,6 +145,14 @@ def _header_size_bands(path: Path, oriented: bool) -> tuple[tuple[int, int], int
     return (w, h), bands
 
 
+def _shape_problems(name: str, bands: int, mask_wh: tuple[int, int], image_wh: tuple[int, int]) -> list[str]:
+    """How a mask's channels and size break the contract, in the words both the page and the overlay use."""
+    problems = [f"{name}: has {bands} channels, expected 1"] if bands != 1 else []
+    if mask_wh != image_wh:
+        problems.append(f"{name}: size {mask_wh[0]}x{mask_wh[1]} differs from image {image_wh[0]}x{image_wh[1]}")
+    return problems
+
+
 def mask_problems(item: ReviewItem) -> list[str]:
     """What render_overlay would report (unreadable, not single-channel, wrong size), from the file headers only:
     cheap enough for every image of a listing page, where the overlay's own report (a response header) is not
@@ -163,10 +171,7 @@ def mask_problems(item: ReviewItem) -> list[str]:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             problems.append(f"{name}: cannot read mask")
             continue
-        if bands != 1:
-            problems.append(f"{name}: has {bands} channels, expected 1")
-        if (mw, mh) != (w, h):
-            problems.append(f"{name}: size {mw}x{mh} differs from image {w}x{h}")
+        problems += _shape_problems(name, bands, (mw, mh), (w, h))
     return problems
 
 
@@ -186,13 +191,11 @@ def render_overlay(item: ReviewItem, max_side: int = 1024, alpha: float = 0.45) 
         except OSError:
             problems.append(f"{mask_file.path.name}: cannot read mask")  # the name only, not where it lies
             continue
+        problems += _shape_problems(mask_file.path.name, mask.shape[2] if mask.ndim == 3 else 1,
+                                    (mask.shape[1], mask.shape[0]), (w, h))
         if mask.ndim == 3:
-            problems.append(f"{mask_file.path.name}: has {mask.shape[2]} channels, expected 1")
             mask = mask[..., 0]
         if mask.shape != (h, w):
-            problems.append(
-                f"{mask_file.path.name}: size {mask.shape[1]}x{mask.shape[0]} differs from image {w}x{h}"
-            )
             mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
         on = mask > 127
         color = CLASS_COLORS_RGB.get(mask_file.class_name or "", OTHER_COLOR_RGB)
