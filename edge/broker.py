@@ -76,6 +76,10 @@ class EmbeddedBroker:
         if not self.binary:
             raise BrokerError("embedded broker requested but the `mosquitto` binary is not installed "
                               "(apt-get install mosquitto) - or set mqtt.embedded_broker: never")
+        if port_open("127.0.0.1", self.port, 0.2):  # else that program's answer would pass for our broker's
+            raise BrokerError(f"127.0.0.1:{self.port} is taken by another program, so an embedded mosquitto cannot "
+                              f"listen there (mqtt.embedded_broker: auto uses a broker already listening; or choose "
+                              f"another mqtt.port)")
         if self.workdir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="drywallqa-mosquitto-")
             workdir = Path(self._dir.name)

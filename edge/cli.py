@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from drywallqa.argtypes import positive_float, positive_int
+
+# Exit statuses of `edge run` and `edge check-config`. A wrong setting (config, model file, prompt, video file)
+# exits EXIT_CONFIG, sysexits' EX_CONFIG, which the unit's RestartPreventExitStatus= keeps systemd from restarting
+# ten times in vain; a failure a restart may cure (the embedded broker's port still taken, a GPU not yet up at
+# boot) exits EXIT_START_FAILED and is retried.
+EXIT_CONFIG = 78
+EXIT_START_FAILED = 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,12 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--source", default=None, help="override source.uri (demo, 0, /dev/video0, URL, file, folder)")
     run.add_argument("--model", default=None, help="override model.path (hrnet, lite or a model file)")
     run.add_argument("--stats-json", type=Path, default=None, help="write loop statistics here at exit")
+    _add_env_file(run)
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config (and the model/prompts with --model-check)",
                            description="Print the effective settings (YAML + environment) or a clear error.")
     _add_config(check)
     check.add_argument("--model-check", action="store_true", help="also load the model and resolve the prompts")
+    _add_env_file(check)
     check.set_defaults(func=_cmd_check)
 
     inst = sub.add_parser("install-service", help="install the systemd unit (Type=notify, watchdog)",
@@ -59,6 +69,12 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="YAML settings (default: the packaged configs/edge.yaml)")
 
 
+def _add_env_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env-file", type=Path, default=None, metavar="PATH",
+                   help="read DRYWALLQA_* overrides from this systemd environment file, as the service does "
+                        "(e.g. /etc/drywallqa/edge.env), instead of from this shell's environment")
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
@@ -67,16 +83,35 @@ def _setup_logging(level: str) -> None:
 def _load(args: argparse.Namespace, **overrides):
     from drywallqa.edge.settings import load_settings
 
+    if args.env_file is not None:
+        _use_env_file(args.env_file)
     return load_settings(args.config, **overrides)
+
+
+def _use_env_file(path: Path) -> None:
+    """Make this process's DRYWALLQA_* environment the file's, as systemd gives the service (ConfigError if
+    unreadable). The shell's own DRYWALLQA_* variables are dropped, since the service never sees them."""
+    from drywallqa.edge.envfile import read_env_file
+    from drywallqa.edge.settings import ENV_PREFIX
+
+    values = read_env_file(path)
+    dropped = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k not in values)
+    for name in dropped:
+        del os.environ[name]
+    if dropped:
+        print(f"note: ignoring {', '.join(dropped)} from this shell: the service sees only {path}", file=sys.stderr)
+    os.environ.update(values)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from drywallqa.contract import InvalidModelError
+    from drywallqa.edge.backends import BackendUnavailableError
     from drywallqa.edge.broker import BrokerError
     from drywallqa.edge.runner import EdgeRunner
     from drywallqa.edge.settings import ConfigError, format_validation_error
+    from drywallqa.edge.sources import SourceError
     from drywallqa.vocab import UnknownPromptError
 
     try:
@@ -93,7 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 raise ConfigError(format_validation_error(exc, "--source / --model")) from exc
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     _setup_logging(settings.log_level)
     runner = EdgeRunner(settings, max_frames=args.max_frames, duration_s=args.duration)
 
@@ -105,11 +140,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         runner.setup()
-    except (ConfigError, UnknownPromptError, InvalidModelError, BrokerError, FileNotFoundError, RuntimeError,
-            ValueError) as exc:
+    except (ConfigError, UnknownPromptError, InvalidModelError, SourceError, BackendUnavailableError,
+            FileNotFoundError, ValueError) as exc:
         runner.shutdown()
         print(f"error: cannot start the edge runtime: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except (BrokerError, RuntimeError, OSError) as exc:
+        runner.shutdown()
+        print(f"error: cannot start the edge runtime (a restart may cure this): {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
     stats = runner.run()
     summary = {
         "frames_processed": stats.processed, "frame_errors": stats.errors, "alerts": stats.alerts,
@@ -134,7 +173,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         check_source_exists(settings.source.uri)  # as `edge run` does first: a missing video file stops it
     except (ConfigError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.model_check:
         from drywallqa.edge.runner import EdgeRunner, load_segmenter
 
@@ -146,7 +185,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             runner.resolve_rules(watched)  # the same checks `edge run` makes at start-up
         except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         print(f"model {path}: watching " + ", ".join(f"{w.prompt!r} -> {w.class_name}" for w in watched))
     safe = settings.model_dump(mode="json")
     if safe["mqtt"].get("password"):

@@ -13,6 +13,7 @@ from drywallqa.edge.settings import default_config_path
 from drywallqa.paths import PROJECT_ROOT
 
 UNIT_NAME = "drywallqa-edge.service"
+ENV_FILE = Path("/etc/drywallqa/edge.env")  # the unit's EnvironmentFile=
 ENV_TEMPLATE = """# Environment for drywallqa-edge.service (secrets belong here, not in edge.yaml). Mode 0600.
 # DRYWALLQA_MQTT__HOST=broker.example
 # DRYWALLQA_MQTT__USERNAME=edge
@@ -136,7 +137,7 @@ def install_service(*, prefix: Path = Path("/"), config: Path = Path("/etc/drywa
               f"needs quotes: --exec '\"/opt/my dir/bin/drywallqa\"')", file=sys.stderr)
     unit_path = _under(prefix, Path("/etc/systemd/system") / UNIT_NAME)
     config_path = _under(prefix, config)
-    env_path = _under(prefix, Path("/etc/drywallqa/edge.env"))
+    env_path = _under(prefix, ENV_FILE)
     real_root = prefix.resolve() == Path("/")
     if dry_run:
         print(f"# would write {unit_path}\n{unit}")
@@ -165,7 +166,7 @@ def install_service(*, prefix: Path = Path("/"), config: Path = Path("/etc/drywa
     unit_path.chmod(0o644)
     edge = shlex.join(argv[:-1]) if argv[-1] == "run" else "drywallqa edge"  # what the unit runs, less `run`
     print(f"installed {unit_path}\nconfig    {config_path}\nsecrets   {env_path}\n"
-          f"check it: {edge} check-config --config {shlex.quote(str(config))} --model-check")
+          f"check it: {edge} check-config --config {shlex.quote(str(config))} --env-file {ENV_FILE} --model-check")
     if real_root:
         _ensure_user(user)
         if enable and shutil.which("systemctl"):

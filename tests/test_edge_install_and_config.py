@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from drywallqa.edge.cli import EXIT_CONFIG, EXIT_START_FAILED
 from drywallqa.edge.settings import ConfigError, load_settings
 
 
@@ -52,7 +56,7 @@ def test_a_config_that_is_not_utf8_is_one_error_line_not_a_traceback(tmp_path):
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_settings(cfg)
     proc = _edge("check-config", "--config", str(cfg))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: config file {cfg} is not UTF-8 text (invalid continuation "
                                                 f"byte at byte 17)"]
 
@@ -106,7 +110,7 @@ def test_check_config_refuses_a_missing_video_file_as_run_does(tmp_path):
                    f"spool: {{path: {tmp_path / 's.sqlite'}}}\n")
     check = _edge("check-config", "--config", str(cfg))
     run = _edge("run", "--config", str(cfg), "--max-frames", "1")
-    assert check.returncode == run.returncode == 2, (check.stdout, run.stderr)
+    assert check.returncode == run.returncode == EXIT_CONFIG, (check.stdout, run.stderr)
     assert "source.uri: video file not found" in check.stderr and "source.uri: video file not found" in run.stderr
 
 
@@ -167,7 +171,8 @@ def test_install_service_with_the_config_outside_etc_drywallqa(tmp_path):
     assert stat.S_IMODE((tmp_path / "etc/drywallqa/edge.env").stat().st_mode) == 0o600
     assert "--config /srv/site/edge.yaml" in _unit(tmp_path)
     # the file the service reads, not the packaged default that a bare `check-config` would check
-    assert "/opt/dq/bin/drywallqa edge check-config --config /srv/site/edge.yaml --model-check" in proc.stdout
+    assert ("/opt/dq/bin/drywallqa edge check-config --config /srv/site/edge.yaml --env-file /etc/drywallqa/edge.env "
+            "--model-check") in proc.stdout
 
 
 def test_install_service_refuses_a_relative_config_path(tmp_path):
@@ -187,3 +192,83 @@ def test_reinstalling_keeps_the_sites_config_and_secrets_and_renews_the_unit(tmp
     assert config.read_text() == "mqtt: {host: broker.site, embedded_broker: never}\n"
     assert env.read_text() == "DRYWALLQA_MQTT__PASSWORD=s3cret\n"
     assert "ExecStart=/opt/new/bin/drywallqa edge run" in _unit(tmp_path) and "/opt/old" not in _unit(tmp_path)
+
+
+# -- the service's environment file and exit statuses --------------------------------------------------------------
+
+
+def test_env_file_is_read_with_systemd_syntax(tmp_path):
+    from drywallqa.edge.envfile import read_env_file
+
+    env = tmp_path / "edge.env"
+    env.write_text('# secrets\n; also a comment\n\nDRYWALLQA_MQTT__HOST = broker.site  \n'
+                   'DRYWALLQA_MQTT__PASSWORD="p#ss \\"w\\" $x "\n'
+                   "DRYWALLQA_MQTT__USERNAME='edge user'\n"
+                   'DRYWALLQA_ANALYSIS__PROMPTS=["segment crack", \\\n"segment taping area"]\n'
+                   "DRYWALLQA_MQTT__HOST=later.wins\n")
+    assert read_env_file(env) == {
+        "DRYWALLQA_MQTT__HOST": "later.wins",
+        "DRYWALLQA_MQTT__PASSWORD": 'p#ss "w" $x ',
+        "DRYWALLQA_MQTT__USERNAME": "edge user",
+        "DRYWALLQA_ANALYSIS__PROMPTS": '["segment crack", "segment taping area"]',
+    }
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("A=1\nexport DRYWALLQA_MQTT__HOST=x\n", "line 2: expected NAME=VALUE, got 'export DRYWALLQA_MQTT__HOST=x'"),
+    ("\n\nDRYWALLQA_MQTT__HOST\n", "line 3: expected NAME=VALUE"),
+    ('DRYWALLQA_MQTT__PASSWORD="unclosed\n', "line 1: the quote that opens the value is not closed"),
+])
+def test_a_line_systemd_would_skip_is_an_error_naming_it(tmp_path, text, message):
+    from drywallqa.edge.envfile import read_env_file
+
+    env = tmp_path / "edge.env"
+    env.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{env}, {message}")):
+        read_env_file(env)
+
+
+def test_check_config_with_the_env_file_sees_what_the_service_sees(tmp_path):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"mqtt: {{embedded_broker: never}}\nspool: {{path: {tmp_path / 's.sqlite'}}}\n")
+    env = tmp_path / "edge.env"
+    env.write_text("DRYWALLQA_MQTT__HOST=broker.site\nDRYWALLQA_MQTT__PASSWORD=secret\n")
+    shell = {"DRYWALLQA_SOURCE__URI": str(tmp_path / "missing.mp4")}  # set in this shell only
+    plain = _edge("check-config", "--config", str(cfg), env=shell)
+    assert plain.returncode == EXIT_CONFIG and "video file not found" in plain.stderr
+
+    proc = _edge("check-config", "--config", str(cfg), "--env-file", str(env), env=shell)
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads(proc.stdout)
+    assert settings["mqtt"]["host"] == "broker.site" and settings["mqtt"]["password"] == "***"
+    assert settings["source"]["uri"] == "demo"
+    assert "ignoring DRYWALLQA_SOURCE__URI from this shell" in proc.stderr
+
+    env.write_text("DRYWALLQA_MQTT__PORT=seventeen\n")
+    bad = _edge("check-config", "--config", str(cfg), "--env-file", str(env))
+    assert bad.returncode == EXIT_CONFIG and "DRYWALLQA_MQTT__PORT" in bad.stderr and "Traceback" not in bad.stderr
+    missing = _edge("check-config", "--config", str(cfg), "--env-file", str(tmp_path / "nope.env"))
+    assert missing.returncode == EXIT_CONFIG and "environment file not found" in missing.stderr
+
+
+def test_the_unit_does_not_restart_the_config_exit_status():
+    from drywallqa.edge.service import ENV_FILE, unit_template_path
+
+    unit = unit_template_path().read_text()
+    assert f"RestartPreventExitStatus={EXIT_CONFIG}\n" in unit and "Restart=on-failure\n" in unit
+    assert f"EnvironmentFile=-{ENV_FILE}\n" in unit
+
+
+def test_a_start_failure_a_restart_may_cure_is_not_the_config_status(tmp_path):
+    """The embedded broker's port is held by another program: exit 1, which systemd retries (not 78)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cfg = tmp_path / "edge.yaml"
+        cfg.write_text(f"mqtt: {{embedded_broker: always, host: 127.0.0.1, port: {port}}}\n"
+                       f"spool: {{path: {tmp_path / 's.sqlite'}}}\n")
+        proc = _edge("run", "--config", str(cfg), "--max-frames", "1")
+    assert proc.returncode == EXIT_START_FAILED, proc.stderr
+    assert "a restart may cure this" in proc.stderr and f"127.0.0.1:{port} is taken by another program" in proc.stderr
+    assert "Traceback" not in proc.stderr

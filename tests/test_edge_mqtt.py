@@ -20,6 +20,8 @@ from _edge_helpers import clean_env, edge_cmd, make_video, start_edge, write_con
 from _mqtt_fixtures import Collector, Mosquitto, free_port, mosquitto_fixture, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
+from drywallqa.edge.cli import EXIT_CONFIG
+
 pytestmark = pytest.mark.slow
 mosquitto = pytest.fixture(mosquitto_fixture, name="mosquitto")
 
@@ -234,7 +236,7 @@ def test_unknown_prompt_stops_startup_listing_known_prompts(tmp_path, model):
     cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=free_port(),
                        spool=tmp_path / "spool.sqlite", analysis={"prompts": ["segment mould"]})
     proc = subprocess.run(edge_cmd(cfg), env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "unknown prompt 'segment mould'" in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "unknown prompt 'segment mould'" in proc.stderr
     assert "segment taping area" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -304,7 +306,7 @@ def test_check_config_makes_the_start_up_checks_of_the_alert_rules(tmp_path, mod
     check = subprocess.run([*edge_cmd(cfg)[:3], "check-config", "--config", str(cfg), "--model-check"],
                            env=clean_env(), capture_output=True, text=True, timeout=120)
     run = subprocess.run(edge_cmd(cfg), env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert check.returncode == run.returncode == 2
+    assert check.returncode == run.returncode == EXIT_CONFIG
     assert "rules watch class(es) ['crack']" in check.stderr and "rules watch class(es) ['crack']" in run.stderr
 
 
@@ -345,7 +347,7 @@ def test_tls_file_that_holds_no_certificate_is_a_clear_error(tmp_path, model):
     cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=free_port(),
                        spool=tmp_path / "spool.sqlite", mqtt={"tls": {"enabled": True, "ca_certs": str(bad)}})
     proc = subprocess.run(edge_cmd(cfg), env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "mqtt.tls: cannot load the certificates" in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "mqtt.tls: cannot load the certificates" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -21,6 +21,7 @@ from drywallqa.edge.analysis import (
     skeleton_length,
     skeletonize,
 )
+from drywallqa.edge.cli import EXIT_CONFIG
 from drywallqa.edge.payloads import ClassResult
 from drywallqa.edge.render import draw_masks
 from drywallqa.edge.settings import ConfigError, load_settings
@@ -76,7 +77,7 @@ def test_a_list_setting_in_the_environment_as_json_works(monkeypatch):
 def test_cli_source_override_that_is_invalid_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "drywallqa.edge", "run", "--source", " "],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "source.uri" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "source.uri" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("option", [["--max-frames", "0"], ["--max-frames", "-1"], ["--duration", "-5"]])
@@ -107,12 +108,12 @@ def test_missing_or_malformed_config_file(tmp_path):
         load_settings(bad)
 
 
-def test_cli_bad_config_exits_2_with_message(tmp_path):
+def test_cli_bad_config_exits_with_the_config_status_and_a_message(tmp_path):
     cfg = tmp_path / "edge.yaml"
     cfg.write_text("mqtt: {port: -1}\n")
     proc = subprocess.run([sys.executable, "-m", "drywallqa.edge", "run", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "mqtt.port" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "mqtt.port" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_missing_model_profile_tells_how_to_export(tmp_path, monkeypatch):
@@ -121,7 +122,7 @@ def test_cli_missing_model_profile_tells_how_to_export(tmp_path, monkeypatch):
     env = {"DRYWALLQA_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-m", "drywallqa.edge", "run", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 2 and "drywallqa export --profile lite" in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "drywallqa export --profile lite" in proc.stderr
 
 
 # -- analysis ----------------------------------------------------------------------------------------------------

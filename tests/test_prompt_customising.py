@@ -16,6 +16,7 @@ from _foundation_fixtures import random_onnx, write_jpeg
 from drywallqa.cli import main
 from drywallqa.contract import METADATA_KEY, ModelMetadata
 from drywallqa.edge.backends import load_backend
+from drywallqa.edge.cli import EXIT_CONFIG
 from drywallqa.edge.inference import PromptSegmenter
 from drywallqa.masks import read_mask
 from drywallqa.vocab import (
@@ -230,7 +231,7 @@ def test_edge_aliases_are_checked_at_start_and_used_by_prompts_and_rules(tmp_pat
     assert "'hairline crack' -> crack, 'Find drywall joints' -> taping" in proc.stdout
     proc = subprocess.run(check, env=clean_env(DRYWALLQA_ANALYSIS__ALIASES='{"hairline crack": "mould"}'),
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "analysis.aliases: alias 'hairline crack' -> 'mould'" in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "analysis.aliases: alias 'hairline crack' -> 'mould'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
