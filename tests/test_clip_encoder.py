@@ -88,6 +88,7 @@ def test_fine_tuning_or_resuming_with_other_text_embeddings_is_refused(tmp_path)
         return train(cfg, data, None, vectors, list(vocab.all_prompts), encoder, vocab=vocab, log=lambda _: None)
 
     parent = run("parent", emb, "clip:/weights/a")
+    assert load_weights(parent)[1].recipe["text_encoder"] == "clip:/weights/a"  # the record, not the config default
     assert load_weights(run("child", emb, "clip:/weights/a", init_weights=str(parent)))[1].text_encoder == "clip:/weights/a"
     for vectors in (other, emb[:, :32]):  # same width (was silently kept, mislabelled), or another (a traceback)
         with pytest.raises(TrainError, match="init_weights"):

@@ -404,7 +404,9 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         raise TrainError(f"run {cfg.name!r} took no training step, so {cfg.output} was not written")
     out = Path(cfg.output)
     if env.main:
-        recipe = {k: v for k, v in asdict(cfg).items() if k not in ("extra",)} | {"history_tail": state["history"][-3:]}
+        # text_encoder: the embeddings' own name, not the config's default (gpu_job is given the embeddings)
+        recipe = {k: v for k, v in asdict(cfg).items() if k not in ("extra",)} | {
+            "history_tail": state["history"][-3:], "text_encoder": text_encoder_name}
         # A fine-tune starts from its parent's decision rule (re-tune it with `drywallqa eval --tune-thresholds`)
         # and keeps the parent's recipe, so the shipped file tells its whole lineage.
         same_classes = init_info is not None and init_info.classes == list(vocab.classes)
