@@ -25,6 +25,20 @@ def check_auth_config(host: str, token: str | None) -> None:
         )
 
 
+def host_allowed(host_header: str | None, allowed: list[str]) -> bool:
+    """Whether a request's Host header names a loopback address or one of `allowed` (port ignored). A request
+    without one (HTTP/1.0, a script) is not a browser's and passes."""
+    if host_header is None:
+        return True
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        name = host[1 : host.find("]")] if "]" in host else host[1:]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.rstrip(".")
+    return is_loopback(name) or name in {a.lower().rstrip(".") for a in allowed}
+
+
 class TokenAuth:
     """Checks a bearer token or a session cookie derived from the token (the token itself never sits in a cookie)."""
 
@@ -49,7 +63,8 @@ class TokenAuth:
     def allowed(self, authorization: str | None, cookies: dict[str, str]) -> bool:
         if not self.enabled:
             return True
-        if authorization and authorization.startswith("Bearer "):
-            return self.check_token(authorization[len("Bearer ") :].strip())
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110)
+            return self.check_token(credentials.strip())
         value = cookies.get(COOKIE_NAME, "")
         return bool(value) and hmac.compare_digest(value.encode(), self._session.encode())

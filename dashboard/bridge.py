@@ -5,15 +5,19 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import socket
+import ssl
+import sys
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
+from drywallqa.edge.mqtt_link import LogThrottle
 from drywallqa.edge.payloads import (
     TOPIC_ALERTS,
     TOPIC_CMD,
@@ -43,14 +47,22 @@ class BrokerConfig:
     prefix: str = "drywallqa"
     client_id: str = ""
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line or a traceback
+    tls: bool = False  # TLS with the system's CAs; a CA file or a client certificate turns it on as well
     tls_ca: str | None = None
+    tls_cert: str | None = None  # client certificate (PEM), for a broker with require_certificate
+    tls_key: str | None = None  # its private key, unless the certificate file holds it
+    tls_insecure: bool = False  # skip the host name check (testing only)
     keepalive: int = 15
     reconnect_max_s: int = 5
 
     @property
+    def tls_enabled(self) -> bool:
+        return self.tls or bool(self.tls_ca or self.tls_cert or self.tls_key)
+
+    @property
     def url(self) -> str:
-        return f"{'mqtts' if self.tls_ca else 'mqtt'}://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls_enabled else 'mqtt'}://{self.host}:{self.port}"
 
 
 class BrokerConfigError(ValueError):
@@ -106,11 +118,10 @@ class MqttBridge:
         )
         if config.username:
             self.client.username_pw_set(config.username, config.password)
-        if config.tls_ca:
-            try:
-                self.client.tls_set(ca_certs=config.tls_ca)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise BrokerConfigError(f"--mqtt-tls-ca {config.tls_ca}: cannot load it as a CA file: {exc}") from exc
+        if config.tls_enabled:
+            _set_tls(self.client, config)
+        elif config.tls_insecure:
+            raise BrokerConfigError("--mqtt-tls-insecure without TLS: add --mqtt-tls or --mqtt-tls-ca")
         self.client.reconnect_delay_set(min_delay=1, max_delay=max(1, config.reconnect_max_s))
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
@@ -119,6 +130,8 @@ class MqttBridge:
         self.state.broker.url = config.url
         self._started = threading.Event()
         self._announce_lock = threading.Lock()
+        self._trouble = LogThrottle()  # a broker that refuses or cannot be reached: logged once a minute
+        self._refused = False  # the broker refused this connection's login: its disconnect says nothing new
 
     def start(self) -> None:
         """Connect in the background: a broker that is down at start-up is retried, not fatal."""
@@ -138,7 +151,7 @@ class MqttBridge:
             raise ConnectionError(f"not connected to the broker {self.config.url}")
         request_id = uuid.uuid4().hex
         command = CommandPayload(command="snapshot", request_id=request_id)
-        info = self.client.publish(topic(self.prefix, device_id, TOPIC_CMD), command.model_dump_json(), qos=1)
+        info = self.client.publish(self._device_topic(device_id, TOPIC_CMD), command.model_dump_json(), qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"could not send the snapshot command: {mqtt.error_string(info.rc)}")
         return request_id
@@ -156,26 +169,51 @@ class MqttBridge:
         its next status."""
         if not self.state.broker.connected:
             raise ConnectionError(f"not connected to the broker {self.config.url}")
-        info = self.client.publish(topic(self.prefix, device_id, TOPIC_STATUS), b"", qos=1, retain=True)
+        info = self.client.publish(self._device_topic(device_id, TOPIC_STATUS), b"", qos=1, retain=True)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"could not clear the device's retained status: {mqtt.error_string(info.rc)}")
         self.state.remove_device(device_id)
 
+    def _device_topic(self, device_id: str, leaf: str) -> str:
+        """A topic of one device: an id from a request that spans topic levels or holds a wildcard would send a
+        command to (or clear the retained message of) some other topic under the prefix."""
+        if not device_id or any(ch in device_id for ch in "/+#\0"):
+            raise ValueError(f"invalid device id {device_id!r}: one MQTT topic level, without '/', '+' or '#'")
+        return topic(self.prefix, device_id, leaf)
+
     # --- paho callbacks (run on the paho thread) ---------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            self.state.set_broker(False, f"broker refused connection: {reason_code}")
+        if reason_code.is_failure:  # bad user name or password, not authorised, ...: paho retries
+            self._refused = True
+            detail = f"broker {self.config.url} refused the connection: {reason_code}"
+            if reason_code.value in (134, 135):  # bad user name or password / not authorized
+                detail += " (check --mqtt-username and the password in $DRYWALLQA_DASHBOARD_MQTT_PASSWORD)"
+            self._trouble_detail(detail + "; retrying")
             return
+        self._refused = False
+        self._trouble.reset()
         client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in LEAVES])
         self.state.set_broker(True, f"connected to {self.config.url}")
         log.info("connected to %s", self.config.url)
 
     def _on_connect_fail(self, client, userdata) -> None:
-        self.state.set_broker(False, f"cannot reach broker {self.config.url}; retrying")
+        """paho calls this inside its `except OSError`: the exception says why (refused, unknown host, TLS)."""
+        detail = f"cannot reach broker {self.config.url}: {_connect_error(sys.exc_info()[1])}; retrying"
+        self._trouble_detail(detail, logging.WARNING)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.state.set_broker(False, f"connection lost ({reason_code}); reconnecting")
-        log.warning("disconnected from %s: %s", self.config.url, reason_code)
+        if self._refused:  # the broker closes a refused login: keep saying why
+            return
+        detail = f"connection lost ({reason_code}); reconnecting"
+        if self.state.broker.connected:
+            log.warning("disconnected from %s: %s", self.config.url, reason_code)
+        self.state.set_broker(False, detail)
+
+    def _trouble_detail(self, detail: str, level: int = logging.ERROR) -> None:
+        """Show a connection trouble on the page at every retry and in the log at first and once a minute."""
+        self.state.set_broker(False, detail)
+        if self._trouble.hit():
+            log.log(level, "%s (%d failed attempt(s) so far)", detail, self._trouble.count)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -231,6 +269,52 @@ class MqttBridge:
                 self.announce_alert(stored)
         if problem:
             raise PayloadError(f"alert {alert.event_id}: {problem}")
+
+
+def _set_tls(client: mqtt.Client, config: BrokerConfig) -> None:
+    """TLS to the broker, the server's certificate always verified; a file that cannot be used stops the start."""
+    if config.tls_key and not config.tls_cert:
+        raise BrokerConfigError("--mqtt-tls-key needs --mqtt-tls-cert (the client certificate it belongs to)")
+    for option, path in (("--mqtt-tls-ca", config.tls_ca), ("--mqtt-tls-cert", config.tls_cert),
+                         ("--mqtt-tls-key", config.tls_key)):
+        if path and not os.path.isfile(os.path.expanduser(path)):
+            raise BrokerConfigError(f"{option} {path}: no such file")
+    try:
+        client.tls_set(ca_certs=_expand(config.tls_ca), certfile=_expand(config.tls_cert),
+                       keyfile=_expand(config.tls_key), cert_reqs=ssl.CERT_REQUIRED,
+                       keyfile_password=_no_passphrase)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        what = (f"--mqtt-tls-ca {config.tls_ca}: cannot load it as a CA file" if config.tls_ca and not config.tls_cert
+                else f"TLS files (--mqtt-tls-ca {config.tls_ca}, --mqtt-tls-cert {config.tls_cert}, "
+                     f"--mqtt-tls-key {config.tls_key}): cannot load them")
+        raise BrokerConfigError(f"{what}: {exc}") from exc
+    client.tls_insecure_set(config.tls_insecure)
+    if config.tls_insecure:
+        log.warning("--mqtt-tls-insecure: the broker's certificate is not checked against %s (testing only)",
+                    config.host)
+
+
+def _expand(path: str | None) -> str | None:
+    return os.path.expanduser(path) if path else None
+
+
+def _no_passphrase() -> bytes:
+    """An encrypted client key fails with an error instead of OpenSSL asking for its passphrase on the terminal."""
+    return b""
+
+
+def _connect_error(exc: BaseException | None) -> str:
+    """Why a connection attempt failed, with what to check for the usual causes."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS: the broker's certificate is not accepted ({exc.verify_message}; check --mqtt-tls-ca, and "
+                "that --mqtt-host is a name the certificate is for)")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc}; check --mqtt-tls-ca, --mqtt-tls-cert and --mqtt-tls-key)"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror})"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return "connection failed"
 
 
 def _same_device(payload: _DevicePayload, topic_device: str) -> _DevicePayload:

@@ -45,6 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_port, default=8080, help="HTTP port (0: any free port)")
     p.add_argument("--token-file", type=Path, help=f"file holding the access token (else ${TOKEN_ENV})")
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="without a token the page answers only to loopback names (a guard against DNS rebinding); also "
+        "answer to NAME, e.g. a reverse proxy's that forwards its Host header (repeatable)",
+    )
+    p.add_argument(
         "--store", type=Path, default=None, help=f"SQLite file for alerts and acks [{default_store_path()}]"
     )
     p.add_argument("--max-alerts", type=positive_int, default=2000, help="alerts kept in the store (oldest dropped)")
@@ -67,8 +75,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--prefix", default="drywallqa", help="topic prefix: <prefix>/<device>/status|detections|..."
     )
-    g.add_argument("--mqtt-username", default=None)
+    g.add_argument(
+        "--mqtt-username",
+        default=None,
+        help=f"user name at the broker; the password comes from ${MQTT_PASSWORD_ENVS[0]} (or "
+        f"${MQTT_PASSWORD_ENVS[1]}), never from the command line",
+    )
+    g.add_argument("--mqtt-tls", action="store_true", help="TLS to the broker, verified with the system's CAs")
     g.add_argument("--mqtt-tls-ca", default=None, help="CA file; enables TLS to the broker")
+    g.add_argument(
+        "--mqtt-tls-cert", default=None, help="client certificate (PEM) for a broker that requires one; enables TLS"
+    )
+    g.add_argument("--mqtt-tls-key", default=None, help="the client certificate's private key (PEM, unencrypted)")
+    g.add_argument(
+        "--mqtt-tls-insecure",
+        action="store_true",
+        help="do not check that the broker's certificate names --mqtt-host (testing only)",
+    )
     g.add_argument(
         "--client-id", default="", help="MQTT client id (stable, for a persistent session) [host name]"
     )
@@ -110,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         token=_read_token(args),
+        allowed_hosts=args.allow_host,
         store_path=args.store or default_store_path(),
         review_roots=args.review_root or [Path.cwd()],
         max_alerts=args.max_alerts,
@@ -121,7 +145,11 @@ def run(args: argparse.Namespace) -> int:
             client_id=args.client_id,
             username=args.mqtt_username,
             password=password,
+            tls=args.mqtt_tls,
             tls_ca=args.mqtt_tls_ca,
+            tls_cert=args.mqtt_tls_cert,
+            tls_key=args.mqtt_tls_key,
+            tls_insecure=args.mqtt_tls_insecure,
         ),
     )
     try:

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urlencode, 
 
 from drywallqa.vocab import load_vocabulary
 
-from .auth import COOKIE_NAME, TokenAuth, check_auth_config
+from .auth import COOKIE_NAME, TokenAuth, check_auth_config, host_allowed
 from .bridge import BrokerConfig, MqttBridge
 from .review import (
     IMAGE_SUFFIXES,
@@ -54,7 +54,8 @@ STATIC_TYPES = {
 class DashboardConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a log line or a traceback
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names accepted without a token (a proxy's)
     store_path: Path = Path("dashboard.sqlite")
     review_roots: list[Path] = field(default_factory=list)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -166,6 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("X-Frame-Options", "DENY")  # no other site may frame a page and steer its clicks
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
@@ -191,6 +193,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _authorized(self) -> bool:
         return self.app.auth.allowed(self.headers.get("Authorization"), self._cookies())
 
+    def _host_refused(self) -> bool:
+        """Without a token, answer only requests addressed to a loopback name (or an allowed one): else any web
+        page the supervisor opens could point its own host name at 127.0.0.1 (DNS rebinding) and then read the
+        dashboard and send commands as a same-origin script. Sends the refusal; True when refused."""
+        host = self.headers.get("Host")
+        if self.app.auth.enabled or host_allowed(host, self.app.config.allowed_hosts):
+            return False
+        self._error(403, f"this dashboard has no token and answers only on a loopback address, not at Host {host!r}; "
+                         "set a token or add --allow-host for a reverse proxy's name")
+        return True
+
     def _read_body(self, limit: int = 64 * 1024) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         if length < 0:
@@ -206,6 +219,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         path, query = url.path, parse_qs(url.query)
+        if self._host_refused():
+            return None
         try:
             if path == "/healthz":
                 return self._json({"ok": True, "broker_connected": self.app.state.broker.connected})
@@ -250,6 +265,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
+        if self._host_refused():
+            return None
         try:
             if path == "/login":
                 return self._login()

@@ -8,15 +8,20 @@ import base64
 import contextlib
 import http.client
 import json
+import os
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
-from _mqtt_fixtures import Mosquitto
+import pytest
+from _mqtt_fixtures import MOSQUITTO, Mosquitto, free_port, wait_until
 
 from drywallqa.dashboard.bridge import BrokerConfig
 from drywallqa.dashboard.server import DashboardApp, DashboardConfig
@@ -40,6 +45,70 @@ def running_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+@dataclass
+class SecuredBroker:
+    """A mosquitto on 127.0.0.1:port that takes only TLS (certificate for localhost and 127.0.0.1, from `ca`) and
+    the login `username` / `password`; with require_certificate, also only clients with a cert from `ca`."""
+
+    port: int
+    ca: Path
+    other_ca: Path  # a CA that did not sign the broker's certificate
+    client_cert: Path
+    client_key: Path
+    username: str = "dashboard"
+    password: str = "mqtt-pass-Qx7"
+
+    def log(self) -> str:
+        return _read(self.ca.parent / "mosquitto.log")
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def _make_certificates(d: Path) -> None:
+    """ca.pem, other_ca.pem, server.pem/.key (localhost, 127.0.0.1) and client.pem/.key, signed by ca.pem."""
+    for name in ("ca", "other_ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+                 "-keyout", d / f"{name}.key", "-out", d / f"{name}.pem")
+    (d / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, ext in (("server", ["-extfile", d / "san.cnf"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", d / f"{name}.key",
+                 "-out", d / f"{name}.csr")
+        _openssl("x509", "-req", "-in", d / f"{name}.csr", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
+                 "-CAcreateserial", "-days", "2", "-out", d / f"{name}.pem", *ext)
+
+
+@contextlib.contextmanager
+def secured_mosquitto(tmp_path: Path, *, require_certificate: bool = False) -> Iterator[SecuredBroker]:
+    if MOSQUITTO is None or shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs mosquitto, mosquitto_passwd and openssl")
+    d = tmp_path / "tls-broker"
+    d.mkdir()
+    _make_certificates(d)
+    broker = SecuredBroker(free_port(), d / "ca.pem", d / "other_ca.pem", d / "client.pem", d / "client.key")
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(d / "passwd"), broker.username, broker.password], check=True)
+    (d / "mosquitto.conf").write_text(
+        f"listener {broker.port} 127.0.0.1\ncafile {d / 'ca.pem'}\ncertfile {d / 'server.pem'}\n"
+        f"keyfile {d / 'server.key'}\nrequire_certificate {str(require_certificate).lower()}\n"
+        f"allow_anonymous false\npassword_file {d / 'passwd'}\nlog_dest file {d / 'mosquitto.log'}\n"
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(d / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "running" in _read(d / "mosquitto.log") or proc.poll() is not None, 10, "mosquitto")
+        assert proc.poll() is None, _read(d / "mosquitto.log")
+        yield broker
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def make_app(tmp_path: Path, broker_port: int, **overrides) -> DashboardApp:
