@@ -6,6 +6,8 @@ Only folders under the configured review roots may be opened (the page takes fol
 
 from __future__ import annotations
 
+import csv
+import functools
 import glob
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from drywallqa.edge.render import shrink_to
+from drywallqa.findings import FIELDS as FINDINGS_FIELDS
 from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
 from drywallqa.vocab import load_vocabulary, prompt_to_filename_part
@@ -81,11 +84,38 @@ def resolve_under(path: str, roots: list[Path], want_dir: bool) -> Path:
 
 def _class_by_part() -> dict[str, str]:
     """Mask file name part -> class, for the packaged prompts and the class names (`--prompt taping`). A mask named
-    after a site's alias shows as unclassified: its mapping lives in that run's command line or edge config."""
+    after a site's alias is classified by the findings report beside it (`_reported_classes`), else unclassified."""
     vocab = load_vocabulary()
     by_part = {prompt_to_filename_part(c): c for c in vocab.classes}
     by_part.update({prompt_to_filename_part(p): c for c in vocab.classes for p in vocab.prompts_by_class[c]})
     return by_part
+
+
+def _reported_classes(masks_dir: Path) -> dict[str, str]:
+    """Mask file name -> class, from the findings CSVs (`predict --report`) in the masks folder. A report records
+    the class of every prompt it ran, a site's aliases (`predict --alias`) included, which a file name cannot tell."""
+    found: dict[str, str] = {}
+    for report in sorted(masks_dir.glob("*.csv")):
+        try:
+            st = report.stat()
+        except OSError:
+            continue
+        found.update(_read_report(report, st.st_mtime_ns, st.st_size))
+    return found
+
+
+@functools.lru_cache(maxsize=16)  # read again only when the file changes (the overlay asks once per image)
+def _read_report(path: Path, mtime_ns: int, size: int) -> dict[str, str]:
+    classes = set(load_vocabulary().classes)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not set(FINDINGS_FIELDS) <= set(reader.fieldnames or ()):
+                return {}  # some other CSV
+            return {row["mask_file"]: row["class_name"] for row in reader
+                    if row["mask_file"] and row["class_name"] in classes}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}  # unreadable: its masks are still shown, unclassified
 
 
 def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
@@ -99,7 +129,7 @@ def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
             items.setdefault(p.stem, ReviewItem(p.stem, p))  # 'a.jpg' before 'a.png', as find_item picks
     orphans: list[Path] = []
     if masks_dir is not None:
-        classes = _class_by_part()
+        classes, reported = _class_by_part(), _reported_classes(masks_dir)
         for mask in sorted(masks_dir.glob(f"*{SEPARATOR}*{MASK_SUFFIX}")):
             if not _utf8_name(mask):
                 unnamed.append(mask)
@@ -109,7 +139,7 @@ def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
             if item is None:
                 orphans.append(mask)
             else:
-                item.masks.append(MaskFile(part, classes.get(part), mask))
+                item.masks.append(MaskFile(part, reported.get(mask.name) or classes.get(part), mask))
     return ReviewListing(list(items.values()), orphans, unnamed)
 
 
@@ -127,11 +157,11 @@ def find_item(images_dir: Path, masks_dir: Path | None, image_id: str) -> Review
         raise ReviewError(f"no image with ID {image_id!r} in {images_dir}")
     item = ReviewItem(image_id, candidates[0])
     if masks_dir is not None:
-        classes = _class_by_part()
+        classes, reported = _class_by_part(), _reported_classes(masks_dir)
         for mask in sorted(masks_dir.glob(glob.escape(image_id + SEPARATOR) + "*" + MASK_SUFFIX)):
             part = mask.name[len(image_id) + len(SEPARATOR) : -len(MASK_SUFFIX)]
             if SEPARATOR not in part:  # 'a__b__c.png' belongs to image 'a__b', not 'a'
-                item.masks.append(MaskFile(part, classes.get(part), mask))
+                item.masks.append(MaskFile(part, reported.get(mask.name) or classes.get(part), mask))
     return item
 
 

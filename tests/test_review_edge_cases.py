@@ -115,3 +115,27 @@ def test_a_mask_named_after_a_class_is_shown_as_that_class(dashboard, tmp_path: 
     assert code == 200
     assert "class='chip cls-taping' href='/review/files/0/pred/wall__taping.png'" in page
     assert "class='chip cls-other' href='/review/files/0/pred/wall__my_site_words.png'" in page
+
+
+def test_a_mask_named_after_an_alias_takes_its_class_from_the_findings_report(dashboard, tmp_path: Path) -> None:
+    """`predict --alias` writes masks named after the site's words; the report beside them says their class."""
+    from _foundation_fixtures import random_onnx
+
+    from drywallqa.cli import main
+
+    images, masks = tmp_path / "images", tmp_path / "pred"
+    _gray(images / "wall.jpg", 90)
+    code = main(["predict", "--model", str(random_onnx()), "--quiet", "--alias", "hairline crack=crack",
+                 "--prompt", "hairline crack", "--prompt", "segment taping area", "--out", str(masks),
+                 "--report", str(masks / "findings.csv"), str(images / "wall.jpg")])
+    assert code == 0
+    page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
+    assert "class='chip cls-crack' href='/review/files/0/pred/wall__hairline_crack.png'" in page
+    assert "class='chip cls-taping' href='/review/files/0/pred/wall__segment_taping_area.png'" in page
+
+    (masks / "findings.csv").rename(masks / "findings.txt")  # without the report: the file name alone
+    page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
+    assert "class='chip cls-other' href='/review/files/0/pred/wall__hairline_crack.png'" in page
+    (masks / "other.csv").write_text("mask_file,class_name\nwall__hairline_crack.png,crack\n")  # not a report
+    page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
+    assert "class='chip cls-other' href='/review/files/0/pred/wall__hairline_crack.png'" in page
