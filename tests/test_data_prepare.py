@@ -328,3 +328,15 @@ def test_pack_skips_unreadable_images_like_prepare(tmp_path, capsys):
     meta = json.loads((tmp_path / "pack" / "part0" / "meta.json").read_text())
     assert [m["id"] for m in meta] == [r.image_id for r in on_side if r.image_path != broken]
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_a_publish_killed_between_its_renames_leaves_a_readable_cache(tmp_path):
+    """The old cache is moved aside before the new one is renamed in; a kill in between must not lose both."""
+
+    cfg = small_project(tmp_path, n_crack=2, n_wall=2)
+    out = tmp_path / "cache"
+    assert _prepare(cfg, out) == 0
+    images = open_cache(out, 16)[0].copy()
+    (out / "16").rename(out / ".16.old")  # the state right after publish's first rename
+    np.testing.assert_array_equal(open_cache(out, 16)[0], images)
+    assert (out / "16").is_dir() and not (out / ".16.old").exists()

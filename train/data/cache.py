@@ -11,6 +11,7 @@ at the end, so an interrupted or failed run never leaves a half-written cache be
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -169,7 +170,7 @@ class CacheWriter:
 
     def publish(self) -> Path:
         """Swap the sealed folder in; the old cache is moved aside first and removed only afterwards."""
-        old = self.final.with_name(f".{self.size}.old")
+        old = _aside(self.final)
         try:
             if old.exists():
                 shutil.rmtree(old)
@@ -196,9 +197,23 @@ class CacheWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _aside(final: Path) -> Path:
+    """Where `publish` keeps the previous cache while it swaps the new one in."""
+    return final.with_name(f".{final.name}.old")
+
+
+def _recover_interrupted_publish(final: Path) -> None:
+    """A publish killed between its two renames leaves the previous cache only at `.<size>.old`: put it back."""
+    old = _aside(final)
+    if not final.exists() and (old / "meta.json").is_file():
+        with contextlib.suppress(OSError):  # a read-only cache folder: open_cache's error says what to run
+            old.rename(final)
+
+
 def open_cache(cache_dir: str | Path, size: int) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
     """(images N x S x S x 3, masks N x S x S, meta, info), arrays memory-mapped read-only."""
     d = Path(cache_dir) / str(size)
+    _recover_interrupted_publish(d)
     if not (d / "meta.json").is_file():
         raise FileNotFoundError(f"no cache at {d}; run `drywallqa data prepare --sizes {size}`")
     images = np.load(d / "images.npy", mmap_mode="r")
