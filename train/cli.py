@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     import torch
 
     from drywallqa.paths import CACHE_DIR
+    from drywallqa.train.run_state import writable_folder
     from drywallqa.train.text_encoders import TextEncoderError, vocabulary_embeddings
     from drywallqa.train.trainer import TrainConfig, TrainError, train
     from drywallqa.train.training_data import InMemoryData
@@ -47,6 +49,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     cfg = TrainConfig.from_yaml(args.config, epochs=args.epochs, batch_size=args.batch_size, output=args.output,
                                 runs_dir=args.runs_dir, max_steps_per_epoch=args.max_steps_per_epoch)
+    if cfg.frozen_encoder and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would write the same files
+        raise TrainError(f"{args.config}: a frozen_encoder fine-tune runs in one process; start it with "
+                         f"`drywallqa train --config {args.config}`, not under torchrun")
+    # Before the data and the text encoder load (its cache goes there too): an unwritable runs folder fails now.
+    writable_folder(cfg.runs_dir, "runs folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache_root = args.cache or CACHE_DIR
     data_device = None if cfg.frozen_encoder else device  # the head fine-tune reads its crops on the CPU side

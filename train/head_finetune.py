@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,12 +22,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from drywallqa.train.checkpoint import load_weights, save_weights
+from drywallqa.train.checkpoint import load_weights
 from drywallqa.train.cpu_tuning import keep_freed_memory_in_heap
 from drywallqa.train.losses import distillation_loss, segmentation_loss
 from drywallqa.train.models.segmenter import HRNetEncoderDecoder
+from drywallqa.train.run_state import cannot_resume, load_checkpoint, save_atomic, writable_folder
 from drywallqa.train.teacher import load_teacher, teacher_paths
-from drywallqa.train.trainer import TrainConfig, lr_at, seed_everything, set_training_mode, validate
+from drywallqa.train.trainer import (
+    TrainConfig,
+    lr_at,
+    seed_everything,
+    set_training_mode,
+    validate,
+    write_weights,
+)
 from drywallqa.train.training_data import InMemoryData
 
 STRIDE = 4
@@ -34,6 +43,17 @@ STRIDE = 4
 
 def _file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _read_done(done_file: Path) -> dict:
+    """The feature cache's progress record; one that cannot be read counts as none (the cache is rebuilt)."""
+    try:
+        state = json.loads(done_file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {"key": None}
+    return state if isinstance(state, dict) else {"key": None}
 
 
 @torch.no_grad()
@@ -47,7 +67,7 @@ def build_feature_cache(model, teacher, data: InMemoryData, out: Path, key: str,
     c, h = model.body.encoder.out_channels, size // STRIDE
     k = len(model.class_embeddings)
     done_file = out / "done.json"
-    state = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    state = _read_done(done_file)
     done = state.get("done", 0) if state.get("key") == key else 0
     if state and not done:
         log(f"feature cache {out} was made from other weights or data; rebuilding it")
@@ -64,7 +84,9 @@ def build_feature_cache(model, teacher, data: InMemoryData, out: Path, key: str,
             soft[start:stop] = (teacher(x) * 255 + 0.5).clamp(0, 255).byte().numpy()
         feats.flush()
         soft.flush()
-        done_file.write_text(json.dumps({"done": stop, "key": key}))
+        tmp = done_file.with_name(done_file.name + ".tmp")  # a kill mid-write must not leave half a JSON
+        tmp.write_text(json.dumps({"done": stop, "key": key}))
+        os.replace(tmp, done_file)
         if stop == n or (stop // chunk) % 50 == 0:
             rate = (time.time() - t0) / max(1, stop - done)
             log(f"feature cache {stop}/{n}, ETA {rate * (n - stop) / 60:.1f} min")
@@ -81,9 +103,10 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
     if not isinstance(model.body, HRNetEncoderDecoder):
         raise ValueError(f"{cfg.name}: frozen_encoder needs a single-map encoder (hrnet_w18), not {info.architecture}")
     teacher = load_teacher(cfg.teacher, info.prompts)
-    run_dir = Path(cfg.runs_dir) / cfg.name
-    key = ":".join([_file_digest(cfg.init_weights), *(_file_digest(p) for p in teacher_paths(cfg.teacher) or ["-"]),
-                    train_data.fingerprint, str(len(train_data))])
+    run_dir = writable_folder(Path(cfg.runs_dir) / cfg.name, "run folder")
+    writable_folder(Path(cfg.output).parent, "folder of the output weights")
+    teachers = [_file_digest(p) for p in teacher_paths(cfg.teacher)] or ["-"]  # "-": no teacher, no file
+    key = ":".join([_file_digest(cfg.init_weights), *teachers, train_data.fingerprint, str(len(train_data))])
     build_feature_cache(model, teacher, train_data, run_dir / "features", key, log=log)
     feats = np.load(run_dir / "features" / "features.npy", mmap_mode="r")
     soft = np.load(run_dir / "features" / "teacher.npy", mmap_mode="r") if teacher is not None else None
@@ -106,16 +129,19 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
     ckpt = run_dir / "last.pt"
     step, elapsed, rng = 0, 0.0, np.random.default_rng(cfg.seed)
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        rng.bit_generator.state = state["rng"]
+        state = load_checkpoint(ckpt, torch.device("cpu"), cfg.name)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            step, elapsed = state["step"], state["elapsed"]
+            rng.bit_generator.state = state["rng"]
+        except Exception as exc:  # a full-training checkpoint, or another model's: never overwritten silently
+            raise cannot_resume(ckpt, cfg.name, f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         log(f"[{cfg.name}] resumed at step {step} ({elapsed:.0f} s)")
 
     def save_checkpoint() -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                    "rng": rng.bit_generator.state}, ckpt)
+        save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                     "rng": rng.bit_generator.state}, ckpt)
 
     set_training_mode(model, freeze_bn=True)
     size = feats.shape[-1]
@@ -162,6 +188,7 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
                    "crop": cfg.crop, "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": step,
                    "epochs": round(step * cfg.batch_size / len(classes), 2), "seconds": round(elapsed),
                    "images": len(classes), "init_recipe": info.recipe}
-    out = save_weights(model, info, cfg.output)
+    out = Path(cfg.output)
+    write_weights(model, info, out, ckpt)
     log(f"[{cfg.name}] wrote {out} after {step} steps")
     return out

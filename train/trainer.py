@@ -26,15 +26,19 @@ from drywallqa.train.checkpoint import CheckpointInfo, load_weights, save_weight
 from drywallqa.train.cpu_tuning import keep_freed_memory_in_heap, use_channels_last
 from drywallqa.train.losses import distillation_loss, segmentation_loss
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
+from drywallqa.train.run_state import (
+    TrainError,
+    cannot_resume,
+    changed_settings,
+    load_checkpoint,
+    restore_rng,
+    rng_states,
+    save_atomic,
+    writable_folder,
+)
 from drywallqa.train.teacher import load_teacher
 from drywallqa.train.training_data import InMemoryData
 from drywallqa.vocab import Vocabulary, load_vocabulary
-
-
-class TrainError(ValueError):
-    """Training cannot start or go on (a bad config value, a checkpoint that cannot be resumed); the message
-    says what to change. Nothing is written when this is raised."""
-
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder under runs/, never a path out of it
 # (field, smallest allowed, whether the value may equal it); None is allowed where the field's default is None
@@ -173,6 +177,17 @@ def lr_at(step: int, total: int, base: float, warmup: int, progress: float | Non
     return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def epoch_progress(epoch: int, i: int, steps_per_epoch: int, planned_epochs: int, warmup: int) -> float:
+    """The cosine's progress at step `i` of epoch `epoch` (0-based), counted in this session's steps per epoch.
+
+    Counting the finished epochs rather than the steps taken keeps the schedule where it belongs when a run is
+    resumed with another number of steps per epoch (another batch size, torchrun after a single process): the
+    steps of earlier sessions would put it ahead or behind. Without such a change it is (step - warmup) /
+    (total - warmup), the step count's own progress."""
+    step = epoch * steps_per_epoch + i
+    return (step - warmup) / max(1, planned_epochs * steps_per_epoch - warmup)
+
+
 def same_embeddings(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two prompt-embedding tables are the same up to fp16 storage (shipped weights are fp16)."""
     return a.shape == b.shape and torch.allclose(a.detach().float().cpu(), b.detach().float().cpu(), atol=2e-3)
@@ -242,6 +257,49 @@ def validate(model: Segmenter, data: InMemoryData, device: torch.device, batch: 
     return {f"iou_{c}": float(np.mean(v)) if v else float("nan") for c, v in enumerate(ious)}
 
 
+def write_weights(model: Segmenter, info: CheckpointInfo, out: Path, last: Path) -> None:
+    """The shipped file, written whole (safetensors renames a finished temporary file) or not at all."""
+    try:
+        save_weights(model, info, out)
+    except Exception as exc:  # OSError, or safetensors' own error on a short write
+        raise TrainError(f"cannot write the weights {out}: {type(exc).__name__}: {str(exc)[:200]} (disk full?); "
+                         f"the trained model is in {last}: run the same command again to write them") from exc
+
+
+def resume(last: Path, cfg: TrainConfig, model: Segmenter, opt: torch.optim.Optimizer, env: DistEnv,
+           device: torch.device, prompt_embeddings: torch.Tensor, text_encoder_name: str, log) -> dict:
+    """Load `last` into the model, the optimizer and every rank's random generators; returns the run's state.
+    A checkpoint that cannot be continued by this config is named and left alone (TrainError)."""
+    ckpt = load_checkpoint(last, device, cfg.name)
+    was = ckpt.get("config") or {}
+    if was.get("architecture", cfg.architecture) != cfg.architecture:
+        raise cannot_resume(last, cfg.name, f"it holds a {was['architecture']} model and this config trains "
+                                            f"{cfg.architecture}")
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+    except Exception as exc:  # foreign, or of another shape: never overwritten silently
+        raise cannot_resume(last, cfg.name, f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    if not same_embeddings(model.prompt_embeddings, prompt_embeddings):  # resuming would keep the old ones
+        raise cannot_resume(last, cfg.name, f"it was trained with other prompt embeddings (text_encoder "
+                                            f"{was.get('text_encoder')!r}, clip_path {was.get('clip_path')!r}) than "
+                                            f"this run's {text_encoder_name!r}")
+    if env.main:
+        # The checkpoint's history is the record: an epoch logged just before a kill (checkpoint not yet
+        # written) is trained again, so its line is dropped rather than written twice.
+        (last.parent / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["history"]),
+                                               encoding="utf-8")
+    # A longer run asked for after the fact continues the schedule (in a time-budgeted run `epochs` is the cap).
+    state["planned_epochs"] = max(state["planned_epochs"], cfg.epochs)
+    restore_rng(ckpt, env.rank, device, cfg.seed, state["step"])
+    if env.main:
+        changes = changed_settings(was, asdict(cfg))
+        log(f"[{cfg.name}] resumed from {last} at epoch {state['epoch']}/{state['planned_epochs']}"
+            + (f", with changed settings: {'; '.join(changes)}" if changes else ""))
+    return state
+
+
 def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | None,
           prompt_embeddings: torch.Tensor, prompts: list[str], text_encoder_name: str,
           vocab: Vocabulary | None = None, log=print) -> Path:
@@ -254,8 +312,9 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    run_dir = Path(cfg.runs_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = writable_folder(Path(cfg.runs_dir) / cfg.name, "run folder")
+    if env.main:
+        writable_folder(Path(cfg.output).parent, "folder of the output weights")
     num_classes = len(vocab.classes)
     prompt_class = torch.tensor([vocab.class_index(vocab.prompt_to_class[p]) for p in prompts])
     model = build_segmenter(cfg.architecture, prompt_embeddings, prompt_class, num_classes,
@@ -289,28 +348,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     state = {"epoch": 0, "step": 0, "planned_epochs": cfg.epochs, "history": []}
     last = run_dir / "last.pt"
     if last.exists():
-        try:
-            ckpt = torch.load(last, map_location=device, weights_only=False)
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            state = ckpt["state"]
-        except Exception as exc:  # truncated, foreign, or of another architecture: never overwritten silently
-            raise TrainError(f"cannot resume from {last}: {type(exc).__name__}: {str(exc)[:300]}. It is left as it "
-                             f"is; move it away to start run {cfg.name!r} again, or give this run another name") from exc
-        if not same_embeddings(model.prompt_embeddings, prompt_embeddings):  # resuming would keep the old ones
-            was = ckpt.get("config", {})
-            raise TrainError(f"cannot resume from {last}: it was trained with other prompt embeddings (text_encoder "
-                             f"{was.get('text_encoder')!r}, clip_path {was.get('clip_path')!r}) than this run's "
-                             f"{text_encoder_name!r}. It is left as it is; move it away to start run {cfg.name!r} "
-                             f"again, or give this run another name")
-        # The checkpoint's history is the record: an epoch logged just before a kill (checkpoint not yet
-        # written) is trained again, so its line is dropped rather than written twice.
-        (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["history"]),
-                                           encoding="utf-8")
-        if not cfg.time_budget_s:  # a longer run asked for after the fact continues the schedule
-            state["planned_epochs"] = max(state["planned_epochs"], cfg.epochs)
-        torch.set_rng_state(ckpt["rng_cpu"].cpu())  # map_location moved it to the training device
-        log(f"[{cfg.name}] resumed from {last} at epoch {state['epoch']}/{state['planned_epochs']}")
+        state = resume(last, cfg, model, opt, env, device, prompt_embeddings, text_encoder_name, log)
     net = model
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
@@ -353,7 +391,11 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
                 x = x.contiguous(memory_format=torch.channels_last)
             target = one_hot_targets(m, cls, num_classes)
             prompt_ids = sample_prompt_ids(per_class, len(idx), device)
-            progress = elapsed() / cfg.time_budget_s if cfg.time_budget_s else None
+            if cfg.time_budget_s:
+                progress = elapsed() / cfg.time_budget_s
+            else:
+                progress = epoch_progress(state["epoch"], i, steps_per_epoch, state["planned_epochs"],
+                                          cfg.warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = lr_at(state["step"], total_steps, cfg.lr, cfg.warmup_steps, progress)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -390,14 +432,13 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             eta = max(0.0, cfg.time_budget_s - elapsed())
         else:
             eta = (state["planned_epochs"] - state["epoch"]) * (time.time() - t_start) / max(1, len(state["history"]))
+        rng = rng_states(env.world, device)  # a collective under DDP: every rank, before rank 0 saves
         if env.main:
             vals = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("iou"))
             log(f"[{cfg.name}] epoch {state['epoch']}/{state['planned_epochs']} loss={record['loss']:.4f} "
                 f"{vals} {epoch_s:.1f}s/epoch ETA {eta / 60:.1f} min")
-            tmp = run_dir / "last.pt.tmp"
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                        "rng_cpu": torch.get_rng_state(), "config": asdict(cfg)}, tmp)
-            os.replace(tmp, last)
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                         "rng_cpu": rng[0]["cpu"], "rng_ranks": rng, "config": asdict(cfg)}, last)
             with open(run_dir / "log.jsonl", "a", encoding="utf-8") as fh:  # after the checkpoint it describes
                 fh.write(json.dumps(record) + "\n")
     if state["step"] == 0:  # e.g. a time budget already spent: an untrained model must not replace a file
@@ -419,7 +460,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             mask_shapes=dict(init_info.mask_shapes) if same_classes else {},
             input_size=(cfg.cache_size, cfg.cache_size), data_fingerprint=train_data.fingerprint, recipe=recipe,
         )
-        save_weights(model, info, out)
+        write_weights(model, info, out, last)
         log(f"[{cfg.name}] wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     if env.world > 1:
         dist.barrier()
