@@ -25,18 +25,23 @@ def check_auth_config(host: str, token: str | None) -> None:
         )
 
 
-def host_allowed(host_header: str | None, allowed: list[str]) -> bool:
-    """Whether a request's Host header names a loopback address or one of `allowed` (port ignored). A request
-    without one (HTTP/1.0, a script) is not a browser's and passes."""
-    if host_header is None:
-        return True
-    host = host_header.strip().lower()
+def host_name(host: str) -> str:
+    """The name in a Host header or an --allow-host value: lower case, without port, brackets or final dot."""
+    host = host.strip().lower()
     if host.startswith("["):  # [::1]:8080
         name = host[1 : host.find("]")] if "]" in host else host[1:]
     else:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    name = name.rstrip(".")
-    return is_loopback(name) or name in {a.lower().rstrip(".") for a in allowed}
+    return name.rstrip(".")
+
+
+def host_allowed(host_header: str | None, allowed: list[str]) -> bool:
+    """Whether a request's Host header names a loopback address or one of `allowed` (ports ignored on both
+    sides). A request without one (HTTP/1.0, a script) is not a browser's and passes."""
+    if host_header is None:
+        return True
+    name = host_name(host_header)
+    return is_loopback(name) or name in {host_name(a) for a in allowed}
 
 
 class TokenAuth:

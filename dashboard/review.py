@@ -94,13 +94,16 @@ def _class_by_part() -> dict[str, str]:
 def _reported_classes(masks_dir: Path) -> dict[str, str]:
     """Mask file name -> class, from the findings CSVs (`predict --report`) in the masks folder. A report records
     the class of every prompt it ran, a site's aliases (`predict --alias`) included, which a file name cannot tell."""
-    found: dict[str, str] = {}
-    for report in sorted(masks_dir.glob("*.csv")):
+    stamped = []
+    for report in masks_dir.glob("*.csv"):
         try:
             st = report.stat()
         except OSError:
             continue
-        found.update(_read_report(report, st.st_mtime_ns, st.st_size))
+        stamped.append((st.st_mtime_ns, report.name, report, st.st_size))
+    found: dict[str, str] = {}
+    for mtime_ns, _, report, size in sorted(stamped):  # the newest report has the last word on a mask
+        found.update(_read_report(report, mtime_ns, size))
     return found
 
 

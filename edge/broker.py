@@ -25,6 +25,10 @@ class BrokerError(RuntimeError):
     pass
 
 
+class BrokerSettingError(BrokerError):
+    """The settings ask for an embedded broker that cannot be: a restart would not help (edge exit status 78)."""
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -74,7 +78,7 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         if not self.binary:
-            raise BrokerError("embedded broker requested but the `mosquitto` binary is not installed "
+            raise BrokerSettingError("embedded broker requested but the `mosquitto` binary is not installed "
                               "(apt-get install mosquitto) - or set mqtt.embedded_broker: never")
         if port_open("127.0.0.1", self.port, 0.2):  # else that program's answer would pass for our broker's
             raise BrokerError(f"127.0.0.1:{self.port} is taken by another program, so an embedded mosquitto cannot "
@@ -123,7 +127,7 @@ def maybe_start_embedded(mode: str, host: str, port: int) -> EmbeddedBroker | No
         return None
     if not is_loopback(host):
         if mode == "always":
-            raise BrokerError(f"mqtt.embedded_broker=always needs mqtt.host on loopback, got {host!r}")
+            raise BrokerSettingError(f"mqtt.embedded_broker=always needs mqtt.host on loopback, got {host!r}")
         return None
     if mode == "auto" and port_open(host, port):
         return None

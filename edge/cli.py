@@ -12,10 +12,11 @@ from pathlib import Path
 
 from drywallqa.argtypes import positive_float, positive_int
 
-# Exit statuses of `edge run` and `edge check-config`. A wrong setting (config, model file, prompt, video file)
-# exits EXIT_CONFIG, sysexits' EX_CONFIG, which the unit's RestartPreventExitStatus= keeps systemd from restarting
-# ten times in vain; a failure a restart may cure (the embedded broker's port still taken, a GPU not yet up at
-# boot) exits EXIT_START_FAILED and is retried.
+# Exit statuses of `edge run` and `edge check-config`. A wrong setting (a value, a prompt or alias, a model file
+# missing or not ours, TLS files, an embedded broker that cannot be) exits EXIT_CONFIG, sysexits' EX_CONFIG, which
+# the unit's RestartPreventExitStatus= keeps systemd from restarting ten times in vain. A failure a restart may cure
+# exits EXIT_START_FAILED and is retried: the embedded broker's port still taken, a GPU not yet up, a missing video
+# file (it may live on a drive mounted late at boot).
 EXIT_CONFIG = 78
 EXIT_START_FAILED = 1
 
@@ -108,7 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from drywallqa.contract import InvalidModelError
     from drywallqa.edge.backends import BackendUnavailableError
-    from drywallqa.edge.broker import BrokerError
+    from drywallqa.edge.broker import BrokerError, BrokerSettingError
     from drywallqa.edge.runner import EdgeRunner
     from drywallqa.edge.settings import ConfigError, format_validation_error
     from drywallqa.edge.sources import SourceError
@@ -140,14 +141,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         runner.setup()
-    except (ConfigError, UnknownPromptError, InvalidModelError, SourceError, BackendUnavailableError,
-            FileNotFoundError, ValueError) as exc:
+    except (ConfigError, UnknownPromptError, InvalidModelError, BackendUnavailableError, BrokerSettingError,
+            ValueError) as exc:
         runner.shutdown()
         print(f"error: cannot start the edge runtime: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (BrokerError, RuntimeError, OSError) as exc:
+    except (SourceError, BrokerError, RuntimeError, OSError) as exc:
         runner.shutdown()
-        print(f"error: cannot start the edge runtime (a restart may cure this): {exc}", file=sys.stderr)
+        print(f"error: cannot start the edge runtime (the service retries this): {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     stats = runner.run()
     summary = {

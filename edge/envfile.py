@@ -1,11 +1,19 @@
 """Read a systemd EnvironmentFile (`/etc/drywallqa/edge.env`) as the service would see it.
 
 `edge check-config --env-file` uses it so that the check sees the overrides and secrets the service gets, rather
-than the shell's environment. The syntax is the part of systemd's that such files use: `KEY=VALUE` lines,
-whitespace around `=` and around an unquoted value ignored, a value in single or double quotes taken as written
-(in double quotes `\\"`, `\\\\`, `\\$` and `` \\` `` stand for the character), a trailing backslash joining the next
-line, and blank lines or lines starting with `#` or `;` ignored. systemd skips a line it cannot read and logs a
-warning that is easy to miss in the journal; here such a line is an error that names it.
+than the shell's environment. The parser follows systemd's own (`parse_env_file` in src/basic/env-file.c), character
+by character:
+- blank lines and lines starting with `#` or `;` are ignored; whitespace around the name and `=` is dropped;
+- an unquoted value drops its trailing whitespace, and a backslash takes the next character literally
+  (`site\\ walk.mp4` is `site walk.mp4`); a backslash before the line's end joins the next line;
+- `'...'` is taken literally, newlines included; in `"..."` a backslash escapes `"`, `\\`, `` ` `` and `$`, joins
+  lines before a newline, and stays in place before anything else;
+- text right after a closing quote goes on the same value (`"a"b` is `ab`).
+
+Where systemd would quietly skip a line (its warning is easy to miss in the journal) or where its versions disagree,
+this is an error naming the line instead: a line without `=`, a name that is not a variable name (`export X=1`), a
+quote left open at the end of the file, and a comment ending in a backslash (before systemd 254, which Ubuntu 22.04
+and JetPack 6 predate, that comment also swallows the next line).
 """
 
 from __future__ import annotations
@@ -16,48 +24,120 @@ from pathlib import Path
 from drywallqa.edge.settings import ConfigError
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DOUBLE_QUOTED_ESCAPES = {'"': '"', "\\": "\\", "$": "$", "`": "`"}
+_WHITESPACE = " \t\n\r"
+_NEWLINE = "\n\r"
+_DOUBLE_QUOTE_ESCAPES = '"\\`$'
 
 
-def _logical_lines(text: str) -> list[tuple[int, str]]:
-    """(first line number, line) with backslash-newline continuations joined and comments dropped."""
-    out: list[tuple[int, str]] = []
-    pending: str | None = None
-    start = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if pending is None:
-            stripped = raw.strip()
-            if not stripped or stripped[0] in "#;":
-                continue
-            start, pending = number, raw
-        else:
-            pending += raw
-        if pending.endswith("\\") and not pending.endswith("\\\\"):
-            pending = pending[:-1]
-            continue
-        out.append((start, pending))
-        pending = None
-    if pending is not None:
-        out.append((start, pending))
-    return out
+class _Parser:
+    """systemd's states: pre_key, key, pre_value, value, value_escape, single, double, double_escape, comment."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.values: dict[str, str] = {}
+        self.line = 1  # the line being read
+        self.start = 1  # the line the current assignment started on
+        self.key: list[str] = []
+        self.value: list[str] = []
+        self.trailing_ws: int | None = None  # where the unquoted value's trailing whitespace starts
 
-def _unquote(value: str, where: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] == "'":
-        return value[1:-1]
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        body, chars, i = value[1:-1], [], 0
-        while i < len(body):
-            if body[i] == "\\" and i + 1 < len(body) and body[i + 1] in _DOUBLE_QUOTED_ESCAPES:
-                chars.append(_DOUBLE_QUOTED_ESCAPES[body[i + 1]])
-                i += 2
-            else:
-                chars.append(body[i])
-                i += 1
-        return "".join(chars)
-    if value[:1] in "'\"":
-        raise ConfigError(f"{where}: the quote that opens the value is not closed at its end")
-    return value
+    def error(self, line: int, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}, line {line}: {what}")
+
+    def push(self) -> None:
+        name = "".join(self.key).strip(_WHITESPACE)
+        if not _NAME.fullmatch(name):
+            raise self.error(self.start, f"expected NAME=VALUE, got a name {name[:60]!r} (systemd would skip this "
+                                         f"line)")
+        if self.trailing_ws is not None:
+            del self.value[self.trailing_ws:]
+        self.values[name] = "".join(self.value)
+        self.key, self.value, self.trailing_ws = [], [], None
+
+    def parse(self, text: str) -> dict[str, str]:
+        state = "pre_key"
+        for c in text:
+            if state == "pre_key":
+                if c in "#;":
+                    state = "comment"
+                elif c not in _WHITESPACE:
+                    state, self.start, self.key = "key", self.line, [c]
+            elif state == "key":
+                if c in _NEWLINE:
+                    raise self.error(self.line, f"expected NAME=VALUE, got {''.join(self.key).strip()[:80]!r} "
+                                                f"(systemd would skip this line)")
+                if c == "=":
+                    state = "pre_value"
+                else:
+                    self.key.append(c)
+            elif state == "pre_value":
+                if c in _NEWLINE:
+                    self.push()
+                    state = "pre_key"
+                elif c == "'":
+                    state = "single"
+                elif c == '"':
+                    state = "double"
+                elif c == "\\":
+                    state = "value_escape"
+                elif c not in _WHITESPACE:
+                    state = "value"
+                    self.value.append(c)
+            elif state == "value":
+                if c in _NEWLINE:
+                    self.push()
+                    state = "pre_key"
+                elif c == "\\":
+                    state, self.trailing_ws = "value_escape", None
+                else:
+                    if c not in _WHITESPACE:
+                        self.trailing_ws = None
+                    elif self.trailing_ws is None:
+                        self.trailing_ws = len(self.value)
+                    self.value.append(c)
+            elif state == "value_escape":
+                state = "value"
+                if c not in _NEWLINE:  # an escaped newline joins the lines
+                    self.value.append(c)
+            elif state == "single":
+                if c == "'":
+                    state = "pre_value"
+                else:
+                    self.value.append(c)
+            elif state == "double":
+                if c == '"':
+                    state = "pre_value"
+                elif c == "\\":
+                    state = "double_escape"
+                else:
+                    self.value.append(c)
+            elif state == "double_escape":
+                state = "double"
+                if c in _DOUBLE_QUOTE_ESCAPES:
+                    self.value.append(c)
+                elif c not in _NEWLINE:  # as a shell does: the backslash stays before other characters
+                    self.value += ["\\", c]
+            elif state == "comment":
+                if c in _NEWLINE:
+                    state = "pre_key"
+                elif c == "\\":
+                    state = "comment_escape"
+            elif state == "comment_escape":
+                if c in _NEWLINE:
+                    raise self.error(self.line, "a comment ends in a backslash: systemd before version 254 also "
+                                                "ignores the next line, later versions do not; remove the backslash")
+                state = "comment"
+            if c == "\n":
+                self.line += 1
+        if state in ("single", "double", "double_escape"):
+            raise self.error(self.start, "the quote that opens the value is never closed (systemd would take the "
+                                         "rest of the file as its value)")
+        if state == "key":
+            raise self.error(self.start, f"expected NAME=VALUE, got {''.join(self.key).strip()[:80]!r} (systemd "
+                                         f"would skip this line)")
+        if state in ("pre_value", "value", "value_escape"):
+            self.push()
+        return self.values
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:
@@ -74,13 +154,4 @@ def read_env_file(path: str | Path) -> dict[str, str]:
     except OSError as exc:
         raise ConfigError(f"cannot read the environment file {path}: {exc.strerror or exc} (the service's file "
                           f"is readable by root only: run the check with sudo)") from None
-    values: dict[str, str] = {}
-    for number, line in _logical_lines(text):
-        where = f"{path}, line {number}"
-        name, sep, value = line.partition("=")
-        name = name.strip()
-        if not sep or not _NAME.fullmatch(name):
-            raise ConfigError(f"{where}: expected NAME=VALUE, got {line.strip()[:80]!r} (systemd would skip "
-                              f"this line)")
-        values[name] = _unquote(value.strip(), where)
-    return values
+    return _Parser(path).parse(text)

@@ -250,7 +250,7 @@ def classify_uri(uri: str) -> str:
     """demo | camera | stream | file | images."""
     if uri == "demo":
         return "demo"
-    if uri.isdigit() or _DEV_VIDEO.match(uri):
+    if uri.isdigit() or _DEV_VIDEO.match(uri) or uri.startswith("/dev/v4l/"):  # by-id/by-path: stable names
         return "camera"
     if uri.lower().startswith(STREAM_SCHEMES):
         return "stream"

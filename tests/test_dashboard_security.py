@@ -187,3 +187,12 @@ def test_the_bearer_scheme_is_case_insensitive(tmp_path: Path, mosquitto: Mosqui
 def test_secrets_stay_out_of_reprs(tmp_path: Path) -> None:
     config = DashboardConfig(token="token-abcdefgh", broker=BrokerConfig(password="mqtt-secret-xyz"))
     assert "token-abcdefgh" not in repr(config) and "mqtt-secret-xyz" not in repr(config)
+
+
+def test_allow_host_values_are_compared_without_port_or_brackets() -> None:
+    from drywallqa.dashboard.auth import host_allowed
+
+    assert host_allowed("qa.example.com", ["qa.example.com:443"])  # a proxy name given with its port
+    assert host_allowed("[fe80::1]:8080", ["[fe80::1]"])
+    assert host_allowed("QA.Example.com.:8443", ["qa.example.com"])
+    assert not host_allowed("attacker.example", ["qa.example.com:443"])

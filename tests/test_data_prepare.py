@@ -340,3 +340,24 @@ def test_a_publish_killed_between_its_renames_leaves_a_readable_cache(tmp_path):
     (out / "16").rename(out / ".16.old")  # the state right after publish's first rename
     np.testing.assert_array_equal(open_cache(out, 16)[0], images)
     assert (out / "16").is_dir() and not (out / ".16.old").exists()
+
+
+def test_a_reader_waits_for_a_live_publish_instead_of_taking_the_old_cache_back(tmp_path):
+    import threading
+
+    from drywallqa.train.data.cache import _publish_lock
+
+    cfg = small_project(tmp_path, n_crack=2, n_wall=2)
+    out = tmp_path / "cache"
+    assert _prepare(cfg, out) == 0
+    shutil.copytree(out / "16", tmp_path / "new16")
+    read: list = []
+    with _publish_lock(out / "16"):  # a publisher between its two renames
+        (out / "16").rename(out / ".16.old")
+        reader = threading.Thread(target=lambda: read.append(open_cache(out, 16)[3]))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive()  # waiting for the lock, not renaming .16.old back
+        (tmp_path / "new16").rename(out / "16")  # the publisher's second rename
+    reader.join(30)
+    assert read and (out / ".16.old").is_dir()  # the new cache was read; the old one left for the publisher

@@ -15,7 +15,14 @@ from _edge_helpers import make_video
 from _mqtt_fixtures import wait_until
 
 from drywallqa.edge.capture import Capture
-from drywallqa.edge.sources import DemoSource, FrameSource, ImageListSource, classify_uri, make_source
+from drywallqa.edge.sources import (
+    DemoSource,
+    FrameSource,
+    ImageListSource,
+    check_source_exists,
+    classify_uri,
+    make_source,
+)
 
 
 def _drain(cap: Capture, seconds: float) -> list:
@@ -32,6 +39,10 @@ def _drain(cap: Capture, seconds: float) -> list:
 def test_classify_uri(tmp_path):
     assert classify_uri("demo") == "demo"
     assert classify_uri("0") == classify_uri("/dev/video3") == "camera"
+    # the stable names udev gives a camera: a camera that is late at boot, not a missing video file
+    by_id = "/dev/v4l/by-id/usb-Logitech_HD_Webcam_C615-video-index0"
+    assert classify_uri(by_id) == classify_uri("/dev/v4l/by-path/pci-0000:00:14.0-usb-0:1:1.0-video-index0") == "camera"
+    check_source_exists(by_id)  # no SourceError: cameras are retried, not refused at start
     assert classify_uri("rtsp://cam/stream") == classify_uri("http://cam/mjpg") == "stream"
     assert classify_uri(str(tmp_path)) == classify_uri(str(tmp_path / "*.jpg")) == "images"
     assert classify_uri(str(tmp_path / "a.mp4")) == "file"

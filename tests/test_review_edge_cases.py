@@ -139,3 +139,23 @@ def test_a_mask_named_after_an_alias_takes_its_class_from_the_findings_report(da
     (masks / "other.csv").write_text("mask_file,class_name\nwall__hairline_crack.png,crack\n")  # not a report
     page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
     assert "class='chip cls-other' href='/review/files/0/pred/wall__hairline_crack.png'" in page
+
+
+def test_the_newest_findings_report_has_the_last_word_on_a_mask(dashboard, tmp_path: Path) -> None:
+    """An output folder reused with a changed alias: the older report's class must not win by its file name."""
+    import os
+
+    from drywallqa.findings import FIELDS
+
+    images, masks = tmp_path / "images", tmp_path / "pred"
+    _gray(images / "wall.jpg", 90)
+    masks.mkdir()
+    cv2.imwrite(str(masks / mask_filename("wall", "hairline")), np.zeros((48, 64), np.uint8))
+    header = ",".join(FIELDS)
+    for name, cls, mtime in (("z_old.csv", "crack", 1_000_000), ("a_new.csv", "taping", 2_000_000)):
+        row = {f: "" for f in FIELDS} | {"image": "wall.jpg", "prompt": "hairline", "class_name": cls,
+                                         "mask_file": "wall__hairline.png"}
+        (masks / name).write_text(header + "\n" + ",".join(row[f] for f in FIELDS) + "\n")
+        os.utime(masks / name, (mtime, mtime))
+    page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
+    assert "class='chip cls-taping' href='/review/files/0/pred/wall__hairline.png'" in page

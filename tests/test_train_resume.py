@@ -215,3 +215,13 @@ def test_torchrun_resume_goes_on_with_each_ranks_own_random_stream(tmp_path):
                                                                                  strict=True)]
     a, b = (load_file(folder / "out.safetensors") for folder in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_without_random_state_resumes_with_a_fresh_seed():
+    """A checkpoint of another tool (model, optimizer, state, but no rng_* keys) is no KeyError."""
+    from drywallqa.train.run_state import restore_rng
+
+    restore_rng({}, 0, torch.device("cpu"), seed=3, step=7)
+    first = torch.rand(4)
+    restore_rng({}, 0, torch.device("cpu"), seed=3, step=7)
+    assert torch.equal(first, torch.rand(4))  # seeded from seed, rank and step: reproducible

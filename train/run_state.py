@@ -91,7 +91,7 @@ def rng_states(world: int, device: torch.device) -> list[dict]:
 def restore_rng(ckpt: dict, rank: int, device: torch.device, seed: int, step: int) -> None:
     """This rank's saved generator state; a rank the checkpoint has none for (it was written by fewer processes)
     gets a fresh seed of its own rather than replaying the random draws it made at the start of the run."""
-    states = ckpt.get("rng_ranks") or [{"cpu": ckpt["rng_cpu"]}]  # checkpoints before rng_ranks: rank 0's only
+    states = ckpt.get("rng_ranks") or ([{"cpu": ckpt["rng_cpu"]}] if "rng_cpu" in ckpt else [])  # older: rank 0's
     if rank >= len(states):
         torch.manual_seed(seed + rank + 1_000_003 * (step + 1))  # also seeds every CUDA device
         return

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -172,11 +174,12 @@ class CacheWriter:
         """Swap the sealed folder in; the old cache is moved aside first and removed only afterwards."""
         old = _aside(self.final)
         try:
-            if old.exists():
-                shutil.rmtree(old)
-            if self.final.exists():
-                self.final.rename(old)
-            self.tmp.rename(self.final)
+            with _publish_lock(self.final):  # a reader in between must not take `old` back (see open_cache)
+                if old.exists():
+                    shutil.rmtree(old)
+                if self.final.exists():
+                    self.final.rename(old)
+                self.tmp.rename(self.final)
             shutil.rmtree(old, ignore_errors=True)
             return self.final
         except OSError as exc:
@@ -202,11 +205,25 @@ def _aside(final: Path) -> Path:
     return final.with_name(f".{final.name}.old")
 
 
+@contextlib.contextmanager
+def _publish_lock(final: Path) -> Iterator[None]:
+    """Held by `publish` across its two renames: a reader that finds no cache waits for a live publisher. The lock
+    is on the cache folder itself (flock works on a folder), so no lock file is left beside the caches."""
+    fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _recover_interrupted_publish(final: Path) -> None:
     """A publish killed between its two renames leaves the previous cache only at `.<size>.old`: put it back."""
     old = _aside(final)
-    if not final.exists() and (old / "meta.json").is_file():
-        with contextlib.suppress(OSError):  # a read-only cache folder: open_cache's error says what to run
+    if final.exists() or not (old / "meta.json").is_file():
+        return
+    with contextlib.suppress(OSError), _publish_lock(final):  # read-only folder: open_cache says what to run
+        if not final.exists():  # else a live publish just finished
             old.rename(final)
 
 
