@@ -44,6 +44,11 @@ class _Parser:
     def error(self, line: int, what: str) -> ConfigError:
         return ConfigError(f"{self.path}, line {line}: {what}")
 
+    def no_value(self) -> ConfigError:
+        """A line with no `=`."""
+        return self.error(self.start, f"expected NAME=VALUE, got {''.join(self.key).strip()[:80]!r} (systemd "
+                                      f"would skip this line)")
+
     def push(self) -> None:
         name = "".join(self.key).strip(_WHITESPACE)
         if not _NAME.fullmatch(name):
@@ -64,8 +69,7 @@ class _Parser:
                     state, self.start, self.key = "key", self.line, [c]
             elif state == "key":
                 if c in _NEWLINE:
-                    raise self.error(self.line, f"expected NAME=VALUE, got {''.join(self.key).strip()[:80]!r} "
-                                                f"(systemd would skip this line)")
+                    raise self.no_value()
                 if c == "=":
                     state = "pre_value"
                 else:
@@ -133,8 +137,7 @@ class _Parser:
             raise self.error(self.start, "the quote that opens the value is never closed (systemd would take the "
                                          "rest of the file as its value)")
         if state == "key":
-            raise self.error(self.start, f"expected NAME=VALUE, got {''.join(self.key).strip()[:80]!r} (systemd "
-                                         f"would skip this line)")
+            raise self.no_value()
         if state in ("pre_value", "value", "value_escape"):
             self.push()
         return self.values
