@@ -80,10 +80,6 @@ def unit_command(argv: list[str]) -> str:
     return " ".join(systemd_quote(a) for a in argv)
 
 
-def exec_command(exec_path: str | None) -> str:
-    return unit_command(exec_argv(exec_path))
-
-
 PROTECTED_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
 
 
@@ -105,7 +101,7 @@ def service_config_text() -> str:
 
 
 def render_unit(exec_cmd: str, config: Path, user: str) -> str:
-    """`exec_cmd` is already a unit command line (`exec_command`); the config path is quoted here."""
+    """`exec_cmd` is already a unit command line (`unit_command`); the config path is quoted here."""
     text = unit_template_path().read_text(encoding="utf-8")
     return text.replace("@EXEC@", exec_cmd).replace("@CONFIG@", systemd_quote(str(config))).replace("@USER@", user)
 

@@ -136,13 +136,13 @@ def test_install_service_quotes_paths_with_spaces(tmp_path):
 
 
 def test_unit_command_escapes_what_systemd_would_expand():
-    from drywallqa.edge.service import exec_command, render_unit, systemd_quote
+    from drywallqa.edge.service import exec_argv, render_unit, systemd_quote, unit_command
 
     assert systemd_quote("/etc/site 50%/edge.yaml") == '"/etc/site 50%%/edge.yaml"'
     assert systemd_quote("/opt/$HOME/x") == "/opt/$$HOME/x"
-    assert exec_command('"/opt/dry wall/bin/python3"') == '"/opt/dry wall/bin/python3" -m drywallqa.edge run'
-    assert exec_command("/opt/dq/bin/drywallqa edge run") == "/opt/dq/bin/drywallqa edge run"
-    unit = render_unit(exec_command("/opt/dq/bin/drywallqa"), Path("/etc/dq/%n.yaml"), "drywallqa")
+    assert unit_command(exec_argv('"/opt/dry wall/bin/python3"')) == '"/opt/dry wall/bin/python3" -m drywallqa.edge run'
+    assert unit_command(exec_argv("/opt/dq/bin/drywallqa edge run")) == "/opt/dq/bin/drywallqa edge run"
+    unit = render_unit(unit_command(exec_argv("/opt/dq/bin/drywallqa")), Path("/etc/dq/%n.yaml"), "drywallqa")
     assert "ExecStart=/opt/dq/bin/drywallqa edge run --config /etc/dq/%%n.yaml\n" in unit
 
 

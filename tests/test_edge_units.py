@@ -219,12 +219,12 @@ def test_spool_order_persistence_and_bounds(tmp_path):
 
 
 def test_install_service_exec_given_as_a_bare_program_runs_the_edge():
-    from drywallqa.edge.service import exec_command
+    from drywallqa.edge.service import exec_argv, unit_command
 
-    assert exec_command("/opt/dq/bin/drywallqa") == "/opt/dq/bin/drywallqa edge run"
-    assert exec_command("/opt/dq/bin/python3") == "/opt/dq/bin/python3 -m drywallqa.edge run"
-    assert exec_command("/opt/dq/bin/drywallqa edge run") == "/opt/dq/bin/drywallqa edge run"
-    assert exec_command(None).endswith(("drywallqa edge run", "-m drywallqa.edge run"))
+    assert unit_command(exec_argv("/opt/dq/bin/drywallqa")) == "/opt/dq/bin/drywallqa edge run"
+    assert unit_command(exec_argv("/opt/dq/bin/python3")) == "/opt/dq/bin/python3 -m drywallqa.edge run"
+    assert unit_command(exec_argv("/opt/dq/bin/drywallqa edge run")) == "/opt/dq/bin/drywallqa edge run"
+    assert unit_command(exec_argv(None)).endswith(("drywallqa edge run", "-m drywallqa.edge run"))
 
 
 def test_install_service_into_prefix_and_dry_run(tmp_path, capsys):
