@@ -21,7 +21,7 @@ from drywallqa.edge.render import shrink_to
 from drywallqa.findings import FIELDS as FINDINGS_FIELDS
 from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
-from drywallqa.vocab import load_vocabulary, prompt_to_filename_part
+from drywallqa.vocab import load_vocabulary
 
 CLASS_COLORS_RGB = {"crack": (255, 40, 40), "taping": (40, 140, 255)}
 OTHER_COLOR_RGB = (255, 200, 0)
@@ -85,10 +85,7 @@ def resolve_under(path: str, roots: list[Path], want_dir: bool) -> Path:
 def _class_by_part() -> dict[str, str]:
     """Mask file name part -> class, for the packaged prompts and the class names (`--prompt taping`). A mask named
     after a site's alias is classified by the findings report beside it (`_reported_classes`), else unclassified."""
-    vocab = load_vocabulary()
-    by_part = {prompt_to_filename_part(c): c for c in vocab.classes}
-    by_part.update({prompt_to_filename_part(p): c for c in vocab.classes for p in vocab.prompts_by_class[c]})
-    return by_part
+    return load_vocabulary().class_by_filename_part
 
 
 def _reported_classes(masks_dir: Path) -> dict[str, str]:

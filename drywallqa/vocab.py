@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -116,9 +116,8 @@ class Vocabulary:
             if known is not None and known != cls:
                 raise VocabularyError(f"alias {wording!r} -> {cls!r}: that wording already names class {known!r}")
             part = prompt_to_filename_part(wording)  # 'segment, crack' is no prompt; its masks: *__segment_crack
-            clash = next((c for c in vocab.classes if c != cls and part and any(
-                prompt_to_filename_part(p) == part for p in (c, *vocab.prompts_by_class[c]))), None)
-            if clash is not None:
+            clash = vocab.class_by_filename_part.get(part)
+            if clash not in (None, cls):
                 raise VocabularyError(f"alias {wording!r} -> {cls!r}: its mask files would be named like those of "
                                       f"class {clash!r} (<imageID>__{part}.png); choose another wording")
             if match_key(wording) not in vocab.class_by_match_key:  # later aliases see the earlier ones
@@ -131,6 +130,17 @@ class Vocabulary:
         """The class called `name` (compared as prompts are), or None."""
         key = match_key(name)
         return next((c for c in self.classes if match_key(c) == key), None)
+
+    def filename_parts(self) -> Iterator[tuple[str, str, str]]:
+        """(mask file name part, class, the class name or prompt it comes from) for every class name and prompt:
+        predict names a mask <imageID>__<part>.png, and the review page reads the class back from that part."""
+        for c in self.classes:
+            for text in (c, *self.prompts_by_class[c]):
+                yield prompt_to_filename_part(text), c, text
+
+    @property
+    def class_by_filename_part(self) -> dict[str, str]:
+        return {part: c for part, c, _ in self.filename_parts() if part}
 
     @property
     def prompt_to_class(self) -> dict[str, str]:
@@ -222,16 +232,16 @@ def parse_vocabulary(text: str, origin: str = "prompts.yaml") -> Vocabulary:
     except VocabularyError as exc:
         raise VocabularyError(f"{origin}: {exc}") from exc
     parts: dict[str, tuple[str, str]] = {}
-    for c in vocab.classes:
-        for p in vocab.prompts_by_class[c]:
-            part = prompt_to_filename_part(p)
-            if not part:
-                raise VocabularyError(f"{origin}: class {c!r}: prompt {p!r} has no letter a-z or digit, so it gives "
-                                      f"no mask file name; add it in Latin letters (or as an alias on the device)")
-            if part in parts and parts[part][0] != c:
-                raise VocabularyError(f"{origin}: prompts {parts[part][1]!r} ({parts[part][0]}) and {p!r} ({c}) "
-                                      f"give the same mask file name part {part!r}")
-            parts.setdefault(part, (c, p))
+    for part, c, p in vocab.filename_parts():
+        if not part:
+            if p == c:
+                continue  # a class name in another script: its masks are named after its prompts
+            raise VocabularyError(f"{origin}: class {c!r}: prompt {p!r} has no letter a-z or digit, so it gives "
+                                  f"no mask file name; add it in Latin letters (or as an alias on the device)")
+        if part in parts and parts[part][0] != c:
+            raise VocabularyError(f"{origin}: {parts[part][1]!r} ({parts[part][0]}) and {p!r} ({c}) "
+                                  f"give the same mask file name part {part!r}")
+        parts.setdefault(part, (c, p))
     return vocab
 
 
