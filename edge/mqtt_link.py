@@ -71,6 +71,12 @@ class LogThrottle:
             self.count = 0
 
 
+# A broker that closes the connection within seconds of accepting it, time after time, is most often taking the
+# session over for another client with our client id (MQTT 3.1.1 says no more; mosquitto logs "already connected").
+SHORT_SESSION_S = 5.0
+SHORT_SESSIONS_TO_WARN = 3
+
+
 class EdgeLink:
     def __init__(
         self,
@@ -91,6 +97,10 @@ class EdgeLink:
         self.topic_cmd = topic(settings.prefix, settings.device_id, TOPIC_CMD)
         self.connected = threading.Event()
         self._connect_trouble = LogThrottle()  # its count: failed attempts so far, over every outage
+        self._connected_at: float | None = None  # monotonic, while connected
+        self._short_sessions = 0  # consecutive connections the broker closed within SHORT_SESSION_S
+        self._takeover_trouble = LogThrottle()
+        self._takeover_error = ""
         self.delivered = 0
         self.spool_dropped = spool.dropped()
         self.spool_error = ""  # set while the spool cannot be written (disk full, read-only): for status
@@ -155,6 +165,7 @@ class EdgeLink:
                           self.settings.host, self.settings.port, reason_code, self._connect_trouble.count)
             return
         log.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
+        self._connected_at = time.monotonic()
         self._connect_trouble.reset(count=False)  # the next outage is reported at once again
         client.subscribe(self.topic_cmd, qos=1)
         online = self._status("online")
@@ -175,8 +186,43 @@ class EdgeLink:
         if self._latest_status is not None:
             self._set_will(client, self._latest_status)
         if self.connected.is_set() and not self._stop.is_set():
-            log.warning("MQTT disconnected (%s); alerts are spooled until the broker is back", reason_code)
+            self._note_session_length()
+            if self._short_sessions <= 1:  # not every second of a flapping link: see _note_session_length
+                log.warning("MQTT disconnected (%s); alerts are spooled until the broker is back", reason_code)
         self.connected.clear()
+        self._connected_at = None
+
+    @property
+    def link_error(self) -> str:
+        """For the status: why the broker keeps closing the connection, until a connection lasts."""
+        if self._connected_at is not None and time.monotonic() - self._connected_at >= SHORT_SESSION_S:
+            return ""
+        return self._takeover_error
+
+    def _note_session_length(self) -> None:
+        """Count connections the broker closed soon after accepting them. Two clients with one client id (two
+        devices with one mqtt.device_id, or a second runtime on another machine) knock each other off the
+        broker every second, for ever, and each side only sees a disconnect: name the likely cause, once a
+        minute, in the log and in the status (`link_error`)."""
+        lasted = time.monotonic() - self._connected_at if self._connected_at is not None else None
+        if lasted is None or lasted >= SHORT_SESSION_S:
+            self._short_sessions = 0
+            self._takeover_trouble.reset()
+            self._takeover_error = ""
+            return
+        self._short_sessions += 1
+        if self._short_sessions < SHORT_SESSIONS_TO_WARN:
+            return
+        client_id = f"drywallqa-edge-{self.settings.device_id}"
+        self._takeover_error = (f"the broker keeps closing the connection right after accepting it: another "
+                                f"client probably uses client id {client_id!r} (mqtt.device_id "
+                                f"{self.settings.device_id!r} on two devices or runtimes)")
+        if self._takeover_trouble.hit():
+            log.error("MQTT broker %s:%d closed the connection %d times in a row within %.0f s of accepting it: "
+                      "another client probably uses the client id %r, and each connection knocks the other off. "
+                      "Give every device its own mqtt.device_id (mosquitto logs 'Client %s already connected, "
+                      "closing old connection'); alerts are spooled meanwhile", self.settings.host,
+                      self.settings.port, self._short_sessions, SHORT_SESSION_S, client_id, client_id)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         # Called with paho's internal lock held: only record the ack, the delivery thread does the rest.

@@ -246,7 +246,8 @@ class EdgeRunner:
             fps=round(self.stats.fps, 2),
             spooled_alerts=self.spool.count() if self.spool else 0,
             spool_dropped=self.link.spool_dropped if self.link else 0,
-            last_error=self.last_error or (self.link.spool_error if self.link else "") or (cap.last_error if cap else ""),
+            last_error=self.last_error or (self.link.spool_error or self.link.link_error if self.link else "")
+            or (cap.last_error if cap else ""),
         )
 
     def _publish_status(self) -> None:

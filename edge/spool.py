@@ -8,11 +8,18 @@ kept in the database (reported in the status payload as spool_dropped).
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there the spool is not locked
+    fcntl = None  # type: ignore[assignment]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -28,6 +35,36 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 
 class SpoolDamaged(sqlite3.DatabaseError):
     """The spool is an SQLite file whose pages are corrupt (PRAGMA quick_check at open)."""
+
+
+class SpoolInUse(RuntimeError):
+    """Another process holds the spool. Two runtimes on one spool would publish each other's alerts and, sharing
+    a device id, knock each other off the broker (one MQTT client id), so the second one does not start."""
+
+
+def lock_spool(path: Path) -> int:
+    """An exclusive flock on `<spool>.lock`, held until the returned descriptor is closed (by the kernel too, on
+    kill -9). The file holds the holder's pid, for the error message. Another file than the database itself:
+    SQLite's own POSIX locks on it must not be disturbed."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise SpoolInUse(
+            f"the alert spool {path} is in use by another DrywallQA edge runtime (pid {holder or 'unknown'}). Two "
+            f"runtimes on one spool would publish each other's alerts and, with one mqtt.device_id, knock each "
+            f"other off the broker. Stop the other one (e.g. `sudo systemctl stop drywallqa-edge`), or give this "
+            f"one its own spool.path and mqtt.device_id") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass(frozen=True)
@@ -46,18 +83,30 @@ class Spool:
         self.max_bytes = max_bytes
         self.moved_aside: Path | None = None  # a damaged spool found at start and kept there (see open_spool)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)").fetchall()]
-        if problems != ["ok"]:  # else every read and write would fail later, mid-run
-            self._db.close()
-            raise SpoolDamaged(f"database disk image is malformed: {'; '.join(problems)}")
+        self._lock_fd = lock_spool(self.path)  # before anything reads the file: it may be moved aside if damaged
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(SCHEMA)
+                problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)").fetchall()]
+            except BaseException:
+                self._db.close()
+                raise
+            if problems != ["ok"]:  # else every read and write would fail later, mid-run
+                self._db.close()
+                raise SpoolDamaged(f"database disk image is malformed: {'; '.join(problems)}")
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
 
     def put(self, event_id: str, topic: str, payload: bytes) -> int:
         """Append durably (committed and fsynced before returning); returns rows dropped to stay in bounds."""

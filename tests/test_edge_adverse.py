@@ -176,3 +176,63 @@ def test_a_spool_that_fails_on_every_try_is_logged_once_a_minute_not_per_retry(t
         link._wake.set()
         link._thread.join(5)
         link._client.loop_stop()
+
+
+HOLD_SPOOL = """
+import sys, time
+from drywallqa.edge.spool import Spool
+spool = Spool(sys.argv[1])
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_spool(path: Path) -> subprocess.Popen:
+    """Another process with the spool open, as a service left running is."""
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SPOOL, str(path)], stdout=subprocess.PIPE, text=True,
+                              env=clean_env())
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_a_second_runtime_on_one_spool_is_refused_naming_the_first(tmp_path, lite_model):
+    """A manual `edge run` while the service runs (a common way to debug on a device) would share the spool and
+    the MQTT client id: each would publish the other's alerts and knock it off the broker, every second. The
+    second one stops at start with the first one's pid, and exits 1 (the service retries: the other may stop)."""
+    spool_path = tmp_path / "spool.sqlite"
+    holder = _hold_spool(spool_path)
+    try:
+        cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=lite_model, port=1, spool=spool_path,
+                           source={"fps": 10.0, "demo_size": [64, 80]})
+        proc = subprocess.run(edge_cmd(cfg, "--max-frames", "3"), env=clean_env(), capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert f"in use by another DrywallQA edge runtime (pid {holder.pid})" in proc.stderr
+        assert "spool.path and mqtt.device_id" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_the_spool_lock_goes_with_a_killed_holder(tmp_path):
+    """kill -9 (or a power cut) leaves the lock file behind, but not the lock: the next start opens the spool."""
+    from drywallqa.edge.spool import Spool, SpoolInUse
+
+    spool_path = tmp_path / "spool.sqlite"
+    holder = _hold_spool(spool_path)
+    with pytest.raises(SpoolInUse, match=f"pid {holder.pid}"):
+        Spool(spool_path)
+    holder.kill()
+    holder.wait(10)
+    spool = Spool(spool_path)
+    try:
+        spool.put("e1", "t", b"x")
+        assert spool.count() == 1
+        assert (tmp_path / "spool.sqlite.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(SpoolInUse):  # one process, two openings: refused too
+            Spool(spool_path)
+    finally:
+        spool.close()
+    Spool(spool_path).close()  # closed: free again

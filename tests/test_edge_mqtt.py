@@ -421,3 +421,31 @@ def test_after_a_reconnect_the_last_will_carries_recent_figures(tmp_path, mosqui
         collector.close()
     assert will["state"] == "offline" and before_outage > 0, will
     assert will["frames_processed"] >= before_outage, (will["frames_processed"], before_outage)
+
+
+def test_two_devices_with_one_device_id_are_told_why_they_keep_dropping(tmp_path, mosquitto, model):
+    """Two devices (or runtimes) with one mqtt.device_id share an MQTT client id: the broker drops each one when the
+    other connects, every second, for ever, and MQTT 3.1.1 says nothing more than a disconnect. Each side names the
+    likely cause once (not every second) and puts it in its status, for the dashboard."""
+    collector = Collector(mosquitto.port, "drywallqa/twin/status")
+    procs = []
+    try:
+        assert collector.connected.wait(10)
+        for name in ("a", "b"):
+            cfg = write_config(tmp_path / f"edge_{name}.yaml", uri="demo", model=model, port=mosquitto.port,
+                               spool=tmp_path / f"spool_{name}.sqlite", device_id="twin",
+                               source={"fps": 5.0, "demo_size": [64, 80]})
+            procs.append(start_edge(cfg, "--duration", "14", log=tmp_path / f"edge_{name}.log"))
+        for p in procs:
+            assert p.wait(60) == 0
+        logs = [(tmp_path / f"edge_{name}.log").read_text() for name in ("a", "b")]
+        named = [log.count("another client probably uses the client id 'drywallqa-edge-twin'") for log in logs]
+        assert all(n == 1 for n in named), (named, logs[0][-3000:])  # each side, once: logged once a minute
+        assert all(log.count("MQTT disconnected") <= 2 for log in logs), logs[0][-3000:]  # not one per drop
+        assert any("another client probably uses client id 'drywallqa-edge-twin'" in s["last_error"]
+                   for s in collector.payloads("status"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        collector.close()
