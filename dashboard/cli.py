@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_port, default=8080, help="HTTP port (0: any free port)")
     p.add_argument("--token-file", type=Path, help=f"file holding the access token (else ${TOKEN_ENV})")
     p.add_argument(
+        "--session-hours",
+        type=positive_float,
+        default=12.0,
+        help="a sign-in lasts this long, then the browser asks for the token again",
+    )
+    p.add_argument(
         "--allow-host",
         action="append",
         default=[],
@@ -134,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         token=_read_token(args),
         allowed_hosts=args.allow_host,
+        session_hours=args.session_hours,
         store_path=args.store or default_store_path(),
         review_roots=args.review_root or [Path.cwd()],
         max_alerts=args.max_alerts,

@@ -11,6 +11,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import SimpleCookie
@@ -21,7 +22,15 @@ from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urlencode, 
 
 from drywallqa.vocab import load_vocabulary
 
-from .auth import COOKIE_NAME, TokenAuth, check_auth_config, host_allowed
+from .auth import (
+    COOKIE_NAME,
+    DEFAULT_SESSION_HOURS,
+    SignInThrottle,
+    TokenAuth,
+    bearer_token,
+    check_auth_config,
+    host_allowed,
+)
 from .bridge import BrokerConfig, MqttBridge
 from .review import (
     IMAGE_SUFFIXES,
@@ -62,16 +71,19 @@ class DashboardConfig:
     heartbeat_s: float = 10.0
     max_alerts: int = 2000
     device_timeout_s: float = 45.0  # a device silent this long is shown as "silent" (edge status every 10 s)
+    session_hours: float = DEFAULT_SESSION_HOURS  # a sign-in cookie expires this long after sign-in
 
 
 class DashboardApp:
-    """Wires the store, live state, MQTT bridge and HTTP server together."""
+    """Wires the store, live state, MQTT bridge and HTTP server together. `clock` (unix time) dates sessions and
+    sign-in failures; tests pass one they can advance."""
 
-    def __init__(self, config: DashboardConfig) -> None:
-        check_auth_config(config.host, config.token)
+    def __init__(self, config: DashboardConfig, clock: Callable[[], float] = time.time) -> None:
+        check_auth_config(config.host, config.token, config.session_hours)
         self.classes = list(load_vocabulary().classes)  # read once: a broken prompts.yaml stops the start, not pages
         self.config = config
-        self.auth = TokenAuth(config.token)
+        self.auth = TokenAuth(config.token, session_s=config.session_hours * 3600, clock=clock)
+        self.throttle = SignInThrottle(clock=clock)
         self.review_roots = [Path(r).expanduser().resolve() for r in config.review_roots]
         self.store = AlertStore(config.store_path, max_alerts=config.max_alerts)
         self.state = LiveState()
@@ -138,6 +150,14 @@ class _Server(ThreadingHTTPServer):
     app: DashboardApp
 
 
+class _Throttled(Exception):
+    """The client sent too many wrong tokens lately; it may try again in `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "DrywallQA-Dashboard"
@@ -174,24 +194,47 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, data: object, status: int = 200) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json", {"Cache-Control": "no-store"})
+    def _json(self, data: object, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(data).encode()
+        self._send(status, body, "application/json", {"Cache-Control": "no-store", **(headers or {})})
 
-    def _error(self, status: int, message: str) -> None:
+    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         if self.path.startswith("/api/") or "json" in self.headers.get("Accept", ""):
-            self._json({"error": message}, status)
+            self._json({"error": message}, status, headers)
         else:
-            self._send(
-                status,
-                _page("Error", f"<p class='error'>{html.escape(message)}</p>"),
-                "text/html; charset=utf-8",
-            )
+            page = _page("Error", f"<p class='error'>{html.escape(message)}</p>")
+            self._send(status, page, "text/html; charset=utf-8", headers)
 
     def _redirect(self, location: str, headers: dict[str, str] | None = None) -> None:
         self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": location, **(headers or {})})
 
     def _authorized(self) -> bool:
-        return self.app.auth.allowed(self.headers.get("Authorization"), self._cookies())
+        """A bearer token (checked like a sign-in, so it counts against the throttle), else the session cookie."""
+        auth = self.app.auth
+        if not auth.enabled:
+            return True
+        token = bearer_token(self.headers.get("Authorization"))
+        if token is not None:
+            return self._try_token(token)
+        return auth.session_valid(self._cookies().get(COOKIE_NAME, ""))
+
+    def _try_token(self, token: str) -> bool:
+        """Check a token unless this client sent too many wrong ones lately (raises _Throttled then)."""
+        client = self.client_address[0]
+        wait = self.app.throttle.retry_after(client)
+        if wait > 0:
+            raise _Throttled(wait)
+        ok = self.app.auth.check_token(token)
+        self.app.throttle.record(client, ok)
+        return ok
+
+    def _too_many(self, wait: float) -> None:
+        seconds = max(1, math.ceil(wait))
+        message = f"Too many wrong tokens from your address: try again in {seconds} s."
+        headers = {"Retry-After": str(seconds)}
+        if self.command == "POST" and urlsplit(self.path).path == "/login":
+            return self._send(429, _login_page(message), "text/html; charset=utf-8", headers)
+        self._error(429, message, headers)
 
     def _host_refused(self) -> bool:
         """Without a token, answer only requests addressed to a loopback name (or an allowed one): else any web
@@ -262,6 +305,8 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError as exc:  # a review file or folder the dashboard may not read, or one that vanished
             name = Path(exc.filename).name if isinstance(exc.filename, str) else "a file"
             return self._error(403 if isinstance(exc, PermissionError) else 500, f"cannot read {name}: {exc.strerror}")
+        except _Throttled as exc:
+            return self._too_many(exc.retry_after)
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
@@ -291,6 +336,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._json({"error": str(exc)}, 503)
                 return self._json({"forgotten": parts[2]})
             return self._json({"error": f"no such endpoint: {path}"}, 404)
+        except _Throttled as exc:
+            return self._too_many(exc.retry_after)
         except ValueError as exc:
             return self._json({"error": str(exc)}, 400)
         except (BrokenPipeError, ConnectionResetError):
@@ -311,9 +358,11 @@ class _Handler(BaseHTTPRequestHandler):
         token = (form.get("token") or [""])[0]
         if not self.app.auth.enabled:
             return self._redirect("/")
-        if not self.app.auth.check_token(token):
+        if not self._try_token(token):
             return self._send(401, _login_page("Wrong token."), "text/html; charset=utf-8")
-        cookie = f"{COOKIE_NAME}={self.app.auth.session_value()}; Path=/; HttpOnly; SameSite=Strict"
+        auth = self.app.auth
+        attributes = f"Path=/; Max-Age={int(auth.session_s)}; HttpOnly; SameSite=Strict"
+        cookie = f"{COOKIE_NAME}={auth.session_value()}; {attributes}"
         if self.headers.get("X-Forwarded-Proto") == "https":
             cookie += "; Secure"
         self._redirect("/", {"Set-Cookie": cookie})

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +111,9 @@ def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def make_app(tmp_path: Path, broker_port: int, **overrides) -> DashboardApp:
+def make_app(
+    tmp_path: Path, broker_port: int, clock: Callable[[], float] = time.time, **overrides
+) -> DashboardApp:
     config = DashboardConfig(
         host="127.0.0.1",
         port=0,
@@ -129,7 +131,7 @@ def make_app(tmp_path: Path, broker_port: int, **overrides) -> DashboardApp:
     )
     for key, value in overrides.items():
         setattr(config, key, value)
-    return DashboardApp(config)
+    return DashboardApp(config, clock=clock)
 
 
 @contextlib.contextmanager
@@ -250,10 +252,16 @@ def alert(
 
 
 def http_request(
-    app: DashboardApp, method: str, path: str, body: bytes | str | None = None, headers: dict[str, str] | None = None
+    app: DashboardApp,
+    method: str,
+    path: str,
+    body: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+    source: str | None = None,
 ) -> tuple[int, dict, bytes]:
+    """One request on a fresh connection; `source` picks the client's address (any 127.x.y.z on Linux)."""
     host, port = app.address
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn = http.client.HTTPConnection(host, port, timeout=10, source_address=(source, 0) if source else None)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         res = conn.getresponse()
@@ -262,14 +270,20 @@ def http_request(
         conn.close()
 
 
-def http_get(app: DashboardApp, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
-    return http_request(app, "GET", path, headers=headers)
+def http_get(
+    app: DashboardApp, path: str, headers: dict[str, str] | None = None, source: str | None = None
+) -> tuple[int, dict, bytes]:
+    return http_request(app, "GET", path, headers=headers, source=source)
 
 
 def http_post(
-    app: DashboardApp, path: str, body: bytes | str = b"", headers: dict[str, str] | None = None
+    app: DashboardApp,
+    path: str,
+    body: bytes | str = b"",
+    headers: dict[str, str] | None = None,
+    source: str | None = None,
 ) -> tuple[int, dict, bytes]:
-    return http_request(app, "POST", path, body, headers)
+    return http_request(app, "POST", path, body, headers, source)
 
 
 def get_json(app: DashboardApp, path: str, headers: dict[str, str] | None = None) -> object:

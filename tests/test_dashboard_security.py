@@ -3,6 +3,9 @@ certificates), the `drywallqa dashboard` command in a child process, and real HT
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import http.client
 import json
 import logging
@@ -23,8 +26,9 @@ from _dashboard_fixtures import (
     running_mosquitto,
     secured_mosquitto,
 )
-from _mqtt_fixtures import Mosquitto, wait_until
+from _mqtt_fixtures import Mosquitto, free_port, wait_until
 
+from drywallqa.dashboard.auth import COOKIE_NAME
 from drywallqa.dashboard.bridge import BrokerConfig
 from drywallqa.dashboard.cli import main as dashboard_main
 from drywallqa.dashboard.server import DashboardApp, DashboardConfig
@@ -196,3 +200,176 @@ def test_allow_host_values_are_compared_without_port_or_brackets() -> None:
     assert host_allowed("[fe80::1]:8080", ["[fe80::1]"])
     assert host_allowed("QA.Example.com.:8443", ["qa.example.com"])
     assert not host_allowed("attacker.example", ["qa.example.com:443"])
+
+
+# --- sign-in: expiring signed sessions and a limit on wrong tokens ---------------------------------------------
+TOKEN = "a-long-enough-token"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    """Unix time that a test moves on by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.contextmanager
+def _guarded_dashboard(tmp_path: Path, clock: FakeClock, **overrides) -> Iterator[DashboardApp]:
+    """A dashboard with a token; its broker is down (sign-in needs none), so no mosquitto is needed."""
+    with running_dashboard(tmp_path, free_port(), token=TOKEN, clock=clock, **overrides) as app:
+        yield app
+
+
+def _sign_in(app: DashboardApp, token: str = TOKEN, source: str | None = None) -> tuple[int, dict, bytes]:
+    return http_post(app, "/login", f"token={token}", FORM, source)
+
+
+def _cookie_of(headers: dict) -> str:
+    return headers["Set-Cookie"].split(";")[0]
+
+
+def _signed(token: str, issued: int) -> str:
+    sig = hmac.new(token.encode(), b"drywallqa-dashboard-session|" + str(issued).encode(), hashlib.sha256)
+    return f"{COOKIE_NAME}={issued}.{sig.hexdigest()}"
+
+
+def test_a_session_cookie_expires(tmp_path: Path) -> None:
+    """Before: the cookie was HMAC(token, constant), valid for ever (until the token changed), without Max-Age."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock, session_hours=2.0) as app:
+        code, headers, _ = _sign_in(app)
+        assert code == 303, code
+        attrs = [a.strip() for a in headers["Set-Cookie"].split(";")]
+        assert "Max-Age=7200" in attrs and "HttpOnly" in attrs and "SameSite=Strict" in attrs, attrs
+        cookie = _cookie_of(headers)
+        assert cookie == _signed(TOKEN, int(T0)), cookie  # <issued>.<HMAC(token, context|issued)>
+        clock.now = T0 + 7199
+        assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 200
+        clock.now = T0 + 7200
+        assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 401
+        code, headers, _ = http_get(app, "/", {"Cookie": cookie})
+        assert code == 303 and headers["Location"] == "/login"
+        # Behind a TLS proxy the cookie is also Secure.
+        code, headers, _ = http_post(app, "/login", f"token={TOKEN}", {**FORM, "X-Forwarded-Proto": "https"})
+        assert code == 303 and "Secure" in [a.strip() for a in headers["Set-Cookie"].split(";")]
+
+
+def test_a_tampered_or_old_style_cookie_is_refused(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock, session_hours=1.0) as app:
+        cookie = _cookie_of(_sign_in(app)[1])
+        name, _, value = cookie.partition("=")
+        issued, _, sig = value.partition(".")
+        assert issued == str(int(T0)) and len(sig) == 64, value
+        assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 200
+        flipped = sig[:-1] + ("0" if sig[-1] != "0" else "1")
+        old_style = hmac.new(TOKEN.encode(), b"drywallqa-dashboard-session", hashlib.sha256).hexdigest()
+        for bad in (
+            f"{int(T0) + 3000}.{sig}",  # a later issue time, to live longer, with the old signature
+            f"{issued}.{flipped}",
+            f"{issued}.",
+            sig,
+            old_style,  # the cookie before this change: no issue time
+            "",
+        ):
+            assert http_get(app, "/api/state", {"Cookie": f"{name}={bad}"})[0] == 401, bad
+        for digits in (f"{issued}\xb2", "\u0661" * 10):  # isdigit() but not ASCII: refused, not a crash
+            assert app.auth.session_valid(f"{digits}.{sig}") is False
+        assert http_get(app, "/api/state", {"Cookie": _signed("another-token-123", int(T0))})[0] == 401
+
+
+def test_a_cookie_from_the_future_is_refused(tmp_path: Path) -> None:
+    """A correctly signed cookie dated more than a minute ahead (clock skew, or a forged lifetime) is refused."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock) as app:
+        assert http_get(app, "/api/state", {"Cookie": _signed(TOKEN, int(T0) + 30)})[0] == 200  # small skew
+        assert http_get(app, "/api/state", {"Cookie": _signed(TOKEN, int(T0) + 120)})[0] == 401
+        assert http_get(app, "/api/state", {"Cookie": _signed(TOKEN, int(T0) - 3600)})[0] == 200
+
+
+def test_wrong_tokens_are_throttled_per_address(tmp_path: Path, caplog) -> None:
+    """Before: the sign-in form checked every guess at full speed. Now the 6th try within a minute of 5 wrong ones
+    gets 429 with Retry-After, even with the right token, until the minute has passed; other addresses are not
+    affected, and the refusals are logged once."""
+    caplog.set_level(logging.INFO, logger="drywallqa.dashboard")
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock) as app:
+        for i in range(5):
+            clock.now = T0 + i
+            code, _, body = _sign_in(app, f"wrong-token-{i}")
+            assert code == 401 and b"Wrong token" in body, (i, code)
+        clock.now = T0 + 20
+        code, headers, body = _sign_in(app)  # the right token, but too late
+        assert code == 429 and headers.get("Retry-After") == "40" and b"try again in 40 s" in body, (code, headers)
+        assert "Set-Cookie" not in headers
+        for _ in range(3):
+            assert _sign_in(app)[0] == 429
+        assert _sign_in(app, source="127.0.0.2")[0] == 303  # another address signs in
+        clock.now = T0 + 60  # the window has passed
+        code, headers, _ = _sign_in(app)
+        assert code == 303 and headers["Set-Cookie"].startswith(COOKIE_NAME)
+    refused = [r for r in caplog.records if "refused sign-in" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.WARNING, [r.getMessage() for r in refused]
+    assert TOKEN not in caplog.text
+
+
+def test_a_right_token_clears_the_count(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock) as app:
+        for _ in range(4):
+            assert _sign_in(app, "wrong-token")[0] == 401
+        assert _sign_in(app)[0] == 303
+        for _ in range(5):
+            assert _sign_in(app, "wrong-token")[0] == 401  # a fresh count: five more before the limit
+        assert _sign_in(app, "wrong-token")[0] == 429
+
+
+def test_wrong_bearer_tokens_count_too(tmp_path: Path) -> None:
+    """A script's wrong `Authorization: Bearer` is a guess like the form's; a signed-in browser is not locked out."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock) as app:
+        cookie = _cookie_of(_sign_in(app)[1])
+        for i in range(5):
+            assert http_get(app, "/api/state", {"Authorization": f"Bearer wrong-{i}-token"})[0] == 401
+        code, headers, body = http_get(app, "/api/state", {"Authorization": f"Bearer {TOKEN}"})
+        assert code == 429 and headers.get("Retry-After") == "60", (code, headers)
+        assert "try again in 60 s" in json.loads(body)["error"]
+        command = {**POST_HEADERS, "Authorization": f"Bearer {TOKEN}"}
+        assert http_post(app, "/api/devices/cam-1/forget", b"", command)[0] == 429
+        assert _sign_in(app)[0] == 429
+        assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 200
+
+
+def test_the_throttle_tracks_a_bounded_number_of_addresses() -> None:
+    from drywallqa.dashboard.auth import MAX_TRACKED_CLIENTS, SignInThrottle, client_key
+
+    clock = FakeClock()
+    throttle = SignInThrottle(clock=clock)
+    for _ in range(5):
+        throttle.record("10.0.0.1", ok=False)
+    assert throttle.retry_after("10.0.0.1") == 60
+    for i in range(3 * MAX_TRACKED_CLIENTS):
+        throttle.record(f"10.1.{i // 256}.{i % 256}", ok=False)
+    assert len(throttle) == MAX_TRACKED_CLIENTS
+    assert throttle.retry_after("10.0.0.1") == 0  # the oldest address was dropped first
+    # One IPv6 host owns a /64: it is counted as one client, whatever address it picks in it.
+    for i in range(5):
+        throttle.record(f"2001:db8::{i + 1:x}", ok=False)
+    assert throttle.retry_after("2001:db8::ffff:1") == 60 and throttle.retry_after("2001:db8:0:1::1") == 0
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7" == client_key("192.0.2.7")
+    clock.now += 60
+    assert throttle.retry_after("2001:db8::1") == 0
+
+
+def test_the_session_lifetime_must_be_positive(tmp_path: Path, capsys) -> None:
+    for value in ("0", "-3"):
+        with pytest.raises(SystemExit):
+            dashboard_main(["--port", "0", "--store", str(tmp_path / "s.sqlite"), "--session-hours", value])
+        assert "--session-hours: must be more than 0" in capsys.readouterr().err, value
+    with pytest.raises(SystemExit, match="--session-hours must be a number of hours above 0"):
+        dashboard_main(["--port", "0", "--store", str(tmp_path / "s.sqlite"), "--session-hours", "inf"])
