@@ -12,8 +12,9 @@ from drywallqa.train.data.cache import CacheWriter
 from drywallqa.vocab import load_vocabulary
 
 
-def write_synthetic_cache(root: Path, size: int = 64, n_per_class: int = 6, seed: int = 0) -> Path:
-    """cache/<size>/{images,masks}.npy + meta.json: dark 'cracks' (lines) and bright 'tape' (bands)."""
+def write_synthetic_cache(root: Path, size: int = 64, n_per_class: int = 6, seed: int = 0, n_val: int = 4) -> Path:
+    """cache/<size>/{images,masks}.npy + meta.json: dark 'cracks' (lines) and bright 'tape' (bands); the last
+    `n_val` images are the val split, the others train."""
     rng = np.random.default_rng(seed)
     n = 2 * n_per_class
     images = np.full((n, size, size, 3), 150, np.uint8) + rng.integers(0, 20, (n, size, size, 3), dtype=np.uint8)
@@ -29,7 +30,7 @@ def write_synthetic_cache(root: Path, size: int = 64, n_per_class: int = 6, seed
             masks[i, pos:pos + 10, :] = 1
             images[i][masks[i] > 0] = 245
         meta.append({"id": f"img{i:03d}", "dataset": ["cracks", "drywall"][cls], "class": cls,
-                     "class_name": ["crack", "taping"][cls], "split": "val" if i >= n - 4 else "train",
+                     "class_name": ["crack", "taping"][cls], "split": "val" if i >= n - n_val else "train",
                      "file": f"img{i:03d}.jpg"})
     writer = CacheWriter(root, size, n)  # the very writer `drywallqa data prepare` uses
     for i in range(n):

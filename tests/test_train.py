@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -285,6 +286,60 @@ def test_ddp_ranks_stop_together_on_a_time_budget(tmp_path):
     assert (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_ddp_with_fewer_training_images_than_processes_trains_every_rank(tmp_path):
+    """One training image, two processes: rank 1 got an empty batch and crashed while rank 0 waited in the
+    gradient all-reduce. Now every rank takes the same steps, each on a non-empty batch."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cache = write_synthetic_cache(tmp_path / "cache", n_per_class=1, n_val=1)  # 1 train image, 1 val image
+    cfg = tiny_train_config(tmp_path / "cfg.yaml", tmp_path / "out.safetensors", tmp_path / "runs", epochs=1)
+    cfg.write_text(cfg.read_text().replace("crop: 32", "crop: 64"))  # a batch of 1 needs more than 1x1 at stride 32
+    proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "drywallqa.train.cli",
+                             "--config", str(cfg), "--cache", str(cache)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # a hang: end the launcher and its workers, not just the launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "log.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in log] == [1] and (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(("n", "batch", "world", "max_steps"), [
+    (1, 2, 2, None), (3, 2, 2, None), (3, 4, 4, None), (5, 16, 2, None), (7, 2, 3, None), (8, 2, 2, None),
+    (20, 3, 2, None), (20, 3, 2, 2), (2, 1, 8, 1), (1, 1, 1, None)])
+def test_every_rank_gets_the_same_number_of_non_empty_batches(n, batch, world, max_steps):
+    from drywallqa.train.trainer import rank_batches
+
+    steps = max(1, n // (batch * world))  # as train() counts them
+    steps = min(steps, max_steps) if max_steps else steps
+    dealt = [rank_batches(n, steps, batch, rank, world, torch.Generator().manual_seed(5)) for rank in range(world)]
+    assert {tuple(d.shape) for d in dealt} == {(steps, min(batch, -(-n // world)))}  # one shape, never empty
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(5))
+    if n >= batch * world:  # enough images: what perm[rank::world] always gave, in batches
+        assert all(torch.equal(d.flatten(), perm[rank::world][:steps * batch]) for rank, d in enumerate(dealt))
+    else:  # every image is used, and none more than its share of wrapping
+        used = torch.cat([d.flatten() for d in dealt])
+        assert set(used.tolist()) == set(range(n)) and max(used.bincount().tolist()) <= -(-len(used) // n)
+
+
+def test_no_training_images_is_one_clear_error_before_anything_starts(tmp_path):
+    from drywallqa.train.trainer import TrainConfig, TrainError, train
+    from drywallqa.train.training_data import InMemoryData
+
+    data = InMemoryData(np.zeros((0, 64, 64, 3), np.uint8), np.zeros((0, 64, 64), np.uint8), np.zeros(0), [])
+    cfg = TrainConfig.from_yaml(tiny_train_config(tmp_path / "cfg.yaml", tmp_path / "out.safetensors",
+                                                  tmp_path / "runs"))
+    vocab, emb, _ = random_embeddings()
+    with pytest.raises(TrainError, match="no training images"):
+        train(cfg, data, None, emb, list(vocab.all_prompts), "random", vocab=vocab, log=lambda _: None)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out.safetensors").exists()
+
+
 def test_clip_text_encoder_path_with_a_tiny_random_clip(tmp_path):
     pytest.importorskip("transformers")
     from drywallqa.train.text_encoders import embed_prompts
@@ -312,13 +367,14 @@ def test_unknown_prompt_names_the_nearest_prompt_by_text_similarity():
 
 
 def test_lr_schedule_follows_the_clock_when_given_progress():
-    from drywallqa.train.trainer import lr_at
+    from drywallqa.train.trainer import lr_at, step_progress
 
-    assert lr_at(0, 100, 1.0, warmup=4) == pytest.approx(0.25)  # warm-up by steps
-    assert lr_at(50, 100, 1.0, warmup=4, progress=0.0) == pytest.approx(1.0)
-    assert lr_at(50, 100, 1.0, warmup=4, progress=0.5) == pytest.approx(0.505)
-    assert lr_at(5, 100, 1.0, warmup=4, progress=1.7) == pytest.approx(0.01)  # clamped at the end
-    assert lr_at(100, 100, 1.0, warmup=4) == pytest.approx(0.01)  # by steps when no progress is given
+    assert lr_at(0, 1.0, warmup=4, progress=0.7) == pytest.approx(0.25)  # warm-up by steps, whatever the clock
+    assert lr_at(50, 1.0, warmup=4, progress=0.0) == pytest.approx(1.0)
+    assert lr_at(50, 1.0, warmup=4, progress=0.5) == pytest.approx(0.505)
+    assert lr_at(5, 1.0, warmup=4, progress=1.7) == pytest.approx(0.01)  # clamped at the end
+    assert lr_at(100, 1.0, warmup=4, progress=step_progress(100, 100, warmup=4)) == pytest.approx(0.01)  # by steps
+    assert step_progress(52, 100, warmup=4) == pytest.approx(0.5)
 
 
 def test_time_budgeted_run_stops_on_time_with_its_schedule_finished(tmp_path):
@@ -608,3 +664,37 @@ def test_the_torchrun_entry_reports_a_bad_config_in_one_line(tmp_path):
     assert res.returncode == 2
     assert "drywallqa-train: error:" in res.stderr and "missing ['output', 'profile']" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_head_finetune_takes_fewer_photos_than_a_batch_and_refuses_none(tmp_path):
+    """A head fine-tune on a tiny training split (fewer photos than a batch) draws with replacement instead of
+    crashing in numpy; an empty split is one clear error before any feature is cached."""
+    from drywallqa.train.head_finetune import finetune_head
+    from drywallqa.train.run_state import TrainError
+    from drywallqa.train.trainer import TrainConfig, train
+    from drywallqa.train.training_data import InMemoryData
+
+    cache = write_synthetic_cache(tmp_path / "cache", n_per_class=2, n_val=2)  # 2 training photos, one a class
+    data = InMemoryData.from_cache(cache, 64, "train")
+    assert len(data) == 2
+    vocab, emb, _ = random_embeddings()
+    torch.set_num_threads(1)
+    student = tmp_path / "student.safetensors"
+    train(TrainConfig(name="student", architecture="hrnet_w18", profile="hrnet", output=str(student),
+                      runs_dir=str(tmp_path / "runs"), cache_size=64, crop=64, batch_size=2, epochs=1,
+                      warmup_steps=1, max_steps_per_epoch=1, log_every=0),
+          data, None, emb, list(vocab.all_prompts), "random", vocab=vocab, log=lambda _: None)
+
+    def head(name: str) -> TrainConfig:
+        return TrainConfig(name=name, architecture="hrnet_w18", profile="hrnet", frozen_encoder=True,
+                           init_weights=str(student), output=str(tmp_path / f"{name}.safetensors"),
+                           runs_dir=str(tmp_path / "runs"), cache_size=64, crop=32, batch_size=8, epochs=1,
+                           max_steps_per_epoch=2, warmup_steps=1, log_every=0)
+
+    out = finetune_head(head("head"), data, None, log=lambda _: None)
+    assert load_weights(out)[1].recipe["steps"] == 1  # one epoch of 2 photos: one batch of 8 drawn from them
+    empty = InMemoryData.from_cache(write_synthetic_cache(tmp_path / "cache0", n_per_class=1, n_val=2), 64, "train")
+    assert len(empty) == 0
+    with pytest.raises(TrainError, match="has no training images"):
+        finetune_head(head("head0"), empty, None, log=lambda _: None)
+    assert not (tmp_path / "runs" / "head0").exists() and not (tmp_path / "head0.safetensors").exists()

@@ -1,8 +1,10 @@
 """Training interrupted and resumed: the schedule and random streams go on where they were, under torchrun too;
-a full disk or an unwritable folder is one clear line and leaves the last checkpoint as it was."""
+a full disk or an unwritable folder is one clear line and leaves the last checkpoint as it was; a killed torchrun
+launcher takes its workers with it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,13 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from drywallqa.train.trainer import TrainConfig, TrainError, lr_at, train  # noqa: E402
+from drywallqa.train.trainer import TrainConfig, TrainError, lr_at, step_progress, train  # noqa: E402
 from drywallqa.train.training_data import InMemoryData  # noqa: E402
 from tests._train_fixtures import random_embeddings, tiny_train_config, write_synthetic_cache  # noqa: E402
 
@@ -80,7 +83,8 @@ def test_resume_with_another_batch_size_keeps_the_schedule_at_its_epoch(tmp_path
     log = _log(tmp_path)
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
     # an epoch's lr is that of its last step; at batch 4 epoch e ends at step 2e - 1 of 8
-    expected = [lr_at(2 * e - 1, 8, cfg.lr, cfg.warmup_steps) for e in (2, 3, 4)]
+    expected = [lr_at(2 * e - 1, cfg.lr, cfg.warmup_steps, step_progress(2 * e - 1, 8, cfg.warmup_steps))
+                for e in (2, 3, 4)]
     assert [r["lr"] for r in log[1:]] == pytest.approx(expected)
 
 
@@ -225,3 +229,115 @@ def test_a_checkpoint_without_random_state_resumes_with_a_fresh_seed():
     first = torch.rand(4)
     restore_rng({}, 0, torch.device("cpu"), seed=3, step=7)
     assert torch.equal(first, torch.rand(4))  # seeded from seed, rank and step: reproducible
+
+
+_CHILD = """
+import os, signal, sys, time
+from drywallqa.train.worker_lifetime import end_with_parent
+signal.signal(signal.SIGTERM, signal.default_int_handler)  # as train/cli.py does
+parent, late, marker = int(sys.argv[1]), sys.argv[2] == "late", sys.argv[3]
+try:
+    while late and os.getppid() == parent:  # the launcher dies before the worker asks to follow it
+        time.sleep(0.02)
+    print(end_with_parent(parent), flush=True)
+    time.sleep(120)
+except KeyboardInterrupt:  # SIGTERM, handled as the training CLI handles it
+    open(marker, "w").write("interrupted")
+    sys.exit(130)
+"""
+_PARENT = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid()), *sys.argv[2:]])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    """Whether process `pid` has ended (a zombie no one reaped has ended too) within `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("late", [False, True], ids=["launcher-killed", "launcher-gone-before-the-request"])
+def test_a_worker_ends_when_its_launcher_is_killed(tmp_path, late):
+    """A real launcher process is SIGKILLed; its worker (LOCAL_RANK set, as torchrun sets it) gets SIGTERM and
+    ends through the CLI's interruption path, also when the launcher was gone before the worker asked."""
+    marker = tmp_path / "interrupted"
+    env = {**os.environ, "LOCAL_RANK": "0"}
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _CHILD, "late" if late else "now", str(marker)],
+                              stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        child = int(parent.stdout.readline())
+        if not late:
+            assert parent.stdout.readline().strip() == "True"  # the request is made, the worker sleeps on
+        parent.kill()
+        parent.wait()
+        assert _gone(child, within_s=10), "the worker outlived its launcher"
+        assert marker.read_text() == "interrupted"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)  # the worker too, should it have outlived the launcher
+        parent.stdout.close()
+
+
+def test_outside_torchrun_no_parent_death_signal_is_asked_for(monkeypatch):
+    from drywallqa.train.worker_lifetime import end_with_parent
+
+    for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert end_with_parent() is False  # a plain `drywallqa train` (nohup, systemd) is left as it was
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_torchrun_workers_stop_when_the_launcher_is_killed_and_keep_the_checkpoint(tmp_path):
+    write_synthetic_cache(tmp_path / "cache")
+    cfg_path = tiny_train_config(tmp_path / "cfg.yaml", tmp_path / "out.safetensors", tmp_path / "runs",
+                                 epochs=100_000)
+    launcher = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.Popen([launcher, "--standalone", "--nproc_per_node", "2", "-m", "drywallqa.train.cli",
+                             "--config", str(cfg_path), "--cache", str(tmp_path / "cache")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    log, workers = tmp_path / "runs" / "tiny" / "log.jsonl", []
+    try:
+        deadline = time.monotonic() + 240
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # training, checkpoints written
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        assert all(_gone(pid, within_s=20) for pid in workers), "workers outlived torchrun"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in workers:  # torchrun starts each worker in a session of its own: not in proc's group
+            if not _gone(pid, within_s=0):
+                os.kill(pid, signal.SIGKILL)
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    assert torch.load(last, weights_only=False)["state"]["epoch"] >= 2  # whole, the run resumes from it
+    assert not last.with_name("last.pt.tmp").exists()

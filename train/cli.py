@@ -35,6 +35,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from drywallqa.train.worker_lifetime import end_with_parent
+
+    # systemd, docker stop and kill send SIGTERM: stop like Ctrl-C ("interrupted", exit 130). The last finished
+    # epoch's checkpoint is what the next start resumes from. A torchrun worker gets SIGTERM when its launcher
+    # dies too, even by SIGKILL; both come first, before the slow imports.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    end_with_parent()
     import torch
 
     from drywallqa.paths import CACHE_DIR
@@ -44,9 +51,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     from drywallqa.train.training_data import InMemoryData
     from drywallqa.vocab import load_vocabulary
 
-    # systemd, docker stop and kill send SIGTERM: stop like Ctrl-C ("interrupted", exit 130). The last finished
-    # epoch's checkpoint is what the next start resumes from.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cfg = TrainConfig.from_yaml(args.config, epochs=args.epochs, batch_size=args.batch_size, output=args.output,
                                 runs_dir=args.runs_dir, max_steps_per_epoch=args.max_steps_per_epoch)
     if cfg.frozen_encoder and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would write the same files

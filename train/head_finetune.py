@@ -30,9 +30,11 @@ from drywallqa.train.run_state import cannot_resume, load_checkpoint, save_atomi
 from drywallqa.train.teacher import load_teacher, teacher_paths
 from drywallqa.train.trainer import (
     TrainConfig,
+    TrainError,
     lr_at,
     seed_everything,
     set_training_mode,
+    step_progress,
     validate,
     write_weights,
 )
@@ -97,6 +99,9 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
     """Train `init_weights`' decoder and head on cached encoder features; write the fp16 weights to cfg.output."""
     if not cfg.init_weights:
         raise ValueError(f"{cfg.name}: frozen_encoder needs init_weights (a trained model to fine-tune)")
+    if not len(train_data):
+        raise TrainError(f"run {cfg.name!r} has no training images (the data's train split is empty), so there is "
+                         f"nothing to train on; {cfg.output} was not written")
     seed_everything(cfg.seed)
     keep_freed_memory_in_heap()
     model, info = load_weights(cfg.init_weights)
@@ -147,10 +152,10 @@ def finetune_head(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemory
     size = feats.shape[-1]
     start, losses = time.time() - elapsed, []
     while step < total_steps and elapsed < budget:
-        progress = elapsed / budget if cfg.time_budget_s else None
+        progress = elapsed / budget if cfg.time_budget_s else step_progress(step, total_steps, cfg.warmup_steps)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps, progress)
-        picked = rng.choice(len(classes), cfg.batch_size, replace=False, p=weights)
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, progress)
+        picked = rng.choice(len(classes), cfg.batch_size, replace=len(classes) < cfg.batch_size, p=weights)
         f_crops, y_crops, t_crops = [], [], []
         for i in picked:
             oy, ox = rng.integers(0, size - crop + 1, 2)

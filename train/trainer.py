@@ -163,18 +163,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(step: int, total: int, base: float, warmup: int, progress: float | None = None) -> float:
-    """Linear warm-up over `warmup` steps, then cosine to 1 % of `base`.
+def lr_at(step: int, base: float, warmup: int, progress: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine to 1 % of `base` at `progress` (0 to 1, clamped).
 
-    The cosine follows the steps (out of `total`) or, for a time-budgeted run, the given `progress`
-    (the fraction of the budget used), so a run that is slowed or sped up still ends its schedule on time.
+    The progress is the steps' (step_progress, epoch_progress) or, for a time-budgeted run, the fraction of the
+    budget used, so a run that is slowed or sped up still ends its schedule on time.
     """
     if step < warmup:
         return base * (step + 1) / warmup
-    if progress is None:
-        progress = (step - warmup) / max(1, total - warmup)
     progress = min(1.0, max(0.0, progress))
     return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_progress(step: int, total: int, warmup: int) -> float:
+    """The cosine's progress at `step` of `total` steps, the first `warmup` of them warm-up."""
+    return (step - warmup) / max(1, total - warmup)
 
 
 def epoch_progress(epoch: int, i: int, steps_per_epoch: int, planned_epochs: int, warmup: int) -> float:
@@ -182,10 +185,23 @@ def epoch_progress(epoch: int, i: int, steps_per_epoch: int, planned_epochs: int
 
     Counting the finished epochs rather than the steps taken keeps the schedule where it belongs when a run is
     resumed with another number of steps per epoch (another batch size, torchrun after a single process): the
-    steps of earlier sessions would put it ahead or behind. Without such a change it is (step - warmup) /
-    (total - warmup), the step count's own progress."""
-    step = epoch * steps_per_epoch + i
-    return (step - warmup) / max(1, planned_epochs * steps_per_epoch - warmup)
+    steps of earlier sessions would put it ahead or behind. Without such a change it is the step count's own
+    step_progress."""
+    return step_progress(epoch * steps_per_epoch + i, planned_epochs * steps_per_epoch, warmup)
+
+
+def rank_batches(n: int, steps: int, batch: int, rank: int, world: int, generator: torch.Generator) -> torch.Tensor:
+    """This rank's image indices for one epoch, `steps` x batch: a permutation shared by the ranks, dealt in turn.
+
+    Every rank gets the same number of non-empty batches of one size, or DDP's gradient all-reduce waits forever
+    for a rank that crashed or finished early. Where there are fewer than batch x world images (then `steps` is
+    1), each rank takes ceil(n / world), the permutation wrapped round to fill the last places, as
+    DistributedSampler does without drop_last. Otherwise these are the first steps x batch of perm[rank::world].
+    """
+    per_rank = min(steps * batch, -(-n // world))
+    perm = torch.randperm(n, generator=generator)
+    perm = perm.repeat(-(-per_rank * world // n))[:per_rank * world]
+    return perm[rank::world].reshape(steps, -1)
 
 
 def same_embeddings(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -304,6 +320,9 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
           prompt_embeddings: torch.Tensor, prompts: list[str], text_encoder_name: str,
           vocab: Vocabulary | None = None, log=print) -> Path:
     """Train (or resume) and write the fp16 weights to cfg.output. Returns that path."""
+    if not len(train_data):  # before torchrun's ranks meet: each raises this on its own, none waits for another
+        raise TrainError(f"run {cfg.name!r} has no training images (the data's train split is empty), so there is "
+                         f"nothing to train on; {cfg.output} was not written")
     vocab = vocab or load_vocabulary()
     env = DistEnv()
     device = env.device()
@@ -377,13 +396,12 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     while state["epoch"] < state["planned_epochs"] and not out_of_time():
         t_epoch = time.time()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + state["epoch"])
-        perm = torch.randperm(len(train_data), generator=g)[env.rank::env.world]
-        total_steps = state["planned_epochs"] * steps_per_epoch
+        batches = rank_batches(len(train_data), steps_per_epoch, cfg.batch_size, env.rank, env.world, g)
         losses = []
         for i in range(steps_per_epoch):
             if out_of_time(every=BUDGET_CHECK_EVERY):
                 break
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = batches[i]
             img, msk, cls = train_data.batch(idx, device)
             x, m = augment_batch(img, msk, cfg.crop, cfg.scale)
             x = model.normalize(x)
@@ -397,7 +415,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
                 progress = epoch_progress(state["epoch"], i, steps_per_epoch, state["planned_epochs"],
                                           cfg.warmup_steps)
             for group in opt.param_groups:
-                group["lr"] = lr_at(state["step"], total_steps, cfg.lr, cfg.warmup_steps, progress)
+                group["lr"] = lr_at(state["step"], cfg.lr, cfg.warmup_steps, progress)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(x, prompt_ids).float()
                 loss = segmentation_loss(logits, target, cfg.loss, extra_channels=crack_channel)
