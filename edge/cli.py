@@ -53,8 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           description="Write drywallqa-edge.service and an environment file. Needs root unless "
                                       "--prefix points elsewhere; --dry-run only prints what would be written.")
     inst.add_argument("--prefix", type=Path, default=Path("/"), help="file system root to install under (tests)")
-    inst.add_argument("--config", type=Path, default=Path("/etc/drywallqa/edge.yaml"),
-                      help="config path the service reads (copied from the packaged default if missing)")
+    inst.add_argument("--config", type=Path, default=None,
+                      help="config path the service reads (copied from the packaged default if missing; default "
+                           "/etc/drywallqa/edge.yaml, or edge-NAME.yaml with --instance)")
+    inst.add_argument("--instance", default=None, metavar="NAME",
+                      help="a further camera of this device: drywallqa-edge-NAME.service, with its own config, "
+                           "mqtt.device_id (<host name>-NAME), state folder and alert spool, and "
+                           "/etc/drywallqa/edge-NAME.env read after edge.env")
     inst.add_argument("--user", default="drywallqa", help="service user (created with useradd when missing)")
     inst.add_argument("--exec", dest="exec_path", default=None,
                       help="the drywallqa (or python) the unit runs; `edge run` (or `-m drywallqa.edge run`) is "
@@ -71,9 +76,10 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _add_env_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env-file", type=Path, default=None, metavar="PATH",
+    p.add_argument("--env-file", type=Path, action="append", default=None, metavar="PATH",
                    help="read DRYWALLQA_* overrides from this systemd environment file, as the service does "
-                        "(e.g. /etc/drywallqa/edge.env), instead of from this shell's environment")
+                        "(e.g. /etc/drywallqa/edge.env), instead of from this shell's environment; given twice, "
+                        "the second file's lines win, as with a unit's two EnvironmentFile= lines")
 
 
 def _setup_logging(level: str) -> None:
@@ -84,23 +90,27 @@ def _setup_logging(level: str) -> None:
 def _load(args: argparse.Namespace, **overrides):
     from drywallqa.edge.settings import load_settings
 
-    if args.env_file is not None:
+    if args.env_file:
         _use_env_file(args.env_file)
     return load_settings(args.config, **overrides)
 
 
-def _use_env_file(path: Path) -> None:
-    """Make this process's DRYWALLQA_* environment the file's, as systemd gives the service (ConfigError if
-    unreadable). The shell's own DRYWALLQA_* variables are dropped, since the service never sees them."""
+def _use_env_file(paths: list[Path]) -> None:
+    """Make this process's DRYWALLQA_* environment the files', as systemd gives the service (a later file's line
+    wins; ConfigError if one is unreadable). The shell's own DRYWALLQA_* variables are dropped, since the service
+    never sees them."""
     from drywallqa.edge.envfile import read_env_file
     from drywallqa.edge.settings import ENV_PREFIX
 
-    values = read_env_file(path)
+    values: dict[str, str] = {}
+    for path in paths:
+        values.update(read_env_file(path))
     dropped = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k not in values)
     for name in dropped:
         del os.environ[name]
     if dropped:
-        print(f"note: ignoring {', '.join(dropped)} from this shell: the service sees only {path}", file=sys.stderr)
+        print(f"note: ignoring {', '.join(dropped)} from this shell: the service sees only "
+              f"{' and '.join(str(p) for p in paths)}", file=sys.stderr)
     os.environ.update(values)
 
 
@@ -199,7 +209,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
     from drywallqa.edge.service import install_service
 
     return install_service(prefix=args.prefix, config=args.config, user=args.user, exec_path=args.exec_path,
-                           dry_run=args.dry_run, enable=not args.no_enable)
+                           dry_run=args.dry_run, enable=not args.no_enable, instance=args.instance)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -299,3 +299,65 @@ def test_an_embedded_broker_the_settings_cannot_have_is_the_config_status(tmp_pa
     cfg.write_text(f"mqtt: {{embedded_broker: always, host: broker.site}}\nspool: {{path: {tmp_path / 's.sqlite'}}}\n")
     proc = _edge("run", "--config", str(cfg), "--max-frames", "1")
     assert proc.returncode == EXIT_CONFIG and "needs mqtt.host on loopback" in proc.stderr, proc.stderr
+
+
+# -- a further camera of one device ---------------------------------------------------------------------------------
+
+
+def test_a_second_camera_gets_its_own_unit_config_device_id_state_and_environment(tmp_path):
+    """`install-service --instance rear`: a robot's second camera runs as drywallqa-edge-rear.service beside the
+    first, with its own config and device id (one MQTT client id each), its own state folder (its own alert spool,
+    which one runtime locks) and an environment file read after the shared one; the first camera's files stay."""
+    assert _edge("install-service", "--prefix", str(tmp_path), "--exec", "/opt/dq/bin/drywallqa").returncode == 0
+    proc = _edge("install-service", "--prefix", str(tmp_path), "--exec", "/opt/dq/bin/drywallqa", "--instance", "rear")
+    assert proc.returncode == 0, proc.stderr
+    first = _unit(tmp_path)
+    unit = (tmp_path / "etc/systemd/system/drywallqa-edge-rear.service").read_text()
+    lines = unit.splitlines()
+    assert "ExecStart=/opt/dq/bin/drywallqa edge run --config /etc/drywallqa/edge-rear.yaml" in lines
+    assert "StateDirectory=drywallqa-edge-rear" in lines and "Environment=HOME=/var/lib/drywallqa-edge-rear" in lines
+    envs = [ln for ln in lines if ln.startswith("EnvironmentFile=")]
+    assert envs == ["EnvironmentFile=-/etc/drywallqa/edge.env", "EnvironmentFile=-/etc/drywallqa/edge-rear.env"]
+    assert "journalctl -u drywallqa-edge-rear" in unit and "RestartPreventExitStatus=78" in lines
+    assert "Description=DrywallQA edge runtime, camera rear (camera -> segmentation -> MQTT alerts)" in lines
+    assert "StateDirectory=drywallqa-edge" in first.splitlines() and "edge-rear" not in first  # the first unit stays
+    config = tmp_path / "etc/drywallqa/edge-rear.yaml"
+    settings = load_settings(config)
+    assert settings.mqtt.device_id == f"{socket.gethostname()}-rear" and settings.mqtt.embedded_broker == "never"
+    assert load_settings(tmp_path / "etc/drywallqa/edge.yaml").mqtt.device_id == socket.gethostname()
+    env = tmp_path / "etc/drywallqa/edge-rear.env"
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    assert ("check-config --config /etc/drywallqa/edge-rear.yaml --env-file /etc/drywallqa/edge.env "
+            "--env-file /etc/drywallqa/edge-rear.env --model-check") in proc.stdout
+
+
+def test_check_config_reads_two_env_files_the_later_winning(tmp_path):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"mqtt: {{embedded_broker: never}}\nspool: {{path: {tmp_path / 's.sqlite'}}}\n")
+    shared, own = tmp_path / "edge.env", tmp_path / "edge-rear.env"
+    shared.write_text("DRYWALLQA_MQTT__HOST=broker.site\nDRYWALLQA_MQTT__PORT=1884\n")
+    own.write_text("DRYWALLQA_MQTT__PORT=1885\n")
+    proc = _edge("check-config", "--config", str(cfg), "--env-file", str(shared), "--env-file", str(own))
+    assert proc.returncode == 0, proc.stderr
+    mqtt = json.loads(proc.stdout)["mqtt"]
+    assert (mqtt["host"], mqtt["port"]) == ("broker.site", 1885)
+
+
+@pytest.mark.parametrize("name", ["Rear", "rear cam", "-rear", "x" * 33, "../etc", "rear.1", ""])
+def test_an_instance_name_that_cannot_name_a_unit_is_refused(tmp_path, name):
+    proc = _edge("install-service", "--prefix", str(tmp_path), "--instance", name)
+    assert proc.returncode == 2 and "--instance" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_a_second_cameras_unit_passes_systemd_analyze_verify(tmp_path):
+    from drywallqa.edge.service import install_service
+
+    root = tmp_path / "root"
+    assert install_service(prefix=root, exec_path="/bin/true", user="root", instance="cam-2") == 0
+    copy = tmp_path / "drywallqa-edge-cam-2.service"
+    copy.write_text((root / "etc/systemd/system/drywallqa-edge-cam-2.service").read_text())
+    proc = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in proc.stderr.splitlines() if "drywallqa-edge-cam-2.service" in ln]
+    assert proc.returncode == 0 and not problems, proc.stderr
