@@ -157,7 +157,7 @@ class SignInThrottle:
 
     def _current(self, key: str, now: float) -> _Failures | None:
         entry = self._clients.get(key)
-        if entry is not None and now - entry.since >= self.window_s:
+        if entry is not None and not 0 <= now - entry.since < self.window_s:  # over, or the clock was set back
             del self._clients[key]
             return None
         return entry

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -172,12 +171,16 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def _cookies(self) -> dict[str, str]:
-        jar = SimpleCookie()
-        try:
-            jar.load(self.headers.get("Cookie", ""))
-        except Exception:
-            return {}
-        return {k: m.value for k, m in jar.items()}
+        """The request's cookies, name -> value (the first of a name), read pair by pair. A browser sends every
+        cookie of the host name, other ports' apps' too; SimpleCookie drops the whole header at the first value
+        it finds malformed (a blank, a backslash), and with it the session cookie, for good."""
+        cookies: dict[str, str] = {}
+        for pair in self.headers.get("Cookie", "").split(";"):
+            name, sep, value = pair.partition("=")
+            name, value = name.strip(), value.strip()
+            if sep and name and name not in cookies:
+                cookies[name] = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+        return cookies
 
     def _send(
         self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None

@@ -234,7 +234,7 @@ def parse_vocabulary(text: str, origin: str = "prompts.yaml") -> Vocabulary:
     parts: dict[str, tuple[str, str]] = {}
     for part, c, p in vocab.filename_parts():
         if not part:
-            if p == c:
+            if p == c and p not in vocab.prompts_by_class[c]:
                 continue  # a class name in another script: its masks are named after its prompts
             raise VocabularyError(f"{origin}: class {c!r}: prompt {p!r} has no letter a-z or digit, so it gives "
                                   f"no mask file name; add it in Latin letters (or as an alias on the device)")

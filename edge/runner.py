@@ -10,6 +10,7 @@ One bad frame (decode error, odd shape, analysis failure) is logged and counted,
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -37,7 +38,7 @@ from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
 from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings, SpoolSettings
 from drywallqa.edge.sources import check_source_exists, make_source
-from drywallqa.edge.spool import Spool, SpoolDamaged
+from drywallqa.edge.spool import Spool, SpoolDamaged, lock_spool
 from drywallqa.paths import EXPORTED_DIR, PROFILES
 
 if TYPE_CHECKING:
@@ -119,9 +120,14 @@ def open_spool(settings: SpoolSettings) -> Spool:
     fresh spool is started; `moved_aside` names where it went."""
     path = settings.resolved_path()
     moved_aside = None
+    lock_fd = -1
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Held from the first read to the fresh spool, across the move-aside: meanwhile no other runtime opens a
+        # spool here (which this one would then move aside, or be refused by).
+        lock_fd = lock_spool(path)
         try:
-            spool = Spool(path, settings.max_rows, int(settings.max_mb * 2**20))
+            spool = Spool(path, settings.max_rows, int(settings.max_mb * 2**20), lock_fd=lock_fd)
         except sqlite3.DatabaseError as exc:
             if not isinstance(exc, SpoolDamaged) and getattr(exc, "sqlite_errorname", "") != "SQLITE_CORRUPT":
                 raise
@@ -132,8 +138,12 @@ def open_spool(settings: SpoolSettings) -> Spool:
                     part.rename(moved_aside.with_name(moved_aside.name + suffix))
             log.error("alert spool %s is damaged (%s): moved aside to %s (its undelivered alerts may be recovered "
                       "with `sqlite3 %s .recover`); starting a fresh spool", path, exc, moved_aside, moved_aside)
-            spool = Spool(path, settings.max_rows, int(settings.max_mb * 2**20))
-    except (OSError, sqlite3.Error) as exc:
+            spool = Spool(path, settings.max_rows, int(settings.max_mb * 2**20), lock_fd=lock_fd)
+    except BaseException as exc:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        if not isinstance(exc, (OSError, sqlite3.Error)):
+            raise
         raise ConfigError(f"spool.path: cannot open the alert spool {path}: {exc} (set spool.path to a writable "
                           f"file, e.g. under $STATE_DIRECTORY)") from exc
     spool.moved_aside = moved_aside

@@ -76,14 +76,17 @@ class SpoolItem:
 
 
 class Spool:
-    def __init__(self, path: str | Path, max_rows: int = 10_000, max_bytes: int = 200 * 2**20) -> None:
+    def __init__(self, path: str | Path, max_rows: int = 10_000, max_bytes: int = 200 * 2**20, *,
+                 lock_fd: int | None = None) -> None:
+        """`lock_fd`: the spool's lock (lock_spool), taken by the caller: the spool closes it on close(); if this
+        raises, the caller still holds it (open_spool keeps it while it moves a damaged spool aside)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.moved_aside: Path | None = None  # a damaged spool found at start and kept there (see open_spool)
         self._lock = threading.Lock()
-        self._lock_fd = lock_spool(self.path)  # before anything reads the file: it may be moved aside if damaged
+        self._lock_fd = lock_spool(self.path) if lock_fd is None else lock_fd  # before anything reads the file
         try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
             try:
@@ -98,7 +101,8 @@ class Spool:
                 self._db.close()
                 raise SpoolDamaged(f"database disk image is malformed: {'; '.join(problems)}")
         except BaseException:
-            os.close(self._lock_fd)
+            if lock_fd is None:
+                os.close(self._lock_fd)
             raise
 
     def close(self) -> None:

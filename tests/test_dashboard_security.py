@@ -373,3 +373,31 @@ def test_the_session_lifetime_must_be_positive(tmp_path: Path, capsys) -> None:
         assert "--session-hours: must be more than 0" in capsys.readouterr().err, value
     with pytest.raises(SystemExit, match="--session-hours must be a number of hours above 0"):
         dashboard_main(["--port", "0", "--store", str(tmp_path / "s.sqlite"), "--session-hours", "inf"])
+
+
+def test_another_apps_odd_cookie_does_not_sign_the_user_out(tmp_path: Path) -> None:
+    """A browser sends the dashboard every cookie of its host name, those of apps on other ports too. Before:
+    SimpleCookie gave up on the whole header at the first value with a blank or a backslash (which browsers
+    accept), so the session cookie after it was never seen and signing in again did not help."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock) as app:
+        cookie = _cookie_of(_sign_in(app)[1])
+        for header in (f"grafana_prefs=dark mode; {cookie}", f"path=C:\\temp; {cookie}", f"{cookie}; note=a b",
+                       f'quoted="x y"; {cookie}'):
+            assert http_get(app, "/api/state", {"Cookie": header})[0] == 200, header
+        for header in (f"note=a b; {COOKIE_NAME}=forged.0000", f"{COOKIE_NAME}; x=1", "=; ;"):
+            assert http_get(app, "/api/state", {"Cookie": header})[0] == 401, header
+
+
+def test_a_clock_set_back_does_not_lock_an_address_out_for_the_step() -> None:
+    """The throttle's window is dated on the wall clock. Before: when the clock was set back (an NTP step, an RTC
+    that ran ahead), an address with 5 wrong tokens was refused for the whole step, an hour here, not a minute."""
+    from drywallqa.dashboard.auth import SignInThrottle
+
+    clock = FakeClock()
+    throttle = SignInThrottle(clock=clock)
+    for _ in range(5):
+        throttle.record("10.0.0.1", ok=False)
+    assert throttle.retry_after("10.0.0.1") == 60
+    clock.now = T0 - 3600
+    assert 0 <= throttle.retry_after("10.0.0.1") <= 60

@@ -236,3 +236,60 @@ def test_the_spool_lock_goes_with_a_killed_holder(tmp_path):
     finally:
         spool.close()
     Spool(spool_path).close()  # closed: free again
+
+
+def _damage(spool_path: Path) -> bytes:
+    """A spool with rows, its pages then overwritten (the header stays valid: an SQLite file, damaged)."""
+    from drywallqa.edge.spool import Spool
+
+    spool = Spool(spool_path)
+    for i in range(50):
+        spool.put(f"old{i}", "drywallqa/dev1/alerts", os.urandom(3000))
+    spool.close()
+    data = bytearray(spool_path.read_bytes())
+    for offset in range(2 * 4096, len(data), 3 * 4096):
+        data[offset:offset + 200] = os.urandom(200)
+    spool_path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_a_damaged_spool_is_moved_aside_under_the_lock(tmp_path):
+    """The spool lock is held from the first read of a damaged spool until the fresh one is open. Before: it was
+    freed while the files were moved aside, so a second runtime starting then opened a spool there, and the
+    first one (which had found the damage) then failed with 'in use'; or it moved the second one's fresh spool
+    aside as damaged."""
+    import logging
+
+    from drywallqa.edge.runner import open_spool
+    from drywallqa.edge.settings import SpoolSettings
+    from drywallqa.edge.spool import Spool, SpoolInUse
+
+    spool_path = tmp_path / "spool.sqlite"
+    _damage(spool_path)
+    seen: list[str] = []
+
+    class SecondRuntime(logging.Handler):
+        """Starts another spool user right while the first one moves the damaged spool aside."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "is damaged" not in record.getMessage():
+                return
+            try:
+                Spool(spool_path).close()
+                seen.append("opened")
+            except SpoolInUse:
+                seen.append("refused")
+
+    handler = SecondRuntime()
+    runner_log = logging.getLogger("drywallqa.edge.runner")
+    runner_log.addHandler(handler)
+    try:
+        spool = open_spool(SpoolSettings(path=str(spool_path)))
+    finally:
+        runner_log.removeHandler(handler)
+    try:
+        assert seen == ["refused"], seen
+        assert spool.moved_aside is not None and spool.moved_aside.exists() and spool.count() == 0
+    finally:
+        spool.close()
+    Spool(spool_path).close()  # closed: the lock is free again

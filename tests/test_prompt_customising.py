@@ -52,6 +52,8 @@ GOOD = "classes:\n  crack:\n    - segment crack\n    - crack\n  taping:\n    - s
     (GOOD + "    - '?!'\n", "prompt '\\?!' is empty"),
     # non-Latin text: `predict` could write no mask file for it
     (GOOD + "    - 接缝\n", "prompt '接缝' has no letter a-z or digit"),
+    # the same, written like its class's name (a class name in another script is fine, such a prompt is not)
+    ("classes:\n  crack:\n    - crack\n  接缝:\n    - tape seam\n    - 接缝\n", "prompt '接缝' has no letter a-z or digit"),
     # a prompt named like another class: its masks (*__crack.png) would be read back as that class's
     ("classes:\n  crack:\n    - segment crack\n  taping:\n    - crack?\n",
      r"'crack' \(crack\) and 'crack\?' \(taping\) give the same mask file name part 'crack'"),
