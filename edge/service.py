@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from drywallqa.edge.settings import default_config_path
+from drywallqa.edge.settings import INSTANCE_NAME, default_config_path
 from drywallqa.paths import PROJECT_ROOT
 
 UNIT_NAME = "drywallqa-edge.service"
@@ -28,8 +26,6 @@ ENV_TEMPLATE = """# Environment for drywallqa-edge.service and each camera's dry
 INSTANCE_ENV_TEMPLATE = """# Environment for {unit} only (read after /etc/drywallqa/edge.env: a line here wins). Mode 0600.
 # DRYWALLQA_SOURCE__URI=rtsp://camera-2/stream
 """
-# One name per camera of a device: it goes into a unit name, a state folder, file names and the MQTT device id.
-INSTANCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 class ServiceInstallError(RuntimeError):
@@ -125,21 +121,18 @@ def _replace_once(text: str, old: str, new: str, origin: Path) -> str:
     return text.replace(old, new, 1)
 
 
-DEVICE_ID_LINE = "  # device_id: wall-cam-1   # default: the host name\n"
-
-
 def service_config_text(instance: str | None = None) -> str:
     """The packaged config with `embedded_broker: never`. A service on a device publishes to a real broker
     (mosquitto.service or the site's) and spools alerts while it is down; in `auto` it could take the port from a
     broker that starts after it and hand alerts to a private broker nobody reads. A further camera's config
-    (`instance`) gets its own device id, `<host name>-<instance>`: two runtimes with one id would share an MQTT
-    client id and knock each other off the broker."""
+    names its `instance`, whose device id is then `<host name>-<instance>`: two runtimes with one id would share
+    an MQTT client id and knock each other off the broker."""
     origin = default_config_path()
     text = _replace_once(origin.read_text(encoding="utf-8"), "embedded_broker: auto", "embedded_broker: never",
                          origin)
     if instance is not None:
-        text = _replace_once(text, DEVICE_ID_LINE, f"  device_id: {socket.gethostname()}-{instance}   # this "
-                             f"camera's own id: one MQTT client id per runtime\n", origin)
+        text = (f"# One camera of several on this device: drywallqa-edge-{instance}.service. Its mqtt.device_id is "
+                f"<host name>-{instance}\n# unless set below.\ninstance: {instance}\n\n{text}")
     return text
 
 
@@ -203,7 +196,7 @@ def install_service(*, prefix: Path = Path("/"), config: Path | None = None, use
         print(f"# would write {unit_path}\n{unit}")
         if not config_path.exists():
             print(f"# would copy {default_config_path()} -> {config_path} (with mqtt.embedded_broker: never"
-                  f"{', and its own mqtt.device_id' if instance else ''})")
+                  f"{f', and instance: {instance}' if instance else ''})")
         for env_path, template in envs:
             if not env_path.exists():
                 print(f"# would write {env_path} (mode 0600)\n{template}")

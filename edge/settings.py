@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Mapping
 from importlib import resources
@@ -147,6 +148,11 @@ class TlsSettings(_Section):
         return self
 
 
+# A camera's name on a device with several (`instance`): it goes into a unit name, a state folder, file names and
+# the MQTT device id.
+INSTANCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
 class MqttSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
@@ -207,11 +213,27 @@ class EdgeSettings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    instance: str | None = Field(
+        default=None,
+        description="this camera's name on a device with several (`edge install-service --instance NAME`); "
+                    "mqtt.device_id then defaults to <host name>-NAME",
+    )
+
+    @field_validator("instance")
+    @classmethod
+    def _instance_name(cls, v: str | None) -> str | None:
+        if v is not None and not INSTANCE_NAME.fullmatch(v):
+            raise ValueError("use 1-32 lower-case letters, digits, '-' or '_', starting with a letter or digit "
+                             "(e.g. front, rear, cam-2)")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> EdgeSettings:
         if self.source.reconnect_max_s < self.source.reconnect_min_s:
             raise ValueError("source.reconnect_max_s must be >= source.reconnect_min_s")
+        if self.instance and "device_id" not in self.mqtt.model_fields_set:
+            # read at start, not written into the config: a device cloned from an image takes its own host name
+            self.mqtt.device_id = f"{socket.gethostname()}-{self.instance}"
         return self
 
     @classmethod

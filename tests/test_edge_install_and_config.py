@@ -323,7 +323,9 @@ def test_a_second_camera_gets_its_own_unit_config_device_id_state_and_environmen
     assert "StateDirectory=drywallqa-edge" in first.splitlines() and "edge-rear" not in first  # the first unit stays
     config = tmp_path / "etc/drywallqa/edge-rear.yaml"
     settings = load_settings(config)
-    assert settings.mqtt.device_id == f"{socket.gethostname()}-rear" and settings.mqtt.embedded_broker == "never"
+    assert settings.instance == "rear" and settings.mqtt.embedded_broker == "never"
+    assert settings.mqtt.device_id == f"{socket.gethostname()}-rear"  # read at start: a cloned device gets its own
+    assert "device_id:" not in config.read_text().replace("# device_id:", "")
     assert load_settings(tmp_path / "etc/drywallqa/edge.yaml").mqtt.device_id == socket.gethostname()
     env = tmp_path / "etc/drywallqa/edge-rear.env"
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
@@ -361,3 +363,22 @@ def test_a_second_cameras_unit_passes_systemd_analyze_verify(tmp_path):
     proc = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
     problems = [ln for ln in proc.stderr.splitlines() if "drywallqa-edge-cam-2.service" in ln]
     assert proc.returncode == 0 and not problems, proc.stderr
+
+
+def test_an_instance_names_the_device_id_unless_one_is_set(tmp_path, monkeypatch):
+    _clean_env(monkeypatch)
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("instance: front\n")
+    assert load_settings(cfg).mqtt.device_id == f"{socket.gethostname()}-front"
+    cfg.write_text("instance: front\nmqtt: {device_id: robot-7-front}\n")
+    assert load_settings(cfg).mqtt.device_id == "robot-7-front"
+    monkeypatch.setenv("DRYWALLQA_MQTT__DEVICE_ID", "from-env")
+    assert load_settings(cfg).mqtt.device_id == "from-env"
+    monkeypatch.delenv("DRYWALLQA_MQTT__DEVICE_ID")
+    cfg.write_text("mqtt: {embedded_broker: never}\n")
+    monkeypatch.setenv("DRYWALLQA_INSTANCE", "rear")
+    assert load_settings(cfg).mqtt.device_id == f"{socket.gethostname()}-rear"
+    cfg.write_text("instance: Rear Cam\n")
+    monkeypatch.delenv("DRYWALLQA_INSTANCE")
+    with pytest.raises(ConfigError, match="instance: .*lower-case letters"):
+        load_settings(cfg)
