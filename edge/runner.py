@@ -112,13 +112,13 @@ def unwatched_rules(engine: AlertEngine, watched: list[WatchedClass], raise_as: 
                        f"{[w.prompt for w in watched]} cover none of them; add a prompt for each")
 
 
-def open_spool(settings: SpoolSettings) -> Spool:
+def open_spool(settings: SpoolSettings, instance: str | None = None) -> Spool:
     """The alert spool, or a ConfigError naming spool.path when it cannot be created or is not a spool.
 
     A damaged spool (an SQLite file whose pages are corrupt, e.g. after a power cut on a worn SD card) would stop
     every start of an unattended device: it is moved aside, kept for recovery (`sqlite3 FILE .recover`), and a
     fresh spool is started; `moved_aside` names where it went."""
-    path = settings.resolved_path()
+    path = settings.resolved_path(instance)
     moved_aside = None
     lock_fd = -1
     try:
@@ -199,7 +199,7 @@ class EdgeRunner:
         log.info("model %s (%s, backend %s), watching %s", self.model_path.name, self.meta.architecture,
                  self.segmenter.backend.name, [(w.prompt, w.class_name) for w in self.watched])
 
-        self.spool = open_spool(s.spool)
+        self.spool = open_spool(s.spool, s.instance)
         if self.spool.moved_aside is not None:
             self.last_error = f"alert spool was damaged: moved aside to {self.spool.moved_aside}, started afresh"
         if self.spool.count():

@@ -188,14 +188,16 @@ class SpoolSettings(_Section):
     max_mb: float = Field(default=200.0, gt=0)
     flush_timeout_s: float = Field(default=5.0, ge=0)
 
-    def resolved_path(self) -> Path:
+    def resolved_path(self, instance: str | None = None) -> Path:
+        """spool.path, else spool.sqlite in the service's state folder (each camera's unit has its own), else
+        ~/.local/state/drywallqa/spool[-<instance>].sqlite: one spool per runtime, which locks it."""
         if self.path:
             return Path(self.path).expanduser()
         base = os.environ.get("STATE_DIRECTORY")
         if base:
             return Path(base.split(":")[0]) / "spool.sqlite"
         xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        return Path(xdg) / "drywallqa" / "spool.sqlite"
+        return Path(xdg) / "drywallqa" / (f"spool-{instance}.sqlite" if instance else "spool.sqlite")
 
 
 class EdgeSettings(BaseSettings):
@@ -216,7 +218,8 @@ class EdgeSettings(BaseSettings):
     instance: str | None = Field(
         default=None,
         description="this camera's name on a device with several (`edge install-service --instance NAME`); "
-                    "mqtt.device_id then defaults to <host name>-NAME",
+                    "mqtt.device_id then defaults to <host name>-NAME (and, outside systemd, the spool to "
+                    "spool-NAME.sqlite)",
     )
 
     @field_validator("instance")

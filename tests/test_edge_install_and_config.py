@@ -382,3 +382,16 @@ def test_an_instance_names_the_device_id_unless_one_is_set(tmp_path, monkeypatch
     monkeypatch.delenv("DRYWALLQA_INSTANCE")
     with pytest.raises(ConfigError, match="instance: .*lower-case letters"):
         load_settings(cfg)
+
+
+def test_each_camera_has_its_own_default_spool(tmp_path, monkeypatch):
+    """Two cameras run by hand (no systemd state folder) must not meet on one spool, which one runtime locks."""
+    from drywallqa.edge.settings import SpoolSettings
+
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert SpoolSettings().resolved_path() == tmp_path / "drywallqa" / "spool.sqlite"
+    assert SpoolSettings().resolved_path("rear") == tmp_path / "drywallqa" / "spool-rear.sqlite"
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "drywallqa-edge-rear"))  # the unit's own folder
+    assert SpoolSettings().resolved_path("rear") == tmp_path / "drywallqa-edge-rear" / "spool.sqlite"
+    assert SpoolSettings(path=str(tmp_path / "x.sqlite")).resolved_path("rear") == tmp_path / "x.sqlite"
