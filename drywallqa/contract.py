@@ -7,11 +7,11 @@ prompts, input size and thresholds from `ModelMetadata` stored in the model file
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from drywallqa.vocab import Vocabulary, normalize_prompt
+from drywallqa.vocab import Vocabulary, VocabularyError, normalize_prompt
 
 METADATA_KEY = "drywallqa"
 INPUT_NAME = "image"  # uint8, N x H x W x 3, RGB; scaling/normalisation live inside the graph
@@ -46,7 +46,8 @@ class ModelMetadata(BaseModel):
     version: str
     classes: list[str] = Field(min_length=1)
     prompts: dict[str, str] = Field(description="every known prompt (normalised) -> its class")
-    thresholds: dict[str, float] = Field(description="decision threshold on the probability, per class")
+    thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        description="decision threshold on the probability, per class")
     mask_shapes: dict[str, MaskShape] = Field(
         default_factory=dict,
         description="per class: 'pixels' (default) or 'boxes' (each region filled to its bounding box)",
@@ -57,17 +58,37 @@ class ModelMetadata(BaseModel):
     precision: str = "fp32"
     extra: dict[str, str | float | int] = Field(default_factory=dict)
 
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value > METADATA_SCHEMA_VERSION:
+            raise ValueError(f"{value} is newer than the {METADATA_SCHEMA_VERSION} this DrywallQA reads; upgrade "
+                             f"drywallqa, or export the model with this version")
+        if value < 1:
+            raise ValueError(f"{value} is not a version DrywallQA ever wrote")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelMetadata:
+        doubled = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        if doubled:
+            raise ValueError(f"classes listed twice: {doubled}")
         unknown = {c for c in self.prompts.values() if c not in self.classes}
         if unknown:
             raise ValueError(f"prompts map to classes not in `classes`: {sorted(unknown)}")
         missing = [c for c in self.classes if c not in self.thresholds]
         if missing:
             raise ValueError(f"no threshold for classes {missing}")
+        stray = sorted(set(self.thresholds) - set(self.classes))
+        if stray:
+            raise ValueError(f"thresholds for classes not in `classes`: {stray}")
         stray = sorted(set(self.mask_shapes) - set(self.classes))
         if stray:
             raise ValueError(f"mask_shapes for classes not in `classes`: {stray}")
+        try:  # every reader resolves prompts through it: a class without prompts would fail there, unnamed
+            self.vocabulary()
+        except VocabularyError as exc:
+            raise ValueError(f"prompts: {exc}") from exc
         return self
 
     def mask_shape(self, class_name: str) -> MaskShape:
@@ -92,8 +113,31 @@ class ModelMetadata(BaseModel):
             )
         try:
             return cls.model_validate(json.loads(text))
-        except (json.JSONDecodeError, ValidationError) as exc:
-            raise InvalidModelError(f"{source}: '{METADATA_KEY}' metadata is invalid: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise InvalidModelError(f"{source}: '{METADATA_KEY}' metadata is not valid JSON: {exc}") from exc
+        except ValidationError as exc:
+            raise InvalidModelError(f"{source}: '{METADATA_KEY}' metadata is invalid: "
+                                    f"{validation_summary(exc)}") from exc
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """One line naming every bad or missing field ('thresholds: missing; input.height: ... (got 'abc')'), instead
+    of pydantic's multi-line report with the whole metadata echoed in it."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":
+            parts.append(f"{where}: missing")
+            continue
+        if err["type"] == "model_type" and not where:
+            parts.append(f"must be a JSON object, got {type(err.get('input')).__name__}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = where and err["type"] != "value_error" and not isinstance(got, dict | list | None)
+        got_text = f" (got {repr(got)[:60]})" if shown else ""
+        parts.append(f"{where}: {msg}{got_text}" if where else msg)
+    return "; ".join(parts)
 
 
 def metadata_from_vocabulary(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drywallqa.contract import MaskShape
+from drywallqa.contract import InvalidModelError, MaskShape
 from drywallqa.edge.mask_shapes import MASK_SHAPES, class_mask
 from drywallqa.metrics import (
     FalsePositiveStats,
@@ -229,6 +229,11 @@ def run_eval(
         raise FileNotFoundError(f"no images on the {split!r} side of {split_path}")
 
     be = load_backend(path, backend=backend, threads=threads)
+    labelled = sorted({s.class_name for s in setup.specs})
+    if not set(labelled) & set(be.metadata.classes):  # else a report of n/a everywhere, exit status 0
+        raise InvalidModelError(f"{path}: its classes {be.metadata.classes} include none of the classes the datasets "
+                                f"are labelled with ({', '.join(labelled)}), so nothing could be scored; evaluate a "
+                                f"model trained for them")
     segmenter = PromptSegmenter(be, flip_tta=flip_tta)
     examples = (load_labelled(r, fmt, setup.box_strategy) for r, fmt in chosen)
     class_of = {s.name: s.class_name for s in setup.specs}

@@ -40,6 +40,9 @@ def resolve_model(model: str | Path | None) -> Path:
             )
         return path
     path = Path(name)
+    if path.is_dir():
+        raise ModelNotFoundError(f"{path} is a folder, not a model file (give the .onnx/.xml file, or a profile name: "
+                                 f"{', '.join(PROFILES)})")
     if not path.is_file():
         raise ModelNotFoundError(
             f"model not found: {path} (give an .onnx/.xml file or a profile name: {', '.join(PROFILES)}; "

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -36,9 +37,19 @@ class BackendUnavailableError(RuntimeError):
 
 def _existing(model_path: str | Path) -> Path:
     path = Path(model_path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a model file (give the .onnx/.xml/.engine file)")
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path} (export one with `drywallqa export`)")
     return path
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """A runtime's error as one line: OpenVINO's are several, each cause behind a line naming its C++ source
+    ('Exception from src/...', "Check '...' failed at src/..."), which says nothing to a user."""
+    text = re.sub(r"(Exception from|Check '[^\n]*?' failed at) \S+:\d+:", " ", str(exc))
+    text = " ".join(text.split()) or " ".join(str(exc).split())
+    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def _onnx_metadata_text(path: Path) -> str | None:
@@ -51,17 +62,43 @@ def _onnx_metadata_text(path: Path) -> str | None:
         raise InvalidModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     if not proto.graph.node:
         raise InvalidModelError(f"{path}: not a readable ONNX model (the file holds no graph)")
+    _check_external_data(path, proto)
     props = {p.key: p.value for p in proto.metadata_props}
     return props.get(METADATA_KEY)
+
+
+def _check_external_data(path: Path, proto) -> None:
+    """A graph whose weights live in separate files (ONNX external data) needs them beside it; without them the
+    runtimes fail with an error that names no file."""
+    from onnx import TensorProto
+
+    wanted = {entry.value for tensor in proto.graph.initializer if tensor.data_location == TensorProto.EXTERNAL
+              for entry in tensor.external_data if entry.key == "location"}
+    missing = sorted(name for name in wanted if not (path.parent / name).is_file())
+    if missing:
+        raise InvalidModelError(f"{path}: its weights are stored in {', '.join(missing)}, which is not beside it "
+                                f"(copy it along with the .onnx)")
 
 
 def _openvino_metadata_text(path: Path) -> str | None:
     import openvino as ov
 
     try:
+        with path.open("rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        raise InvalidModelError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
+    if b"<net" not in head:  # else OpenVINO tries every frontend on it (TensorFlow's logs its own errors)
+        raise InvalidModelError(f"{path}: not an OpenVINO IR (an IR .xml starts with a <net> element)")
+    try:
         model = ov.Core().read_model(str(path))
     except RuntimeError as exc:
-        raise InvalidModelError(f"{path}: not a readable OpenVINO IR ({exc})") from exc
+        weights = path.with_suffix(".bin")
+        if not weights.is_file():
+            why = f"its weights file {weights.name} is missing (an IR is the .xml and the .bin beside it)"
+        else:
+            why = f"{_one_line(exc)} (is the .xml whole, and {weights.name} the weights saved with it?)"
+        raise InvalidModelError(f"{path}: not a readable OpenVINO IR: {why}") from exc
     if not model.has_rt_info([METADATA_KEY]):
         return None
     return str(model.get_rt_info([METADATA_KEY]).astype(str))
@@ -70,15 +107,19 @@ def _openvino_metadata_text(path: Path) -> str | None:
 ENGINE_HASH_KEY = "engine_sha256"  # written into the sidecar's `extra` by export/build_engine.sh
 
 
-def _tensorrt_metadata_text(path: Path) -> str | None:
+def _tensorrt_metadata_text(path: Path) -> tuple[str | None, Path]:
+    """(the metadata text, the file it came from)."""
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        text = sidecar.read_text(encoding="utf-8")
+        try:
+            text = sidecar.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidModelError(f"{sidecar}: cannot read the metadata of {path.name} from it: {exc}") from exc
         _check_sidecar_is_for(path, sidecar, text)
-        return text
+        return text, sidecar
     onnx_path = path.with_suffix(".onnx")
     if onnx_path.is_file():
-        return _onnx_metadata_text(onnx_path)
+        return _onnx_metadata_text(onnx_path), onnx_path
     raise InvalidModelError(
         f"{path}: a TensorRT engine carries no metadata; put the '{METADATA_KEY}' JSON next to it as "
         f"{sidecar.name} (export/build_engine.sh does this) or keep the source ONNX as {onnx_path.name}"
@@ -109,20 +150,20 @@ def _check_sidecar_is_for(engine: Path, sidecar: Path, text: str) -> None:
 
 def read_metadata(model_path: str | Path) -> ModelMetadata:
     """The DrywallQA metadata stored in an exported model (.onnx, .xml, .engine/.plan)."""
-    path = _existing(model_path)
+    path = source = _existing(model_path)
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         text = _onnx_metadata_text(path)
     elif suffix in OPENVINO_SUFFIXES:
         text = _openvino_metadata_text(path)
     elif suffix in TENSORRT_SUFFIXES:
-        text = _tensorrt_metadata_text(path)
+        text, source = _tensorrt_metadata_text(path)
     else:
         raise InvalidModelError(
             f"{path}: unknown model file type {suffix!r}; expected one of "
             f"{ONNX_SUFFIXES + OPENVINO_SUFFIXES + TENSORRT_SUFFIXES}"
         )
-    return ModelMetadata.from_json(text, source=str(path))
+    return ModelMetadata.from_json(text, source=str(source))
 
 
 def _check_io(
@@ -143,6 +184,10 @@ def _check_io(
             problems.append(f"input {INPUT_NAME!r} is {dtype}, expected uint8")
         if len(shape) != 4 or shape[-1] != 3:
             problems.append(f"input {INPUT_NAME!r} has shape {shape}, expected N x H x W x 3")
+        elif metadata is not None and all(isinstance(d, int) and d > 0 for d in shape[1:3]) and \
+                tuple(shape[1:3]) != (metadata.input.height, metadata.input.width):
+            problems.append(f"input {INPUT_NAME!r} is {shape[1]} x {shape[2]} but the metadata says "
+                            f"{metadata.input.height} x {metadata.input.width}")
     if OUTPUT_NAME not in outputs:
         problems.append(f"no output named {OUTPUT_NAME!r} (has {sorted(outputs)})")
     elif metadata is not None:
@@ -225,7 +270,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
-            raise InvalidModelError(f"{model_path}: ONNX Runtime cannot load it: {exc}") from exc
+            raise InvalidModelError(f"{model_path}: ONNX Runtime cannot load it: {_one_line(exc)}") from exc
         self.providers = self.session.get_providers()
         ins = {i.name: (i.type, list(i.shape)) for i in self.session.get_inputs()}
         outs = {o.name: (o.type, list(o.shape)) for o in self.session.get_outputs()}
@@ -266,7 +311,7 @@ class OpenVINOBackend(InferenceBackend):
         try:
             model = core.read_model(str(model_path))
         except RuntimeError as exc:
-            raise InvalidModelError(f"{model_path}: OpenVINO cannot read it: {exc}") from exc
+            raise InvalidModelError(f"{model_path}: OpenVINO cannot read it: {_one_line(exc)}") from exc
         ins = {i.get_any_name(): (i.get_element_type().get_type_name(), _ov_shape(i.get_partial_shape()))
                for i in model.inputs}
         outs = {o.get_any_name(): (o.get_element_type().get_type_name(), _ov_shape(o.get_partial_shape()))

@@ -44,8 +44,13 @@ def _resolve_weights(args: argparse.Namespace, tmp: Path) -> Path:
     return _weights(args)
 
 
+def _exit_on_signal(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _export(args: argparse.Namespace) -> int:
     import logging
+    import signal
     import tempfile
 
     from drywallqa.export.pipeline import run_export
@@ -53,10 +58,16 @@ def _export(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ensure_writable_dir(args.out)  # before minutes of export and INT8 calibration, not after
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = _resolve_weights(args, Path(tmp))
-        out = run_export(weights, args.target, args.out, tuple(args.size) if args.size else None,
-                         args.dynamic_batch, args.calib)
+    # SIGTERM (a `timeout`, a CI job or service stopping) ends the export as Ctrl-C does: through the `finally`s
+    # that remove its staging folder, instead of leaving the half-made files there.
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = _resolve_weights(args, Path(tmp))
+            out = run_export(weights, args.target, args.out, tuple(args.size) if args.size else None,
+                             args.dynamic_batch, args.calib)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     for name, path in out.items():
         size = sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())
         print(f"{name:14s} {path}  ({size / 2**20:.1f} MiB)")

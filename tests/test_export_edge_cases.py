@@ -58,6 +58,30 @@ def test_ctrl_c_during_int8_leaves_the_previous_export_untouched(weights, tmp_pa
     assert (meta.input.height, meta.input.width) == (64, 64)
 
 
+def test_sigterm_during_an_export_leaves_no_half_made_files(weights, tmp_path):
+    """SIGTERM (`timeout`, a CI job cancelled) used to kill the export on the spot, leaving its staging folder with
+    the half-made set in the output folder; now it ends as Ctrl-C does, through the clean-up."""
+    out = tmp_path / "models"
+    term_at_jetson = (
+        "import os, signal, sys\n"
+        "import drywallqa.export.jetson as jetson\n"
+        "make = jetson.make_jetson_onnx\n"
+        "def term_then_make(*args, **kwargs):\n"
+        "    print('sigterm as the jetson onnx starts', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return make(*args, **kwargs)\n"
+        "jetson.make_jetson_onnx = term_then_make\n"
+        "from drywallqa.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd = [sys.executable, "-c", term_at_jetson, "export", "--weights", str(weights), "--target", "jetson",
+           "--size", "64", "64", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "sigterm as the jetson onnx starts" in proc.stdout, proc.stderr[-2000:]  # the ONNX was staged by then
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert list(out.iterdir()) == []  # hidden staging folders included
+
+
 def test_export_replaces_a_previous_export_whole(weights, tmp_path):
     out = tmp_path / "models"
     assert main(["export", "--weights", str(weights), "--target", "onnx", "--size", "64", "64", "--out", str(out)]) == 0
