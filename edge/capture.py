@@ -152,6 +152,7 @@ class Capture:
         backoff = self.reconnect_min_s
         opened = False
         consecutive_corrupt = 0
+        frames_this_pass = 0  # frames read since the source was (re)opened
         period = 1.0 / self.fps if self.fps else None
         next_t = time.monotonic()
         while not self._stop.is_set():
@@ -165,6 +166,7 @@ class Capture:
                     backoff = min(backoff * 2, self.reconnect_max_s)
                     continue
                 opened = True
+                frames_this_pass = 0
                 if self.stats.state not in ("starting", "open"):
                     self.stats.reopens += 1
                 self._set_state("open")
@@ -181,6 +183,7 @@ class Capture:
                 self._grab_interval = _smooth(self._grab_interval, grabbed_at - self._last_frame_t)
                 self._last_frame_t = grabbed_at
                 if self.realtime and not self._worth_decoding():
+                    frames_this_pass += 1
                     self.stats.captured += 1
                     self.stats.dropped += 1  # never decoded: the consumer will not be back in time for it
                     next_t, stopped = self._pace(next_t, period)
@@ -195,12 +198,25 @@ class Capture:
                 if consecutive_corrupt >= MAX_CONSECUTIVE_CORRUPT:
                     self.source.close()
                     opened = False
+                    consecutive_corrupt = 0
                     self._set_state("reconnecting", "too many corrupt frames in a row")
+                    if self._sleep(backoff):
+                        break
+                    backoff = min(backoff * 2, self.reconnect_max_s)
                 continue
-            except EndOfSource:
+            except EndOfSource as exc:
                 self.source.close()
                 opened = False
+                if exc.problem:
+                    log.warning("%s", exc.problem)
+                    self.stats.last_error = exc.problem
                 if self.loop:
+                    if frames_this_pass == 0:  # not one frame from start to end: restarting at once would spin
+                        self._set_state("reconnecting", exc.problem or f"{self.source.describe()}: not one frame "
+                                        f"could be read from start to end")
+                        if self._sleep(backoff):
+                            break
+                        backoff = min(backoff * 2, self.reconnect_max_s)
                     continue
                 self._set_state("ended")
                 break
@@ -215,6 +231,7 @@ class Capture:
                 backoff = min(backoff * 2, self.reconnect_max_s)
                 continue
             consecutive_corrupt = 0
+            frames_this_pass += 1
             backoff = self.reconnect_min_s
             if self.stats.state == "stalled":
                 self._set_state("open")

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "DRYWALLQA_<SECTION>__<KEY> environment variables (e.g. DRYWALLQA_MQTT__HOST=broker).")
     sub = edge.add_subparsers(dest="edge_command", required=True, metavar="{run,check-config,install-service}")
 
-    run = sub.add_parser("run", help="run the live loop (Ctrl-C / SIGTERM stops it cleanly)",
+    run = sub.add_parser("run", help="run the live loop (Ctrl-C / SIGTERM / SIGHUP stops it cleanly)",
                          description="Capture frames, segment the configured prompts, publish detections and "
                                      "alerts over MQTT. With the default config it needs no camera and no broker: "
                                      "synthetic demo frames and an embedded mosquitto on 127.0.0.1.")
@@ -149,6 +149,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # A closed terminal (an ssh session that drops while `edge run` runs in it) stops it cleanly too, not mid-frame
+    # with the last will; under nohup SIGHUP stays ignored.
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _stop)
     try:
         runner.setup()
     except (ConfigError, UnknownPromptError, InvalidModelError, BackendUnavailableError, BrokerSettingError,

@@ -232,8 +232,9 @@ class EdgeLink:
     def _on_message(self, client, userdata, message) -> None:
         try:
             cmd = CommandPayload.model_validate_json(message.payload)
-        except ValidationError as exc:
-            log.warning("ignored invalid command on %s: %s", message.topic, exc.errors()[:2])
+        except ValidationError as exc:  # what was wrong, not the payload itself: junk may be megabytes
+            log.warning("ignored invalid command on %s (%d bytes): %s", message.topic, len(message.payload),
+                        exc.errors(include_url=False, include_input=False)[:2])
             return
         try:
             self._on_command(cmd)

@@ -10,7 +10,7 @@ Topics, under `<prefix>/<device_id>/`:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -107,11 +107,19 @@ class AlertPayload(_Payload):
     snapshot_jpeg_b64: str = Field(description="JPEG of the frame with the mask drawn on it, base64")
 
 
+MAX_COMMAND_PROMPTS = 32
+MAX_COMMAND_TEXT = 200  # characters of one prompt or request id
+
+
 class CommandPayload(_Payload):
+    """Bounded: a rejected prompt is quoted in `status.last_error`, sent with every status until the next accepted
+    set_prompts, and a request id comes back in the snapshot; a junk command must not make those megabytes."""
+
     version: Version = PAYLOAD_VERSION
     command: Literal["pause", "resume", "set_prompts", "snapshot"]
-    prompts: list[str] | None = None
-    request_id: str | None = None
+    prompts: list[Annotated[str, Field(max_length=MAX_COMMAND_TEXT)]] | None = Field(
+        default=None, max_length=MAX_COMMAND_PROMPTS)
+    request_id: str | None = Field(default=None, max_length=MAX_COMMAND_TEXT)
 
 
 class SnapshotPayload(_Payload):

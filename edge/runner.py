@@ -25,7 +25,7 @@ import numpy as np
 from drywallqa.edge.alerts import AlertEngine, make_alert
 from drywallqa.edge.analysis import WatchedClass, analyze_class
 from drywallqa.edge.broker import EmbeddedBroker, maybe_start_embedded
-from drywallqa.edge.capture import Capture, Frame
+from drywallqa.edge.capture import Capture, CaptureStats, Frame
 from drywallqa.edge.mqtt_link import EdgeLink
 from drywallqa.edge.payloads import (
     ClassResult,
@@ -256,9 +256,18 @@ class EdgeRunner:
             fps=round(self.stats.fps, 2),
             spooled_alerts=self.spool.count() if self.spool else 0,
             spool_dropped=self.link.spool_dropped if self.link else 0,
-            last_error=self.last_error or (self.link.spool_error or self.link.link_error if self.link else "")
-            or (cap.last_error if cap else ""),
+            last_error=self._last_error(cap),
         )
+
+    def _last_error(self, cap: CaptureStats | None) -> str:
+        """What is wrong now before what went wrong once: a spool that cannot be written, a broker that keeps
+        closing the connection, a source being reconnected (each cleared when it is over), then the latest rejected
+        command or failed frame, then the source's last error. A rejected command or an early snapshot request must
+        not hide, for as long as the device runs, why its camera is down."""
+        now = (self.link.spool_error or self.link.link_error) if self.link else ""
+        if not now and cap is not None and cap.state == "reconnecting":
+            now = cap.last_error
+        return now or self.last_error or (cap.last_error if cap else "")
 
     def _publish_status(self) -> None:
         if self.link is not None:

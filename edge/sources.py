@@ -10,6 +10,7 @@ import bisect
 import glob
 import os
 import re
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 
 IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES) - {".gif"}  # a .gif given alone plays as a video (animated GIFs)
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+# A failed VideoCapture.grab() is also what one undecodable frame gives (FFmpeg's MJPEG decoder, mid-file or
+# mid-stream): the source goes on after it. Before a failed grab is taken for the end of a video file (or a lost
+# stream), up to this many more grabs look for a next frame; a live source only retries failures that came at once
+# (within LIVE_LOOKAHEAD_MAX_S), never a read that timed out (a stall).
+FILE_LOOKAHEAD = 25
+LIVE_LOOKAHEAD = 2
+LIVE_LOOKAHEAD_MAX_S = 0.5
 
 
 class SourceError(RuntimeError):
@@ -31,7 +39,11 @@ class CorruptFrame(ValueError):
 
 
 class EndOfSource(Exception):
-    """A finite source (file, folder) has no more frames."""
+    """A finite source (file, folder) has no more frames; `problem` says why when it ended early (a cut-short file)."""
+
+    def __init__(self, uri: str, problem: str = "") -> None:
+        super().__init__(uri)
+        self.problem = problem
 
 
 class FrameSource(ABC):
@@ -94,6 +106,9 @@ class CvCaptureSource(FrameSource):
         self._cap: cv2.VideoCapture | None = None
         self._fps: float | None = None
         self._position = 0  # frames of a video file already grabbed
+        self._frame_count = 0  # what a video file's header announces (0: unknown)
+        self._undecodable = 0  # frames the look-ahead in grab() skipped, each still to be reported (CorruptFrame)
+        self._grabbed_ahead = False  # the look-ahead's frame, grabbed and not yet handed out
 
     def open(self) -> None:
         self.close()
@@ -120,6 +135,8 @@ class CvCaptureSource(FrameSource):
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         fps = cap.get(cv2.CAP_PROP_FPS)
         self._fps = float(fps) if fps and 0 < fps < 1000 else None
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT) if self.kind == "file" else 0
+        self._frame_count = int(count) if count and 0 < count < 1e9 else 0
         if self.kind == "file" and self._position:
             cap.set(cv2.CAP_PROP_POS_FRAMES, self._position)  # reopened after an error: go on, don't replay
         self._cap = cap
@@ -131,9 +148,27 @@ class CvCaptureSource(FrameSource):
     def grab(self) -> None:
         if self._cap is None:
             raise SourceError("not open")
-        if not self._cap.grab():
-            self._no_frame()
-        self._position += 1
+        if self._undecodable:
+            self._undecodable -= 1
+            raise CorruptFrame(f"{self.kind} {self.uri!r}: a frame could not be decoded, skipped")
+        if self._grabbed_ahead:
+            self._grabbed_ahead = False
+            return
+        started = time.monotonic()
+        if self._cap.grab():
+            self._position += 1
+            return
+        live = self.kind != "file"
+        for skipped in range(1, (LIVE_LOOKAHEAD if live else FILE_LOOKAHEAD) + 1):
+            if live and time.monotonic() - started > LIVE_LOOKAHEAD_MAX_S:
+                break  # the read waited and failed: a stall or a lost stream, not one bad frame
+            started = time.monotonic()
+            if self._cap.grab():  # the failed grabs were undecodable frames: one CorruptFrame each, then this one
+                self._position += skipped + 1
+                self._undecodable = skipped - 1
+                self._grabbed_ahead = True
+                raise CorruptFrame(f"{self.kind} {self.uri!r}: a frame could not be decoded, skipped")
+        self._no_frame()
 
     def retrieve(self) -> np.ndarray:
         if self._cap is None:
@@ -146,11 +181,19 @@ class CvCaptureSource(FrameSource):
     def _no_frame(self) -> None:
         if self.kind == "file":
             # The end of the file that is open (renaming or deleting it does not cut an open file short).
+            read, announced = self._position, self._frame_count
             self._position = 0  # a reopen after the end (loop) starts again
-            raise EndOfSource(self.uri)
+            problem = ""
+            if announced and read < announced - max(2, announced // 50):  # headers may be off by a frame or two
+                problem = (f"video file {self.uri!r} ended after {read} of the {announced} frames its header "
+                           f"announces: the file is cut short (damaged, or still being copied)")
+            raise EndOfSource(self.uri, problem)
         raise SourceError(f"{self.kind} {self.uri!r} returned no frame (disconnected or stalled)")
 
     def close(self) -> None:
+        if self._grabbed_ahead:
+            self._position -= 1  # not handed out: a reopen seeks back to it
+        self._undecodable, self._grabbed_ahead = 0, False
         if self._cap is not None:
             self._cap.release()
             self._cap = None

@@ -449,3 +449,64 @@ def test_two_devices_with_one_device_id_are_told_why_they_keep_dropping(tmp_path
             if p.poll() is None:
                 p.kill()
         collector.close()
+
+
+def test_commands_do_not_hide_why_the_source_is_down(tmp_path, mosquitto, model):
+    """An operator whose camera is down asks for a snapshot, or mistypes a prompt: before, `status.last_error` then
+    said 'snapshot requested before the first frame' (or 'set_prompts rejected') for as long as the device ran, and
+    no longer why the source was down. Junk commands are refused within bounds, and logged without their payload."""
+    camera = tmp_path / "camera"
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(camera / "*.jpg"), model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite", rules=[])
+    collector = Collector(mosquitto.port, "drywallqa/dev1/#")
+    assert collector.connected.wait(10)
+    log = tmp_path / "edge.log"
+    proc = start_edge(cfg, log=log)
+    try:
+        assert wait_until(lambda: any(s["source_state"] == "reconnecting" for s in collector.payloads("status")),
+                          60, "the source reported down"), log.read_text()
+        cmd_topic = "drywallqa/dev1/cmd"
+        for command in ({"command": "snapshot", "request_id": "r1"},
+                        {"command": "set_prompts", "prompts": ["no such thing"]},
+                        {"command": "set_prompts", "prompts": ["x" * 50_000]}):
+            collector.client.publish(cmd_topic, json.dumps(command), qos=1)
+        collector.client.publish(cmd_topic, b"junk" * 100_000, qos=1)
+        collector.client.publish(cmd_topic, json.dumps({"command": "pause"}), qos=1)
+        assert wait_until(lambda: any(s["state"] == "paused" for s in collector.payloads("status")), 15)
+        seen = len(collector.payloads("status"))
+        wait_until(lambda: len(collector.payloads("status")) >= seen + 2, 10, "two more status messages")
+        after = [s for s in collector.payloads("status") if s["state"] == "paused"]
+        assert all("no images found" in s["last_error"] for s in after), [s["last_error"][:80] for s in after]
+        assert not collector.payloads("snapshot")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        collector.close()
+    text = log.read_text()
+    assert text.count("ignored invalid command") == 2 and "set_prompts rejected: unknown prompt 'no such" in text
+    assert max(len(line) for line in text.splitlines()) < 5000  # no line quotes the 400 kB or 50 kB junk
+
+
+def test_sighup_stops_cleanly(tmp_path, mosquitto, model):
+    """A closed terminal (an ssh session that drops while `edge run` runs in it) sends SIGHUP: before, it killed
+    the runtime mid-frame, and the broker published its last will instead of the `offline` of a clean stop."""
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite", source={"fps": 10.0, "demo_size": [64, 80]})
+    collector = Collector(mosquitto.port, "drywallqa/dev1/status")
+    assert collector.connected.wait(10)
+    proc = subprocess.Popen(edge_cmd(cfg), env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    try:
+        assert wait_until(lambda: any(s["frames_processed"] for s in collector.payloads("status")), 60)
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["frames_processed"] > 0
+        assert wait_until(lambda: collector.payloads("status")[-1]["state"] == "offline", 10)
+        assert collector.payloads("status")[-1]["last_will"] is False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        collector.close()

@@ -97,6 +97,61 @@ def test_video_file_that_disappears_is_reopened(tmp_path):
     assert cap.stats.reopens >= 1 and "reconnecting" in states and "video file" in cap.stats.last_error
 
 
+def _zero_a_frame(video: Path, index: int) -> None:
+    """Overwrite the start of one MJPEG frame of `video` with zeros, as a bad sector leaves it (the file keeps its
+    size and its index: only that frame cannot be decoded)."""
+    data = bytearray(video.read_bytes())
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]  # JPEG start markers
+    data[starts[index]:starts[index] + 200] = bytes(200)
+    video.write_bytes(bytes(data))
+
+
+def test_video_file_with_an_undecodable_frame_skips_it_and_plays_on(tmp_path):
+    """OpenCV's grab() fails on one undecodable MJPEG frame and reads on after it. Before, that failed grab was
+    taken for the end of the file: the run stopped there ('source ended', exit 0) and the rest went unseen."""
+    video = make_video(tmp_path / "v.avi", 12)
+    reference = [f.image for f in _drain(Capture(make_source(str(video)), realtime=False).start(), 10)]
+    _zero_a_frame(video, 5)
+    cap = Capture(make_source(str(video)), realtime=False).start()
+    frames = _drain(cap, 10)
+    cap.stop()
+    assert cap.stats.state == "ended" and cap.stats.corrupt == 1 and cap.stats.reopens == 0, cap.stats
+    assert len(frames) == 11 and [f.frame_id for f in frames] == list(range(11))
+    assert all(np.array_equal(f.image, r) for f, r in zip(frames, reference[:5] + reference[6:], strict=True))
+
+
+def test_video_file_cut_short_says_so(tmp_path):
+    video = make_video(tmp_path / "v.avi", 30)
+    data = video.read_bytes()
+    video.write_bytes(data[: len(data) // 2])  # a copy that broke off half way
+    cap = Capture(make_source(str(video)), realtime=False).start()
+    frames = _drain(cap, 10)
+    cap.stop()
+    assert 0 < len(frames) < 20 and cap.stats.state == "ended"
+    assert "cut short" in cap.stats.last_error and "of the 30 frames" in cap.stats.last_error, cap.stats
+    whole = make_video(tmp_path / "whole.avi", 30)  # a whole file ends without complaint
+    cap = Capture(make_source(str(whole)), realtime=False).start()
+    assert len(_drain(cap, 10)) == 30
+    cap.stop()
+    assert cap.stats.last_error == "" and cap.stats.corrupt == 0
+
+
+def test_looping_a_source_with_no_readable_frame_backs_off_instead_of_spinning(tmp_path):
+    """`loop: true` on a folder whose images are all corrupt, or on a video with no frame yet: before, the source
+    was restarted at once, forever, one warning per pass: thousands of log lines a second and a core at 100 %."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8not a jpeg")
+    empty = tmp_path / "empty.avi"
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48)).release()  # a header, no frame
+    for source in (ImageListSource(str(folder)), make_source(str(empty))):
+        cap = Capture(source, realtime=False, loop=True, reconnect_min_s=0.2, reconnect_max_s=0.4).start()
+        assert _drain(cap, 1.5) == []
+        cap.stop()
+        assert cap.stats.corrupt <= 10 and cap.stats.reopens <= 10, cap.stats
+        assert "not one frame could be read" in cap.stats.last_error, cap.stats
+
+
 class _MjpegHandler(http.server.BaseHTTPRequestHandler):
     """First connection: 5 frames, then stalls (connection held open). Later connections: frames forever."""
 
@@ -147,6 +202,56 @@ def test_http_stream_that_stalls_is_reopened():
     finally:
         cap.stop(timeout=10)
         _MjpegHandler.stop.set()
+        server.shutdown()
+
+
+class _CorruptingMjpegHandler(http.server.BaseHTTPRequestHandler):
+    """Frames forever, every tenth one undecodable (its JPEG data zeroed); the connection stays up."""
+
+    connections = 0
+    stop = threading.Event()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).connections += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        good = cv2.imencode(".jpg", np.full((48, 64, 3), 128, np.uint8))[1].tobytes()
+        bad = bytes(len(good))
+        sent = 0
+        try:
+            while not self.stop.is_set():
+                data = bad if sent % 10 == 9 else good
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                 + str(len(data)).encode() + b"\r\n\r\n" + data + b"\r\n")
+                sent += 1
+                time.sleep(0.02)
+        except OSError:
+            return
+
+
+@pytest.mark.slow
+def test_http_stream_with_undecodable_frames_skips_them_without_reconnecting():
+    """One bad frame in a live stream is a counted, skipped frame. Before, each one dropped and reopened the
+    stream (frames lost while it reconnected, `frames_reopened` counting bad frames, not outages)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CorruptingMjpegHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/stream.mjpg"
+    cap = Capture(make_source(url, timeout_s=2.0), realtime=False, reconnect_min_s=0.2).start()
+    try:
+        if not wait_until(lambda: cap.get(0.1) is not None or cap.stats.state == "reconnecting", 15) \
+                or cap.stats.captured == 0:
+            pytest.skip(f"OpenCV's FFmpeg backend cannot read MJPEG over HTTP here ({cap.stats.last_error})")
+        assert wait_until(lambda: (cap.get(0.1), cap.stats.corrupt)[1] >= 3, 15), cap.stats
+        assert cap.stats.reopens == 0 and _CorruptingMjpegHandler.connections == 1, cap.stats
+        assert cap.stats.captured >= 3 * 8
+    finally:
+        cap.stop(timeout=10)
+        _CorruptingMjpegHandler.stop.set()
         server.shutdown()
 
 
