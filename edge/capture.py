@@ -9,6 +9,7 @@ benchmarks) the reader waits instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -70,6 +71,7 @@ class Capture:
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._next_id = 0
         self._last_frame_t = time.monotonic()
+        self._in_call_since: float | None = None  # monotonic start of the source call in progress
         # consumer pace, for deciding which grabbed frames are worth decoding (realtime mode)
         self._waiting = False
         self._last_take: float | None = None
@@ -123,6 +125,21 @@ class Capture:
         if self.stats.state != "ended":
             self._set_state("stopped")
 
+    def stuck_for(self) -> float:
+        """Seconds the reader has been inside one call of the source (open, grab or decode); 0 between calls. A
+        camera read that never returns (past OpenCV's and the driver's own timeouts) cannot be interrupted from
+        Python: the runner then stops the systemd watchdog, which restarts the process."""
+        since = self._in_call_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    @contextlib.contextmanager
+    def _source_call(self):
+        self._in_call_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._in_call_since = None
+
     def _check_stall(self) -> None:
         if self.stats.state == "open" and time.monotonic() - self._last_frame_t > self.stall_timeout_s:
             self._set_state("stalled")
@@ -158,7 +175,8 @@ class Capture:
         while not self._stop.is_set():
             if not opened:
                 try:
-                    self.source.open()
+                    with self._source_call():
+                        self.source.open()
                 except Exception as exc:  # noqa: BLE001 - any failure to open means: retry later
                     self._set_state("reconnecting", str(exc))
                     if self._sleep(backoff):
@@ -178,7 +196,8 @@ class Capture:
                     period = 1.0 / self.source.native_fps
                 next_t = time.monotonic()
             try:
-                self.source.grab()
+                with self._source_call():
+                    self.source.grab()
                 grabbed_at, grabbed_wall = time.monotonic(), time.time()
                 self._grab_interval = _smooth(self._grab_interval, grabbed_at - self._last_frame_t)
                 self._last_frame_t = grabbed_at
@@ -190,7 +209,8 @@ class Capture:
                     if stopped:
                         break
                     continue
-                image = self.source.retrieve()
+                with self._source_call():
+                    image = self.source.retrieve()
             except CorruptFrame as exc:
                 self.stats.corrupt += 1
                 consecutive_corrupt += 1

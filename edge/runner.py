@@ -80,6 +80,12 @@ def load_segmenter(model: ModelSettings, aliases: dict[str, str] | None = None) 
         raise ConfigError(f"analysis.aliases: {exc} (model {path.name})") from exc
 
 
+# A source call (open, read, decode) that has not returned for max(STUCK_SOURCE_MIN_S, STUCK_SOURCE_STALLS x
+# source.stall_timeout_s) is hung: OpenCV's open and read timeouts are source.stall_timeout_s.
+STUCK_SOURCE_MIN_S = 60.0
+STUCK_SOURCE_STALLS = 6
+
+
 def resolve_model_path(spec: str, backend: str = "auto") -> Path:
     """A profile name (hrnet | lite) -> its exported file; otherwise the path itself, which must exist."""
     if spec in PROFILES:
@@ -98,6 +104,9 @@ def resolve_model_path(spec: str, backend: str = "auto") -> Path:
             f"(looked for {', '.join(str(p) for p in tried)}); {how} or set model.path to a .onnx/.xml/.engine file"
         )
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"model.path: {path} is a folder, not a model file (give the .onnx/.xml/.engine file, or "
+                          f"a profile: {', '.join(PROFILES)})")
     if not path.is_file():
         raise ConfigError(f"model.path: file not found: {path} (or use a profile: {', '.join(PROFILES)})")
     return path
@@ -387,6 +396,9 @@ class EdgeRunner:
         again (the loop benchmark alternates it with model-only timing); returns the frames submitted."""
         assert self.capture is not None and self.link is not None
         watchdog = Watchdog()
+        # A source call stuck this long is a hang no timeout ended: stop the watchdog, systemd restarts the process.
+        stuck_limit = max(STUCK_SOURCE_MIN_S, STUCK_SOURCE_STALLS * self.settings.source.stall_timeout_s)
+        stuck_reported = False
         notify("READY=1")
         notify(f"STATUS=running {self.settings.source.uri}")
         started = time.monotonic()
@@ -396,7 +408,17 @@ class EdgeRunner:
         self._post_thread.start()
         try:
             while not self.stop_event.is_set():
-                watchdog.kick()
+                stuck = self.capture.stuck_for()
+                if stuck < stuck_limit:
+                    watchdog.kick()
+                    stuck_reported = False
+                elif not stuck_reported:
+                    stuck_reported = True
+                    self.last_error = (f"source {self.settings.source.uri}: a read has not returned for {stuck:.0f} s; "
+                                       f"the systemd watchdog (if any) will restart the runtime")
+                    log.error("%s", self.last_error)
+                    notify("STATUS=source read hung")
+                    self._last_status = 0.0  # say so on the broker now
                 while not self._commands.empty():
                     self._handle_command(self._commands.get_nowait())
                 if time.monotonic() - self._last_status >= self.settings.mqtt.status_interval_s:

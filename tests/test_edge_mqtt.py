@@ -510,3 +510,72 @@ def test_sighup_stops_cleanly(tmp_path, mosquitto, model):
         if proc.poll() is None:
             proc.kill()
         collector.close()
+
+
+def test_a_source_read_that_never_returns_stops_the_watchdog_until_it_does(tmp_path, mosquitto, model, monkeypatch):
+    """A camera read can hang past OpenCV's and the driver's timeouts, and a thread stuck in C cannot be interrupted.
+    The unit promises a restart for that (WatchdogSec): the loop stops sending WATCHDOG=1 once the reader has been
+    inside one source call too long, says why in the status, and sends it again when the call returns."""
+    import threading
+
+    from drywallqa.edge import runner as runner_module
+    from drywallqa.edge.capture import Capture
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import load_settings
+    from drywallqa.edge.sources import DemoSource
+
+    release = threading.Event()
+
+    class HangingCamera(DemoSource):
+        """The demo camera, whose 6th read blocks until released (as a wedged driver's does)."""
+
+        reads = 0
+
+        def read(self):
+            HangingCamera.reads += 1
+            if HangingCamera.reads == 6:
+                release.wait(60)
+            return super().read()
+
+    monkeypatch.setattr(runner_module, "STUCK_SOURCE_MIN_S", 1.0)  # the 60 s of a device, shortened
+    notify_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(notify_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_path)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a kick every 0.1 s
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=mosquitto.port,
+                       spool=tmp_path / "spool.sqlite", source={"stall_timeout_s": 0.1, "demo_size": [64, 80]})
+    runner = EdgeRunner(load_settings(cfg)).setup()
+    runner.capture.stop()
+    runner.capture = Capture(HangingCamera((64, 80)), realtime=False, fps=20.0, stall_timeout_s=0.1).start()
+    kicks: list[float] = []
+
+    def listen() -> None:
+        sock.settimeout(0.2)
+        while not release.is_set() or time.monotonic() - released_at[0] < 2.0:
+            try:
+                if sock.recv(4096) == b"WATCHDOG=1":
+                    kicks.append(time.monotonic())
+            except TimeoutError:
+                pass
+
+    released_at = [float("inf")]
+    listener = threading.Thread(target=listen)
+    listener.start()
+    try:
+        loop = threading.Thread(target=runner.run_frames, kwargs={"duration_s": 6.0})
+        loop.start()
+        assert wait_until(lambda: "has not returned" in runner.status("online").last_error, 10, "the hang reported")
+        hung_at = time.monotonic()
+        time.sleep(1.0)
+        assert not [k for k in kicks if k > hung_at], "WATCHDOG=1 was still sent while the read hung"
+        released_at[0] = time.monotonic()
+        release.set()
+        assert wait_until(lambda: any(k > released_at[0] for k in kicks), 5, "the watchdog kicked again")
+        loop.join(15)
+    finally:
+        release.set()
+        listener.join(10)
+        sock.close()  # before shutdown's STOPPING=1: nobody reads the socket any more
+        runner.shutdown()
+    assert runner.stats.processed >= 5

@@ -125,6 +125,15 @@ def test_cli_missing_model_profile_tells_how_to_export(tmp_path, monkeypatch):
     assert proc.returncode == EXIT_CONFIG and "drywallqa export --profile lite" in proc.stderr
 
 
+def test_a_folder_named_like_a_model_is_called_a_folder(tmp_path):
+    (tmp_path / "model.onnx").mkdir()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"model: {{path: {tmp_path / 'model.onnx'}}}\nmqtt: {{embedded_broker: never}}\n")
+    proc = subprocess.run([sys.executable, "-m", "drywallqa.edge", "check-config", "--config", str(cfg),
+                           "--model-check"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_CONFIG and "model.onnx is a folder, not a model file" in proc.stderr, proc.stderr
+
+
 # -- analysis ----------------------------------------------------------------------------------------------------
 
 
