@@ -153,13 +153,20 @@ def test_looping_a_source_with_no_readable_frame_backs_off_instead_of_spinning(t
 
 
 class _MjpegHandler(http.server.BaseHTTPRequestHandler):
-    """First connection: 5 frames, then stalls (connection held open). Later connections: frames forever."""
+    """An MJPEG stream of grey frames. `frame(first, sent)` gives each frame's JPEG bytes, or None to stall (the
+    connection held open, nothing sent). Here: the first connection sends 5 frames, then stalls; later ones send
+    frames forever."""
 
     connections = 0
     stop = threading.Event()
+    period_s = 0.05
+    good = cv2.imencode(".jpg", np.full((48, 64, 3), 128, np.uint8))[1].tobytes()
 
     def log_message(self, *args) -> None:
         pass
+
+    def frame(self, first: bool, sent: int) -> bytes | None:
+        return None if first and sent >= 5 else self.good
 
     def do_GET(self) -> None:  # noqa: N802
         type(self).connections += 1
@@ -167,18 +174,17 @@ class _MjpegHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
         self.end_headers()
-        ok, jpg = cv2.imencode(".jpg", np.full((48, 64, 3), 128, np.uint8))
-        data = jpg.tobytes()
         sent = 0
         try:
             while not self.stop.is_set():
-                if first and sent >= 5:
+                data = self.frame(first, sent)
+                if data is None:
                     self.stop.wait(30)  # stall: keep the socket open, send nothing
                     return
                 self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
                                  + str(len(data)).encode() + b"\r\n\r\n" + data + b"\r\n")
                 sent += 1
-                time.sleep(0.05)
+                time.sleep(self.period_s)
         except OSError:
             return
 
@@ -205,32 +211,15 @@ def test_http_stream_that_stalls_is_reopened():
         server.shutdown()
 
 
-class _CorruptingMjpegHandler(http.server.BaseHTTPRequestHandler):
+class _CorruptingMjpegHandler(_MjpegHandler):
     """Frames forever, every tenth one undecodable (its JPEG data zeroed); the connection stays up."""
 
     connections = 0
     stop = threading.Event()
+    period_s = 0.02
 
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802
-        type(self).connections += 1
-        self.send_response(200)
-        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-        self.end_headers()
-        good = cv2.imencode(".jpg", np.full((48, 64, 3), 128, np.uint8))[1].tobytes()
-        bad = bytes(len(good))
-        sent = 0
-        try:
-            while not self.stop.is_set():
-                data = bad if sent % 10 == 9 else good
-                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
-                                 + str(len(data)).encode() + b"\r\n\r\n" + data + b"\r\n")
-                sent += 1
-                time.sleep(0.02)
-        except OSError:
-            return
+    def frame(self, first: bool, sent: int) -> bytes | None:
+        return bytes(len(self.good)) if sent % 10 == 9 else self.good
 
 
 @pytest.mark.slow
