@@ -158,6 +158,14 @@ class Capture:
         """Sleep unless stopped; True when stopped."""
         return self._stop.wait(seconds)
 
+    def _reconnect_later(self, error: str, backoff: float) -> float | None:
+        """State `reconnecting` with `error`, then wait `backoff` seconds: the next backoff (doubled, at most
+        reconnect_max_s), or None when stopped meanwhile."""
+        self._set_state("reconnecting", error)
+        if self._sleep(backoff):
+            return None
+        return min(backoff * 2, self.reconnect_max_s)
+
     def _pace(self, next_t: float, period: float | None) -> tuple[float, bool]:
         """Sleep until the next frame is due (paced sources); returns the new due time and whether stopped."""
         if period is None:
@@ -178,10 +186,9 @@ class Capture:
                     with self._source_call():
                         self.source.open()
                 except Exception as exc:  # noqa: BLE001 - any failure to open means: retry later
-                    self._set_state("reconnecting", str(exc))
-                    if self._sleep(backoff):
+                    backoff = self._reconnect_later(str(exc), backoff)
+                    if backoff is None:
                         break
-                    backoff = min(backoff * 2, self.reconnect_max_s)
                     continue
                 opened = True
                 frames_this_pass = 0
@@ -219,10 +226,9 @@ class Capture:
                     self.source.close()
                     opened = False
                     consecutive_corrupt = 0
-                    self._set_state("reconnecting", "too many corrupt frames in a row")
-                    if self._sleep(backoff):
+                    backoff = self._reconnect_later("too many corrupt frames in a row", backoff)
+                    if backoff is None:
                         break
-                    backoff = min(backoff * 2, self.reconnect_max_s)
                 continue
             except EndOfSource as exc:
                 self.source.close()
@@ -232,11 +238,10 @@ class Capture:
                     self.stats.last_error = exc.problem
                 if self.loop:
                     if frames_this_pass == 0:  # not one frame from start to end: restarting at once would spin
-                        self._set_state("reconnecting", exc.problem or f"{self.source.describe()}: not one frame "
-                                        f"could be read from start to end")
-                        if self._sleep(backoff):
+                        backoff = self._reconnect_later(exc.problem or f"{self.source.describe()}: not one frame "
+                                                        f"could be read from start to end", backoff)
+                        if backoff is None:
                             break
-                        backoff = min(backoff * 2, self.reconnect_max_s)
                     continue
                 self._set_state("ended")
                 break
@@ -245,10 +250,9 @@ class Capture:
                     log.exception("unexpected error reading %s", self.source.describe())
                 self.source.close()
                 opened = False
-                self._set_state("reconnecting", str(exc))
-                if self._sleep(backoff):
+                backoff = self._reconnect_later(str(exc), backoff)
+                if backoff is None:
                     break
-                backoff = min(backoff * 2, self.reconnect_max_s)
                 continue
             consecutive_corrupt = 0
             frames_this_pass += 1

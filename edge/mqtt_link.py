@@ -100,7 +100,6 @@ class EdgeLink:
         self._connected_at: float | None = None  # monotonic, while connected
         self._short_sessions = 0  # consecutive connections the broker closed within SHORT_SESSION_S
         self._takeover_trouble = LogThrottle()
-        self._takeover_error = ""
         self.delivered = 0
         self.spool_dropped = spool.dropped()
         self.spool_error = ""  # set while the spool cannot be written (disk full, read-only): for status
@@ -119,7 +118,7 @@ class EdgeLink:
     # -- set-up ----------------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
         s = self.settings
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"drywallqa-edge-{s.device_id}",
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id,
                              clean_session=True)
         self._set_will(client, self._status("offline"))
         if s.username:
@@ -193,11 +192,18 @@ class EdgeLink:
         self._connected_at = None
 
     @property
+    def _client_id(self) -> str:
+        return f"drywallqa-edge-{self.settings.device_id}"
+
+    @property
     def link_error(self) -> str:
         """For the status: why the broker keeps closing the connection, until a connection lasts."""
-        if self._connected_at is not None and time.monotonic() - self._connected_at >= SHORT_SESSION_S:
+        lasting = self._connected_at is not None and time.monotonic() - self._connected_at >= SHORT_SESSION_S
+        if lasting or self._short_sessions < SHORT_SESSIONS_TO_WARN:
             return ""
-        return self._takeover_error
+        return (f"the broker keeps closing the connection right after accepting it: another client probably uses "
+                f"client id {self._client_id!r} (mqtt.device_id {self.settings.device_id!r} on two devices or "
+                f"runtimes)")
 
     def _note_session_length(self) -> None:
         """Count connections the broker closed soon after accepting them. Two clients with one client id (two
@@ -208,15 +214,11 @@ class EdgeLink:
         if lasted is None or lasted >= SHORT_SESSION_S:
             self._short_sessions = 0
             self._takeover_trouble.reset()
-            self._takeover_error = ""
             return
         self._short_sessions += 1
         if self._short_sessions < SHORT_SESSIONS_TO_WARN:
             return
-        client_id = f"drywallqa-edge-{self.settings.device_id}"
-        self._takeover_error = (f"the broker keeps closing the connection right after accepting it: another "
-                                f"client probably uses client id {client_id!r} (mqtt.device_id "
-                                f"{self.settings.device_id!r} on two devices or runtimes)")
+        client_id = self._client_id
         if self._takeover_trouble.hit():
             log.error("MQTT broker %s:%d closed the connection %d times in a row within %.0f s of accepting it: "
                       "another client probably uses the client id %r, and each connection knocks the other off. "
