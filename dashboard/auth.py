@@ -1,5 +1,6 @@
 """Access control: a shared token, required whenever the dashboard listens beyond loopback; signed session cookies
-that expire; and a per-address limit on wrong tokens."""
+that expire and that sign-out revokes; and a per-address limit on wrong tokens, with the client's address taken
+from X-Forwarded-For only when the request comes from a configured trusted proxy."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import hmac
 import ipaddress
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from drywallqa.edge.broker import is_loopback
@@ -27,6 +29,11 @@ CLOCK_SKEW_S = 60.0  # a cookie issued further in the future than this is refuse
 MAX_FAILURES = 5  # wrong tokens an address may send per window before it is refused without a check
 FAILURE_WINDOW_S = 60.0
 MAX_TRACKED_CLIENTS = 1024
+MAX_REVOKED_SESSIONS = 10_000  # signed-out cookies remembered until they expire; beyond: a new signing key
+SESSION_ID_HEX = 32  # a cookie's random id: 128 bits
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class AuthConfigError(ValueError):
@@ -70,46 +77,112 @@ def bearer_token(authorization: str | None) -> str | None:
     return credentials.strip() if scheme.lower() == "bearer" else None
 
 
+@dataclass(frozen=True)
+class Session:
+    """What a valid cookie says: its random id and when it expires (unix time)."""
+
+    session_id: str
+    expires: float
+
+
 class TokenAuth:
-    """Checks a bearer token or a session cookie `<issued unix time>.<HMAC(token, context | issued)>`: the token
-    itself never sits in a cookie, a cookie expires `session_s` after sign-in, and a new token voids them all."""
+    """Checks a bearer token or a session cookie `<issued unix time>.<random id>.<HMAC(key, context|issued|id)>`.
+    The key is random, made at start-up and kept only in memory: the token never sits in a cookie, and a restart
+    (or a new token, which needs one) signs everyone out. A cookie expires `session_s` after sign-in; sign-out
+    revokes its id until then. At most `max_revoked` ids are kept: past that, the key is replaced, which signs
+    everyone out, so no revocation is ever forgotten and memory stays bounded."""
 
     def __init__(
         self,
         token: str | None,
         session_s: float = DEFAULT_SESSION_HOURS * 3600,
         clock: Callable[[], float] = time.time,
+        max_revoked: int = MAX_REVOKED_SESSIONS,
     ) -> None:
         self.token = token or None
         self.session_s = session_s
         self.clock = clock
+        self.max_revoked = max_revoked
+        self._key = secrets.token_bytes(32)
+        self._revoked: dict[str, float] = {}  # session id -> when its cookie expires
+        self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
         return self.token is not None
 
+    @property
+    def revoked_count(self) -> int:
+        return len(self._revoked)
+
     def check_token(self, candidate: str) -> bool:
         return bool(self.token) and hmac.compare_digest(candidate.encode(), self.token.encode())
 
-    def _sign(self, issued: str) -> str:
-        assert self.token is not None
-        return hmac.new(self.token.encode(), SESSION_CONTEXT + issued.encode(), hashlib.sha256).hexdigest()
+    def _sign(self, issued: str, session_id: str) -> str:
+        message = SESSION_CONTEXT + f"{issued}|{session_id}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def session_value(self) -> str:
-        """A new session cookie's value, issued now."""
-        issued = str(int(self.clock()))
-        return f"{issued}.{self._sign(issued)}"
+        """A new session cookie's value, issued now, with a fresh id."""
+        issued, session_id = str(int(self.clock())), secrets.token_hex(SESSION_ID_HEX // 2)
+        return f"{issued}.{session_id}.{self._sign(issued, session_id)}"
+
+    def _session(self, value: str) -> Session | None:
+        """The session of a cookie this process signed that has not expired (revoked or not), else None."""
+        if not self.enabled:
+            return None
+        parts = value.split(".")
+        if len(parts) != 3:
+            return None
+        issued, session_id, signature = parts
+        if not (issued.isascii() and issued.isdigit() and len(issued) <= 12):
+            return None
+        if not (len(session_id) == SESSION_ID_HEX and all(c in "0123456789abcdef" for c in session_id)):
+            return None
+        if not hmac.compare_digest(signature.encode(), self._sign(issued, session_id).encode()):
+            return None
+        age = self.clock() - int(issued)
+        if not -CLOCK_SKEW_S <= age < self.session_s:
+            return None
+        return Session(session_id, expires=int(issued) + self.session_s)
 
     def session_valid(self, value: str) -> bool:
-        if not self.enabled:
+        session = self._session(value)
+        if session is None:
             return False
-        issued, _, signature = value.partition(".")
-        if not (issued.isascii() and issued.isdigit() and len(issued) <= 12):
+        with self._lock:
+            return session.session_id not in self._revoked
+
+    def revoke(self, value: str) -> bool:
+        """Sign out the session of cookie `value` on the server, so that a copy of it is refused too. False when
+        the value is no valid cookie (nothing to revoke)."""
+        session = self._session(value)
+        if session is None:
             return False
-        if not hmac.compare_digest(signature.encode(), self._sign(issued).encode()):
-            return False
-        age = self.clock() - int(issued)
-        return -CLOCK_SKEW_S <= age < self.session_s
+        with self._lock:
+            self._forget_expired()
+            if session.session_id in self._revoked:
+                return True
+            if len(self._revoked) >= self.max_revoked:
+                self._replace_key()
+            else:
+                self._revoked[session.session_id] = session.expires
+        return True
+
+    def _forget_expired(self) -> None:
+        """Drop the revocations of cookies that have expired anyway (under the lock)."""
+        now = self.clock()
+        for session_id in [s for s, expires in self._revoked.items() if now >= expires]:
+            del self._revoked[session_id]
+
+    def _replace_key(self) -> None:
+        """Void every cookie at once: the revocation list is full (under the lock)."""
+        log.warning(
+            "%d sign-outs within %.0f h: every session is signed out (new signing key), to keep the list of "
+            "signed-out cookies bounded", len(self._revoked), self.session_s / 3600,
+        )
+        self._key = secrets.token_bytes(32)
+        self._revoked.clear()
 
 
 def client_key(address: str) -> str:
@@ -124,6 +197,53 @@ def client_key(address: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def _ip(text: str) -> IPAddress | None:
+    """The IP address in `text` (brackets and a port allowed, as some proxies send them; an IPv4-mapped IPv6
+    address as the IPv4 one), else None."""
+    try:
+        ip = ipaddress.ip_address(host_name(text))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def trusted_proxy_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """The --trusted-proxy values as networks: an address (a /32 or /128) or a network like 10.0.0.0/8."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise AuthConfigError(f"--trusted-proxy {value!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def _trusted(ip: IPAddress, proxies: Sequence[IPNetwork]) -> bool:
+    return any(ip in network for network in proxies)
+
+
+def forwarded_client(peer: str, forwarded_for: Sequence[str], proxies: Sequence[IPNetwork]) -> str:
+    """The client's address: the peer's, unless the peer is one of the trusted `proxies`; then the right-most
+    address of the X-Forwarded-For headers (`forwarded_for`, in order) that is not a trusted proxy. Each proxy
+    appends the address it was connected from, so the entries left of that one are whatever the client sent,
+    and ignored. Junk where an address should be stops the walk at the last proxy's address."""
+    peer_ip = _ip(peer)
+    if peer_ip is None or not _trusted(peer_ip, proxies):
+        return peer
+    client = peer_ip
+    hops = [hop for header in forwarded_for for hop in header.split(",")]
+    for hop in reversed(hops):
+        hop_ip = _ip(hop)
+        if hop_ip is None:
+            break
+        client = hop_ip
+        if not _trusted(hop_ip, proxies):
+            break
+    return str(client)
 
 
 @dataclass

@@ -59,6 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "answer to NAME, e.g. a reverse proxy's that forwards its Host header (repeatable)",
     )
     p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="a reverse proxy's address or network (repeatable): for requests from it, the sign-in limit on wrong "
+        "tokens counts the right-most address in X-Forwarded-For that is not a trusted proxy; the header is "
+        "ignored from anyone else, and everywhere without this option",
+    )
+    p.add_argument(
         "--store", type=Path, default=None, help=f"SQLite file for alerts and acks [{default_store_path()}]"
     )
     p.add_argument("--max-alerts", type=positive_int, default=2000, help="alerts kept in the store (oldest dropped)")
@@ -141,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         token=_read_token(args),
         allowed_hosts=args.allow_host,
         session_hours=args.session_hours,
+        trusted_proxies=args.trusted_proxy,
         store_path=args.store or default_store_path(),
         review_roots=args.review_root or [Path.cwd()],
         max_alerts=args.max_alerts,

@@ -28,7 +28,9 @@ from .auth import (
     TokenAuth,
     bearer_token,
     check_auth_config,
+    forwarded_client,
     host_allowed,
+    trusted_proxy_networks,
 )
 from .bridge import BrokerConfig, MqttBridge
 from .review import (
@@ -71,6 +73,9 @@ class DashboardConfig:
     max_alerts: int = 2000
     device_timeout_s: float = 45.0  # a device silent this long is shown as "silent" (edge status every 10 s)
     session_hours: float = DEFAULT_SESSION_HOURS  # a sign-in cookie expires this long after sign-in
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client for the sign-in throttle;
+    # from any other peer the header is ignored.
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 class DashboardApp:
@@ -83,6 +88,7 @@ class DashboardApp:
         self.config = config
         self.auth = TokenAuth(config.token, session_s=config.session_hours * 3600, clock=clock)
         self.throttle = SignInThrottle(clock=clock)
+        self.trusted_proxies = trusted_proxy_networks(config.trusted_proxies)
         self.review_roots = [Path(r).expanduser().resolve() for r in config.review_roots]
         self.store = AlertStore(config.store_path, max_alerts=config.max_alerts)
         self.state = LiveState()
@@ -221,9 +227,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._try_token(token)
         return auth.session_valid(self._cookies().get(COOKIE_NAME, ""))
 
+    def _client(self) -> str:
+        """The client's address: the peer's, or from X-Forwarded-For when the peer is a trusted proxy."""
+        forwarded_for = self.headers.get_all("X-Forwarded-For") or []
+        return forwarded_client(self.client_address[0], forwarded_for, self.app.trusted_proxies)
+
     def _try_token(self, token: str) -> bool:
-        """Check a token unless this client sent too many wrong ones lately (raises _Throttled then)."""
-        client = self.client_address[0]
+        """Check a token unless this client sent too many wrong ones lately (raises _Throttled then). A right
+        token is refused too while the client is throttled: else a guesser would learn it by the answer."""
+        client = self._client()
         wait = self.app.throttle.retry_after(client)
         if wait > 0:
             raise _Throttled(wait)
@@ -273,6 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/login":
                 return self._send(200, _login_page(), "text/html; charset=utf-8")
             if path == "/logout":
+                self.app.auth.revoke(self._cookies().get(COOKIE_NAME, ""))  # a copy of the cookie ends here too
                 expired = f"{COOKIE_NAME}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
                 return self._redirect("/login", {"Set-Cookie": expired})
             if path.startswith("/static/"):

@@ -10,6 +10,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -233,9 +234,19 @@ def _cookie_of(headers: dict) -> str:
     return headers["Set-Cookie"].split(";")[0]
 
 
-def _signed(token: str, issued: int) -> str:
+def _old_style_signed(token: str, issued: int) -> str:
+    """A cookie as signed before sign-out revoked sessions: `<issued>.<HMAC(token, context|issued)>`."""
     sig = hmac.new(token.encode(), b"drywallqa-dashboard-session|" + str(issued).encode(), hashlib.sha256)
     return f"{COOKIE_NAME}={issued}.{sig.hexdigest()}"
+
+
+def _signed_at(app: DashboardApp, clock: FakeClock, issued: float) -> str:
+    """A cookie that `app` signed at unix time `issued`."""
+    now, clock.now = clock.now, issued
+    try:
+        return f"{COOKIE_NAME}={app.auth.session_value()}"
+    finally:
+        clock.now = now
 
 
 def test_a_session_cookie_expires(tmp_path: Path) -> None:
@@ -247,7 +258,8 @@ def test_a_session_cookie_expires(tmp_path: Path) -> None:
         attrs = [a.strip() for a in headers["Set-Cookie"].split(";")]
         assert "Max-Age=7200" in attrs and "HttpOnly" in attrs and "SameSite=Strict" in attrs, attrs
         cookie = _cookie_of(headers)
-        assert cookie == _signed(TOKEN, int(T0)), cookie  # <issued>.<HMAC(token, context|issued)>
+        issued, session_id, sig = cookie.removeprefix(f"{COOKIE_NAME}=").split(".")  # <issued>.<id>.<HMAC>
+        assert issued == str(int(T0)) and len(session_id) == 32 and len(sig) == 64, cookie
         clock.now = T0 + 7199
         assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 200
         clock.now = T0 + 7200
@@ -264,32 +276,193 @@ def test_a_tampered_or_old_style_cookie_is_refused(tmp_path: Path) -> None:
     with _guarded_dashboard(tmp_path, clock, session_hours=1.0) as app:
         cookie = _cookie_of(_sign_in(app)[1])
         name, _, value = cookie.partition("=")
-        issued, _, sig = value.partition(".")
+        issued, session_id, sig = value.split(".")
         assert issued == str(int(T0)) and len(sig) == 64, value
         assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 200
         flipped = sig[:-1] + ("0" if sig[-1] != "0" else "1")
+        other_id = session_id[:-1] + ("0" if session_id[-1] != "0" else "1")
         old_style = hmac.new(TOKEN.encode(), b"drywallqa-dashboard-session", hashlib.sha256).hexdigest()
         for bad in (
-            f"{int(T0) + 3000}.{sig}",  # a later issue time, to live longer, with the old signature
-            f"{issued}.{flipped}",
-            f"{issued}.",
+            f"{int(T0) + 3000}.{session_id}.{sig}",  # a later issue time, to live longer, with the old signature
+            f"{issued}.{other_id}.{sig}",  # another session's id (one not signed out) with this signature
+            f"{issued}.{session_id}.{flipped}",
+            f"{issued}.{session_id}.",
+            f"{issued}.{sig}",
             sig,
-            old_style,  # the cookie before this change: no issue time
+            old_style,  # the cookie before expiry: no issue time
+            _old_style_signed(TOKEN, int(T0)).partition("=")[2],  # the cookie before revocation: no id
             "",
         ):
             assert http_get(app, "/api/state", {"Cookie": f"{name}={bad}"})[0] == 401, bad
         for digits in (f"{issued}\xb2", "\u0661" * 10):  # isdigit() but not ASCII: refused, not a crash
-            assert app.auth.session_valid(f"{digits}.{sig}") is False
-        assert http_get(app, "/api/state", {"Cookie": _signed("another-token-123", int(T0))})[0] == 401
+            assert app.auth.session_valid(f"{digits}.{session_id}.{sig}") is False
+        assert app.auth.session_valid(f"{issued}.{session_id.upper()}.{sig}") is False
 
 
 def test_a_cookie_from_the_future_is_refused(tmp_path: Path) -> None:
     """A correctly signed cookie dated more than a minute ahead (clock skew, or a forged lifetime) is refused."""
     clock = FakeClock()
     with _guarded_dashboard(tmp_path, clock) as app:
-        assert http_get(app, "/api/state", {"Cookie": _signed(TOKEN, int(T0) + 30)})[0] == 200  # small skew
-        assert http_get(app, "/api/state", {"Cookie": _signed(TOKEN, int(T0) + 120)})[0] == 401
-        assert http_get(app, "/api/state", {"Cookie": _signed(TOKEN, int(T0) - 3600)})[0] == 200
+        assert http_get(app, "/api/state", {"Cookie": _signed_at(app, clock, T0 + 30)})[0] == 200  # small skew
+        assert http_get(app, "/api/state", {"Cookie": _signed_at(app, clock, T0 + 120)})[0] == 401
+        assert http_get(app, "/api/state", {"Cookie": _signed_at(app, clock, T0 - 3600)})[0] == 200
+
+
+def test_sign_out_revokes_a_copied_cookie(tmp_path: Path) -> None:
+    """Before: sign-out only asked the browser to drop its cookie; a copy of it (another tab's, a stolen one)
+    still opened the dashboard until it expired. Now the server refuses that session; others stay signed in."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock) as app:
+        mine, other = _cookie_of(_sign_in(app)[1]), _cookie_of(_sign_in(app)[1])  # signed in the same second
+        copy = mine
+        code, headers, _ = http_get(app, "/logout", {"Cookie": mine})
+        assert code == 303 and "Max-Age=0" in headers["Set-Cookie"], (code, headers)
+        assert http_get(app, "/api/state", {"Cookie": copy})[0] == 401
+        code, headers, _ = http_get(app, "/", {"Cookie": copy})
+        assert code == 303 and headers["Location"] == "/login"
+        assert http_get(app, "/api/state", {"Cookie": other})[0] == 200
+        assert http_get(app, "/logout", {"Cookie": copy})[0] == 303  # signing out twice is harmless
+        assert http_get(app, "/logout")[0] == 303 and app.auth.revoked_count == 1  # no cookie: nothing to revoke
+        assert _sign_in(app)[0] == 303  # signing in again gives a fresh, valid session
+
+
+def test_sign_outs_are_remembered_in_bounded_memory(tmp_path: Path, caplog) -> None:
+    """A signed-out session is remembered until its cookie would have expired, then forgotten. When more are
+    signed out within a session's lifetime than the list holds, everyone is signed out (a new signing key) rather
+    than a revoked cookie working again."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock, session_hours=1.0) as app:
+        app.auth.max_revoked = 2
+        first, second = _cookie_of(_sign_in(app)[1]), _cookie_of(_sign_in(app)[1])
+        for cookie in (first, second):
+            http_get(app, "/logout", {"Cookie": cookie})
+        assert app.auth.revoked_count == 2
+        clock.now = T0 + 1800
+        keeps, third = _cookie_of(_sign_in(app)[1]), _cookie_of(_sign_in(app)[1])
+        clock.now = T0 + 3600  # the first two cookies have expired: their revocations are dropped
+        http_get(app, "/logout", {"Cookie": third})
+        assert app.auth.revoked_count == 1
+        assert http_get(app, "/api/state", {"Cookie": third})[0] == 401
+        assert http_get(app, "/api/state", {"Cookie": keeps})[0] == 200
+        fourth, fifth = _cookie_of(_sign_in(app)[1]), _cookie_of(_sign_in(app)[1])
+        http_get(app, "/logout", {"Cookie": fourth})
+        assert app.auth.revoked_count == 2
+        http_get(app, "/logout", {"Cookie": fifth})  # the list is full: a new key signs everyone out
+        assert app.auth.revoked_count == 0
+        for cookie in (third, keeps, fourth, fifth):
+            assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 401, cookie
+        assert http_get(app, "/api/state", {"Cookie": _cookie_of(_sign_in(app)[1])})[0] == 200
+    assert any("every session is signed out" in r.getMessage() for r in caplog.records)
+
+
+def test_a_restart_signs_everyone_out(tmp_path: Path) -> None:
+    """The signing key lives only in the dashboard's memory, like the list of signed-out sessions: a cookie
+    from before a restart is refused, so a restart cannot bring a signed-out cookie back. Before: any cookie
+    stayed valid across restarts until it expired."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock) as app:
+        cookie = _cookie_of(_sign_in(app)[1])
+        assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 200
+    with _guarded_dashboard(tmp_path, clock) as app:
+        assert http_get(app, "/api/state", {"Cookie": cookie})[0] == 401
+        assert http_get(app, "/api/state", {"Cookie": _cookie_of(_sign_in(app)[1])})[0] == 200
+
+
+def _forwarded(client: str) -> dict[str, str]:
+    """A proxy's request for `client`, whose own X-Forwarded-For (a lie) the proxy kept on the left."""
+    return {**FORM, "X-Forwarded-For": f"{uuid.uuid4().int % 256}.0.0.1, {client}"}
+
+
+def test_wrong_tokens_behind_a_trusted_proxy_count_per_forwarded_client(tmp_path: Path) -> None:
+    """Before: behind a reverse proxy every client had the proxy's address, so one guesser locked every user out
+    of sign-in. With --trusted-proxy, a request from the proxy is counted under the right-most address of
+    X-Forwarded-For that is not a trusted proxy; what a client puts in the header itself is ignored, and from any
+    other peer the header counts for nothing."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock, trusted_proxies=["127.0.0.1", "10.0.0.0/8"]) as app:
+        guesser = "198.51.100.7"
+        for i in range(5):
+            assert http_post(app, "/login", f"token=wrong-{i}-token", _forwarded(guesser))[0] == 401
+        code, headers, _ = http_post(app, "/login", f"token={TOKEN}", _forwarded(guesser))
+        assert code == 429 and headers.get("Retry-After") == "60", (code, headers)  # the right token, refused
+        through_two_proxies = {**FORM, "X-Forwarded-For": f"{guesser}, 10.1.2.3"}
+        assert http_post(app, "/login", f"token={TOKEN}", through_two_proxies)[0] == 429
+        assert http_post(app, "/login", f"token={TOKEN}", _forwarded("198.51.100.8"))[0] == 303  # another user
+        in_two_headers = f"POST /login HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: {guesser}\r\n"
+        assert _raw_sign_in(app, in_two_headers + "X-Forwarded-For: 10.9.9.9\r\n") == 429
+        assert _raw_sign_in(app, in_two_headers + "X-Forwarded-For: 198.51.100.9\r\n") == 303
+        # A peer that is not a trusted proxy: its header is ignored, it is counted under its own address.
+        for i in range(5):
+            spoofed = _forwarded(f"203.0.113.{i}")
+            assert http_post(app, "/login", f"token=wrong-{i}-token", spoofed, "127.0.0.2")[0] == 401
+        assert http_post(app, "/login", f"token={TOKEN}", _forwarded("203.0.113.99"), "127.0.0.2")[0] == 429
+        assert http_post(app, "/login", f"token={TOKEN}", _forwarded("203.0.113.0"))[0] == 303  # not counted
+        clock.now = T0 + 60  # a throttled client is refused only until its minute is over
+        assert http_post(app, "/login", f"token={TOKEN}", _forwarded(guesser))[0] == 303
+
+
+def _raw_sign_in(app: DashboardApp, head: str) -> int:
+    """POST the right token with a hand-written request head (for repeated headers); the answer's status."""
+    body = f"token={TOKEN}"
+    request = f"{head}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    with socket.create_connection(app.address, timeout=10) as conn:
+        conn.sendall(request.encode())
+        return int(conn.makefile("rb").readline().split()[1])
+
+
+def test_forwarded_client_address_rules() -> None:
+    from drywallqa.dashboard.auth import forwarded_client, trusted_proxy_networks
+
+    proxies = trusted_proxy_networks(["127.0.0.1", "10.0.0.0/8", "2001:db8:1::/48"])
+    assert forwarded_client("192.0.2.1", ["198.51.100.7"], proxies) == "192.0.2.1"  # not a proxy: header ignored
+    assert forwarded_client("127.0.0.1", [], proxies) == "127.0.0.1"  # no header: the proxy's own address
+    assert forwarded_client("::ffff:127.0.0.1", ["198.51.100.7"], proxies) == "198.51.100.7"
+    assert forwarded_client("127.0.0.1", ["1.2.3.4, 198.51.100.7, 10.0.0.2"], proxies) == "198.51.100.7"
+    assert forwarded_client("127.0.0.1", ["198.51.100.7:4711"], proxies) == "198.51.100.7"
+    assert forwarded_client("127.0.0.1", ["[2001:db8:2::5]:443, 2001:db8:1::9"], proxies) == "2001:db8:2::5"
+    assert forwarded_client("127.0.0.1", ["10.0.0.3, 10.0.0.2"], proxies) == "10.0.0.3"  # only proxies: left-most
+    assert forwarded_client("127.0.0.1", ["198.51.100.7, unknown"], proxies) == "127.0.0.1"  # junk: the proxy
+    assert forwarded_client("127.0.0.1", ["198.51.100.7, unknown, 10.0.0.2"], proxies) == "10.0.0.2"
+    assert forwarded_client("127.0.0.1", ["198.51.100.7"], ()) == "127.0.0.1"  # no trusted proxy: never trusted
+
+
+def _start_dashboard_command(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`python -m drywallqa.dashboard` with a token file, its broker down; the process and its URL."""
+    (tmp_path / "token").write_text(TOKEN)
+    cmd = [sys.executable, "-m", "drywallqa.dashboard", "--port", "0", "--store", str(tmp_path / "cli.sqlite"),
+           "--review-root", str(tmp_path), "--mqtt-port", str(free_port()), "--token-file", str(tmp_path / "token"),
+           *extra]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRYWALLQA_")}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "dashboard on" not in line:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"the dashboard exited: {proc.stderr.read()[-2000:]}")
+    return proc, line.split("dashboard on ", 1)[1].split()[0]
+
+
+def test_the_trusted_proxy_option_of_the_command(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit, match="--trusted-proxy 'proxy.local' is not an IP address or network"):
+        dashboard_main(["--port", "0", "--store", str(tmp_path / "s.sqlite"), "--trusted-proxy", "proxy.local"])
+    proc, url = _start_dashboard_command(tmp_path, "--trusted-proxy", "127.0.0.1", "--trusted-proxy", "10.0.0.0/8")
+    try:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+
+        def sign_in(token: str, client: str) -> int:
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            try:
+                conn.request("POST", "/login", f"token={token}", _forwarded(client))
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        assert [sign_in("wrong-token", "198.51.100.7") for _ in range(6)] == [401] * 5 + [429]
+        assert sign_in(TOKEN, "198.51.100.8") == 303
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
 
 
 def test_wrong_tokens_are_throttled_per_address(tmp_path: Path, caplog) -> None:
