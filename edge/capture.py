@@ -5,6 +5,9 @@ consumer never works on a backlog. A frame is also only decoded when the consume
 frame before the next one arrives (judged from how often it has been taking frames): a 30 fps camera
 feeding a 10 fps model then decodes about 10 frames a second, not 30. In lossless mode (files,
 benchmarks) the reader waits instead.
+
+`stats.last_error` is the source's trouble: set when it is reopened or ends early, cleared when frames flow again
+after a reopen. A source that can never be read (UnreadableSource) ends instead of being retried.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from drywallqa.edge.sources import CorruptFrame, EndOfSource, FrameSource, SourceError
+from drywallqa.edge.sources import (
+    CorruptFrame,
+    EndOfSource,
+    FrameSource,
+    NoNewFrame,
+    SourceError,
+    UnreadableSource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +49,7 @@ class CaptureStats:
     dropped: int = 0
     corrupt: int = 0
     reopens: int = 0
-    state: str = "starting"  # starting | open | reconnecting | stalled | ended | stopped
+    state: str = "starting"  # starting | open | waiting | reconnecting | stalled | ended | stopped
     last_error: str = ""
 
 
@@ -72,6 +82,7 @@ class Capture:
         self._next_id = 0
         self._last_frame_t = time.monotonic()
         self._in_call_since: float | None = None  # monotonic start of the source call in progress
+        self._recovering = False  # reopened after an error: the first frame clears stats.last_error
         # consumer pace, for deciding which grabbed frames are worth decoding (realtime mode)
         self._waiting = False
         self._last_take: float | None = None
@@ -161,10 +172,23 @@ class Capture:
     def _reconnect_later(self, error: str, backoff: float) -> float | None:
         """State `reconnecting` with `error`, then wait `backoff` seconds: the next backoff (doubled, at most
         reconnect_max_s), or None when stopped meanwhile."""
+        self._recovering = True
         self._set_state("reconnecting", error)
         if self._sleep(backoff):
             return None
         return min(backoff * 2, self.reconnect_max_s)
+
+    def _recovered(self) -> None:
+        """Frames flow again after a reopen: the error behind it is over, so status.last_error stops showing it."""
+        self._recovering = False
+        if self.stats.last_error:
+            log.info("source %s: frames flow again (the error was: %s)", self.source.describe(), self.stats.last_error)
+            self.stats.last_error = ""
+
+    def _end_unreadable(self, exc: UnreadableSource) -> None:
+        """A source no retry can cure (a video file that is not one): it ends with the reason, as a finished file."""
+        log.error("source %s cannot be read, it ends: %s", self.source.describe(), exc)
+        self._set_state("ended", str(exc))
 
     def _pace(self, next_t: float, period: float | None) -> tuple[float, bool]:
         """Sleep until the next frame is due (paced sources); returns the new due time and whether stopped."""
@@ -185,7 +209,10 @@ class Capture:
                 try:
                     with self._source_call():
                         self.source.open()
-                except Exception as exc:  # noqa: BLE001 - any failure to open means: retry later
+                except UnreadableSource as exc:
+                    self._end_unreadable(exc)
+                    break
+                except Exception as exc:  # noqa: BLE001 - any other failure to open means: retry later
                     backoff = self._reconnect_later(str(exc), backoff)
                     if backoff is None:
                         break
@@ -245,6 +272,11 @@ class Capture:
                     continue
                 self._set_state("ended")
                 break
+            except NoNewFrame as exc:  # a watched folder with nothing new: look again later, never spin
+                self._set_state("waiting")
+                if self._sleep(exc.retry_after_s):
+                    break
+                continue
             except Exception as exc:  # noqa: BLE001 - SourceError or an unexpected backend failure
                 if not isinstance(exc, SourceError):
                     log.exception("unexpected error reading %s", self.source.describe())
@@ -257,8 +289,10 @@ class Capture:
             consecutive_corrupt = 0
             frames_this_pass += 1
             backoff = self.reconnect_min_s
-            if self.stats.state == "stalled":
+            if self.stats.state in ("stalled", "waiting"):
                 self._set_state("open")
+            if self._recovering:
+                self._recovered()
             frame = Frame(self._next_id, image, grabbed_at, grabbed_wall)  # latency counts from the grab
             self._next_id += 1
             self.stats.captured += 1

@@ -8,9 +8,15 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drywallqa.argtypes import positive_float, positive_int
+
+if TYPE_CHECKING:
+    from drywallqa.edge.settings import EdgeSettings
 
 # Exit statuses of `edge run` and `edge check-config`. A wrong setting (a value, a prompt or alias, a model file
 # missing or not ours, TLS files, an embedded broker that cannot be) exits EXIT_CONFIG, sysexits' EX_CONFIG, which
@@ -19,6 +25,11 @@ from drywallqa.argtypes import positive_float, positive_int
 # file (it may live on a drive mounted late at boot).
 EXIT_CONFIG = 78
 EXIT_START_FAILED = 1
+
+# `edge run --wait-for-spool` (the unit) waits while another runtime holds the alert spool, and meanwhile asks
+# systemd for this much more start-up time at each look: the unit's TimeoutStartSec, so the start-up that follows
+# the wait has the time any start has.
+SPOOL_WAIT_EXTEND_S = 120
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--duration", type=positive_float, default=None, metavar="S", help="stop after S seconds")
     run.add_argument("--source", default=None, help="override source.uri (demo, 0, /dev/video0, URL, file, folder)")
     run.add_argument("--model", default=None, help="override model.path (hrnet, lite or a model file)")
+    run.add_argument("--watch", action="store_true",
+                     help="a folder or glob source: keep watching it for new images (source.watch: true)")
     run.add_argument("--stats-json", type=Path, default=None, help="write loop statistics here at exit")
+    run.add_argument("--wait-for-spool", action="store_true",
+                     help="while another runtime holds the alert spool (e.g. a manual `edge run`), wait for it to "
+                          "end instead of exiting 1; the systemd unit runs with it, so that it starts by itself "
+                          "once the other run ends instead of failing until systemd gives up")
     _add_env_file(run)
     run.set_defaults(func=_cmd_run)
 
@@ -127,10 +144,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         settings = _load(args)
-        if args.source is not None or args.model is not None:
+        if args.source is not None or args.model is not None or args.watch:
             data = settings.model_dump()
             if args.source is not None:
                 data["source"]["uri"] = args.source
+            if args.watch:
+                data["source"]["watch"] = True
             if args.model is not None:
                 data["model"]["path"] = args.model
             try:
@@ -153,6 +172,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # with the last will; under nohup SIGHUP stays ignored.
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, _stop)
+    if args.wait_for_spool and not _wait_for_spool(settings, runner.stop_event):
+        return 0  # stopped while waiting: nothing was started
     try:
         runner.setup()
     except (ConfigError, UnknownPromptError, InvalidModelError, BackendUnavailableError, BrokerSettingError,
@@ -177,6 +198,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.stats_json.write_text(json.dumps({**summary, "latencies_ms": stats.latencies_ms,
                                                "inference_ms": stats.inference_ms}))
     return 0
+
+
+def _wait_for_spool(settings: EdgeSettings, stop: threading.Event) -> bool:
+    """Wait, before loading anything, while another runtime holds the alert spool; False if stopped meanwhile.
+    Exiting 1 instead, a service would be restarted every RestartSec until StartLimitBurst, then left failed for
+    good: a manual run of more than a minute would stop the device's service until the next boot. Under systemd
+    the wait shows in `systemctl status` (STATUS=), keeps the start from timing out, and feeds the watchdog."""
+    from drywallqa.edge.sdnotify import Watchdog, notify
+    from drywallqa.edge.spool import SpoolInUse, wait_for_spool
+
+    log = logging.getLogger(__name__)
+    path = settings.spool.resolved_path(settings.instance)
+    watchdog = Watchdog()
+    holders: list[str] = []  # each holder seen, said once
+
+    def busy(exc: SpoolInUse) -> None:
+        if not holders or holders[-1] != exc.holder:
+            holders.append(exc.holder)
+            log.warning("the alert spool %s is held by another DrywallQA edge runtime (pid %s), e.g. a manual "
+                        "`edge run`: waiting for it to end before starting", path, exc.holder)
+            notify(f"STATUS=waiting for pid {exc.holder} to release the alert spool {path}")
+        notify(f"EXTEND_TIMEOUT_USEC={SPOOL_WAIT_EXTEND_S * 1_000_000}")
+        watchdog.kick()
+
+    started = time.monotonic()
+    free = wait_for_spool(path, stop, busy)
+    if free and holders:
+        log.info("the alert spool %s is free after %.0f s: starting", path, time.monotonic() - started)
+    return free
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -218,7 +218,7 @@ class EdgeRunner:
         self.link = EdgeLink(s.mqtt, self.spool, status=self.status, on_command=self._commands.put).start()
 
         src = make_source(s.source.uri, width=s.source.width, height=s.source.height,
-                          timeout_s=s.source.stall_timeout_s, demo_size=s.source.demo_size)
+                          timeout_s=s.source.stall_timeout_s, demo_size=s.source.demo_size, watch=s.source.watch)
         realtime = s.source.realtime if s.source.realtime is not None else src.live
         self.capture = Capture(src, realtime=realtime, loop=s.source.loop, fps=s.source.fps,
                                stall_timeout_s=s.source.stall_timeout_s, reconnect_min_s=s.source.reconnect_min_s,
@@ -269,12 +269,14 @@ class EdgeRunner:
         )
 
     def _last_error(self, cap: CaptureStats | None) -> str:
-        """What is wrong now before what went wrong once: a spool that cannot be written, a broker that keeps
-        closing the connection, a source being reconnected (each cleared when it is over), then the latest rejected
-        command or failed frame, then the source's last error. A rejected command or an early snapshot request must
-        not hide, for as long as the device runs, why its camera is down."""
-        now = (self.link.spool_error or self.link.link_error) if self.link else ""
-        if not now and cap is not None and cap.state == "reconnecting":
+        """What is wrong now before what went wrong once: a spool that cannot be written (alerts or deliveries), a
+        broker that keeps closing the connection, a source being reconnected or ended by an error (each cleared when it is over), then
+        the latest rejected command or failed frame, then the source's last error (cleared once frames flow again
+        after a reopen). A rejected command or an early snapshot request must not hide, for as long as the device
+        runs, why its camera is down."""
+        now = (self.link.spool_error or (self.spool.ack_error if self.spool else "") or self.link.link_error
+               if self.link else "")
+        if not now and cap is not None and cap.state in ("reconnecting", "ended"):
             now = cap.last_error
         return now or self.last_error or (cap.last_error if cap else "")
 
@@ -398,7 +400,7 @@ class EdgeRunner:
         watchdog = Watchdog()
         # A source call stuck this long is a hang no timeout ended: stop the watchdog, systemd restarts the process.
         stuck_limit = max(STUCK_SOURCE_MIN_S, STUCK_SOURCE_STALLS * self.settings.source.stall_timeout_s)
-        stuck_reported = False
+        hang_error = ""  # the hung source call reported in last_error, until it returns
         notify("READY=1")
         notify(f"STATUS=running {self.settings.source.uri}")
         started = time.monotonic()
@@ -411,14 +413,11 @@ class EdgeRunner:
                 stuck = self.capture.stuck_for()
                 if stuck < stuck_limit:
                     watchdog.kick()
-                    stuck_reported = False
-                elif not stuck_reported:
-                    stuck_reported = True
-                    self.last_error = (f"source {self.settings.source.uri}: a read has not returned for {stuck:.0f} s; "
-                                       f"the systemd watchdog (if any) will restart the runtime")
-                    log.error("%s", self.last_error)
-                    notify("STATUS=source read hung")
-                    self._last_status = 0.0  # say so on the broker now
+                    if hang_error:
+                        self._hang_over(hang_error)
+                        hang_error = ""
+                elif not hang_error:
+                    hang_error = self._report_hang(stuck)
                 while not self._commands.empty():
                     self._handle_command(self._commands.get_nowait())
                 if time.monotonic() - self._last_status >= self.settings.mqtt.status_interval_s:
@@ -452,6 +451,22 @@ class EdgeRunner:
         finally:
             self._drain_post_worker()
         return submitted
+
+    def _report_hang(self, stuck_s: float) -> str:
+        """Say (log, status) that a source call has not returned for `stuck_s`; returns the error reported."""
+        self.last_error = (f"source {self.settings.source.uri}: a read has not returned for {stuck_s:.0f} s; "
+                           f"the systemd watchdog (if any) will restart the runtime")
+        log.error("%s", self.last_error)
+        notify("STATUS=source read hung")
+        self._last_status = 0.0  # say so on the broker now
+        return self.last_error
+
+    def _hang_over(self, hang_error: str) -> None:
+        """The hung source call returned: its error leaves last_error, unless a newer one replaced it."""
+        log.info("source %s: the hung read returned", self.settings.source.uri)
+        if self.last_error == hang_error:
+            self.last_error = ""
+        self._last_status = 0.0
 
     def _frame_failed(self, frame: Frame, exc: Exception) -> None:
         self.stats.errors += 1

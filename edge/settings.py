@@ -60,7 +60,13 @@ class SourceSettings(_Section):
         description="True: newest frame only, older ones dropped (default for cameras, streams, demo). "
         "False: every frame handed over in order (default for files and folders).",
     )
-    loop: bool = Field(default=False, description="restart video files / folders at the end")
+    loop: bool = Field(default=False, description="restart video files / folders at the end (not a watched folder, "
+                                                   "which never ends)")
+    watch: bool = Field(
+        default=False,
+        description="folders and globs: keep watching for new images, each processed once when it has stopped "
+                    "changing (oldest first), and never end; false: the images there at the start, then the end",
+    )
     stall_timeout_s: float = Field(default=5.0, gt=0, description="no frame for this long -> reopen")
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=10.0, gt=0)

@@ -1,7 +1,9 @@
-"""Frame sources: camera (index or /dev/videoN), RTSP/HTTP stream, video file, folder or glob, synthetic demo.
+"""Frame sources: camera (index or /dev/videoN), RTSP/HTTP stream, video file, folder or glob (read once or
+watched for new images), synthetic demo.
 
-Every source yields RGB uint8 H x W x 3 frames and signals trouble with three exceptions the capture
-thread acts on: CorruptFrame (skip, count), EndOfSource (finished or loop), SourceError (reopen with backoff).
+Every source yields RGB uint8 H x W x 3 frames and signals trouble with exceptions the capture thread acts on:
+CorruptFrame (skip, count), EndOfSource (finished or loop), SourceError (reopen with backoff), UnreadableSource
+(a SourceError no retry can cure: the source ends) and NoNewFrame (a watched folder has nothing new: wait).
 """
 
 from __future__ import annotations
@@ -28,10 +30,27 @@ STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp:
 FILE_LOOKAHEAD = 25
 LIVE_LOOKAHEAD = 2
 LIVE_LOOKAHEAD_MAX_S = 0.5
+# A video file that cannot be opened ends the source, unless it changed this recently: then it may still be being
+# copied in (a file replaced while a looping source plays it), and the open is retried with backoff.
+FILE_SETTLE_S = 10.0
+WATCH_POLL_S = 0.5  # a watched folder with nothing new is listed again after this long
+WATCH_SETTLE_S = 2.0  # a new image is read once it has not changed for this long (a copy or sync may be writing it)
 
 
 class SourceError(RuntimeError):
     """The source failed (camera gone, stream broken, file missing); the capture thread reopens it."""
+
+
+class UnreadableSource(SourceError):
+    """The source is there but can never be read (a video file that no decoder opens): it ends, it is not retried."""
+
+
+class NoNewFrame(Exception):
+    """A watched folder has no new image ready: the capture thread waits `retry_after_s`, then asks again."""
+
+    def __init__(self, uri: str, retry_after_s: float) -> None:
+        super().__init__(uri)
+        self.retry_after_s = retry_after_s
 
 
 class CorruptFrame(ValueError):
@@ -126,6 +145,8 @@ class CvCaptureSource(FrameSource):
             cap = cv2.VideoCapture(self.uri)
         if not cap.isOpened():
             cap.release()
+            if self.kind == "file":
+                raise unopenable_file_error(self.uri)
             raise SourceError(f"cannot open {self.kind} {self.uri!r}")
         if self.kind == "camera":
             if self.width:
@@ -203,8 +224,54 @@ class CvCaptureSource(FrameSource):
         return self._fps
 
 
+def unopenable_file_error(path: str) -> SourceError:
+    """The error for a video file that is there but that OpenCV cannot open: UnreadableSource (the source ends), or
+    a SourceError (retried) while the file changed in the last FILE_SETTLE_S seconds or has just gone."""
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return SourceError(f"video file not found: {path}")
+    except OSError:
+        age = FILE_SETTLE_S
+    message = f"cannot read video file {path!r}: {_video_file_problem(path)}"
+    if abs(age) < FILE_SETTLE_S:  # abs: a time far ahead (a clock off) must not mean "new" for ever
+        return SourceError(f"{message} (changed {max(age, 0):.0f} s ago: retried while it may still be being written)")
+    return UnreadableSource(message)
+
+
+def _video_file_problem(path: str) -> str:
+    """A best guess at why OpenCV cannot open an existing video file (it gives no reason itself)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    if not head:
+        return "the file is empty"
+    return "no video decoder recognises it (not a video, an unsupported format or a damaged header)"
+
+
+def list_images(uri: str) -> list[str]:
+    """The image files that a folder or glob names, unsorted."""
+    p = Path(uri)
+    if p.is_dir():
+        return [str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
+    return [f for f in glob.glob(uri) if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+
+
+def read_image_frame(path: str) -> np.ndarray:
+    """One image of a folder as a frame; CorruptFrame when it has gone or cannot be decoded."""
+    if not os.path.exists(path):
+        raise CorruptFrame(f"image disappeared before it was read, skipped: {path}")
+    try:
+        return check_frame(read_image_rgb(path))
+    except ImageReadError as exc:
+        raise CorruptFrame(str(exc)) from exc
+
+
 class ImageListSource(FrameSource):
-    """A folder or glob of images, in name order; re-listed at every open (so new files are seen)."""
+    """A folder or glob of images read once: the images there when it opens, in name order, then EndOfSource.
+    Re-listed at every open (so a loop sees new files)."""
 
     kind = "images"
 
@@ -214,16 +281,8 @@ class ImageListSource(FrameSource):
         self._index = 0
         self._last: str | None = None  # the last file handed out; a reopen goes on after it
 
-    def _list(self) -> list[str]:
-        p = Path(self.uri)
-        if p.is_dir():
-            names = [str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
-        else:
-            names = [f for f in glob.glob(self.uri) if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-        return sorted(names)
-
     def open(self) -> None:
-        self._files = self._list()
+        self._files = sorted(list_images(self.uri))
         self._index = bisect.bisect_right(self._files, self._last) if self._last is not None else 0
         if not self._files:
             raise SourceError(f"no images found in {self.uri!r}")
@@ -235,12 +294,76 @@ class ImageListSource(FrameSource):
         path = self._files[self._index]
         self._index += 1
         self._last = path
-        if not os.path.exists(path):
-            raise CorruptFrame(f"image disappeared before it was read, skipped: {path}")
+        return read_image_frame(path)
+
+
+class WatchedFolderSource(FrameSource):
+    """A folder or glob watched for new images (source.watch); it never ends. Each image is handed out once, by
+    modification time then name, when it has stopped changing for `settle_s` (a copy or sync may still be writing
+    it). Hidden files (a sync tool's partial downloads, macOS's ._ files) are left alone. With nothing new it
+    raises NoNewFrame: the capture thread sleeps `poll_s`, then the folder is listed again."""
+
+    kind = "images"
+
+    def __init__(self, uri: str, *, poll_s: float = WATCH_POLL_S, settle_s: float = WATCH_SETTLE_S) -> None:
+        super().__init__(uri)
+        self.poll_s, self.settle_s = poll_s, settle_s
+        self._queue: list[str] = []  # ready, in order, not yet handed out
+        self._done: set[str] = set()  # handed out; kept across a reopen, so nothing is processed twice
+        self._changing: dict[str, tuple[tuple[int, int], float]] = {}  # path -> (size, mtime_ns), first seen so
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.uri} (watched)"
+
+    def open(self) -> None:
+        if not any(ch in self.uri for ch in "*?[") and not Path(self.uri).exists():
+            raise SourceError(f"folder not found: {self.uri!r}")
+        self._queue = []
+
+    def read(self) -> np.ndarray:
+        if not self._queue:
+            self._queue = self._new_images()
+        if not self._queue:
+            raise NoNewFrame(self.uri, self.poll_s)
+        path = self._queue.pop(0)
+        self._done.add(path)
+        return read_image_frame(path)
+
+    def _new_images(self) -> list[str]:
+        """The images not handed out yet that have stopped changing, oldest first."""
         try:
-            return check_frame(read_image_rgb(path))
-        except ImageReadError as exc:
-            raise CorruptFrame(str(exc)) from exc
+            names = list_images(self.uri)
+        except OSError as exc:
+            raise SourceError(f"cannot list {self.uri!r}: {exc.strerror or exc}") from exc
+        present = set(names)
+        self._done &= present  # images moved away are forgotten: the set stays as small as the folder
+        self._changing = {p: seen for p, seen in self._changing.items() if p in present}
+        ready = []
+        for path in names:
+            if path in self._done or os.path.basename(path).startswith("."):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if self._settled(path, st):
+                ready.append((st.st_mtime_ns, path))
+        return [path for _, path in sorted(ready)]
+
+    def _settled(self, path: str, st: os.stat_result) -> bool:
+        """Not empty, and unchanged for settle_s: by its own modification time or, for a file dated ahead of this
+        clock (a tablet's clock, a preserved time), by how long this source has seen it unchanged."""
+        if st.st_size == 0:
+            return False
+        if time.time() - st.st_mtime >= self.settle_s:
+            self._changing.pop(path, None)
+            return True
+        signature, now = (st.st_size, st.st_mtime_ns), time.monotonic()
+        seen = self._changing.get(path)
+        if seen is None or seen[0] != signature:
+            self._changing[path] = (signature, now)
+            return False
+        return now - seen[1] >= self.settle_s
 
 
 class DemoSource(FrameSource):
@@ -306,18 +429,31 @@ def classify_uri(uri: str) -> str:
 
 
 def check_source_exists(uri: str) -> None:
-    """At start-up a video file must be there: a typo (or '/dev/vide0') should stop the service with a clear
-    error, not retry forever. Cameras, streams and folders may come later, so they are retried."""
-    if classify_uri(uri) == "file" and not Path(uri).expanduser().is_file():
+    """At start-up a video file must be there and open: a typo (or '/dev/vide0') or a file that is not a video should
+    stop the service with a clear error, not retry forever. Cameras, streams and folders may come later, so they are
+    retried."""
+    if classify_uri(uri) != "file":
+        return
+    if not Path(uri).expanduser().is_file():
         raise SourceError(f"source.uri: video file not found: {uri!r} (or a camera index, /dev/videoN, a URL, "
                           f"a folder, a glob or 'demo')")
+    probe = CvCaptureSource(uri, "file")
+    try:
+        probe.open()
+    except UnreadableSource as exc:
+        raise UnreadableSource(f"source.uri: {exc}") from exc
+    except SourceError:
+        pass  # still being written: the capture thread retries it
+    finally:
+        probe.close()
 
 
 def make_source(uri: str, *, width: int | None = None, height: int | None = None, timeout_s: float = 5.0,
-                demo_size: tuple[int, int] = (480, 640)) -> FrameSource:
+                demo_size: tuple[int, int] = (480, 640), watch: bool = False) -> FrameSource:
+    """The source for `uri`; `watch` makes a folder or glob a WatchedFolderSource (other kinds ignore it)."""
     kind = classify_uri(uri)
     if kind == "demo":
         return DemoSource(demo_size)
     if kind == "images":
-        return ImageListSource(uri)
+        return WatchedFolderSource(uri) if watch else ImageListSource(uri)
     return CvCaptureSource(uri, kind, width=width, height=height, timeout_s=timeout_s)

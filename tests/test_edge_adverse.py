@@ -4,6 +4,7 @@ or turns read-only mid-run, the broker refuses the credentials."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -293,3 +294,223 @@ def test_a_damaged_spool_is_moved_aside_under_the_lock(tmp_path):
     finally:
         spool.close()
     Spool(spool_path).close()  # closed: the lock is free again
+
+
+# -- a manual run holding the spool, and the service ------------------------------------------------------------
+
+
+class NotifySocket:
+    """A real sd_notify socket, as systemd gives a Type=notify service: records what the process tells it."""
+
+    def __init__(self, folder: Path) -> None:
+        import socket
+
+        self.path = folder / "notify"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(self.path))
+        self._sock.settimeout(0.05)
+        self.received: list[str] = []
+
+    def poll(self) -> list[str]:
+        """Every message so far."""
+        while True:
+            try:
+                self.received.append(self._sock.recv(4096).decode())
+            except TimeoutError:
+                return self.received
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def service_run(cfg: Path, *extra: str):
+    """`edge run --config CFG --wait-for-spool` as the unit runs it, with a NOTIFY_SOCKET (a short path: a socket's
+    path is at most 107 bytes); yields the process and the socket."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dq-notify-") as folder:
+        notify = NotifySocket(Path(folder))
+        proc = subprocess.Popen(edge_cmd(cfg, "--wait-for-spool", *extra), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=clean_env(NOTIFY_SOCKET=str(notify.path)))
+        try:
+            yield proc, notify
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=30)
+            notify.close()
+
+
+def test_the_service_waits_for_a_manual_run_to_end_then_starts_by_itself(tmp_path, lite_model):
+    """A person's `edge run` on the device holds the spool for minutes. Before: the service exited 1 at each start,
+    systemd restarted it every 5 s until StartLimitBurst and then left it failed until the next boot. Now it waits
+    (one log line, STATUS= naming the holder, its start time extended, nothing loaded) and starts once that run
+    ends."""
+    import time
+
+    spool_path = tmp_path / "spool.sqlite"
+    holder = _hold_spool(spool_path)
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=lite_model, port=1, spool=spool_path,
+                       source={"fps": 10.0, "demo_size": [64, 80]})
+    with service_run(cfg, "--max-frames", "3") as (proc, notify):
+        try:
+            status = f"STATUS=waiting for pid {holder.pid} to release the alert spool {spool_path}"
+            wait_until(lambda: status in notify.poll() or proc.poll() is not None, 60, "the waiting status")
+            time.sleep(3.5)  # several looks at the lock
+            assert proc.poll() is None, proc.communicate()[1][-3000:]  # waiting, not failed
+            messages = notify.poll()
+            assert "READY=1" not in messages and messages.count(status) == 1
+            assert messages.count("EXTEND_TIMEOUT_USEC=120000000") >= 3  # systemd's start timeout moves on
+        finally:
+            holder.kill()
+            holder.wait(10)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        assert "READY=1" in notify.poll()
+    assert err.count("waiting for it to end before starting") == 1, err[-3000:]
+    assert f"is held by another DrywallQA edge runtime (pid {holder.pid})" in err and "is free after" in err
+
+
+def test_a_service_waiting_for_the_spool_stops_at_once(tmp_path, lite_model):
+    """`systemctl stop` while the service waits: it ends at once and cleanly, not at TimeoutStopSec by SIGKILL."""
+    import signal
+    import time
+
+    spool_path = tmp_path / "spool.sqlite"
+    holder = _hold_spool(spool_path)
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=lite_model, port=1, spool=spool_path)
+    try:
+        with service_run(cfg) as (proc, notify):
+            wait_until(lambda: any(m.startswith("STATUS=waiting") for m in notify.poll()) or proc.poll() is not None,
+                       60, "the waiting status")
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            assert proc.wait(10) == 0 and time.monotonic() - t0 < 3
+            assert "READY=1" not in notify.poll()
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+# -- deliveries the full disk cannot record ---------------------------------------------------------------------
+
+
+def _spool_alerts(spool, count: int) -> list[str]:
+    ids = [f"ack-{i}" for i in range(count)]
+    for event_id in ids:
+        spool.put(event_id, "drywallqa/dev-ack/alerts", json.dumps({"event_id": event_id}).encode())
+    return ids
+
+
+def _start_link(spool, port: int):
+    import time
+
+    from drywallqa.edge.mqtt_link import EdgeLink
+    from drywallqa.edge.payloads import StatusPayload
+    from drywallqa.edge.settings import MqttSettings
+
+    def status(state: str) -> StatusPayload:
+        return StatusPayload(device_id="dev-ack", state=state, timestamp=time.time())
+
+    link = EdgeLink(MqttSettings(host="127.0.0.1", port=port, device_id="dev-ack"), spool, status=status,
+                    on_command=lambda cmd: None).start()
+    assert link.connected.wait(10)
+    return link, lambda: link.stop(status("offline"))
+
+
+def test_a_delivery_the_full_disk_cannot_record_is_not_sent_again(tmp_path, mosquitto, caplog):
+    """The broker acknowledged the alerts, but deleting their rows fails (SQLITE_FULL). Before: the acknowledgement
+    was dropped with the exception, the rows stayed 'undelivered' (status, flush waited its whole timeout at every
+    stop) and were sent again at every start. Now the deliveries are kept in memory and written once space is back:
+    each alert arrives once, and the error is logged once, with its end."""
+    import logging
+
+    from drywallqa.edge.spool import Spool
+
+    caplog.set_level(logging.WARNING, logger="drywallqa.edge.spool")
+    collector = Collector(mosquitto.port, "drywallqa/dev-ack/alerts")
+    assert collector.connected.wait(10)
+    with small_disk(tmp_path / "disk") as disk:
+        spool = Spool(disk / "spool.sqlite")
+        ids = _spool_alerts(spool, 5)
+        filler = fill(disk)
+        link, stop = _start_link(spool, mosquitto.port)
+        try:
+            wait_until(lambda: len(collector.payloads("alerts")) >= 5, 15, "the spooled alerts")
+            assert link.flush(5) and link.pending() == 0 and link.delivered == 5
+            assert "cannot record deliveries (database or disk is full)" in spool.ack_error
+            filler.unlink()
+            wait_until(lambda: spool.ack_error == "", 10, "the deliveries written once space is back")
+        finally:
+            stop()
+            spool.close()
+        again = Spool(disk / "spool.sqlite")  # the next start
+        assert again.count() == 0 and again.pending() == []
+        again.close()
+    collector.close()
+    assert [a["event_id"] for a in collector.payloads("alerts")] == ids
+    spool_log = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "drywallqa.edge.spool"]
+    assert [level for level, _ in spool_log] == ["ERROR", "WARNING"], spool_log
+    assert "cannot record deliveries" in spool_log[0][1] and "5 recorded late" in spool_log[1][1]
+
+
+def test_deliveries_still_unrecorded_at_stop_are_sent_once_more_with_their_event_id(tmp_path, mosquitto, caplog):
+    """The disk is still full when the runtime stops: the deliveries cannot be kept, and the stop says so. The next
+    start sends those alerts once more, byte for byte (same event_id: consumers deduplicate), records them, and
+    the start after it sends nothing."""
+    import logging
+
+    from drywallqa.edge.spool import Spool
+
+    caplog.set_level(logging.WARNING, logger="drywallqa.edge.spool")
+    collector = Collector(mosquitto.port, "drywallqa/dev-ack/alerts")
+    assert collector.connected.wait(10)
+    with small_disk(tmp_path / "disk") as disk:
+        path = disk / "spool.sqlite"
+        spool = Spool(path)
+        ids = _spool_alerts(spool, 3)
+        filler = fill(disk)
+        link, stop = _start_link(spool, mosquitto.port)
+        try:
+            wait_until(lambda: len(collector.payloads("alerts")) >= 3, 15, "the spooled alerts")
+            assert link.flush(5) and link.pending() == 0
+        finally:
+            stop()
+            spool.close()
+        assert "3 delivered alert(s) could not be recorded as delivered (database or disk is full); they will be " \
+               "sent again at the next start" in caplog.text
+        filler.unlink()
+        for start in (2, 3):
+            spool = Spool(path)
+            link, stop = _start_link(spool, mosquitto.port)
+            try:
+                assert link.flush(10) and spool.count() == 0, f"start {start}"
+            finally:
+                stop()
+                spool.close()
+    wait_until(lambda: len(collector.payloads("alerts")) >= 6, 5, "the alerts sent once more")
+    collector.close()
+    assert [a["event_id"] for a in collector.payloads("alerts")] == ids + ids  # and not a third time
+    assert [m for _, m, _ in collector.messages[:3]] == [m for _, m, _ in collector.messages[3:]]
+
+
+def test_delivered_rows_the_full_disk_kept_are_never_counted_as_dropped(tmp_path):
+    """Delivered rows whose deletion failed neither count as undelivered nor push the spool over its bounds: once
+    space is back, the next alert deletes them first instead of dropping the oldest as if undelivered."""
+    from drywallqa.edge.spool import Spool
+
+    with small_disk(tmp_path / "disk") as disk:
+        spool = Spool(disk / "spool.sqlite", max_rows=3)
+        for i in range(3):
+            spool.put(f"e{i}", "t", b"x" * 100)
+        delivered = spool.pending()
+        filler = fill(disk)
+        for item in delivered:
+            spool.ack(item.seq)  # before: raised SQLITE_FULL and left the row undelivered
+        assert spool.count() == 0 and spool.pending() == [] and spool.ack_error
+        filler.unlink()
+        spool.put("e3", "t", b"y")
+        assert spool.dropped() == 0 and [it.event_id for it in spool.pending()] == ["e3"] and not spool.ack_error
+        spool.close()

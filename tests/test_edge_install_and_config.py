@@ -131,7 +131,7 @@ def test_install_service_quotes_paths_with_spaces(tmp_path):
     root = tmp_path / "root"
     assert install_service(prefix=root, exec_path=str(program), config=Path("/etc/dry wall/edge.yaml")) == 0
     exec_line = next(ln for ln in _unit(root).splitlines() if ln.startswith("ExecStart="))
-    assert exec_line == f'ExecStart="{program}" edge run --config "/etc/dry wall/edge.yaml"'
+    assert exec_line == f'ExecStart="{program}" edge run --config "/etc/dry wall/edge.yaml" --wait-for-spool'
     assert (root / "etc/dry wall/edge.yaml").is_file()
 
 
@@ -143,7 +143,7 @@ def test_unit_command_escapes_what_systemd_would_expand():
     assert unit_command(exec_argv('"/opt/dry wall/bin/python3"')) == '"/opt/dry wall/bin/python3" -m drywallqa.edge run'
     assert unit_command(exec_argv("/opt/dq/bin/drywallqa edge run")) == "/opt/dq/bin/drywallqa edge run"
     unit = render_unit(unit_command(exec_argv("/opt/dq/bin/drywallqa")), Path("/etc/dq/%n.yaml"), "drywallqa")
-    assert "ExecStart=/opt/dq/bin/drywallqa edge run --config /etc/dq/%%n.yaml\n" in unit
+    assert "ExecStart=/opt/dq/bin/drywallqa edge run --config /etc/dq/%%n.yaml --wait-for-spool\n" in unit
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
@@ -314,7 +314,7 @@ def test_a_second_camera_gets_its_own_unit_config_device_id_state_and_environmen
     first = _unit(tmp_path)
     unit = (tmp_path / "etc/systemd/system/drywallqa-edge-rear.service").read_text()
     lines = unit.splitlines()
-    assert "ExecStart=/opt/dq/bin/drywallqa edge run --config /etc/drywallqa/edge-rear.yaml" in lines
+    assert "ExecStart=/opt/dq/bin/drywallqa edge run --config /etc/drywallqa/edge-rear.yaml --wait-for-spool" in lines
     assert "StateDirectory=drywallqa-edge-rear" in lines and "Environment=HOME=/var/lib/drywallqa-edge-rear" in lines
     envs = [ln for ln in lines if ln.startswith("EnvironmentFile=")]
     assert envs == ["EnvironmentFile=-/etc/drywallqa/edge.env", "EnvironmentFile=-/etc/drywallqa/edge-rear.env"]

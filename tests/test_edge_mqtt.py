@@ -515,7 +515,8 @@ def test_sighup_stops_cleanly(tmp_path, mosquitto, model):
 def test_a_source_read_that_never_returns_stops_the_watchdog_until_it_does(tmp_path, mosquitto, model, monkeypatch):
     """A camera read can hang past OpenCV's and the driver's timeouts, and a thread stuck in C cannot be interrupted.
     The unit promises a restart for that (WatchdogSec): the loop stops sending WATCHDOG=1 once the reader has been
-    inside one source call too long, says why in the status, and sends it again when the call returns."""
+    inside one source call too long, says why in the status, and when the call returns sends it again and no longer
+    reports the hang."""
     import threading
 
     from drywallqa.edge import runner as runner_module
@@ -572,6 +573,8 @@ def test_a_source_read_that_never_returns_stops_the_watchdog_until_it_does(tmp_p
         released_at[0] = time.monotonic()
         release.set()
         assert wait_until(lambda: any(k > released_at[0] for k in kicks), 5, "the watchdog kicked again")
+        # the read returned: the hang is over, and the status says so (before, it reported the hang for good)
+        assert wait_until(lambda: "has not returned" not in runner.status("online").last_error, 5, "the hang cleared")
         loop.join(15)
     finally:
         release.set()

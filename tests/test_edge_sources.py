@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import http.server
+import json
+import os
+import resource
 import shutil
 import threading
 import time
@@ -91,10 +94,12 @@ def test_video_file_that_disappears_is_reopened(tmp_path):
     assert len(_drain(cap, 0.5)) > 0
     video.unlink()
     assert wait_until(lambda: (cap.get(0.05), cap.stats.state)[1] == "reconnecting", 10)
-    shutil.copy(backup, video)
+    assert "video file" in cap.stats.last_error
+    shutil.copy(backup, video)  # a copy may be caught half written: not openable yet, but new, so it is retried
     assert wait_until(lambda: cap.get(0.1) is not None and cap.stats.state == "open", 10)
     cap.stop()
-    assert cap.stats.reopens >= 1 and "reconnecting" in states and "video file" in cap.stats.last_error
+    assert cap.stats.reopens >= 1 and "reconnecting" in states
+    assert cap.stats.last_error == "", cap.stats  # frames flow again: before, the old error stayed for good
 
 
 def _zero_a_frame(video: Path, index: int) -> None:
@@ -356,3 +361,197 @@ def test_missing_video_file_is_refused_at_start(tmp_path):
     check_source_exists(str(make_video(tmp_path / "v.avi", 2)))  # these may appear later, so they pass:
     for uri in ("demo", "0", "/dev/video9", "rtsp://cam/stream", str(tmp_path / "nofolder" / "*.jpg")):
         check_source_exists(uri)
+
+
+# -- a source's error once it has recovered ---------------------------------------------------------------------
+
+
+def test_status_stops_reporting_a_source_error_once_frames_flow_again(tmp_path):
+    """A camera that was down and came back: before, `status.last_error` kept saying why it had been down, for as
+    long as the device ran. A still-current error keeps its place: while the source is down, its error comes before
+    a rejected command."""
+    from _edge_helpers import write_config
+
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import load_settings
+
+    camera = tmp_path / "camera"
+    uri = str(camera / "*.png")
+    cfg = write_config(tmp_path / "edge.yaml", uri=uri, model=tmp_path / "m.onnx", port=1, spool=tmp_path / "s.db")
+    runner = EdgeRunner(load_settings(cfg))
+    runner.capture = Capture(make_source(uri), realtime=False, reconnect_min_s=0.05, reconnect_max_s=0.1).start()
+    try:
+        assert wait_until(lambda: runner.capture.stats.state == "reconnecting", 5, "the source down")
+        runner.last_error = "set_prompts rejected: unknown prompt 'x'"
+        assert "no images found" in runner.status("online").last_error  # what is wrong now comes first
+        (tmp_path / "new").mkdir()
+        for i in range(3):
+            cv2.imwrite(str(tmp_path / "new" / f"{i}.png"), np.full((16, 16, 3), 50 * i, np.uint8))
+        (tmp_path / "new").rename(camera)  # all at once: a glob read once is listed when it opens
+        assert len(_drain(runner.capture, 10)) == 3
+        assert runner.status("online").last_error == "set_prompts rejected: unknown prompt 'x'"
+        runner.last_error = ""
+        assert runner.status("online").last_error == "", runner.capture.stats
+    finally:
+        runner.capture.stop()
+
+
+# -- a video file that cannot be opened -------------------------------------------------------------------------
+
+
+def _age(path: Path, seconds: float = 600.0) -> Path:
+    """Date a file's modification `seconds` back: written long ago, not being copied in now."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+    return path
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_a_video_file_that_cannot_be_opened_ends_the_source_naming_it(tmp_path, loop):
+    """Before, a file that is not a video (or is empty) was reopened for ever, `reconnecting`, with a warning at
+    each try. It ends now, with the file and the reason in last_error; with `loop: true` too (a loop restarts a file
+    at its end; it does not wait for a broken file to be mended)."""
+    notes = tmp_path / "walls.mp4"
+    notes.write_text("meeting notes, not a video\n" * 50)
+    _age(notes)  # not being copied in: a new file is retried for a few seconds (the next test)
+    cap = Capture(make_source(str(notes)), realtime=False, loop=loop, reconnect_min_s=0.05,
+                  reconnect_max_s=0.1).start()
+    assert wait_until(lambda: cap.finished, 5, "the source ended"), cap.stats
+    cap.stop()
+    assert cap.stats.state == "ended" and cap.stats.reopens == 0 and cap.get(0.1) is None, cap.stats
+    assert str(notes) in cap.stats.last_error and "no video decoder recognises it" in cap.stats.last_error
+
+
+def test_a_video_file_still_being_written_is_retried_until_it_settles(tmp_path):
+    """A file that cannot be opened but changed in the last seconds may still be being copied in: retried, and once
+    it has not changed for a while (here: dated back), it ends the source."""
+    empty = tmp_path / "walls.avi"
+    empty.write_bytes(b"")
+    cap = Capture(make_source(str(empty)), realtime=False, reconnect_min_s=0.05, reconnect_max_s=0.1).start()
+    try:
+        assert wait_until(lambda: cap.stats.state == "reconnecting", 5, "retried while new")
+        assert "the file is empty" in cap.stats.last_error and "still be being written" in cap.stats.last_error
+        _age(empty)
+        assert wait_until(lambda: cap.finished, 5, "the source ended once the file settled"), cap.stats
+        assert cap.stats.last_error == f"cannot read video file {str(empty)!r}: the file is empty"
+    finally:
+        cap.stop()
+
+
+def test_a_video_file_that_cannot_be_opened_is_refused_at_start(tmp_path):
+    from drywallqa.edge.sources import SourceError
+
+    notes = tmp_path / "walls.mp4"
+    notes.write_text("not a video")
+    _age(notes)
+    with pytest.raises(SourceError, match=r"source.uri: cannot read video file .*walls.mp4.*no video decoder"):
+        check_source_exists(str(notes))
+
+
+# -- a watched folder ---------------------------------------------------------------------------------------------
+
+
+def _photo(path: Path, value: int, age_s: float | None = None) -> Path:
+    cv2.imwrite(str(path), np.full((24, 32, 3), value, np.uint8))
+    return _age(path, age_s) if age_s is not None else path
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_a_watched_folder_hands_out_each_new_image_once_in_order(tmp_path):
+    """An inspector's tablet syncs photos into a folder: before, the folder was listed once at the start and the
+    source ended, so photos that came later were never seen. Watched, it never ends: every image, old and new, once,
+    by modification time then name; one still being written waits until it has stopped changing; hidden files (a
+    sync tool's partial downloads) are left alone; waiting for more costs no CPU."""
+    from drywallqa.edge.sources import WatchedFolderSource
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    _photo(folder / "b.png", 10, age_s=300)  # older than a.png: first
+    _photo(folder / "a.png", 20, age_s=200)
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
+    states: list[str] = []
+    cap = Capture(WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5), realtime=False,
+                  on_state=states.append).start()
+    try:
+        got = [int(f.image[0, 0, 0]) for f in _drain(cap, 2)]
+        assert got == [10, 20] and cap.stats.state == "waiting" and not cap.finished, (got, cap.stats)
+        cpu = _cpu_seconds()
+        time.sleep(1.0)
+        assert _cpu_seconds() - cpu < 0.3 and cap.get(0.1) is None  # idle: polls, does not spin
+
+        data = cv2.imencode(".png", np.full((24, 32, 3), 30, np.uint8))[1].tobytes()
+        with open(folder / "c.png", "wb") as f:  # a slow copy: 1 s of writing, each part sooner than settle_s
+            for part in range(10):
+                f.write(data[part * len(data) // 10:(part + 1) * len(data) // 10])
+                f.flush()
+                assert cap.get(0.1) is None, "an image was read while it was being written"
+        _photo(folder / "d.png", 40)
+        got = [int(f.image[0, 0, 0]) for f in _drain(cap, 3)]
+        assert got == [30, 40], got
+        assert cap.get(1.0) is None and cap.stats.corrupt == 0 and cap.stats.reopens == 0, cap.stats
+        assert states.count("waiting") >= 2 and "ended" not in states
+    finally:
+        cap.stop()
+
+
+def test_a_watched_folder_reopened_after_an_error_does_not_replay(tmp_path):
+    """The folder of a network share or SD card that goes away and comes back: reconnected, and what was handed
+    out before is not handed out again."""
+    from drywallqa.edge.sources import NoNewFrame, SourceError, WatchedFolderSource
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    for i in range(2):
+        _photo(folder / f"p{i}.png", 10 * i, age_s=100 - i)
+    src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5)
+    src.open()
+    assert [int(src.read()[0, 0, 0]) for _ in range(2)] == [0, 10]
+    with pytest.raises(NoNewFrame):
+        src.read()
+    moved = folder.rename(tmp_path / "away")
+    src.close()
+    with pytest.raises(SourceError, match="folder not found"):
+        src.open()
+    moved.rename(folder)
+    _photo(folder / "p2.png", 20, age_s=1)
+    src.open()
+    assert int(src.read()[0, 0, 0]) == 20
+    with pytest.raises(NoNewFrame):
+        src.read()
+
+
+@pytest.mark.slow
+def test_edge_run_watch_processes_photos_that_arrive_until_max_frames(tmp_path):
+    """`edge run --source FOLDER --watch --max-frames N`: photos dropped into the folder while it runs are processed,
+    and the run ends after N of them (without --watch it would have ended after the photo there at the start)."""
+    import subprocess
+
+    from _edge_helpers import clean_env, edge_cmd, write_config
+    from _mqtt_fixtures import free_port
+
+    lite = Path(__file__).resolve().parents[1] / "models" / "exported" / "lite_effnet_lite0.onnx"
+    if not lite.is_file():
+        pytest.skip(f"{lite} is not exported")
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    _photo(folder / "first.png", 60, age_s=60)
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(folder), model=lite, port=free_port(),
+                       spool=tmp_path / "spool.sqlite", rules=[])
+    stats = tmp_path / "stats.json"
+    proc = subprocess.Popen(edge_cmd(cfg, "--watch", "--max-frames", "3", "--stats-json", str(stats)),
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3.0)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]  # still watching after the first photo
+        for i in range(2):
+            _photo(folder / f"later{i}.png", 90 + i)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(stats.read_text())["frames_processed"] == 3, err[-3000:]
