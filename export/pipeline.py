@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from drywallqa.export.metadata import build_metadata
@@ -16,6 +20,12 @@ TARGETS = ("onnx", "openvino", "jetson", "all")
 
 
 INTERMEDIATE_DIR = "intermediate"  # inside the staging folder: files a target is made from, not shipped
+STAGING_PREFIX = ".export-"
+# A staging folder is named .export-<host>-<pid>-<process start>-<random>: the export that made it can be told
+# alive or dead by the next export on the same machine, a pid reused by another program included.
+_OWNED_STAGING = re.compile(r"^\.export-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-")
+NOT_RUNNING, START_UNKNOWN = -1, 0  # what _process_start says instead of a start time
+UNOWNED_STALE_AFTER_S = 24 * 3600  # a staging folder of an older DrywallQA (no owner in its name) is left this long
 
 
 def run_export(
@@ -30,12 +40,15 @@ def run_export(
 
     Every file is first written to a staging folder inside `out_dir` and moved into place (a rename each) only
     once all of them are made: an export that fails or is interrupted (Ctrl-C during INT8 calibration, a full
-    disk) leaves the files already in `out_dir` as they were, not a half-written model or a mixed set."""
+    disk) leaves the files already in `out_dir` as they were, not a half-written model or a mixed set. An export
+    killed outright (SIGKILL, the OOM killer, a power cut) cannot remove its staging folder: the next export into
+    `out_dir` does."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    remove_stale_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_owner_tag(os.getpid())}-", dir=out_dir))
     try:
         made = _export_into(weights, target, staging, size, dynamic_batch, calib)
         for path in sorted(staging.iterdir(), key=lambda p: p.suffix == ".xml"):  # an IR's .bin before its .xml
@@ -44,6 +57,57 @@ def run_export(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {name: out_dir / path.name for name, path in made.items()}
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove the staging folders in `out_dir` left by exports that died without their clean-up (SIGKILL, the OOM
+    killer, a power cut); returns them. The folder of an export still running, in this process or another, or on
+    another machine sharing `out_dir`, is kept."""
+    removed = []
+    for folder in sorted(out_dir.glob(f"{STAGING_PREFIX}*")):
+        if folder.is_dir() and not folder.is_symlink() and _is_stale(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                log.info("removed %s, the staging folder of an export that did not finish", folder)
+                removed.append(folder)
+    return removed
+
+
+def _is_stale(folder: Path) -> bool:
+    owner = _OWNED_STAGING.match(folder.name)
+    if owner is None:  # named by an older DrywallQA: its owner is unknown, so only its age tells
+        return time.time() - folder.stat().st_mtime > UNOWNED_STALE_AFTER_S
+    if owner["host"] != _host_tag():
+        return False  # another machine's export: its processes cannot be seen from here
+    start = _process_start(int(owner["pid"]))
+    return start != START_UNKNOWN and str(start) != owner["start"]  # dead, or its pid now another program's
+
+
+def _owner_tag(pid: int) -> str:
+    return f"{_host_tag()}-{pid}-{_process_start(pid)}"
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _process_start(pid: int) -> int:
+    """When `pid` started, in clock ticks since boot (Linux /proc): with the pid, it names one process, whereas a
+    pid alone is reused. NOT_RUNNING for no such process (or a zombie: killed, not yet reaped); START_UNKNOWN for a
+    live process whose start cannot be read (no /proc, or another user's process hidden by hidepid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return NOT_RUNNING
+    except PermissionError:
+        pass  # another user's process: alive
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()  # the name before may hold spaces
+    except OSError:
+        return START_UNKNOWN
+    if fields[0] == "Z":
+        return NOT_RUNNING
+    return int(fields[19])  # field 22 of proc(5)
 
 
 def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[int, int] | None, dynamic_batch: bool,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -196,3 +198,53 @@ def test_eval_refuses_a_model_of_other_classes_instead_of_a_report_of_nothing(tm
     assert code == 2
     _one_clear_line(capsys.readouterr().err, "other.onnx", "['fissure', 'joint']", "crack, taping")
     assert not list((tmp_path / "rep").glob("eval.*"))
+
+
+# ------------------------------------------------------------------ weights files (safetensors checkpoints)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    from drywallqa.export.random_weights import write_random_weights
+
+    return write_random_weights(tmp_path_factory.mktemp("w") / "w.safetensors", "effnet_lite0_fpn", (64, 64))
+
+
+def _with_header(src: Path, dst: Path, edit) -> Path:
+    """A copy of the checkpoint `src` whose header (all strings) is `edit`ed; tensors as they were."""
+    from drywallqa.train.checkpoint import read_raw
+    from drywallqa.train.safetensors_io import write_safetensors
+
+    header, tensors = read_raw(src)
+    edit(header)
+    return write_safetensors(tensors, dst, metadata=header)
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda h: h.pop("profile"), "profile: missing"),
+    (lambda h: [h.pop("profile"), h.pop("text_encoder")], "profile: missing; text_encoder: missing"),
+    (lambda h: h.update(thresholds="{crack: 0.5"), "thresholds: Invalid JSON"),
+    (lambda h: h.update(input_size="[0, 64]"), "input_size.0: Input should be greater than 0"),
+    (lambda h: h.update(mask_shapes='{"taping": "hull"}'), "mask_shapes.taping: Input should be 'pixels' or 'boxes'"),
+])
+def test_a_weights_header_without_a_required_field_is_one_line_naming_it(edit, named, weights, tmp_path, capsys):
+    """Before: a header lacking `profile` (a file from an older tool) was 'its tensors do not make that model:
+    KeyError: 'profile'', a malformed JSON field a JSONDecodeError said to be the tensors' fault."""
+    foreign = _with_header(weights, tmp_path / "older.safetensors", edit)
+    out = tmp_path / "exported"
+    code = main(["export", "--weights", str(foreign), "--target", "onnx", "--out", str(out)])
+    assert code == 2
+    _one_clear_line(capsys.readouterr().err, "older.safetensors: weights header is invalid: ", named)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_average_weights_names_the_file_whose_header_lacks_a_field(weights, tmp_path):
+    """Before: a bare KeyError traceback from `python -m drywallqa.train.average_weights`."""
+    older = _with_header(weights, tmp_path / "older.safetensors", lambda h: h.pop("profile"))
+    out = tmp_path / "soup.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "drywallqa.train.average_weights", str(weights), str(older),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{older}: weights header is invalid: profile: missing" in proc.stderr
+    assert not out.exists()

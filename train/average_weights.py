@@ -12,9 +12,10 @@ with a recipe that names both parents and the weight.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from drywallqa.train.checkpoint import CheckpointInfo, read_raw
+from drywallqa.train.checkpoint import read_checkpoint
 from drywallqa.train.safetensors_io import write_safetensors
 
 FROZEN_TENSORS = ("prompt_embeddings", "prompt_class")  # buffers that carry the contract, identical in both parents
@@ -25,9 +26,8 @@ def average_weights(path_a: str | Path, path_b: str | Path, out: str | Path, wei
     """out = weight_a * A + (1 - weight_a) * B for every float tensor, in A's dtype; other tensors from A."""
     if not 0.0 <= weight_a <= 1.0:
         raise ValueError(f"--weight-a must lie in [0, 1], got {weight_a}")
-    header_a, tensors_a = read_raw(path_a)
-    header_b, tensors_b = read_raw(path_b)
-    info_a, info_b = CheckpointInfo.from_header(header_a), CheckpointInfo.from_header(header_b)
+    info_a, tensors_a = read_checkpoint(path_a)
+    info_b, tensors_b = read_checkpoint(path_b)
     for field in ("architecture", "classes", "prompts", "prompt_class"):
         if getattr(info_a, field) != getattr(info_b, field):
             raise ValueError(f"cannot average {path_a} and {path_b}: their {field} differ")
@@ -57,18 +57,25 @@ def average_weights(path_a: str | Path, path_b: str | Path, out: str | Path, wei
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 2 with one line (no traceback) for a missing, foreign or mismatched checkpoint."""
+    ap = argparse.ArgumentParser(prog="python -m drywallqa.train.average_weights",
+                                 description=__doc__.split("\n", 1)[0])
     ap.add_argument("a", help="first checkpoint (its header, decision rule included, is kept)")
     ap.add_argument("b", help="second checkpoint, trained on from the first")
     ap.add_argument("--weight-a", type=float, default=0.5, help="share of A in the average (default 0.5)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--note-a", default="", help="what A is, for the recipe (default: its path)")
     ap.add_argument("--note-b", default="", help="what B is, for the recipe (default: its path)")
-    args = ap.parse_args()
-    out = average_weights(args.a, args.b, args.out, args.weight_a, args.note_a, args.note_b)
+    args = ap.parse_args(argv)
+    try:
+        out = average_weights(args.a, args.b, args.out, args.weight_a, args.note_a, args.note_b)
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError; OSError: missing file, unwritable --out
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,10 +11,39 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import BaseModel, Field, Json, PositiveInt, ValidationError
+
+from drywallqa.contract import MaskShape, validation_summary
 from drywallqa.edge.mask_shapes import MASK_SHAPES
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
 from drywallqa.train.safetensors_io import write_safetensors
+
+
+class CheckpointError(ValueError):
+    """A weights file that is not a readable DrywallQA checkpoint; the message names the file."""
+
+
+Threshold = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _StoredHeader(BaseModel):
+    """The header as stored (every value a string, the structured ones JSON), checked field by field before use,
+    so a file from elsewhere or an older tool is refused with the field named, not a bare KeyError."""
+
+    architecture: str
+    profile: str
+    classes: Json[list[str]]
+    prompts: Json[list[str]]
+    prompt_class: Json[list[int]]
+    text_encoder: str
+    thresholds: Json[dict[str, Threshold]]
+    input_size: Json[tuple[PositiveInt, PositiveInt]] = (512, 512)
+    data_fingerprint: str = ""
+    version: str = "0.1.0"
+    recipe: Json[dict] = Field(default_factory=dict)
+    mask_shapes: Json[dict[str, MaskShape]] = Field(default_factory=dict)
 
 
 @dataclass
@@ -49,21 +78,14 @@ class CheckpointInfo:
         }
 
     @classmethod
-    def from_header(cls, header: dict[str, str]) -> CheckpointInfo:
-        return cls(
-            architecture=header["architecture"],
-            profile=header["profile"],
-            classes=json.loads(header["classes"]),
-            prompts=json.loads(header["prompts"]),
-            prompt_class=json.loads(header["prompt_class"]),
-            text_encoder=header["text_encoder"],
-            thresholds={k: float(v) for k, v in json.loads(header["thresholds"]).items()},
-            input_size=tuple(json.loads(header.get("input_size", "[512, 512]"))),
-            data_fingerprint=header.get("data_fingerprint", ""),
-            version=header.get("version", "0.1.0"),
-            recipe=json.loads(header.get("recipe", "{}")),
-            mask_shapes=json.loads(header.get("mask_shapes", "{}")),
-        )
+    def from_header(cls, header: dict[str, str], source: str = "weights file") -> CheckpointInfo:
+        """CheckpointError (one line: `source`, then every missing or malformed field) for a header that does not
+        hold every required field in its stored form."""
+        try:
+            stored = _StoredHeader.model_validate(header)
+        except ValidationError as exc:
+            raise CheckpointError(f"{source}: weights header is invalid: {validation_summary(exc)}") from exc
+        return cls(**{**stored.model_dump(), "input_size": tuple(stored.input_size)})
 
 
 def save_weights(model: Segmenter, info: CheckpointInfo, path: str | Path, fp16: bool = True) -> Path:
@@ -80,27 +102,29 @@ def save_weights(model: Segmenter, info: CheckpointInfo, path: str | Path, fp16:
     return path
 
 
-class CheckpointError(ValueError):
-    """A weights file that is not a readable DrywallQA checkpoint; the message names the file."""
-
-
-def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[Segmenter, CheckpointInfo]:
-    """Rebuild the model from a shipped file; returns it in eval mode, fp32."""
+def read_checkpoint(path: str | Path, device: str = "cpu") -> tuple[CheckpointInfo, dict]:
+    """A weights file's checked header and its tensors as stored (dtype kept). A missing file is a
+    FileNotFoundError; anything else wrong with it a one-line CheckpointError naming the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no weights at {path}")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a weights file (a folder?)")
     try:
-        header, stored = read_raw(path, map_location)
+        header, stored = read_raw(path, device)
     except Exception as exc:  # safetensors' own error types: truncated, not safetensors at all
         raise CheckpointError(f"{path}: cannot read it as a safetensors weights file: {exc}") from exc
-    missing = [k for k in ("architecture", "classes", "prompts", "prompt_class") if k not in header]
-    if missing:
-        raise CheckpointError(f"{path}: not a DrywallQA checkpoint, header lacks {missing}")
+    if not header.keys() & _StoredHeader.model_fields.keys():
+        raise CheckpointError(f"{path}: not a DrywallQA checkpoint, its header has none of the DrywallQA fields "
+                              f"({', '.join(_StoredHeader.model_fields)})")
+    return CheckpointInfo.from_header(header, str(path)), stored
+
+
+def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[Segmenter, CheckpointInfo]:
+    """Rebuild the model from a shipped file; returns it in eval mode, fp32."""
+    info, stored = read_checkpoint(path, map_location)
     try:
         state = {k: t.float() if t.is_floating_point() else t for k, t in stored.items()}
-        info = CheckpointInfo.from_header(header)
         model = build_segmenter(info.architecture, state["prompt_embeddings"], state["prompt_class"],
                                 len(info.classes))
         model.load_state_dict(state)
@@ -122,8 +146,7 @@ def read_raw(path: str | Path, device: str = "cpu") -> tuple[dict[str, str], dic
 def set_thresholds(path: str | Path, thresholds: dict[str, float], mask_shapes: dict[str, str] | None = None) -> None:
     """Rewrite a shipped file's decision rule (thresholds and mask shapes, tuned on validation) in place;
     tensors are untouched."""
-    header, tensors = read_raw(path)
-    info = CheckpointInfo.from_header(header)
+    info, tensors = read_checkpoint(path)
     shapes = mask_shapes or {}
     unknown = (set(thresholds) | set(shapes)) - set(info.classes)
     if unknown:
