@@ -79,10 +79,12 @@ def bearer_token(authorization: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class Session:
-    """What a valid cookie says: its random id and when it expires (unix time)."""
+    """What a valid cookie says: its random id, when it expires (unix time) and which signing key signed it (the
+    count of keys replaced before it)."""
 
     session_id: str
     expires: float
+    key_generation: int = 0
 
 
 class TokenAuth:
@@ -104,6 +106,7 @@ class TokenAuth:
         self.clock = clock
         self.max_revoked = max_revoked
         self._key = secrets.token_bytes(32)
+        self._key_generation = 0  # keys replaced so far: a session signed with an older one is void
         self._revoked: dict[str, float] = {}  # session id -> when its cookie expires
         self._lock = threading.Lock()
 
@@ -131,6 +134,7 @@ class TokenAuth:
         """The session of a cookie this process signed that has not expired (revoked or not), else None."""
         if not self.enabled:
             return None
+        generation = self._key_generation  # read before the check: a key replaced meanwhile voids the session
         parts = value.split(".")
         if len(parts) != 3:
             return None
@@ -144,14 +148,24 @@ class TokenAuth:
         age = self.clock() - int(issued)
         if not -CLOCK_SKEW_S <= age < self.session_s:
             return None
-        return Session(session_id, expires=int(issued) + self.session_s)
+        return Session(session_id, expires=int(issued) + self.session_s, key_generation=generation)
 
     def session_valid(self, value: str) -> bool:
+        return self.session(value) is not None
+
+    def session(self, value: str) -> Session | None:
+        """The session of cookie `value` if it is valid now (signed by the current key, not expired, not signed
+        out), else None."""
         session = self._session(value)
-        if session is None:
+        return session if session is not None and self.still_valid(session) else None
+
+    def still_valid(self, session: Session) -> bool:
+        """Whether a session found valid earlier still is: not expired since, not signed out, and its key not
+        replaced. Cheap (no signature check), for a long request such as the event stream to ask often."""
+        if not self.clock() < session.expires:
             return False
         with self._lock:
-            return session.session_id not in self._revoked
+            return session.key_generation == self._key_generation and session.session_id not in self._revoked
 
     def revoke(self, value: str) -> bool:
         """Sign out the session of cookie `value` on the server, so that a copy of it is refused too. False when
@@ -182,6 +196,7 @@ class TokenAuth:
             "signed-out cookies bounded", len(self._revoked), self.session_s / 3600,
         )
         self._key = secrets.token_bytes(32)
+        self._key_generation += 1
         self._revoked.clear()
 
 
@@ -212,13 +227,23 @@ def _ip(text: str) -> IPAddress | None:
 
 
 def trusted_proxy_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """The --trusted-proxy values as networks: an address (a /32 or /128) or a network like 10.0.0.0/8."""
+    """The --trusted-proxy values as networks: an address (a /32 or /128) or a network like 10.0.0.1/30. A
+    network wider than one address is logged as a warning: a client inside it is believed about its own
+    X-Forwarded-For, which is rarely meant."""
     networks = []
     for value in values:
         try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+            network = ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
             raise AuthConfigError(f"--trusted-proxy {value!r} is not an IP address or network") from None
+        if network.num_addresses > 1:
+            log.warning(
+                "--trusted-proxy %s trusts %d addresses: any client among them is a 'proxy' whose own "
+                "X-Forwarded-For entries are believed, so it can pose as ever new addresses and escape the limit "
+                "on wrong tokens; list only the proxies' exact addresses, never a network that clients are in",
+                network, network.num_addresses,
+            )
+        networks.append(network)
     return tuple(networks)
 
 

@@ -63,9 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="ADDR",
-        help="a reverse proxy's address or network (repeatable): for requests from it, the sign-in limit on wrong "
-        "tokens counts the right-most address in X-Forwarded-For that is not a trusted proxy; the header is "
-        "ignored from anyone else, and everywhere without this option",
+        help="a reverse proxy's exact address (repeatable, one per proxy): for requests from it, the sign-in limit "
+        "on wrong tokens counts the right-most address in X-Forwarded-For that is not a trusted proxy; the header "
+        "is ignored from anyone else, and everywhere without this option. Never name a network that clients sit "
+        "in (e.g. 10.0.0.0/8): each of them could then forge the header and dodge the limit (a network wider "
+        "than one address is logged as a warning)",
     )
     p.add_argument(
         "--store", type=Path, default=None, help=f"SQLite file for alerts and acks [{default_store_path()}]"

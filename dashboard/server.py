@@ -428,6 +428,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return self._send(200, b"", "text/event-stream")
         app = self.app
+        signed_in = self._still_signed_in()
+        if not signed_in():  # signed out or expired since the check a moment ago
+            return self._json({"error": "authentication required"}, 401)
         sub = app.state.subscribe()
         try:
             self.send_response(200)
@@ -436,23 +439,44 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
             self.end_headers()
             self._sse("state", app.full_state(), retry_ms=2000)
+            # The stream lives as long as its session: checked at every heartbeat and before every event, it ends
+            # at sign-out, expiry or a new key, even for a copy of the cookie (the browser then finds /api/state
+            # refused and goes to the sign-in page).
             while not app.stopping.is_set():
                 if sub.needs_resync:
+                    if not signed_in():
+                        break
                     sub.needs_resync = False
                     self._sse("state", app.full_state())
                 try:
                     name, data = sub.get(timeout=app.config.heartbeat_s)
                 except queue.Empty:
+                    if not signed_in():
+                        break
                     self.wfile.write(b": ping\n\n")
                     self.wfile.flush()
                     continue
-                if name == "_close":
+                if name == "_close" or not signed_in():
                     break
                 self._sse(name, data)
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # the browser went away
         finally:
             app.state.unsubscribe(sub)
+
+    def _still_signed_in(self) -> Callable[[], bool]:
+        """A cheap re-check of what authorized this request (its bearer token or the session of its cookie), for
+        a long request to ask again as it goes on."""
+        auth = self.app.auth
+        if not auth.enabled:
+            return lambda: True
+        token = bearer_token(self.headers.get("Authorization"))
+        if token is not None:
+            return lambda: auth.check_token(token)  # no throttle: the token was counted when the stream opened
+        session = auth.session(self._cookies().get(COOKIE_NAME, ""))
+        if session is None:
+            return lambda: False
+        return lambda: auth.still_valid(session)
 
     def _sse(self, name: str, data: dict, retry_ms: int | None = None) -> None:
         msg = f"event: {name}\ndata: {json.dumps(data)}\n\n"

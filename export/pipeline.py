@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +23,9 @@ TARGETS = ("onnx", "openvino", "jetson", "all")
 INTERMEDIATE_DIR = "intermediate"  # inside the staging folder: files a target is made from, not shipped
 STAGING_PREFIX = ".export-"
 # A staging folder is named .export-<host>-<pid>-<process start>-<random>: the export that made it can be told
-# alive or dead by the next export on the same machine, a pid reused by another program included.
+# alive or dead by the next export on the same machine, a pid reused by another program included. <host> stands
+# for the host name and the PID namespace together: a container on the host network shares the name but not the
+# pids, and its exports count as another machine's.
 _OWNED_STAGING = re.compile(r"^\.export-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-")
 NOT_RUNNING, START_UNKNOWN = -1, 0  # what _process_start says instead of a start time
 UNOWNED_STALE_AFTER_S = 24 * 3600  # a staging folder of an older DrywallQA (no owner in its name) is left this long
@@ -75,20 +78,35 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
 
 def _is_stale(folder: Path) -> bool:
     owner = _OWNED_STAGING.match(folder.name)
-    if owner is None:  # named by an older DrywallQA: its owner is unknown, so only its age tells
+    # Named by an older DrywallQA (no owner), or on this host by an export that could not tell its PID namespace:
+    # its pid may be any container's here, so only the folder's age tells.
+    if owner is None or owner["host"] == _host_tag(None):
         return time.time() - folder.stat().st_mtime > UNOWNED_STALE_AFTER_S
-    if owner["host"] != _host_tag():
-        return False  # another machine's export: its processes cannot be seen from here
+    namespace = _pid_namespace()
+    if namespace is None or owner["host"] != _host_tag(namespace):
+        return False  # another machine's (or container's) export: its processes cannot be seen from here
     start = _process_start(int(owner["pid"]))
     return start != START_UNKNOWN and str(start) != owner["start"]  # dead, or its pid now another program's
 
 
 def _owner_tag(pid: int) -> str:
-    return f"{_host_tag()}-{pid}-{_process_start(pid)}"
+    return f"{_host_tag(_pid_namespace())}-{pid}-{_process_start(pid)}"
 
 
-def _host_tag() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+def _host_tag(pid_namespace: str | None) -> str:
+    """Eight hex digits for this host name and `pid_namespace` (see _pid_namespace; None: unknown)."""
+    return hashlib.sha256(f"{socket.gethostname()}|pid-ns:{pid_namespace}".encode()).hexdigest()[:8]
+
+
+def _pid_namespace() -> str | None:
+    """Which PID namespace this process is in, the space its pids mean something in: the inode of
+    /proc/self/ns/pid on Linux, '-' elsewhere (no such namespaces); None when Linux does not say (no /proc)."""
+    if not sys.platform.startswith("linux"):
+        return "-"
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return None
 
 
 def _process_start(pid: int) -> int:

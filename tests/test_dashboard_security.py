@@ -13,8 +13,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -368,6 +369,92 @@ def test_a_restart_signs_everyone_out(tmp_path: Path) -> None:
         assert http_get(app, "/api/state", {"Cookie": _cookie_of(_sign_in(app)[1])})[0] == 200
 
 
+class _EventStream:
+    """A live /events request on a raw socket: the bytes received so far, and whether the server has closed it."""
+
+    def __init__(self, app: DashboardApp, headers: dict[str, str]) -> None:
+        self.sock = socket.create_connection(app.address, timeout=0.1)
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self.sock.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode())
+        self.received, self.closed = b"", False
+        assert self.read_until(lambda got: b"event: state" in got), self.received[:300]
+        assert self.received.split(b"\r\n")[0].split()[1] == b"200", self.received[:300]
+
+    def read_until(self, done: Callable[[bytes], bool], timeout: float = 5.0) -> bool:
+        """Read until `done(received)`, the end of the stream or `timeout` seconds; whether `done` came true."""
+        deadline = time.monotonic() + timeout
+        while not done(self.received) and not self.closed and time.monotonic() < deadline:
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            self.closed = not chunk
+            self.received += chunk
+        return done(self.received)
+
+    def ends(self, timeout: float = 5.0) -> bool:
+        """Whether the server closes the stream within `timeout` seconds."""
+        self.read_until(lambda _: False, timeout)
+        return self.closed
+
+    def gets(self, text: bytes) -> bool:
+        return self.read_until(lambda got: text in got) and not self.closed
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def _event_streams(app: DashboardApp, *headers: dict[str, str]) -> Iterator[list[_EventStream]]:
+    streams: list[_EventStream] = []
+    try:
+        for h in headers:
+            streams.append(_EventStream(app, h))
+        yield streams
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_an_open_event_stream_ends_when_its_session_is_signed_out(tmp_path: Path) -> None:
+    """Before: the session was checked only when /events connected, so a stream opened with a copy of the cookie
+    (another tab's, a stolen one) kept getting the live state and alerts after sign-out, and after the key was
+    replaced (too many sign-outs). Now the session is checked again before each event (and heartbeat): the
+    stream closes instead; other sessions' streams go on. The heartbeat is an hour here, so only the events
+    can have ended the streams."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock, heartbeat_s=3600.0) as app:
+        mine, other = _cookie_of(_sign_in(app)[1]), _cookie_of(_sign_in(app)[1])
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        with _event_streams(app, {"Cookie": mine}, {"Cookie": other}, bearer) as (stolen, others, script):
+            assert http_get(app, "/logout", {"Cookie": mine})[0] == 303
+            assert http_get(app, "/api/state", {"Cookie": mine})[0] == 401
+            app.state.publish("alert", {"secret": "published after sign-out"})
+            assert stolen.ends() and b"published after sign-out" not in stolen.received, stolen.received[-500:]
+            assert others.gets(b"published after sign-out") and script.gets(b"published after sign-out")
+            # Sign-outs beyond the list's size replace the key: every session ends, and so does its stream.
+            app.auth.max_revoked = 1
+            assert http_get(app, "/logout", {"Cookie": _cookie_of(_sign_in(app)[1])})[0] == 303
+            app.state.publish("alert", {"secret": "after the new key"})
+            assert others.ends() and b"after the new key" not in others.received, others.received[-500:]
+            assert script.gets(b"after the new key")  # a bearer token is no session: its stream goes on
+        assert http_get(app, "/events", {"Cookie": other})[0] == 401
+
+
+def test_an_open_event_stream_ends_when_its_session_expires(tmp_path: Path) -> None:
+    """Before: a stream opened before the cookie expired went on for as long as the connection held. Now it
+    closes at the first heartbeat (or event) after the expiry."""
+    clock = FakeClock()
+    with _guarded_dashboard(tmp_path, clock, session_hours=1.0, heartbeat_s=0.25) as app:
+        cookie = _cookie_of(_sign_in(app)[1])
+        with _event_streams(app, {"Cookie": cookie}) as (stream,):
+            clock.now = T0 + 3599
+            assert stream.read_until(lambda got: got.count(b": ping") >= 3)  # heartbeats while still valid
+            assert not stream.closed
+            clock.now = T0 + 3600
+            assert stream.ends(timeout=3.0), stream.received[-500:]
+
+
 def _forwarded(client: str) -> dict[str, str]:
     """A proxy's request for `client`, whose own X-Forwarded-For (a lie) the proxy kept on the left."""
     return {**FORM, "X-Forwarded-For": f"{uuid.uuid4().int % 256}.0.0.1, {client}"}
@@ -424,6 +511,21 @@ def test_forwarded_client_address_rules() -> None:
     assert forwarded_client("127.0.0.1", ["198.51.100.7, unknown"], proxies) == "127.0.0.1"  # junk: the proxy
     assert forwarded_client("127.0.0.1", ["198.51.100.7, unknown, 10.0.0.2"], proxies) == "10.0.0.2"
     assert forwarded_client("127.0.0.1", ["198.51.100.7"], ()) == "127.0.0.1"  # no trusted proxy: never trusted
+
+
+def test_a_trusted_proxy_network_wider_than_one_address_is_warned_about(tmp_path: Path, caplog) -> None:
+    """Every client inside a trusted network counts as a proxy, so its own X-Forwarded-For entries are believed
+    and it can rotate made-up addresses past the limit on wrong tokens. Before: `--trusted-proxy 10.0.0.0/8`
+    was suggested and taken silently; now such a network is named in a warning at start, exact addresses not."""
+    caplog.set_level(logging.WARNING, logger="drywallqa.dashboard")
+    exact = ["127.0.0.1", "192.0.2.7/32", "::1", "2001:db8::5/128"]
+    wide = ["10.0.0.0/8", "2001:db8:1::/64", "192.0.2.8/31"]
+    with _guarded_dashboard(tmp_path, FakeClock(), trusted_proxies=exact + wide) as app:
+        assert len(app.trusted_proxies) == 7
+        warned = [r.getMessage() for r in caplog.records if "--trusted-proxy" in r.getMessage()]
+        assert [m.split()[1] for m in warned] == wide, warned
+        assert all(r.levelno == logging.WARNING for r in caplog.records if "--trusted-proxy" in r.getMessage())
+        assert "exact addresses" in warned[0] and "16777216 addresses" in warned[0], warned[0]
 
 
 def _start_dashboard_command(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from drywallqa.cli import main
-from drywallqa.export.pipeline import STAGING_PREFIX, _host_tag, _process_start
+from drywallqa.export.pipeline import STAGING_PREFIX, _host_tag, _pid_namespace, _process_start
 from drywallqa.export.random_weights import write_random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +45,9 @@ def _export(weights: Path, out: Path) -> None:
     assert main(["export", "--weights", str(weights), "--target", "onnx", "--size", "64", "64", "--out", str(out)]) == 0
 
 
-def _start_paused_export(weights: Path, out: Path, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", PAUSE_ONCE_STAGED, "export", "--weights", str(weights), "--target", "onnx",
-           "--size", "64", "64", "--out", str(out)]
+def _start_paused_export(weights: Path, out: Path, log: Path, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
+    cmd = [*wrapper, sys.executable, "-c", PAUSE_ONCE_STAGED, "export", "--weights", str(weights), "--target",
+           "onnx", "--size", "64", "64", "--out", str(out)]
     with log.open("w") as stderr:  # a file, not a pipe nobody reads that could fill and stall the export
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
@@ -91,24 +92,66 @@ def _a_dead_pid() -> int:
 
 
 def test_staging_folders_are_judged_by_their_owner_and_age(weights, tmp_path):
-    """Folders as dead, reused-pid, other-machine and older-DrywallQA exports name them, all made for real."""
+    """Folders as dead, reused-pid, other-machine, other-namespace and older-DrywallQA exports name them, all made
+    for real."""
     out = tmp_path / "models"
-    host, me = _host_tag(), os.getpid()
+    namespace, me = _pid_namespace(), os.getpid()
+    host = _host_tag(namespace)
     other_host = format(int(host, 16) ^ 1, "08x")
+    other_namespace = _host_tag(str(int(namespace) + 1) if namespace and namespace.isdigit() else "4026531999")
+    unknown_namespace = _host_tag(None)  # an export on this host that could not read its PID namespace
     day_old = time.time() - 25 * 3600
     folders = {
         f"{STAGING_PREFIX}{host}-{_a_dead_pid()}-12345-abc": False,  # its process is gone
         f"{STAGING_PREFIX}{host}-{me}-{_process_start(me) + 1}-abc": False,  # its pid is now another process's
         f"{STAGING_PREFIX}{host}-{me}-{_process_start(me)}-abc": True,  # this process: still running
         f"{STAGING_PREFIX}{other_host}-{_a_dead_pid()}-12345-abc": True,  # another machine: cannot be told
+        # A container on the host network (same host name, own pids): its pid means nothing here.
+        f"{STAGING_PREFIX}{other_namespace}-{_a_dead_pid()}-12345-abc": True,
+        f"{STAGING_PREFIX}{other_namespace}-{me}-{_process_start(me) + 1}-abc": True,
+        f"{STAGING_PREFIX}{unknown_namespace}-{_a_dead_pid()}-12345-now": True,
+        f"{STAGING_PREFIX}{unknown_namespace}-{_a_dead_pid()}-12345-day": False,
         f"{STAGING_PREFIX}old_day": False,  # an older DrywallQA's, a day old
         f"{STAGING_PREFIX}old_now": True,  # an older DrywallQA's, maybe running
     }
     for name in folders:
         (out / name).mkdir(parents=True)
         (out / name / "w.onnx").write_bytes(b"half-made")
-    os.utime(out / f"{STAGING_PREFIX}old_day", (day_old, day_old))
+    for name in folders:
+        if name.endswith("day"):
+            os.utime(out / name, (day_old, day_old))
     _export(weights, out)
     kept = {name for name in folders if (out / name).is_dir()}
     assert kept == {name for name, keep in folders.items() if keep}
     assert (out / "w.onnx").stat().st_size > len(b"half-made")
+
+
+def _in_new_pid_namespace() -> tuple[str, ...]:
+    """A command prefix that runs a command as pid 1 of a PID namespace of its own, with its own /proc, like a
+    container on the host network (same host name); the test is skipped where that is not allowed."""
+    wrapper = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    probe = subprocess.run([*wrapper, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.strip()}")
+    return wrapper
+
+
+def test_an_export_in_another_pid_namespace_is_left_alone(weights, tmp_path):
+    """Before: an export in a container on the host network (same host name, its own pids) named its folder with
+    its pid there, 1 here; an export on the host found pid 1 to be another process (init) and deleted the running
+    export's staging folder mid-way. Now the PID namespace is part of the host tag: another namespace's folder
+    counts as another machine's."""
+    out = tmp_path / "models"
+    log = tmp_path / "contained.log"
+    contained = _start_paused_export(weights, out, log, _in_new_pid_namespace())
+    try:
+        staging = _staged_folder(contained, log)
+        _export(weights, out)
+        assert (staging / "w.onnx").is_file(), sorted(p.name for p in out.iterdir())
+        assert contained.poll() is None
+    finally:
+        if contained.poll() is None:
+            contained.send_signal(signal.SIGKILL)  # unshare --kill-child takes its child along
+        contained.communicate(timeout=60)
