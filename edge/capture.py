@@ -4,7 +4,8 @@ In realtime mode an unconsumed frame is replaced by the next one (counted in `dr
 consumer never works on a backlog. A frame is also only decoded when the consumer should be back for a
 frame before the next one arrives (judged from how often it has been taking frames): a 30 fps camera
 feeding a 10 fps model then decodes about 10 frames a second, not 30. In lossless mode (files,
-benchmarks) the reader waits instead.
+benchmarks) the reader waits instead. The consumer hands each frame back with `done()` once it has finished with
+it; a watched folder records its photo as processed then (at-least-once across restarts).
 
 `stats.last_error` is the source's trouble: set when it is reopened or ends early, cleared when frames flow again
 after a reopen. A source that can never be read (UnreadableSource) ends instead of being retried.
@@ -41,6 +42,7 @@ class Frame:
     image: np.ndarray  # RGB uint8 H x W x 3
     t_capture: float  # time.monotonic() when read
     wall_time: float  # time.time() when read
+    key: object = None  # the source's name for it (a watched folder's photo), handed back by Capture.done
 
 
 @dataclass
@@ -111,6 +113,18 @@ class Capture:
         if frame is None:
             self._check_stall()
         return frame
+
+    def done(self, frame: Frame) -> None:
+        """The consumer has finished with `frame`: its results are published or spooled, or it failed and will not
+        be tried again. A watched folder then records its photo as processed, so a restart does not process it
+        again; a frame never handed back (in flight when the process stopped) is processed again by the next run.
+        Never raises: a record that cannot be written is the source's to report."""
+        if frame.key is None:
+            return
+        try:
+            self.source.done(frame.key)
+        except Exception:  # noqa: BLE001 - recording must never stop the loop
+            log.exception("source %s: could not record frame %d as done", self.source.describe(), frame.frame_id)
 
     def _worth_decoding(self) -> bool:
         """Realtime: decode the grabbed frame unless the consumer is busy beyond the next frame's arrival
@@ -274,6 +288,8 @@ class Capture:
                 break
             except NoNewFrame as exc:  # a watched folder with nothing new: look again later, never spin
                 self._set_state("waiting")
+                if self._recovering:  # it could be listed again: the error that reopened it is over
+                    self._recovered()
                 if self._sleep(exc.retry_after_s):
                     break
                 continue
@@ -293,7 +309,7 @@ class Capture:
                 self._set_state("open")
             if self._recovering:
                 self._recovered()
-            frame = Frame(self._next_id, image, grabbed_at, grabbed_wall)  # latency counts from the grab
+            frame = Frame(self._next_id, image, grabbed_at, grabbed_wall, self.source.key)  # latency from the grab
             self._next_id += 1
             self.stats.captured += 1
             with self._cond:

@@ -3,7 +3,9 @@
 Three stages overlap: capture (its own thread, newest frame only), inference (the loop thread) and
 analysis + alerts + publishing (one worker thread, frames in order), so region analysis and MQTT run
 while the model already works on the next frame.
-One bad frame (decode error, odd shape, analysis failure) is logged and counted, never fatal. Stop
+One bad frame (decode error, odd shape, analysis failure) is logged and counted, never fatal. Each frame is
+handed back to the capture (`Capture.done`) once its results are published or spooled, or it failed: a watched
+folder then records its photo as processed, so a restart processes again only the photos in flight. Stop
 (SIGTERM) finishes the frames in flight, flushes the spool (bounded wait), publishes `offline`.
 """
 
@@ -37,7 +39,7 @@ from drywallqa.edge.payloads import (
 from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
 from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings, SpoolSettings
-from drywallqa.edge.sources import check_source_exists, make_source
+from drywallqa.edge.sources import WatchedFolderSource, check_source_exists, make_source, watch_record_path
 from drywallqa.edge.spool import Spool, SpoolDamaged, lock_spool
 from drywallqa.paths import EXPORTED_DIR, PROFILES
 
@@ -217,8 +219,14 @@ class EdgeRunner:
         self.broker = maybe_start_embedded(s.mqtt.embedded_broker, s.mqtt.host, s.mqtt.port)
         self.link = EdgeLink(s.mqtt, self.spool, status=self.status, on_command=self._commands.put).start()
 
+        # A watched folder keeps the photos it processed beside the spool (one runtime holds it), so a restart goes on
+        # where it stopped.
         src = make_source(s.source.uri, width=s.source.width, height=s.source.height,
-                          timeout_s=s.source.stall_timeout_s, demo_size=s.source.demo_size, watch=s.source.watch)
+                          timeout_s=s.source.stall_timeout_s, demo_size=s.source.demo_size, watch=s.source.watch,
+                          watch_record=watch_record_path(self.spool.path, s.source.uri))
+        if isinstance(src, WatchedFolderSource) and src.record_moved_aside is not None:
+            self.last_error = (f"watched-folder record was damaged: moved aside to {src.record_moved_aside}, "
+                               f"started afresh")
         realtime = s.source.realtime if s.source.realtime is not None else src.live
         self.capture = Capture(src, realtime=realtime, loop=s.source.loop, fps=s.source.fps,
                                stall_timeout_s=s.source.stall_timeout_s, reconnect_min_s=s.source.reconnect_min_s,
@@ -276,6 +284,8 @@ class EdgeRunner:
         runs, why its camera is down."""
         now = (self.link.spool_error or (self.spool.ack_error if self.spool else "") or self.link.link_error
                if self.link else "")
+        if not now and self.capture is not None and isinstance(self.capture.source, WatchedFolderSource):
+            now = self.capture.source.record_error
         if not now and cap is not None and cap.state in ("reconnecting", "ended"):
             now = cap.last_error
         return now or self.last_error or (cap.last_error if cap else "")
@@ -439,6 +449,7 @@ class EdgeRunner:
                     probs, inference_ms = self.infer(frame)
                 except Exception as exc:  # noqa: BLE001 - one bad frame never stops the loop
                     self._frame_failed(frame, exc)
+                    self.capture.done(frame)  # not tried again: a photo the model fails on must not loop forever
                 else:
                     self._post_queue.put((frame, probs, inference_ms))
                     submitted += 1
@@ -485,6 +496,8 @@ class EdgeRunner:
                 self.stats.processed += 1
             except Exception as exc:  # noqa: BLE001 - one bad frame never stops the loop
                 self._frame_failed(frame, exc)
+            if self.capture is not None:  # its alerts are spooled: a watched folder records the photo as processed
+                self.capture.done(frame)
 
     def _drain_post_worker(self) -> None:
         """Finish the frames already inferred (their alerts must not be lost), then stop the worker."""

@@ -58,14 +58,16 @@ class SourceSettings(_Section):
     realtime: bool | None = Field(
         default=None,
         description="True: newest frame only, older ones dropped (default for cameras, streams, demo). "
-        "False: every frame handed over in order (default for files and folders).",
+        "False: every frame handed over in order (default for files and folders). Not with watch: true",
     )
     loop: bool = Field(default=False, description="restart video files / folders at the end (not a watched folder, "
                                                    "which never ends)")
     watch: bool = Field(
         default=False,
         description="folders and globs: keep watching for new images, each processed once when it has stopped "
-                    "changing (oldest first), and never end; false: the images there at the start, then the end",
+                    "changing (oldest first), and never end; what was processed is recorded beside the alert "
+                    "spool, so a restart goes on where it stopped. False: the images there at the start, then the "
+                    "end. Every photo counts, so realtime: true is refused with it",
     )
     stall_timeout_s: float = Field(default=5.0, gt=0, description="no frame for this long -> reopen")
     reconnect_min_s: float = Field(default=0.5, gt=0)
@@ -78,6 +80,14 @@ class SourceSettings(_Section):
         if not v.strip():
             raise ValueError("must not be empty; use 'demo', a camera index, a URL, a file, folder or glob")
         return v.strip()
+
+    @model_validator(mode="after")
+    def _watch_is_lossless(self) -> SourceSettings:
+        if self.watch and self.realtime:
+            raise ValueError("watch: true and realtime: true cannot go together: realtime keeps only the newest "
+                             "frame and would skip photos of a watched folder, which hands out every photo once. "
+                             "Remove realtime (a watched folder is read in order, every photo) or watch")
+        return self
 
 
 class ModelSettings(_Section):

@@ -9,19 +9,28 @@ CorruptFrame (skip, count), EndOfSource (finished or loop), SourceError (reopen 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import glob
+import hashlib
+import json
+import logging
 import os
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TextIO
 
 import cv2
 import numpy as np
 
 from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES) - {".gif"}  # a .gif given alone plays as a video (animated GIFs)
+JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 # A failed VideoCapture.grab() is also what one undecodable frame gives (FFmpeg's MJPEG decoder, mid-file or
 # mid-stream): the source goes on after it. Before a failed grab is taken for the end of a video file (or a lost
@@ -35,6 +44,11 @@ LIVE_LOOKAHEAD_MAX_S = 0.5
 FILE_SETTLE_S = 10.0
 WATCH_POLL_S = 0.5  # a watched folder with nothing new is listed again after this long
 WATCH_SETTLE_S = 2.0  # a new image is read once it has not changed for this long (a copy or sync may be writing it)
+# A JPEG without its end marker or a PNG without IEND (a copy that stalled) waits this long after its last change for
+# the rest (then it is read all the same: some cameras append data after the JPEG's end, e.g. motion photos).
+WATCH_INCOMPLETE_S = 30.0
+# An image handed out that is missing from the folder's listings this long is forgotten (never for an empty listing).
+WATCH_FORGET_S = 600.0
 
 
 class SourceError(RuntimeError):
@@ -72,6 +86,7 @@ class FrameSource(ABC):
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._grabbed: np.ndarray | None = None  # the default grab() decodes at once and keeps it here
+        self.key: object = None  # what the frame last read is known by, for done() (None: nothing to record)
 
     @abstractmethod
     def open(self) -> None: ...
@@ -81,6 +96,10 @@ class FrameSource(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+    def done(self, key: object) -> None:  # noqa: B027 - optional hook
+        """The consumer has finished with the frame read under `key` (its results published, or it failed): a
+        watched folder records its image as processed. Called from the consumer's thread."""
 
     def grab(self) -> None:
         """Advance to the next frame; `retrieve` then decodes it. Sources that can take a frame without
@@ -297,73 +316,348 @@ class ImageListSource(FrameSource):
         return read_image_frame(path)
 
 
+class WatchRecord:
+    """The images of a watched folder already processed, path -> (size, mtime_ns), kept in a small file so that a
+    restart does not process them again (none: in memory only).
+
+    The file is a journal of JSON lines: a header naming the source, then one `[path, size, mtime_ns]` line per image
+    done, each appended and fsynced as it is done (a crash or power cut loses no finished image). When it has grown
+    to twice the images it remembers, it is rewritten with only those, atomically (a temporary file, then a rename).
+    A file that cannot be read or parsed stops nothing: it is moved aside (logged, `moved_aside`) and the images
+    still readable in it are kept; a write that fails is logged and `error` says why until one succeeds (the record
+    is then kept in memory only, and a restart may process again what was done meanwhile)."""
+
+    VERSION = 1
+
+    def __init__(self, path: str | Path | None, uri: str) -> None:
+        self.path = Path(path) if path is not None else None
+        self.uri = uri
+        self.error = ""
+        self.moved_aside: Path | None = None
+        self._lines = -1  # lines in the file (header included); -1: no file of ours yet, write it whole first
+        self._fh: TextIO | None = None
+
+    def load(self) -> dict[str, tuple[int, int]]:
+        """The images the file records; a damaged file is moved aside (what could be read is kept) and rewritten."""
+        if self.path is None:
+            return {}
+        try:
+            text = self.path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as exc:
+            return self._damaged({}, f"cannot be read ({exc})")
+        lines = text.split("\n")
+        torn = lines.pop() if lines else ""  # the text after the last newline: empty, or a line cut by a crash
+        entries: dict[str, tuple[int, int]] = {}
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header.get("drywallqa-watched") != self.VERSION \
+                or header.get("uri") != self.uri:
+            return self._damaged({}, "it is not a watched-folder record of this source")
+        bad = 0
+        for line in lines[1:]:
+            try:
+                path, size, mtime_ns = json.loads(line)
+                if not (isinstance(path, str) and isinstance(size, int) and isinstance(mtime_ns, int)):
+                    raise ValueError(line)
+            except ValueError:
+                bad += 1
+                continue
+            entries[path] = (size, mtime_ns)
+        if bad:
+            return self._damaged(entries, f"{bad} line(s) of it cannot be parsed")
+        self._lines = len(lines)
+        if torn:  # the last line was being written when the process or the device stopped: that image is not done
+            log.warning("watched-folder record %s: its last line was cut short (a crash or power cut while it was "
+                        "written); the image it named will be processed again", self.path)
+            self.rewrite(entries)
+        return entries
+
+    def _damaged(self, entries: dict[str, tuple[int, int]], why: str) -> dict[str, tuple[int, int]]:
+        assert self.path is not None
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            self.path.rename(aside)
+            self.moved_aside = aside
+            where = f"moved aside to {aside}"
+        except OSError as exc:
+            where = f"it cannot be moved aside ({exc.strerror or exc}) and is replaced"
+        log.error("watched-folder record %s is damaged: %s; %s. Starting afresh with the %d image(s) that could be "
+                  "read from it: images it recorded beyond those are processed again", self.path, why, where,
+                  len(entries))
+        self.rewrite(entries)
+        return entries
+
+    def add(self, path: str, size: int, mtime_ns: int, entries: dict[str, tuple[int, int]]) -> None:
+        """Record one image done (`entries`, all the images remembered, already holds it)."""
+        if self.path is None:
+            return
+        if self._lines < 0 or self._lines >= 2 * len(entries) + 64:
+            self.rewrite(entries)
+            return
+        try:
+            if self._fh is None:
+                self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open between images
+            self._fh.write(json.dumps([path, size, mtime_ns]) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            self._failed(exc)
+            self.close()
+            self._lines = -1  # the file may end in a partial line: write it whole next time
+            return
+        self._lines += 1
+        self._succeeded()
+
+    def rewrite(self, entries: dict[str, tuple[int, int]]) -> None:
+        """Write the whole record atomically: a temporary file beside it, fsynced, then renamed over it."""
+        if self.path is None:
+            return
+        self.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"drywallqa-watched": self.VERSION, "uri": self.uri}) + "\n")
+                f.writelines(json.dumps([p, s, m]) + "\n" for p, (s, m) in entries.items())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            with contextlib.suppress(OSError):  # the rename itself durable; not every file system allows it
+                dir_fd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except OSError as exc:
+            self._failed(exc)
+            self._lines = -1
+            return
+        self._lines = len(entries) + 1
+        self._succeeded()
+
+    def _failed(self, exc: OSError) -> None:
+        if not self.error:
+            log.error("watched-folder record %s cannot be written (%s): the images done are remembered in memory only "
+                      "(a restart processes them again) until it can; free disk space or fix spool.path", self.path,
+                      exc)
+        self.error = f"watched-folder record {self.path} cannot be written ({exc.strerror or exc})"
+
+    def _succeeded(self) -> None:
+        if self.error:
+            log.warning("watched-folder record %s is writable again", self.path)
+            self.error = ""
+
+    def close(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
+
+
+def watch_record_path(state_file: str | Path, uri: str) -> Path:
+    """Where a watched folder's record lives: beside `state_file` (the runtime's alert spool, which one runtime
+    alone holds), named after it and a hash of the source's absolute uri, e.g. spool.watched-1f3a9c0d2b4e6a8f.jsonl."""
+    state_file = Path(state_file)
+    digest = hashlib.sha256(os.path.abspath(uri).encode()).hexdigest()[:16]
+    return state_file.with_name(f"{state_file.stem}.watched-{digest}.jsonl")
+
+
+def _lacks_end_marker(path: str) -> bool:
+    """A JPEG that does not end with its end-of-image marker (FF D9) or a PNG without its IEND chunk: most likely a
+    copy still going on (trailing padding is allowed). Other formats are not checked."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in JPEG_SUFFIXES:
+        end = b"\xff\xd9"
+    elif suffix == ".png":
+        end = b"IEND\xaeB`\x82"
+    else:
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64))
+            tail = f.read()
+    except OSError:
+        return False  # the read will report it
+    return not tail.rstrip(b"\x00\r\n\t ").endswith(end)
+
+
+def _glob_root(uri: str) -> str:
+    """The folder a glob lists in: its leading path parts without a wildcard ('.' when the first part has one)."""
+    fixed: list[str] = []
+    for part in Path(uri).parts[:-1]:
+        if any(ch in part for ch in "*?["):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
+
+
 class WatchedFolderSource(FrameSource):
     """A folder or glob watched for new images (source.watch); it never ends. Each image is handed out once, by
     modification time then name, when it has stopped changing for `settle_s` (a copy or sync may still be writing
-    it). Hidden files (a sync tool's partial downloads, macOS's ._ files) are left alone. With nothing new it
-    raises NoNewFrame: the capture thread sleeps `poll_s`, then the folder is listed again."""
+    it); a JPEG without its end marker or a PNG without IEND waits up to `incomplete_s` after its last change for the
+    rest. Hidden files (a sync tool's partial downloads, macOS's ._ files) are left alone. With nothing new it
+    raises NoNewFrame: the capture thread sleeps `poll_s`, then the folder is listed again.
+
+    What was handed out is remembered by path, size and modification time: an image that changes afterwards (a copy
+    that stalled longer than `settle_s` and was read half-written, a photo replaced) is handed out again. The
+    consumer calls `done(key)` once it has finished with a frame (published, or failed): the image is then written to
+    the record (`record_path`, see WatchRecord), so a restart goes on where it stopped, processing again at most the
+    images that were in flight. An image that cannot be decoded is done at once (it is not retried unless it
+    changes). A missing or unlistable folder (for a glob: the folder it lists in) is a SourceError, reopened with
+    backoff; nothing is forgotten because of it. An image gone from a listing that holds others is forgotten once it
+    has been missing for `forget_s` (the record stays as small as the folder), never because a listing is empty (an
+    unmounted share's empty mount point)."""
 
     kind = "images"
 
-    def __init__(self, uri: str, *, poll_s: float = WATCH_POLL_S, settle_s: float = WATCH_SETTLE_S) -> None:
+    def __init__(self, uri: str, *, poll_s: float = WATCH_POLL_S, settle_s: float = WATCH_SETTLE_S,
+                 incomplete_s: float = WATCH_INCOMPLETE_S, forget_s: float = WATCH_FORGET_S,
+                 record_path: str | Path | None = None) -> None:
         super().__init__(uri)
-        self.poll_s, self.settle_s = poll_s, settle_s
-        self._queue: list[str] = []  # ready, in order, not yet handed out
-        self._done: set[str] = set()  # handed out; kept across a reopen, so nothing is processed twice
+        self.poll_s, self.settle_s, self.incomplete_s, self.forget_s = poll_s, settle_s, incomplete_s, forget_s
+        # a glob, or one image file (a glob that names it): listed with glob.glob, in the folder that holds it
+        self._glob = any(ch in uri for ch in "*?[") or (Path(uri).suffix.lower() in IMAGE_EXTENSIONS
+                                                        and not os.path.isdir(uri))
+        self._root = _glob_root(uri) if self._glob else uri
+        self._lock = threading.Lock()  # done() comes from the consumer's thread
+        self._record = WatchRecord(record_path, uri)
+        self._done = self._record.load()  # path -> (size, mtime_ns): finished with, as the record file holds
+        self._taken = dict(self._done)  # path -> (size, mtime_ns): handed out (done or still in flight)
+        self._missing_since: dict[str, float] = {}  # remembered paths absent from the last listings, since when
+        self._queue: list[tuple[str, tuple[int, int]]] = []  # ready, in order, not yet handed out
         self._changing: dict[str, tuple[tuple[int, int], float]] = {}  # path -> (size, mtime_ns), first seen so
 
     def describe(self) -> str:
         return f"{self.kind}:{self.uri} (watched)"
 
+    @property
+    def record_error(self) -> str:
+        """Why the record cannot be written now ('' when it can)."""
+        return self._record.error
+
+    @property
+    def record_moved_aside(self) -> Path | None:
+        """Where a damaged record file was moved at start (None: it was fine)."""
+        return self._record.moved_aside
+
     def open(self) -> None:
-        if not any(ch in self.uri for ch in "*?[") and not Path(self.uri).exists():
-            raise SourceError(f"folder not found: {self.uri!r}")
+        self._check_folder()
         self._queue = []
+
+    def close(self) -> None:
+        with self._lock:
+            self._record.close()
+
+    def _check_folder(self) -> None:
+        if not os.path.isdir(self._root):
+            raise SourceError(f"folder not found: {self._root!r}" + (f" (of {self.uri!r})" if self._glob else ""))
 
     def read(self) -> np.ndarray:
         if not self._queue:
             self._queue = self._new_images()
-        if not self._queue:
-            raise NoNewFrame(self.uri, self.poll_s)
-        path = self._queue.pop(0)
-        self._done.add(path)
-        return read_image_frame(path)
-
-    def _new_images(self) -> list[str]:
-        """The images not handed out yet that have stopped changing, oldest first."""
+        while True:
+            if not self._queue:
+                raise NoNewFrame(self.uri, self.poll_s)
+            path, signature = self._queue.pop(0)
+            try:
+                st = os.stat(path)
+            except OSError:
+                self._check_folder()  # the whole folder gone: reconnect, and the queue is listed afresh then
+                raise CorruptFrame(f"image disappeared before it was read, skipped: {path}") from None
+            if (st.st_size, st.st_mtime_ns) == signature:
+                break  # else it changed since it was listed: a later listing hands it out once it has settled again
+        self.key = (path, *signature)
+        with self._lock:
+            self._taken[path] = signature
         try:
-            names = list_images(self.uri)
+            return read_image_frame(path)
+        except CorruptFrame:
+            self.done(self.key)  # nothing downstream will finish it: not retried unless it changes
+            raise
+
+    def done(self, key: object) -> None:
+        path, size, mtime_ns = key  # type: ignore[misc]
+        with self._lock:
+            if self._done.get(path) == (size, mtime_ns):
+                return
+            self._done[path] = (size, mtime_ns)
+            self._taken.setdefault(path, (size, mtime_ns))
+            self._record.add(path, size, mtime_ns, self._done)
+
+    def _list(self) -> list[str]:
+        """The image files the folder or glob names now; SourceError when the folder is missing or unreadable."""
+        self._check_folder()
+        try:
+            if self._glob:
+                names = glob.glob(self.uri)  # glob hides errors: the folder was checked above
+            else:
+                names = [str(Path(self.uri) / name) for name in os.listdir(self.uri)]
         except OSError as exc:
             raise SourceError(f"cannot list {self.uri!r}: {exc.strerror or exc}") from exc
+        return [n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+
+    def _new_images(self) -> list[tuple[str, tuple[int, int]]]:
+        """The images not handed out yet (or changed since) that have stopped changing, oldest first."""
+        names = self._list()
         present = set(names)
-        self._done &= present  # images moved away are forgotten: the set stays as small as the folder
+        self._forget_missing(present)
         self._changing = {p: seen for p, seen in self._changing.items() if p in present}
         ready = []
         for path in names:
-            if path in self._done or os.path.basename(path).startswith("."):
+            if os.path.basename(path).startswith("."):
                 continue
             try:
                 st = os.stat(path)
             except OSError:
                 continue
+            signature = (st.st_size, st.st_mtime_ns)
+            with self._lock:
+                if self._taken.get(path) == signature:
+                    continue
             if self._settled(path, st):
-                ready.append((st.st_mtime_ns, path))
-        return [path for _, path in sorted(ready)]
+                ready.append((st.st_mtime_ns, path, signature))
+        return [(path, signature) for _, path, signature in sorted(ready)]
+
+    def _forget_missing(self, present: set[str]) -> None:
+        """Forget the images missing from the listings for forget_s, so the record stays as small as the folder.
+        An empty listing forgets nothing and restarts the count: the folder may be an empty mount point for now."""
+        if not present:
+            self._missing_since.clear()
+            return
+        now = time.monotonic()
+        with self._lock:
+            for path in list(self._taken):
+                if path in present:
+                    self._missing_since.pop(path, None)
+                elif now - self._missing_since.setdefault(path, now) >= self.forget_s:
+                    del self._missing_since[path]
+                    self._taken.pop(path, None)
+                    self._done.pop(path, None)  # the file drops it when it is next rewritten
 
     def _settled(self, path: str, st: os.stat_result) -> bool:
-        """Not empty, and unchanged for settle_s: by its own modification time or, for a file dated ahead of this
-        clock (a tablet's clock, a preserved time), by how long this source has seen it unchanged."""
+        """Not empty, unchanged for settle_s, and not a JPEG or PNG lacking its end while it changed less than
+        incomplete_s ago. Unchanged by its own modification time or, for a file dated ahead of this clock (a tablet's
+        clock, a preserved time), by how long this source has seen it unchanged."""
         if st.st_size == 0:
             return False
-        if time.time() - st.st_mtime >= self.settle_s:
+        unchanged_for = time.time() - st.st_mtime
+        if unchanged_for >= self.settle_s:
             self._changing.pop(path, None)
-            return True
-        signature, now = (st.st_size, st.st_mtime_ns), time.monotonic()
-        seen = self._changing.get(path)
-        if seen is None or seen[0] != signature:
-            self._changing[path] = (signature, now)
-            return False
-        return now - seen[1] >= self.settle_s
+        else:
+            signature, now = (st.st_size, st.st_mtime_ns), time.monotonic()
+            seen = self._changing.get(path)
+            if seen is None or seen[0] != signature:
+                self._changing[path] = (signature, now)
+                return False
+            unchanged_for = now - seen[1]
+            if unchanged_for < self.settle_s:
+                return False
+        return unchanged_for >= self.incomplete_s or not _lacks_end_marker(path)
 
 
 class DemoSource(FrameSource):
@@ -449,11 +743,13 @@ def check_source_exists(uri: str) -> None:
 
 
 def make_source(uri: str, *, width: int | None = None, height: int | None = None, timeout_s: float = 5.0,
-                demo_size: tuple[int, int] = (480, 640), watch: bool = False) -> FrameSource:
-    """The source for `uri`; `watch` makes a folder or glob a WatchedFolderSource (other kinds ignore it)."""
+                demo_size: tuple[int, int] = (480, 640), watch: bool = False,
+                watch_record: str | Path | None = None) -> FrameSource:
+    """The source for `uri`; `watch` makes a folder or glob a WatchedFolderSource (other kinds ignore it) that keeps
+    what it processed in the file `watch_record` (None: in memory only)."""
     kind = classify_uri(uri)
     if kind == "demo":
         return DemoSource(demo_size)
     if kind == "images":
-        return WatchedFolderSource(uri) if watch else ImageListSource(uri)
+        return WatchedFolderSource(uri, record_path=watch_record) if watch else ImageListSource(uri)
     return CvCaptureSource(uri, kind, width=width, height=height, timeout_s=timeout_s)

@@ -499,29 +499,308 @@ def test_a_watched_folder_hands_out_each_new_image_once_in_order(tmp_path):
 
 
 def test_a_watched_folder_reopened_after_an_error_does_not_replay(tmp_path):
-    """The folder of a network share or SD card that goes away and comes back: reconnected, and what was handed
-    out before is not handed out again."""
+    """The folder of a network share or SD card that goes away and comes back: while it is gone a read is a
+    SourceError (reconnected with backoff), also for a glob whose folder is gone, and its empty mount point forgets
+    nothing. Before, a read while it was gone listed nothing, no error, and the record of what had been handed out
+    was wiped: everything was handed out again when it came back."""
     from drywallqa.edge.sources import NoNewFrame, SourceError, WatchedFolderSource
 
     folder = tmp_path / "sync"
     folder.mkdir()
     for i in range(2):
         _photo(folder / f"p{i}.png", 10 * i, age_s=100 - i)
-    src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5)
+    src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, forget_s=0.0)
+    by_glob = WatchedFolderSource(str(folder / "*.png"), poll_s=0.1, settle_s=0.5, forget_s=0.0)
     src.open()
+    by_glob.open()
     assert [int(src.read()[0, 0, 0]) for _ in range(2)] == [0, 10]
-    with pytest.raises(NoNewFrame):
-        src.read()
+    assert [int(by_glob.read()[0, 0, 0]) for _ in range(2)] == [0, 10]
+    for s in (src, by_glob):
+        with pytest.raises(NoNewFrame):
+            s.read()
     moved = folder.rename(tmp_path / "away")
-    src.close()
-    with pytest.raises(SourceError, match="folder not found"):
-        src.open()
+    for s in (src, by_glob):
+        with pytest.raises(SourceError, match="folder not found"):
+            s.read()
+        s.close()
+        with pytest.raises(SourceError, match="folder not found"):
+            s.open()
+    folder.mkdir()  # the share's mount point, empty while it is not mounted
+    for s in (src, by_glob):
+        s.open()
+        with pytest.raises(NoNewFrame):
+            s.read()
+    folder.rmdir()
     moved.rename(folder)
     _photo(folder / "p2.png", 20, age_s=1)
-    src.open()
-    assert int(src.read()[0, 0, 0]) == 20
+    for s in (src, by_glob):
+        assert int(s.read()[0, 0, 0]) == 20
+        with pytest.raises(NoNewFrame):
+            s.read()
+
+
+def test_a_watched_folder_briefly_gone_does_not_replay_its_photos(tmp_path):
+    """The same through the capture thread: the folder is gone for several polls, then back; nothing is handed out
+    again, the source was reconnected, and its error is cleared once it can be listed again."""
+    from drywallqa.edge.sources import WatchedFolderSource
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    _photo(folder / "a.png", 10, age_s=300)
+    _photo(folder / "b.png", 20, age_s=200)
+    cap = Capture(WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5), realtime=False,
+                  reconnect_min_s=0.1, reconnect_max_s=0.2).start()
+    try:
+        assert [int(f.image[0, 0, 0]) for f in _drain(cap, 2.0)] == [10, 20]
+        away = folder.rename(tmp_path / "away")  # unmounted / replaced for a moment
+        wait_until(lambda: cap.stats.state == "reconnecting", 5, "the source to reconnect")
+        assert "folder not found" in cap.stats.last_error
+        time.sleep(0.5)  # several tries while it is gone
+        away.rename(folder)
+        replayed = [int(f.image[0, 0, 0]) for f in _drain(cap, 2.0)]
+        assert replayed == [], f"photos handed out again after the folder came back: {replayed}"
+        assert cap.stats.state == "waiting" and cap.stats.last_error == "" and cap.stats.reopens >= 1, cap.stats
+    finally:
+        cap.stop()
+
+
+def _write_slowly(path: Path, data: bytes, stall_s: float) -> None:
+    """A copy that stalls half-way (a Wi-Fi sync) for longer than the settle time."""
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        time.sleep(stall_s)
+        f.write(data[len(data) // 2:])
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_photo_whose_copy_stalls_waits_for_its_end(tmp_path, suffix):
+    """A JPEG without its end marker or a PNG without IEND is a copy still going on: not read while it is young, even
+    though it has not changed for longer than the settle time. Before, it was read half-written (corrupt), and never
+    read complete."""
+    from drywallqa.edge.sources import WatchedFolderSource
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    data = cv2.imencode(suffix, np.full((24, 32, 3), 77, np.uint8))[1].tobytes()
+    cap = Capture(WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5), realtime=False).start()
+    try:
+        _write_slowly(folder / f"slow{suffix}", data, 1.5)  # 1.5 s > settle_s here (> 2 s with the defaults)
+        got = [int(f.image[0, 0, 0]) for f in _drain(cap, 2.0)]
+        assert len(got) == 1 and abs(got[0] - 77) <= 2, f"complete photo not processed once: {got}, {cap.stats}"
+        assert cap.stats.corrupt == 0, cap.stats
+    finally:
+        cap.stop()
+
+
+def test_a_photo_read_before_its_copy_finished_is_read_again_complete(tmp_path):
+    """What was handed out is remembered by path, size and modification time: a photo read half-written (a format
+    without an end marker, or a copy stalled past the wait for one) is read again once it is complete, and so is a
+    photo replaced after it was processed. Before, a path once handed out was never read again."""
+    from drywallqa.edge.sources import WatchedFolderSource
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    data = cv2.imencode(".bmp", np.full((24, 32, 3), 77, np.uint8))[1].tobytes()
+    cap = Capture(WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5), realtime=False).start()
+    try:
+        _write_slowly(folder / "slow.bmp", data, 1.5)
+        got = [int(f.image[0, 0, 0]) for f in _drain(cap, 2.0)]
+        assert got == [77] and cap.stats.corrupt == 1, f"complete photo never processed: {got}, {cap.stats}"
+        _photo(folder / "slow.bmp", 88)  # retaken and synced again under the same name
+        assert [int(f.image[0, 0, 0]) for f in _drain(cap, 2.0)] == [88]
+        assert cap.get(0.5) is None
+    finally:
+        cap.stop()
+
+
+def _record_lines(path: Path) -> list[list]:
+    return [json.loads(line) for line in path.read_text().splitlines()[1:]]
+
+
+def test_a_watched_folder_goes_on_where_it_stopped_after_a_restart(tmp_path):
+    """The record of the photos processed is kept in a file: a new source (the service restarted) hands out only
+    what was not done, a photo handed out but never done (in flight when the process died) included, so a crash
+    replays at most the photos in flight and loses none. Before, every restart processed the whole folder again."""
+    from drywallqa.edge.sources import NoNewFrame, WatchedFolderSource, watch_record_path
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    for i in range(3):
+        _photo(folder / f"p{i}.png", 10 * (i + 1), age_s=100 - i)
+    record = watch_record_path(tmp_path / "state" / "spool.sqlite", str(folder))
+    assert record.parent == tmp_path / "state" and record.name.startswith("spool.watched-")
+    assert record != watch_record_path(tmp_path / "state" / "spool.sqlite", str(tmp_path / "other"))
+
+    def started() -> WatchedFolderSource:
+        src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
+        src.open()
+        return src
+
+    src = started()
+    assert int(src.read()[0, 0, 0]) == 10
+    src.done(src.key)
+    assert int(src.read()[0, 0, 0]) == 20  # in flight when the process dies: never done
+    assert [p for p, _, _ in _record_lines(record)] == [str(folder / "p0.png")]
+
+    src = started()  # restarted
+    got = []
+    for _ in range(2):
+        got.append(int(src.read()[0, 0, 0]))
+        src.done(src.key)
+    assert got == [20, 30]
     with pytest.raises(NoNewFrame):
         src.read()
+    src.close()
+    with pytest.raises(NoNewFrame):
+        started().read()
+
+    (folder / "p1.png").unlink()
+    _photo(folder / "p1.png", 99, age_s=1)  # replaced since: processed again, once
+    src = started()
+    assert int(src.read()[0, 0, 0]) == 99
+    src.done(src.key)
+    with pytest.raises(NoNewFrame):
+        started().read()
+
+
+def test_a_watched_folders_record_stays_as_small_as_the_folder(tmp_path):
+    """Photos moved away are forgotten (once missing for forget_s from a listing that holds others), and the record
+    file is rewritten without them: it does not grow with every photo ever processed."""
+    from drywallqa.edge.sources import NoNewFrame, WatchedFolderSource
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    record = tmp_path / "record.jsonl"
+    src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, forget_s=0.0, record_path=record)
+    src.open()
+    for batch in range(4):
+        for i in range(50):
+            _photo(folder / f"b{batch}_{i:02d}.png", batch + i, age_s=60)
+        for _ in range(50):
+            src.read()
+            src.done(src.key)
+        with pytest.raises(NoNewFrame):
+            src.read()
+        for old in folder.glob(f"b{batch}_*.png"):  # the photos of a batch are archived once processed
+            if not old.name.endswith("_49.png"):
+                old.unlink()
+    _photo(folder / "last.png", 5, age_s=60)
+    src.read()
+    src.done(src.key)
+    lines = record.read_text().splitlines()
+    assert len(lines) <= 2 * 5 + 64 + 1, len(lines)  # at most twice the photos still there, plus some slack
+    assert {p for p, _, _ in _record_lines(record)} >= {str(p) for p in folder.iterdir()}
+
+
+def test_a_damaged_watched_folder_record_is_moved_aside_and_does_not_stop_the_source(tmp_path, caplog):
+    """A record file that cannot be parsed (a worn SD card) is logged, moved aside for inspection, and a fresh one
+    started with what could be read; a last line cut short by a power cut only means that photo is read again."""
+    from drywallqa.edge.sources import NoNewFrame, WatchedFolderSource, watch_record_path
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    for i in range(3):
+        _photo(folder / f"p{i}.png", 10 * (i + 1), age_s=100 - i)
+    record = watch_record_path(tmp_path / "spool.sqlite", str(folder))
+
+    def values(src: WatchedFolderSource) -> list[int]:
+        got = []
+        while True:
+            try:
+                got.append(int(src.read()[0, 0, 0]))
+            except NoNewFrame:
+                return got
+            src.done(src.key)
+
+    record.write_bytes(b"\x00\x17\xff garbage \xfe\n")
+    src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
+    assert src.record_moved_aside is not None and src.record_moved_aside.read_bytes().startswith(b"\x00\x17")
+    assert "is damaged" in caplog.text and str(src.record_moved_aside) in caplog.text
+    src.open()
+    assert values(src) == [10, 20, 30]
+
+    text = record.read_text().splitlines()
+    record.write_text("\n".join(text[:2]) + "\n" + "{not json}\n" + "\n".join(text[2:]) + "\n")  # one bad line
+    caplog.clear()
+    src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
+    assert src.record_moved_aside is not None and "1 line(s)" in caplog.text
+    src.open()
+    assert values(src) == []  # the lines that could be read are kept
+
+    record.write_text("\n".join(text[:3]) + "\n" + text[3][:10])  # the last line cut by a power cut
+    caplog.clear()
+    src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
+    assert src.record_moved_aside is None and "cut short" in caplog.text
+    src.open()
+    assert values(src) == [30]
+    assert len(_record_lines(record)) == 3 and record.read_text().endswith("\n")
+
+
+def test_a_watched_folder_refuses_realtime(tmp_path):
+    """realtime keeps only the newest frame: with a watched folder it silently skipped photos. The combination is a
+    clear ConfigError; a watched folder alone is read in order, every photo."""
+    import yaml
+
+    from drywallqa.edge.settings import ConfigError, load_settings
+
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(yaml.safe_dump({"source": {"uri": str(tmp_path), "watch": True, "realtime": True}}))
+    with pytest.raises(ConfigError, match="watch: true and realtime: true cannot go together"):
+        load_settings(cfg)
+    cfg.write_text(yaml.safe_dump({"source": {"uri": str(tmp_path), "watch": True}}))
+    assert load_settings(cfg).source.realtime is None  # the runtime then takes every frame (a folder is not live)
+
+
+@pytest.mark.slow
+def test_edge_run_watch_after_a_kill_goes_on_where_it_stopped(tmp_path):
+    """`edge run --watch` killed (-9) mid-folder and started again: the photos whose results were out are not
+    processed again, the others are, none lost. Before, every start processed the whole folder again."""
+    import signal
+    import subprocess
+
+    from _edge_helpers import clean_env, edge_cmd, write_config
+    from _mqtt_fixtures import free_port
+
+    from drywallqa.edge.sources import watch_record_path
+
+    lite = Path(__file__).resolve().parents[1] / "models" / "exported" / "lite_effnet_lite0.onnx"
+    if not lite.is_file():
+        pytest.skip(f"{lite} is not exported")
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    photos = 8
+    for i in range(photos):
+        _photo(folder / f"p{i}.png", 20 * i, age_s=60 - i)
+    spool = tmp_path / "state" / "spool.sqlite"
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(folder), model=lite, port=free_port(), spool=spool, rules=[],
+                       source={"fps": 3.0})
+    record = watch_record_path(spool, str(folder))
+
+    def recorded() -> int:
+        return len(_record_lines(record)) if record.exists() else 0
+
+    proc = subprocess.Popen(edge_cmd(cfg, "--watch"), env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: recorded() >= 2 or proc.poll() is not None, 90)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = recorded()
+    assert 2 <= done_before < photos
+    stats = tmp_path / "stats.json"
+    second = subprocess.run(edge_cmd(cfg, "--watch", "--duration", "6", "--stats-json", str(stats)), env=clean_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads(stats.read_text())["frames_processed"] == photos - done_before, second.stderr[-3000:]
+    assert sorted(p for p, _, _ in _record_lines(record)) == sorted(str(p) for p in folder.iterdir())
+    third = subprocess.run(edge_cmd(cfg, "--watch", "--duration", "2", "--stats-json", str(stats)), env=clean_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and json.loads(stats.read_text())["frames_processed"] == 0, third.stderr[-3000:]
 
 
 @pytest.mark.slow
