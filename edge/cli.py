@@ -235,7 +235,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     try:
         settings = _load(args)
-        check_source_exists(settings.source.uri)  # as `edge run` does first: a missing video file stops it
+        check_source_exists(settings.source.uri, settings.source.watch)  # as `edge run` does first: a missing video file stops it
     except (ConfigError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -202,7 +202,7 @@ class EdgeRunner:
         s = self.settings
         if s.model.opencv_threads:
             cv2.setNumThreads(s.model.opencv_threads)
-        check_source_exists(s.source.uri)
+        check_source_exists(s.source.uri, s.source.watch)
         self.model_path, self.segmenter = load_segmenter(s.model, s.analysis.aliases)
         self.meta = self.segmenter.metadata
         self.watched = self.resolve_prompts(s.analysis.prompts)

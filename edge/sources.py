@@ -706,8 +706,9 @@ class DemoSource(FrameSource):
 _DEV_VIDEO = re.compile(r"^/dev/video\d+$")
 
 
-def classify_uri(uri: str) -> str:
-    """demo | camera | stream | file | images."""
+def classify_uri(uri: str, watch: bool = False) -> str:
+    """demo | camera | stream | file | images. With `watch`, a path that does not exist yet is a folder to watch (a
+    share or card mounted later), not a missing video file."""
     if uri == "demo":
         return "demo"
     if uri.isdigit() or _DEV_VIDEO.match(uri) or uri.startswith("/dev/v4l/"):  # by-id/by-path: stable names
@@ -719,14 +720,16 @@ def classify_uri(uri: str) -> str:
         return "images"
     if p.suffix.lower() in IMAGE_EXTENSIONS:
         return "images"
+    if watch and not p.exists():
+        return "images"
     return "file"
 
 
-def check_source_exists(uri: str) -> None:
+def check_source_exists(uri: str, watch: bool = False) -> None:
     """At start-up a video file must be there and open: a typo (or '/dev/vide0') or a file that is not a video should
     stop the service with a clear error, not retry forever. Cameras, streams and folders may come later, so they are
-    retried."""
-    if classify_uri(uri) != "file":
+    retried, a folder to watch too (`watch`)."""
+    if classify_uri(uri, watch) != "file":
         return
     if not Path(uri).expanduser().is_file():
         raise SourceError(f"source.uri: video file not found: {uri!r} (or a camera index, /dev/videoN, a URL, "
@@ -747,7 +750,7 @@ def make_source(uri: str, *, width: int | None = None, height: int | None = None
                 watch_record: str | Path | None = None) -> FrameSource:
     """The source for `uri`; `watch` makes a folder or glob a WatchedFolderSource (other kinds ignore it) that keeps
     what it processed in the file `watch_record` (None: in memory only)."""
-    kind = classify_uri(uri)
+    kind = classify_uri(uri, watch)
     if kind == "demo":
         return DemoSource(demo_size)
     if kind == "images":

@@ -11,12 +11,16 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from drywallqa.edge.cli import EXIT_CONFIG, EXIT_START_FAILED
 from drywallqa.edge.settings import ConfigError, load_settings
+from drywallqa.edge.sources import SourceError
 
 
 def _edge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -114,6 +118,28 @@ def test_check_config_refuses_a_missing_video_file_as_run_does(tmp_path):
     assert check.returncode == EXIT_CONFIG and run.returncode == EXIT_START_FAILED, (check.stdout, run.stderr)
     assert "source.uri: video file not found" in check.stderr and "source.uri: video file not found" in run.stderr
 
+
+
+def test_a_watched_folder_not_there_yet_is_accepted_and_picked_up_when_it_appears(tmp_path):
+    """A share or SD card mounted after the service starts: with watch: true the missing folder is not a 'video file
+    not found' (check-config passes, the source waits for it), and its photos are read once it is there."""
+    from drywallqa.edge.sources import WatchedFolderSource, make_source
+
+    folder = tmp_path / "site-12"
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"source: {{uri: {folder}, watch: true}}\nmqtt: {{embedded_broker: never, port: 1}}\n"
+                   f"spool: {{path: {tmp_path / 's.sqlite'}}}\n")
+    check = _edge("check-config", "--config", str(cfg))
+    assert check.returncode == 0, check.stderr
+    source = make_source(str(folder), watch=True)
+    assert isinstance(source, WatchedFolderSource)
+    with pytest.raises(SourceError, match="folder not found"):
+        source.open()
+    folder.mkdir()
+    cv2.imwrite(str(folder / "wall.png"), np.full((24, 32, 3), 70, np.uint8))
+    os.utime(folder / "wall.png", (time.time() - 60, time.time() - 60))
+    source.open()
+    assert int(source.read()[0, 0, 0]) == 70
 
 # -- install-service -------------------------------------------------------------------------------------------
 
