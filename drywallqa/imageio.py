@@ -16,6 +16,11 @@ class ImageReadError(ValueError):
     """An image that cannot be decoded; the message names the file."""
 
 
+class ImageIOError(ImageReadError):
+    """An image file that could not be read at all (an OSError with an errno: gone, no permission, a device error):
+    unlike an undecodable file, it may read fine later."""
+
+
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     """Any H x W, H x W x 1/3/4 array of uint8/uint16/float -> H x W x 3 uint8 (alpha dropped)."""
     a = np.asarray(array)
@@ -58,5 +63,9 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
                 return to_rgb_uint8(np.asarray(im))
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"cannot read image {path}: too large to decode safely ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno is not None and not isinstance(exc, UnidentifiedImageError):  # the file system's, not PIL's
+            raise ImageIOError(f"cannot read image {path}: {exc}") from exc
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+    except (SyntaxError, ValueError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc

@@ -43,6 +43,7 @@ class Frame:
     t_capture: float  # time.monotonic() when read
     wall_time: float  # time.time() when read
     key: object = None  # the source's name for it (a watched folder's photo), handed back by Capture.done
+    alerts_in_memory: bool = False  # an alert of it could not be spooled (kept in memory only): not to be done()
 
 
 @dataclass

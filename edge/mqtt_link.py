@@ -291,16 +291,17 @@ class EdgeLink:
                 time.sleep(0.5)
 
     # -- API for the live loop -----------------------------------------------------------------------------
-    def send_alert(self, alert: AlertPayload) -> None:
-        """Durably spool, then deliver in order (returns once the row is on disk). When the spool cannot be
+    def send_alert(self, alert: AlertPayload) -> bool:
+        """Durably spool, then deliver in order (returns True once the row is on disk). When the spool cannot be
         written (disk full, read-only, damaged), the alert is published from memory instead: paho keeps it until
-        its PUBACK, across reconnects (lost only if the process dies first), and `spool_error` says why."""
+        its PUBACK, across reconnects (lost only if the process dies first), `spool_error` says why, and it returns
+        False (the alert is not durable: the caller must not record its frame as done)."""
         payload = alert.model_dump_json().encode()
         try:
             dropped = self.spool.put(alert.event_id, self.topic_alerts, payload)
         except sqlite3.Error as exc:
             self._send_unspooled(alert, payload, exc)
-            return
+            return False
         if self.spool_error:
             log.warning("alert spool %s is writable again; alerts are spooled on disk again", self.spool.path)
             self.spool_error = ""
@@ -308,6 +309,7 @@ class EdgeLink:
             self.spool_dropped += dropped
             log.warning("spool full: dropped %d oldest alert(s) (%d in total)", dropped, self.spool_dropped)
         self._wake.set()
+        return True
 
     def _send_unspooled(self, alert: AlertPayload, payload: bytes, exc: sqlite3.Error) -> None:
         if not self.spool_error:

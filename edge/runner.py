@@ -227,6 +227,9 @@ class EdgeRunner:
         if isinstance(src, WatchedFolderSource) and src.record_moved_aside is not None:
             self.last_error = (f"watched-folder record was damaged: moved aside to {src.record_moved_aside}, "
                                f"started afresh")
+        if isinstance(src, WatchedFolderSource) and src.given_up:
+            self.last_error = (f"watched folder: skipped {len(src.given_up)} photo(s) that stopped the runtime each "
+                               f"time they were processed: {', '.join(src.given_up[:5])}")
         realtime = s.source.realtime if s.source.realtime is not None else src.live
         self.capture = Capture(src, realtime=realtime, loop=s.source.loop, fps=s.source.fps,
                                stall_timeout_s=s.source.stall_timeout_s, reconnect_min_s=s.source.reconnect_min_s,
@@ -367,7 +370,8 @@ class EdgeRunner:
             snapshot = jpeg_b64(draw_masks(frame.image, snap_masks, max_side=side), side)
             alert = make_alert(firing, device_id=s.mqtt.device_id, frame_id=frame.frame_id,
                                timestamp=frame.wall_time, snapshot_b64=snapshot)
-            self.link.send_alert(alert)
+            if not self.link.send_alert(alert):
+                frame.alerts_in_memory = True  # not spooled: a restart before the broker has it loses it
             self.stats.alerts += 1
             log.info("alert %s: %s %s (frame %d)", alert.event_id, alert.class_name, alert.rule, frame.frame_id)
         if want_detection:
@@ -496,7 +500,9 @@ class EdgeRunner:
                 self.stats.processed += 1
             except Exception as exc:  # noqa: BLE001 - one bad frame never stops the loop
                 self._frame_failed(frame, exc)
-            if self.capture is not None:  # its alerts are spooled: a watched folder records the photo as processed
+            # Its alerts are spooled: a watched folder records the photo as processed. Not if one was kept in memory
+            # only (the spool could not be written): the photo is then processed again after a restart.
+            if self.capture is not None and not frame.alerts_in_memory:
                 self.capture.done(frame)
 
     def _drain_post_worker(self) -> None:

@@ -20,12 +20,12 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import cv2
 import numpy as np
 
-from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
+from drywallqa.imageio import IMAGE_SUFFIXES, ImageIOError, ImageReadError, read_image_rgb
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,15 @@ WATCH_SETTLE_S = 2.0  # a new image is read once it has not changed for this lon
 WATCH_INCOMPLETE_S = 30.0
 # An image handed out that is missing from the folder's listings this long is forgotten (never for an empty listing).
 WATCH_FORGET_S = 600.0
+# An image that cannot be read (an I/O error: locked by a syncing PC, EIO/ESTALE on a share, a card pulled mid-read)
+# is tried again after WATCH_RETRY_S, doubled at each failure; after WATCH_IO_ATTEMPTS failures of the same file
+# (same size and modification time) it is recorded as done (logged as an error), so it cannot block the folder.
+WATCH_RETRY_S = 10.0
+WATCH_IO_ATTEMPTS = 5
+# An image handed out this many times, by runs that all stopped before it was done (a crash, an out-of-memory kill, a
+# watchdog restart while it was decoded or analysed), is skipped at the next start: recorded as done, logged as an
+# error naming it and reported in last_error, so one photo cannot stop the runtime for ever.
+WATCH_MAX_ATTEMPTS = 3
 
 
 class SourceError(RuntimeError):
@@ -321,11 +330,15 @@ class WatchRecord:
     restart does not process them again (none: in memory only).
 
     The file is a journal of JSON lines: a header naming the source, then one `[path, size, mtime_ns]` line per image
-    done, each appended and fsynced as it is done (a crash or power cut loses no finished image). When it has grown
-    to twice the images it remembers, it is rewritten with only those, atomically (a temporary file, then a rename).
-    A file that cannot be read or parsed stops nothing: it is moved aside (logged, `moved_aside`) and the images
-    still readable in it are kept; a write that fails is logged and `error` says why until one succeeds (the record
-    is then kept in memory only, and a restart may process again what was done meanwhile)."""
+    done, each appended and fsynced as it is done (a crash or power cut loses no finished image). Before an image is
+    handed out, a `[path, size, mtime_ns, "attempt"]` line is appended too (`[..., "released"]` takes one back: the
+    attempt ended without a crash and the image was not done): an image with WATCH_MAX_ATTEMPTS attempts and no finish
+    stopped every run that tried it, and is skipped at load (recorded as done, named in `given_up`). When it has grown
+    to twice the images it remembers, it is rewritten with only those (and the attempts of unfinished images),
+    atomically (a temporary file, then a rename). A file that cannot be read or parsed stops nothing: it is moved
+    aside (logged, `moved_aside`) and the images still readable in it are kept; a write that fails is logged and
+    `error` says why until one succeeds (the record is then kept in memory only, and a restart may process again what
+    was done meanwhile)."""
 
     VERSION = 1
 
@@ -334,6 +347,8 @@ class WatchRecord:
         self.uri = uri
         self.error = ""
         self.moved_aside: Path | None = None
+        self.attempts: dict[str, tuple[int, int, int]] = {}  # path -> (size, mtime_ns, attempts): not done yet
+        self.given_up: list[str] = []  # images skipped at load: every run that tried them stopped before they were done
         self._lines = -1  # lines in the file (header included); -1: no file of ours yet, write it whole first
         self._fh: TextIO | None = None
 
@@ -355,18 +370,28 @@ class WatchRecord:
         except ValueError:
             header = None
         if not isinstance(header, dict) or header.get("drywallqa-watched") != self.VERSION \
-                or header.get("uri") != self.uri:
+                or not isinstance(header.get("uri"), str) \
+                or os.path.abspath(header["uri"]) != os.path.abspath(self.uri):  # the file name hashes abspath too
             return self._damaged({}, "it is not a watched-folder record of this source")
         bad = 0
         for line in lines[1:]:
             try:
-                path, size, mtime_ns = json.loads(line)
-                if not (isinstance(path, str) and isinstance(size, int) and isinstance(mtime_ns, int)):
+                item = json.loads(line)
+                if not isinstance(item, list) or len(item) not in (3, 4):
+                    raise ValueError(line)
+                path, size, mtime_ns, *what = item
+                if not (isinstance(path, str) and isinstance(size, int) and isinstance(mtime_ns, int)) \
+                        or what not in ([], ["attempt"], ["released"]):
                     raise ValueError(line)
             except ValueError:
                 bad += 1
                 continue
-            entries[path] = (size, mtime_ns)
+            if not what:
+                entries[path] = (size, mtime_ns)
+                self.attempts.pop(path, None)
+            else:
+                self._count_attempt(path, size, mtime_ns, 1 if what == ["attempt"] else -1)
+        self._give_up(entries)
         if bad:
             return self._damaged(entries, f"{bad} line(s) of it cannot be parsed")
         self._lines = len(lines)
@@ -374,7 +399,30 @@ class WatchRecord:
             log.warning("watched-folder record %s: its last line was cut short (a crash or power cut while it was "
                         "written); the image it named will be processed again", self.path)
             self.rewrite(entries)
+        elif self.given_up:
+            self.rewrite(entries)
         return entries
+
+    def _count_attempt(self, path: str, size: int, mtime_ns: int, step: int) -> None:
+        size0, mtime0, n = self.attempts.get(path, (size, mtime_ns, 0))
+        n = n + step if (size0, mtime0) == (size, mtime_ns) else max(step, 0)  # another file: its own count
+        if n > 0:
+            self.attempts[path] = (size, mtime_ns, n)
+        else:
+            self.attempts.pop(path, None)
+
+    def _give_up(self, entries: dict[str, tuple[int, int]]) -> None:
+        """Record as done the images that every one of WATCH_MAX_ATTEMPTS runs took and none finished."""
+        for path, (size, mtime_ns, n) in list(self.attempts.items()):
+            if entries.get(path) == (size, mtime_ns):
+                del self.attempts[path]
+            elif n >= WATCH_MAX_ATTEMPTS:
+                del self.attempts[path]
+                entries[path] = (size, mtime_ns)
+                self.given_up.append(path)
+                log.error("watched folder %s: image %s skipped: the runtime stopped (a crash, out of memory, a "
+                          "watchdog restart) each of the %d times it was being processed; it is recorded as done "
+                          "(change or touch the file to process it again)", self.uri, path, n)
 
     def _damaged(self, entries: dict[str, tuple[int, int]], why: str) -> dict[str, tuple[int, int]]:
         assert self.path is not None
@@ -393,15 +441,32 @@ class WatchRecord:
 
     def add(self, path: str, size: int, mtime_ns: int, entries: dict[str, tuple[int, int]]) -> None:
         """Record one image done (`entries`, all the images remembered, already holds it)."""
+        self.attempts.pop(path, None)
+        self._append([path, size, mtime_ns], entries)
+
+    def attempt(self, path: str, size: int, mtime_ns: int, entries: dict[str, tuple[int, int]]) -> None:
+        """Record that an image is about to be handed out (read, then processed)."""
+        self._count_attempt(path, size, mtime_ns, 1)
+        self._append([path, size, mtime_ns, "attempt"], entries)
+
+    def release(self, path: str, size: int, mtime_ns: int, entries: dict[str, tuple[int, int]]) -> None:
+        """Take back an attempt that ended without the image being done, and without a crash (an I/O error, a
+        close with the image not yet processed)."""
+        if path not in self.attempts:
+            return
+        self._count_attempt(path, size, mtime_ns, -1)
+        self._append([path, size, mtime_ns, "released"], entries)
+
+    def _append(self, item: list, entries: dict[str, tuple[int, int]]) -> None:
         if self.path is None:
             return
-        if self._lines < 0 or self._lines >= 2 * len(entries) + 64:
+        if self._lines < 0 or self._lines >= 2 * (len(entries) + len(self.attempts)) + 64:
             self.rewrite(entries)
             return
         try:
             if self._fh is None:
                 self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open between images
-            self._fh.write(json.dumps([path, size, mtime_ns]) + "\n")
+            self._fh.write(json.dumps(item) + "\n")
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as exc:
@@ -423,6 +488,8 @@ class WatchRecord:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(json.dumps({"drywallqa-watched": self.VERSION, "uri": self.uri}) + "\n")
                 f.writelines(json.dumps([p, s, m]) + "\n" for p, (s, m) in entries.items())
+                f.writelines(json.dumps([p, s, m, "attempt"]) + "\n" for p, (s, m, n) in self.attempts.items()
+                             for _ in range(n))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -436,7 +503,7 @@ class WatchRecord:
             self._failed(exc)
             self._lines = -1
             return
-        self._lines = len(entries) + 1
+        self._lines = len(entries) + sum(n for _, _, n in self.attempts.values()) + 1
         self._succeeded()
 
     def _failed(self, exc: OSError) -> None:
@@ -507,19 +574,25 @@ class WatchedFolderSource(FrameSource):
     that stalled longer than `settle_s` and was read half-written, a photo replaced) is handed out again. The
     consumer calls `done(key)` once it has finished with a frame (published, or failed): the image is then written to
     the record (`record_path`, see WatchRecord), so a restart goes on where it stopped, processing again at most the
-    images that were in flight. An image that cannot be decoded is done at once (it is not retried unless it
-    changes). A missing or unlistable folder (for a glob: the folder it lists in) is a SourceError, reopened with
+    images that were in flight; an image that every one of WATCH_MAX_ATTEMPTS runs took and none finished (it
+    crashes or hangs the runtime) is skipped at start (`given_up`). An image that cannot be decoded is done at once
+    (it is not retried unless it changes); one that cannot be read (an I/O error, or gone) is not: it is handed out
+    again after `retry_s`, doubled at each failure, and done only after `io_attempts` failures (CorruptFrame each
+    time). A missing or unlistable folder (for a glob: the folder it lists in) is a SourceError, reopened with
     backoff; nothing is forgotten because of it. An image gone from a listing that holds others is forgotten once it
-    has been missing for `forget_s` (the record stays as small as the folder), never because a listing is empty (an
-    unmounted share's empty mount point)."""
+    has been missing for `forget_s` while its own folder is there (the record stays as small as the folder), never
+    because a listing is empty (an unmounted share's empty mount point) or its folder is gone (one share of a glob
+    over several)."""
 
     kind = "images"
 
     def __init__(self, uri: str, *, poll_s: float = WATCH_POLL_S, settle_s: float = WATCH_SETTLE_S,
                  incomplete_s: float = WATCH_INCOMPLETE_S, forget_s: float = WATCH_FORGET_S,
+                 retry_s: float = WATCH_RETRY_S, io_attempts: int = WATCH_IO_ATTEMPTS,
                  record_path: str | Path | None = None) -> None:
         super().__init__(uri)
         self.poll_s, self.settle_s, self.incomplete_s, self.forget_s = poll_s, settle_s, incomplete_s, forget_s
+        self.retry_s, self.io_attempts = retry_s, io_attempts
         # a glob, or one image file (a glob that names it): listed with glob.glob, in the folder that holds it
         self._glob = any(ch in uri for ch in "*?[") or (Path(uri).suffix.lower() in IMAGE_EXTENSIONS
                                                         and not os.path.isdir(uri))
@@ -531,6 +604,9 @@ class WatchedFolderSource(FrameSource):
         self._missing_since: dict[str, float] = {}  # remembered paths absent from the last listings, since when
         self._queue: list[tuple[str, tuple[int, int]]] = []  # ready, in order, not yet handed out
         self._changing: dict[str, tuple[tuple[int, int], float]] = {}  # path -> (size, mtime_ns), first seen so
+        self._in_flight: dict[str, tuple[int, int]] = {}  # handed out, not done yet
+        # path -> ((size, mtime_ns), failed reads, not to be handed out before this monotonic time)
+        self._retry: dict[str, tuple[tuple[int, int], int, float]] = {}
 
     def describe(self) -> str:
         return f"{self.kind}:{self.uri} (watched)"
@@ -545,12 +621,20 @@ class WatchedFolderSource(FrameSource):
         """Where a damaged record file was moved at start (None: it was fine)."""
         return self._record.moved_aside
 
+    @property
+    def given_up(self) -> list[str]:
+        """The images skipped at start: every run that took them stopped before they were done (see WatchRecord)."""
+        return list(self._record.given_up)
+
     def open(self) -> None:
         self._check_folder()
         self._queue = []
 
     def close(self) -> None:
         with self._lock:
+            for path, (size, mtime_ns) in self._in_flight.items():  # not processed, but no crash either
+                self._record.release(path, size, mtime_ns, self._done)
+            self._in_flight.clear()
             self._record.close()
 
     def _check_folder(self) -> None:
@@ -574,15 +658,44 @@ class WatchedFolderSource(FrameSource):
         self.key = (path, *signature)
         with self._lock:
             self._taken[path] = signature
+            self._in_flight[path] = signature
+            self._record.attempt(path, *signature, self._done)  # before the decode: a crash in it is counted
         try:
-            return read_image_frame(path)
-        except CorruptFrame:
-            self.done(self.key)  # nothing downstream will finish it: not retried unless it changes
-            raise
+            return check_frame(read_image_rgb(path))
+        except ImageIOError as exc:
+            self._read_failed(path, signature, exc)
+        except (ImageReadError, CorruptFrame) as exc:
+            self.done(self.key)  # undecodable: nothing downstream will finish it, not retried unless it changes
+            raise CorruptFrame(str(exc)) from exc
+
+    def _read_failed(self, path: str, signature: tuple[int, int], exc: ImageIOError) -> NoReturn:
+        """An image that could not be read (an I/O error, or gone) is not done: a later listing hands it out again
+        after a wait, unless this was its io_attempts-th failure. A folder gone meanwhile is a SourceError."""
+        key = (path, *signature)
+        with self._lock:
+            self._in_flight.pop(path, None)
+            self._record.release(path, *signature, self._done)
+            self._taken.pop(path, None)
+        self._check_folder()  # the card pulled, the share gone: reconnect; not the image's failure
+        previous = self._retry.get(path)
+        failures = previous[1] + 1 if previous is not None and previous[0] == signature else 1
+        if failures >= self.io_attempts:
+            self._retry.pop(path, None)
+            log.error("watched folder %s: image %s could not be read %d times (%s); giving up on it, recorded as "
+                      "done (change or touch the file to process it again)", self.uri, path, failures, exc)
+            self.done(key)
+            raise CorruptFrame(f"{exc} ({failures} failures: given up)") from exc
+        wait_s = self.retry_s * 2 ** (failures - 1)
+        self._retry[path] = (signature, failures, time.monotonic() + wait_s)
+        log.warning("watched folder %s: %s; tried again in %.0f s (failure %d of %d)", self.uri, exc, wait_s,
+                    failures, self.io_attempts)
+        raise CorruptFrame(f"{exc} (tried again in {wait_s:.0f} s)") from exc
 
     def done(self, key: object) -> None:
         path, size, mtime_ns = key  # type: ignore[misc]
         with self._lock:
+            if self._in_flight.get(path) == (size, mtime_ns):
+                del self._in_flight[path]
             if self._done.get(path) == (size, mtime_ns):
                 return
             self._done[path] = (size, mtime_ns)
@@ -607,6 +720,8 @@ class WatchedFolderSource(FrameSource):
         present = set(names)
         self._forget_missing(present)
         self._changing = {p: seen for p, seen in self._changing.items() if p in present}
+        self._retry = {p: retry for p, retry in self._retry.items() if p in present}
+        now = time.monotonic()
         ready = []
         for path in names:
             if os.path.basename(path).startswith("."):
@@ -619,20 +734,27 @@ class WatchedFolderSource(FrameSource):
             with self._lock:
                 if self._taken.get(path) == signature:
                     continue
+            retry = self._retry.get(path)
+            if retry is not None and retry[0] == signature and now < retry[2]:
+                continue  # could not be read a moment ago: not yet
             if self._settled(path, st):
                 ready.append((st.st_mtime_ns, path, signature))
         return [(path, signature) for _, path, signature in sorted(ready)]
 
     def _forget_missing(self, present: set[str]) -> None:
         """Forget the images missing from the listings for forget_s, so the record stays as small as the folder.
-        An empty listing forgets nothing and restarts the count: the folder may be an empty mount point for now."""
+        An empty listing forgets nothing and restarts the count: the folder may be an empty mount point for now; so
+        does an image whose own folder is gone (a glob over several shares, one of them offline)."""
         if not present:
             self._missing_since.clear()
             return
         now = time.monotonic()
         with self._lock:
+            missing = [path for path in self._taken if path not in present]
+        gone = {folder for folder in {os.path.dirname(p) for p in missing} if not os.path.isdir(folder)}
+        with self._lock:
             for path in list(self._taken):
-                if path in present:
+                if path in present or os.path.dirname(path) in gone:  # there, or its folder is offline for now
                     self._missing_since.pop(path, None)
                 elif now - self._missing_since.setdefault(path, now) >= self.forget_s:
                     del self._missing_since[path]

@@ -514,3 +514,41 @@ def test_delivered_rows_the_full_disk_kept_are_never_counted_as_dropped(tmp_path
         spool.put("e3", "t", b"y")
         assert spool.dropped() == 0 and [it.event_id for it in spool.pending()] == ["e3"] and not spool.ack_error
         spool.close()
+
+
+def test_a_watched_photo_whose_alert_could_not_be_spooled_is_not_recorded_done(tmp_path, lite_model):
+    """With the spool's disk full, an alert is published from memory only (lost if the process dies before the
+    broker has it): its photo must then not be recorded as processed, so a restart processes it again
+    (at-least-once); the photos before and after, whose alerts are spooled, are recorded."""
+    import cv2
+
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import load_settings
+    from drywallqa.edge.sources import DemoSource, watch_record_path
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    demo = DemoSource((96, 128))
+    demo.open()
+    for i in range(3):
+        path = folder / f"p{i}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(demo.read(), cv2.COLOR_RGB2BGR))
+        os.utime(path, (os.path.getmtime(path) - 60 + i,) * 2)
+    with small_disk(tmp_path / "disk") as disk:
+        cfg = write_config(tmp_path / "edge.yaml", uri=str(folder), model=lite_model, port=1,
+                           spool=disk / "spool.sqlite", source={"watch": True})
+        record = watch_record_path(disk / "spool.sqlite", str(folder))
+        runner = EdgeRunner(load_settings(cfg)).setup()
+        try:
+            runner.run_frames(max_frames=1)
+            filler = fill(disk)
+            runner.run_frames(max_frames=1)
+            assert "alert spool cannot be written" in runner.status("online").last_error
+            filler.unlink()
+            runner.run_frames(max_frames=1)
+            assert runner.stats.processed == 3 and runner.stats.alerts == 3, runner.last_error
+            done = [json.loads(line)[0] for line in record.read_text().splitlines()[1:]
+                    if len(json.loads(line)) == 3]
+            assert sorted(done) == [str(folder / "p0.png"), str(folder / "p2.png")], done
+        finally:
+            runner.shutdown()

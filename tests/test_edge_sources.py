@@ -615,7 +615,8 @@ def test_a_photo_read_before_its_copy_finished_is_read_again_complete(tmp_path):
 
 
 def _record_lines(path: Path) -> list[list]:
-    return [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    """The record's lines of photos done ([path, size, mtime_ns]; not the attempt lines)."""
+    return [item for item in map(json.loads, path.read_text().splitlines()[1:]) if len(item) == 3]
 
 
 def test_a_watched_folder_goes_on_where_it_stopped_after_a_restart(tmp_path):
@@ -720,7 +721,7 @@ def test_a_damaged_watched_folder_record_is_moved_aside_and_does_not_stop_the_so
     src.open()
     assert values(src) == [10, 20, 30]
 
-    text = record.read_text().splitlines()
+    text = [line for i, line in enumerate(record.read_text().splitlines()) if i == 0 or len(json.loads(line)) == 3]
     record.write_text("\n".join(text[:2]) + "\n" + "{not json}\n" + "\n".join(text[2:]) + "\n")  # one bad line
     caplog.clear()
     src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
@@ -834,3 +835,259 @@ def test_edge_run_watch_processes_photos_that_arrive_until_max_frames(tmp_path):
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(stats.read_text())["frames_processed"] == 3, err[-3000:]
+
+
+def _watch_values(src) -> list:
+    """What a watched source hands out until it has nothing new: each photo's first pixel, 'corrupt' for a skip;
+    each photo read is done at once."""
+    from drywallqa.edge.sources import CorruptFrame, NoNewFrame
+
+    got: list = []
+    while True:
+        try:
+            got.append(int(src.read()[0, 0, 0]))
+        except NoNewFrame:
+            return got
+        except CorruptFrame:
+            got.append("corrupt")
+            continue
+        src.done(src.key)
+
+
+def _run_watch_as_nobody(folder: Path, record: Path) -> list:
+    """A fresh source (a restart) run to the end of the folder in a forked child that is user 'nobody'."""
+    from drywallqa.edge.sources import WatchedFolderSource
+    from drywallqa.imageio import read_image_rgb
+
+    read_image_rgb(next(folder.glob("p0.png")))  # PIL's plugins imported before the child drops root
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
+            src.open()
+            got = _watch_values(src)
+            src.close()
+            os.write(w, json.dumps(got).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(data)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the source as 'nobody' to get a real EACCES")
+def test_a_watched_photo_that_cannot_be_opened_for_a_moment_is_not_recorded_done():
+    """A transient I/O error on a photo (an SMB share's file still locked by the syncing PC, EIO/ESTALE on a network
+    share, an SD card pulled mid-read) is not an undecodable photo: it is skipped for now, not recorded as processed,
+    and read once it can be (here after a restart). Here: EACCES for a moment (mode 000, as a non-root reader)."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="watch-eacces-"))  # pytest's tmp_path is closed to 'nobody'
+    try:
+        base.chmod(0o777)
+        folder = base / "share"
+        folder.mkdir()
+        folder.chmod(0o755)
+        for i in range(3):
+            _photo(folder / f"p{i}.png", 10 * (i + 1), age_s=100 - i).chmod(0o644)
+        record = base / "spool.watched-x.jsonl"
+        (folder / "p1.png").chmod(0o000)  # locked / unreadable for a moment; its size and mtime stay
+        assert _run_watch_as_nobody(folder, record) == [10, "corrupt", 30]
+        (folder / "p1.png").chmod(0o644)  # readable again (chmod changes ctime only)
+        assert _run_watch_as_nobody(folder, record) == [20]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_watched_photo_that_cannot_be_read_is_retried_then_given_up(tmp_path, caplog):
+    """An image that fails with an I/O error (here EISDIR: a folder named like a photo, a real OSError for any user)
+    is handed out again after a wait that doubles, is not recorded meanwhile (a restart tries it again), and after
+    io_attempts failures it is logged and recorded done, so it can neither spin nor block the folder."""
+    from drywallqa.edge.sources import WatchedFolderSource
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    _photo(folder / "p0.png", 10, age_s=60)
+    (folder / "p1.png").mkdir()
+    _age(folder / "p1.png", 50)
+    record = tmp_path / "rec.jsonl"
+
+    def source() -> WatchedFolderSource:
+        src = WatchedFolderSource(str(folder), poll_s=0.05, settle_s=0.5, retry_s=0.3, io_attempts=3,
+                                  record_path=record)
+        src.open()
+        return src
+
+    src = source()
+    assert _watch_values(src) == [10, "corrupt"]
+    assert _watch_values(src) == []  # not at once: after retry_s
+    src.close()
+    assert [p for p, _, _ in _record_lines(record)] == [str(folder / "p0.png")]  # a failed read is not done
+
+    src = source()  # a restart tries it again
+    got: list = []
+    deadline = time.monotonic() + 10
+    while got.count("corrupt") < 3 and time.monotonic() < deadline:
+        got += _watch_values(src)
+        time.sleep(0.05)
+    assert got == ["corrupt"] * 3, got
+    assert "could not be read 3 times" in caplog.text and str(folder / "p1.png") in caplog.text
+    time.sleep(1.5)
+    assert _watch_values(src) == []  # given up: recorded done
+    src.close()
+    assert str(folder / "p1.png") in [p for p, _, _ in _record_lines(record)]
+
+
+def test_the_same_folder_spelled_with_a_trailing_slash_keeps_its_record(tmp_path):
+    """watch_record_path hashes os.path.abspath(uri), so '/srv/photos' and '/srv/photos/' share one record file, and
+    its header's uri is compared the same way: editing the config (or --source) so processes nothing again."""
+    from drywallqa.edge.sources import WatchedFolderSource, watch_record_path
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    for i in range(3):
+        _photo(folder / f"p{i}.png", 10 * (i + 1), age_s=100 - i)
+    spool = tmp_path / "spool.sqlite"
+    record = watch_record_path(spool, str(folder))
+    assert record == watch_record_path(spool, str(folder) + "/")
+
+    src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
+    src.open()
+    assert _watch_values(src) == [10, 20, 30]
+    src.close()
+
+    src = WatchedFolderSource(str(folder) + "/", poll_s=0.1, settle_s=0.5, record_path=record)
+    src.open()
+    assert src.record_moved_aside is None and _watch_values(src) == []
+
+
+@pytest.mark.parametrize("bad_line", ["null", "7", "true", '{"a": 1}', '["p", 1]'])
+def test_a_watched_folder_record_line_that_is_json_but_not_an_entry_is_a_damaged_line(tmp_path, bad_line):
+    """A line that is JSON but not a [path, size, mtime_ns] list must not raise out of WatchedFolderSource() (the
+    service would crash-loop): the record is moved aside like any damaged one."""
+    from drywallqa.edge.sources import WatchedFolderSource
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    _photo(folder / "p0.png", 10, age_s=60)
+    record = tmp_path / "rec.jsonl"
+    record.write_text(json.dumps({"drywallqa-watched": 1, "uri": str(folder)}) + "\n" + bad_line + "\n")
+    src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
+    assert src.record_moved_aside is not None
+    src.open()
+    assert _watch_values(src) == [10]
+
+
+def test_a_glob_over_several_shares_does_not_replay_one_that_was_offline(tmp_path):
+    """A glob whose wildcard is a folder (/mnt/tablets/*/*.jpg, one share per tablet): a share that is offline leaves
+    the listing non-empty (the other shares), but its photos are not forgotten while their folder is gone, so they
+    are not processed again when it is back. (forget_s=0 stands for a share offline past 10 minutes.)"""
+    from drywallqa.edge.sources import WatchedFolderSource
+
+    root = tmp_path / "tablets"
+    for name, value in (("a", 10), ("b", 20)):
+        (root / name).mkdir(parents=True)
+        _photo(root / name / f"{name}.png", value, age_s=60)
+    uri = str(root / "*" / "*.png")
+    src = WatchedFolderSource(uri, poll_s=0.1, settle_s=0.5, forget_s=0.0, record_path=tmp_path / "rec.jsonl")
+    src.open()
+    assert sorted(_watch_values(src)) == [10, 20]
+    (root / "b").rename(tmp_path / "b-offline")  # tablet b's share unmounted
+    assert _watch_values(src) == []
+    (tmp_path / "b-offline").rename(root / "b")  # back
+    assert _watch_values(src) == []
+    (root / "a" / "a.png").rename(tmp_path / "a.png")  # a photo gone from a folder that is there: forgotten
+    assert _watch_values(src) == []
+    (tmp_path / "a.png").rename(root / "a" / "a.png")
+    assert _watch_values(src) == [10]
+
+
+_CRASH_AFTER_ONE_READ = """
+import os, signal, sys
+from drywallqa.edge.sources import WatchedFolderSource
+src = WatchedFolderSource(sys.argv[1], poll_s=0.1, settle_s=0.5, record_path=sys.argv[2])
+src.open()
+src.read()
+os.kill(os.getpid(), signal.SIGKILL)  # the decoder or the model crashed on it, OOM, the watchdog
+"""
+
+
+def test_a_watched_photo_that_kills_the_runtime_every_time_is_skipped_after_three_tries(tmp_path, caplog):
+    """A photo that crashes or hangs the runtime each time it is processed would be taken first after every restart
+    and block the folder for ever: each hand-out is journalled, and one taken by 3 runs that all died with it is
+    skipped at the next start, logged naming it and reported (given_up). A compaction of the record keeps the count;
+    a photo read but not processed at a clean close is not counted."""
+    import subprocess
+    import sys
+
+    from drywallqa.edge.sources import WatchedFolderSource
+
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    _photo(folder / "p0.png", 10, age_s=60)  # the killer: oldest, so taken first
+    _photo(folder / "p1.png", 20, age_s=50)
+    record = tmp_path / "rec.jsonl"
+
+    def source() -> WatchedFolderSource:
+        src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
+        src.open()
+        return src
+
+    src = source()  # taken, then a clean stop before it was processed: no crash, not counted
+    src.read()
+    src.close()
+    for run in range(3):
+        if run == 2:
+            with record.open("a") as f:
+                f.write('["half a li')  # a torn last line: the record is rewritten (compacted) at load
+        crash = subprocess.run([sys.executable, "-c", _CRASH_AFTER_ONE_READ, str(folder), str(record)],
+                               capture_output=True, text=True, timeout=60)
+        assert crash.returncode == -9, crash.stderr[-2000:]
+    caplog.clear()
+    src = source()
+    assert src.given_up == [str(folder / "p0.png")] and src.record_moved_aside is None
+    assert "skipped" in caplog.text and str(folder / "p0.png") in caplog.text
+    assert _watch_values(src) == [20]
+    src.close()
+    src = source()  # recorded done: skipped silently from now on
+    assert src.given_up == [] and _watch_values(src) == []
+
+
+def test_a_photo_skipped_for_stopping_the_runtime_is_named_in_last_error(tmp_path):
+    from _edge_helpers import write_config
+    from _mqtt_fixtures import free_port
+
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import load_settings
+    from drywallqa.edge.sources import WATCH_MAX_ATTEMPTS, watch_record_path
+
+    lite = Path(__file__).resolve().parents[1] / "models" / "exported" / "lite_effnet_lite0.onnx"
+    if not lite.is_file():
+        pytest.skip(f"{lite} is not exported")
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    photo = _photo(folder / "huge.png", 10, age_s=60)
+    st = photo.stat()
+    spool = tmp_path / "state" / "spool.sqlite"
+    record = watch_record_path(spool, str(folder))
+    record.parent.mkdir()
+    record.write_text(json.dumps({"drywallqa-watched": 1, "uri": str(folder)}) + "\n"
+                      + (json.dumps([str(photo), st.st_size, st.st_mtime_ns, "attempt"]) + "\n") * WATCH_MAX_ATTEMPTS)
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(folder), model=lite, port=free_port(), spool=spool,
+                       source={"watch": True})
+    runner = EdgeRunner(load_settings(cfg)).setup()
+    try:
+        last_error = runner.status("online").last_error
+        assert "skipped 1 photo(s)" in last_error and str(photo) in last_error, last_error
+    finally:
+        runner.shutdown()
