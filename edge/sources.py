@@ -398,8 +398,7 @@ class WatchRecord:
         if torn:  # the last line was being written when the process or the device stopped: that image is not done
             log.warning("watched-folder record %s: its last line was cut short (a crash or power cut while it was "
                         "written); the image it named will be processed again", self.path)
-            self.rewrite(entries)
-        elif self.given_up:
+        if torn or self.given_up:
             self.rewrite(entries)
         return entries
 
@@ -553,11 +552,15 @@ def _lacks_end_marker(path: str) -> bool:
     return not tail.rstrip(b"\x00\r\n\t ").endswith(end)
 
 
+def _has_wildcard(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
 def _glob_root(uri: str) -> str:
     """The folder a glob lists in: its leading path parts without a wildcard ('.' when the first part has one)."""
     fixed: list[str] = []
     for part in Path(uri).parts[:-1]:
-        if any(ch in part for ch in "*?["):
+        if _has_wildcard(part):
             break
         fixed.append(part)
     return str(Path(*fixed)) if fixed else "."
@@ -594,8 +597,7 @@ class WatchedFolderSource(FrameSource):
         self.poll_s, self.settle_s, self.incomplete_s, self.forget_s = poll_s, settle_s, incomplete_s, forget_s
         self.retry_s, self.io_attempts = retry_s, io_attempts
         # a glob, or one image file (a glob that names it): listed with glob.glob, in the folder that holds it
-        self._glob = any(ch in uri for ch in "*?[") or (Path(uri).suffix.lower() in IMAGE_EXTENSIONS
-                                                        and not os.path.isdir(uri))
+        self._glob = _has_wildcard(uri) or (Path(uri).suffix.lower() in IMAGE_EXTENSIONS and not os.path.isdir(uri))
         self._root = _glob_root(uri) if self._glob else uri
         self._lock = threading.Lock()  # done() comes from the consumer's thread
         self._record = WatchRecord(record_path, uri)
@@ -706,13 +708,9 @@ class WatchedFolderSource(FrameSource):
         """The image files the folder or glob names now; SourceError when the folder is missing or unreadable."""
         self._check_folder()
         try:
-            if self._glob:
-                names = glob.glob(self.uri)  # glob hides errors: the folder was checked above
-            else:
-                names = [str(Path(self.uri) / name) for name in os.listdir(self.uri)]
+            return list_images(self.uri)  # a glob hides errors: the folder was checked above
         except OSError as exc:
             raise SourceError(f"cannot list {self.uri!r}: {exc.strerror or exc}") from exc
-        return [n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
 
     def _new_images(self) -> list[tuple[str, tuple[int, int]]]:
         """The images not handed out yet (or changed since) that have stopped changing, oldest first."""
@@ -838,7 +836,7 @@ def classify_uri(uri: str, watch: bool = False) -> str:
     if uri.lower().startswith(STREAM_SCHEMES):
         return "stream"
     p = Path(uri)
-    if p.is_dir() or any(ch in uri for ch in "*?["):
+    if p.is_dir() or _has_wildcard(uri):
         return "images"
     if p.suffix.lower() in IMAGE_EXTENSIONS:
         return "images"
