@@ -18,6 +18,7 @@ INPUT_NAME = "image"  # uint8, N x H x W x 3, RGB; scaling/normalisation live in
 OUTPUT_NAME = "probs"  # float32, N x C x H x W, per-class probabilities at the input resolution
 METADATA_SCHEMA_VERSION = 1
 MaskShape = Literal["pixels", "boxes"]  # how a class's thresholded pixels become its mask (edge/mask_shapes.py)
+Threshold = Annotated[float, Field(ge=0.0, le=1.0)]  # a decision threshold on a class's probability
 
 
 class InvalidModelError(ValueError):
@@ -46,7 +47,7 @@ class ModelMetadata(BaseModel):
     version: str
     classes: list[str] = Field(min_length=1)
     prompts: dict[str, str] = Field(description="every known prompt (normalised) -> its class")
-    thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+    thresholds: dict[str, Threshold] = Field(
         description="decision threshold on the probability, per class")
     mask_shapes: dict[str, MaskShape] = Field(
         default_factory=dict,

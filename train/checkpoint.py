@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 from pydantic import BaseModel, Field, Json, PositiveInt, ValidationError
 
-from drywallqa.contract import MaskShape, validation_summary
+from drywallqa.contract import MaskShape, Threshold, validation_summary
 from drywallqa.edge.mask_shapes import MASK_SHAPES
 from drywallqa.train.models.segmenter import Segmenter, build_segmenter
 from drywallqa.train.safetensors_io import write_safetensors
@@ -24,8 +23,6 @@ from drywallqa.train.safetensors_io import write_safetensors
 class CheckpointError(ValueError):
     """A weights file that is not a readable DrywallQA checkpoint; the message names the file."""
 
-
-Threshold = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _StoredHeader(BaseModel):
