@@ -39,7 +39,7 @@ from drywallqa.edge.payloads import (
 from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
 from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings, SpoolSettings
-from drywallqa.edge.sources import WatchedFolderSource, check_source_exists, make_source, watch_record_path
+from drywallqa.edge.sources import check_source_exists, make_source, watch_record_path
 from drywallqa.edge.spool import Spool, SpoolDamaged, lock_spool
 from drywallqa.paths import EXPORTED_DIR, PROFILES
 
@@ -224,12 +224,7 @@ class EdgeRunner:
         src = make_source(s.source.uri, width=s.source.width, height=s.source.height,
                           timeout_s=s.source.stall_timeout_s, demo_size=s.source.demo_size, watch=s.source.watch,
                           watch_record=watch_record_path(self.spool.path, s.source.uri))
-        if isinstance(src, WatchedFolderSource) and src.record_moved_aside is not None:
-            self.last_error = (f"watched-folder record was damaged: moved aside to {src.record_moved_aside}, "
-                               f"started afresh")
-        if isinstance(src, WatchedFolderSource) and src.given_up:
-            self.last_error = (f"watched folder: skipped {len(src.given_up)} photo(s) that stopped the runtime each "
-                               f"time they were processed: {', '.join(src.given_up[:5])}")
+        self.last_error = src.start_notice() or self.last_error
         realtime = s.source.realtime if s.source.realtime is not None else src.live
         self.capture = Capture(src, realtime=realtime, loop=s.source.loop, fps=s.source.fps,
                                stall_timeout_s=s.source.stall_timeout_s, reconnect_min_s=s.source.reconnect_min_s,
@@ -287,8 +282,8 @@ class EdgeRunner:
         runs, why its camera is down."""
         now = (self.link.spool_error or (self.spool.ack_error if self.spool else "") or self.link.link_error
                if self.link else "")
-        if not now and self.capture is not None and isinstance(self.capture.source, WatchedFolderSource):
-            now = self.capture.source.record_error
+        if not now and self.capture is not None:
+            now = self.capture.source.ongoing_error
         if not now and cap is not None and cap.state in ("reconnecting", "ended"):
             now = cap.last_error
         return now or self.last_error or (cap.last_error if cap else "")

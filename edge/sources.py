@@ -130,6 +130,16 @@ class FrameSource(ABC):
     def describe(self) -> str:
         return f"{self.kind}:{self.uri}"
 
+    def start_notice(self) -> str:
+        """What went wrong with the source's own state when it was made, for the device's status ('' if nothing):
+        e.g. a damaged record moved aside. Reported once; frames flowing do not clear it."""
+        return ""
+
+    @property
+    def ongoing_error(self) -> str:
+        """What is wrong with the source's own bookkeeping now ('' when nothing), reported until it is mended."""
+        return ""
+
 
 def check_frame(frame: object) -> np.ndarray:
     """A decoded frame must be a non-empty H x W x 3 uint8 array."""
@@ -627,6 +637,19 @@ class WatchedFolderSource(FrameSource):
     def given_up(self) -> list[str]:
         """The images skipped at start: every run that took them stopped before they were done (see WatchRecord)."""
         return list(self._record.given_up)
+
+    @property
+    def ongoing_error(self) -> str:
+        return self.record_error
+
+    def start_notice(self) -> str:
+        """Photos given up, else a damaged record moved aside (both found when the record was loaded)."""
+        if self.given_up:
+            return (f"watched folder: skipped {len(self.given_up)} photo(s) that stopped the runtime each time they "
+                    f"were processed: {', '.join(self.given_up[:5])}")
+        if self.record_moved_aside is not None:
+            return f"watched-folder record was damaged: moved aside to {self.record_moved_aside}, started afresh"
+        return ""
 
     def open(self) -> None:
         self._check_folder()

@@ -1091,3 +1091,33 @@ def test_a_photo_skipped_for_stopping_the_runtime_is_named_in_last_error(tmp_pat
         assert "skipped 1 photo(s)" in last_error and str(photo) in last_error, last_error
     finally:
         runner.shutdown()
+
+
+def test_a_damaged_watch_record_is_named_in_last_error(tmp_path):
+    """The runner reports what the source found wrong at start (here a record moved aside), through the source's
+    own start_notice, for any kind of source."""
+    from _edge_helpers import write_config
+    from _mqtt_fixtures import free_port
+
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import load_settings
+    from drywallqa.edge.sources import watch_record_path
+
+    lite = Path(__file__).resolve().parents[1] / "models" / "exported" / "lite_effnet_lite0.onnx"
+    if not lite.is_file():
+        pytest.skip(f"{lite} is not exported")
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    spool = tmp_path / "state" / "spool.sqlite"
+    record = watch_record_path(spool, str(folder))
+    record.parent.mkdir()
+    record.write_bytes(b"\x00\x17\xff garbage \xfe\n")
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(folder), model=lite, port=free_port(), spool=spool,
+                       source={"watch": True})
+    runner = EdgeRunner(load_settings(cfg)).setup()
+    try:
+        last_error = runner.status("online").last_error
+        assert "watched-folder record was damaged: moved aside to" in last_error, last_error
+        assert runner.capture is not None and runner.capture.source.ongoing_error == ""
+    finally:
+        runner.shutdown()
