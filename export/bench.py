@@ -210,6 +210,10 @@ def _resolve_weights(args: argparse.Namespace, workdir: Path) -> list[Path]:
     unique: dict[Path, Path] = {}
     for path in paths:  # a file named twice (--profile lite lite) is timed once
         unique.setdefault(path.resolve(), path)
+    from drywallqa.train.checkpoint import load_weights
+
+    for path in unique.values():  # a file that is not a checkpoint stops here, not after the machine's matmul
+        load_weights(path)
     return list(unique.values())
 
 

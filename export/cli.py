@@ -49,6 +49,7 @@ def _exit_on_signal(signum: int, _frame) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import contextlib
     import logging
     import signal
     import tempfile
@@ -62,8 +63,9 @@ def _export(args: argparse.Namespace) -> int:
     # that remove its staging folder, instead of leaving the half-made files there.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = _resolve_weights(args, Path(tmp))
+        with contextlib.ExitStack() as stack:  # a temp folder only for random weights, which need a file
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory())) if args.random_arch else Path()
+            weights = _resolve_weights(args, tmp)
             out = run_export(weights, args.target, args.out, tuple(args.size) if args.size else None,
                              args.dynamic_batch, args.calib)
     finally:

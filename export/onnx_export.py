@@ -106,7 +106,10 @@ def export_onnx(
     wrapper = ExportWrapper(model.eval()).eval()
     example = torch.from_numpy(probe_images((h, w), 1))
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
+    # The traced graph's scratch file sits beside the output (in run_export, inside its staging folder), not in the
+    # system temp folder: an export killed outright leaves it where the next export removes it.
+    with tempfile.TemporaryDirectory(prefix=".onnx-trace-", dir=out_path.parent) as tmp, torch.no_grad(), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: no onnxscript needed
         raw = Path(tmp) / "raw.onnx"
         torch.onnx.export(

@@ -119,6 +119,19 @@ def test_missing_weights_is_a_clear_error(tmp_path):
         bench.main(["--weights", str(tmp_path / "nope.safetensors"), "--workdir", str(tmp_path)])
 
 
+def test_a_file_that_is_not_a_checkpoint_stops_before_any_measurement(tmp_path, capsys):
+    """The header is checked first: no matmul run, no JSON written, one line naming the file."""
+    from drywallqa.cli import main
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--weights", str(bad), "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and str(bad) in captured.err
+    assert "matmul" not in captured.out and not out.exists()
+
+
 def test_unusable_json_path_stops_before_the_benchmark(tmp_path, capsys):
     from drywallqa.cli import main
 

@@ -155,3 +155,47 @@ def test_an_export_in_another_pid_namespace_is_left_alone(weights, tmp_path):
         if contained.poll() is None:
             contained.send_signal(signal.SIGKILL)  # unshare --kill-child takes its child along
         contained.communicate(timeout=60)
+
+
+# `drywallqa export` that stops inside the ONNX trace, once the traced file is written: killed there, the export
+# can clean up nothing.
+PAUSE_IN_TRACE = (
+    "import sys, time, torch.onnx\n"
+    "trace = torch.onnx.export\n"
+    "def trace_then_wait(model, args, f, *a, **kw):\n"
+    "    trace(model, args, f, *a, **kw)\n"
+    "    print(f, flush=True)\n"
+    "    time.sleep(600)\n"
+    "torch.onnx.export = trace_then_wait\n"
+    "from drywallqa.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_an_export_killed_mid_trace_leaves_nothing_in_the_system_temp_folder(weights, tmp_path):
+    """Before: the traced graph went to a folder in the system temp folder, which an export killed outright left
+    there for good (tens of MB each for hrnet). Now it is written inside the staging folder, which the next
+    export removes."""
+    out, temp = tmp_path / "models", tmp_path / "systemtmp"
+    temp.mkdir()
+    log = tmp_path / "killed.log"
+    cmd = [sys.executable, "-c", PAUSE_IN_TRACE, "export", "--weights", str(weights), "--target", "onnx", "--size",
+           "64", "64", "--out", str(out)]
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env={**os.environ, "TMPDIR": str(temp)})
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 300)
+        traced = Path(proc.stdout.readline().strip()) if ready else None
+        assert traced is not None and traced.is_file(), log.read_text()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        staging = next(p for p in traced.parents if p.name.startswith(STAGING_PREFIX))
+        assert staging.parent == out
+        assert list(temp.iterdir()) == []
+        _export(weights, out)
+        assert sorted(p.name for p in out.iterdir()) == ["w.onnx"]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
