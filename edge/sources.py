@@ -323,6 +323,9 @@ class ImageListSource(FrameSource):
         self._files = sorted(list_images(self.uri))
         self._index = bisect.bisect_right(self._files, self._last) if self._last is not None else 0
         if not self._files:
+            if not _has_wildcard(self.uri) and not os.path.exists(self.uri):
+                what = "image" if Path(self.uri).suffix.lower() in IMAGE_EXTENSIONS else "folder"
+                raise SourceError(f"{what} not found: {self.uri!r} (waiting for it to appear)")
             raise SourceError(f"no images found in {self.uri!r}")
 
     def read(self) -> np.ndarray:
@@ -859,7 +862,7 @@ def classify_uri(uri: str, watch: bool = False) -> str:
     if uri.lower().startswith(STREAM_SCHEMES):
         return "stream"
     p = Path(uri)
-    if p.is_dir() or _has_wildcard(uri):
+    if p.is_dir() or _has_wildcard(uri) or uri.endswith(("/", os.sep)):  # 'photos/': a folder, there or not yet
         return "images"
     if p.suffix.lower() in IMAGE_EXTENSIONS:
         return "images"
@@ -875,7 +878,8 @@ def check_source_exists(uri: str, watch: bool = False) -> None:
     if classify_uri(uri, watch) != "file":
         return
     if not Path(uri).expanduser().is_file():
-        raise SourceError(f"source.uri: video file not found: {uri!r} (or a camera index, /dev/videoN, a URL, "
+        what = "video file" if Path(uri).suffix else "video file or folder"
+        raise SourceError(f"source.uri: {what} not found: {uri!r} (or a camera index, /dev/videoN, a URL, "
                           f"a folder, a glob or 'demo')")
     probe = CvCaptureSource(uri, "file")
     try:

@@ -356,11 +356,36 @@ def test_missing_video_file_is_refused_at_start(tmp_path):
 
     with pytest.raises(SourceError, match="video file not found"):
         check_source_exists(str(tmp_path / "missing.mp4"))
-    with pytest.raises(SourceError, match="video file not found"):
+    with pytest.raises(SourceError, match="video file or folder not found"):
         check_source_exists("/dev/vide0")  # a typo of a camera device is a file path that does not exist
     check_source_exists(str(make_video(tmp_path / "v.avi", 2)))  # these may appear later, so they pass:
-    for uri in ("demo", "0", "/dev/video9", "rtsp://cam/stream", str(tmp_path / "nofolder" / "*.jpg")):
+    for uri in ("demo", "0", "/dev/video9", "rtsp://cam/stream", str(tmp_path / "nofolder" / "*.jpg"),
+                f"{tmp_path / 'nofolder'}/"):  # a trailing slash says folder, not a video file
         check_source_exists(uri)
+    from drywallqa.edge.sources import classify_uri
+
+    assert classify_uri(f"{tmp_path / 'nofolder'}/") == "images" and classify_uri(str(tmp_path / "nofolder")) == "file"
+
+
+def test_a_missing_folder_says_so_and_is_read_once_it_appears(tmp_path):
+    """Before: 'photos/' that did not exist was taken for a video file ('video file not found'), and a folder
+    missing while read said 'no images found in' it, as an empty one does."""
+    from drywallqa.edge.sources import ImageListSource, SourceError, make_source
+
+    folder = tmp_path / "photos"
+    src = make_source(f"{folder}/")
+    assert isinstance(src, ImageListSource)
+    with pytest.raises(SourceError, match="folder not found"):
+        src.open()
+    folder.mkdir()
+    with pytest.raises(SourceError, match="no images found"):
+        src.open()
+    cv2.imwrite(str(folder / "a.png"), np.full((8, 8, 3), 7, np.uint8))
+    src.open()
+    assert int(src.read()[0, 0, 0]) == 7
+    photo = make_source(str(tmp_path / "later.png"))  # one photo, not there yet
+    with pytest.raises(SourceError, match="image not found"):
+        photo.open()
 
 
 # -- a source's error once it has recovered ---------------------------------------------------------------------
@@ -751,6 +776,23 @@ def test_a_watched_folder_refuses_realtime(tmp_path):
         load_settings(cfg)
     cfg.write_text(yaml.safe_dump({"source": {"uri": str(tmp_path), "watch": True}}))
     assert load_settings(cfg).source.realtime is None  # the runtime then takes every frame (a folder is not live)
+
+
+def test_watch_on_a_source_that_is_not_a_folder_is_a_config_error(tmp_path):
+    """Before: `--watch` on a camera, a stream, the demo or a video file was accepted and silently did nothing."""
+    import yaml
+
+    from drywallqa.edge.settings import ConfigError, load_settings
+
+    video = make_video(tmp_path / "v.avi", 2)
+    cfg = tmp_path / "edge.yaml"
+    for uri, kind in (("demo", "demo"), ("0", "camera"), ("rtsp://cam/s", "stream"), (str(video), "file")):
+        cfg.write_text(yaml.safe_dump({"source": {"uri": uri, "watch": True}}))
+        with pytest.raises(ConfigError, match=f"watch: true is for a folder or glob of photos, but uri .* is a {kind}"):
+            load_settings(cfg)
+    for uri in (str(tmp_path), str(tmp_path / "later"), str(tmp_path / "*.jpg")):  # a folder may come later
+        cfg.write_text(yaml.safe_dump({"source": {"uri": uri, "watch": True}}))
+        assert load_settings(cfg).source.watch
 
 
 @pytest.mark.slow
