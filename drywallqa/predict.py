@@ -44,6 +44,10 @@ def resolve_model(model: str | Path | None) -> Path:
         raise ModelNotFoundError(f"{path} is a folder, not a model file (give the .onnx/.xml file, or a profile name: "
                                  f"{', '.join(PROFILES)})")
     if not path.is_file():
+        near = _near_profile(name)
+        if near:  # a typo of a profile name ('hrnnet', 'lit'): `drywallqa export` would not help
+            raise ModelNotFoundError(f"model not found: {path}; did you mean the profile {near!r}? (profiles: "
+                                     f"{', '.join(PROFILES)}, or give an .onnx/.xml file)")
         raise ModelNotFoundError(
             f"model not found: {path} (give an .onnx/.xml file or a profile name: {', '.join(PROFILES)}; "
             f"make one with `drywallqa export`)"
@@ -51,6 +55,16 @@ def resolve_model(model: str | Path | None) -> Path:
     if path.suffix.lower() not in MODEL_SUFFIXES:
         raise ModelNotFoundError(f"{path}: not a model file (expected one of {', '.join(MODEL_SUFFIXES)})")
     return path
+
+
+def _near_profile(name: str) -> str | None:
+    """The profile a bare name (no folder, no model suffix) is probably a typo of, or None."""
+    import difflib
+
+    if "/" in name or "\\" in name or Path(name).suffix.lower() in MODEL_SUFFIXES:
+        return None
+    near = difflib.get_close_matches(name.lower(), list(PROFILES), n=1, cutoff=0.6)
+    return near[0] if near else None
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:

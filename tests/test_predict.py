@@ -135,6 +135,20 @@ def test_missing_profile_model_tells_to_export(tmp_path, monkeypatch, capsys):
         resolve_model(tmp_path / "nope.onnx")
 
 
+def test_misspelt_profile_name_suggests_the_profile(tmp_path, monkeypatch, capsys):
+    # 'hrnnet' is a typo, not a model to export: the error names the profile and does not send the user to export
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="did you mean the profile 'hrnet'") as excinfo:
+        resolve_model("hrnnet")
+    assert "drywallqa export" not in str(excinfo.value)
+    assert main(["predict", "--model", "lit", "--prompt", "crack", "--out", str(tmp_path / "o"), str(tmp_path)]) == 2
+    assert "did you mean the profile 'lite'" in capsys.readouterr().err
+    # a path or a model file name is not second-guessed, nor is a name like no profile
+    for name in ("nope.onnx", "models/hrnnet", "student"):
+        with pytest.raises(ModelNotFoundError, match="make one with `drywallqa export`"):
+            resolve_model(name)
+
+
 def test_foreign_model_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "foreign.onnx"
     bad.write_bytes(b"\x00garbage" * 10)
