@@ -29,6 +29,17 @@ def _port(text: str) -> int:
     return value
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only where X means something: an option whose default is worked out at run time
+    (None, '') says what it is in its own help text instead of '(default: None)', and a flag or a repeatable option
+    left out is not '(default: False)' or '(default: [])'."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == "" or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "dashboard",
@@ -39,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "predicted-mask folders and eval reports at /review. Listening beyond loopback requires a token "
             f"({TOKEN_ENV} or --token-file); put it behind a TLS reverse proxy (see dashboard/README.md)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs a token)")
     p.add_argument("--port", type=_port, default=8080, help="HTTP port (0: any free port)")
@@ -87,8 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="folder under which /review may open images, masks and reports (repeatable) [current folder]",
     )
     g = p.add_argument_group("MQTT broker")
-    g.add_argument("--mqtt-host", default="127.0.0.1")
-    g.add_argument("--mqtt-port", type=_port, default=1883)
+    g.add_argument("--mqtt-host", default="127.0.0.1", help="the MQTT broker the edge devices publish to")
+    g.add_argument("--mqtt-port", type=_port, default=1883, help="its port (8883 is usual with TLS)")
     g.add_argument(
         "--prefix", default="drywallqa", help="topic prefix: <prefix>/<device>/status|detections|..."
     )
@@ -110,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="do not check that the broker's certificate names --mqtt-host (testing only)",
     )
     g.add_argument(
-        "--client-id", default="", help="MQTT client id (stable, for a persistent session) [host name]"
+        "--client-id", default="", help="MQTT client id (stable, for a persistent session) [drywallqa-dashboard-<host name>]"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.set_defaults(func=run)

@@ -28,6 +28,18 @@ def test_subcommand_help(argv, capsys):
     assert "usage: drywallqa" in capsys.readouterr().out
 
 
+def test_dashboard_help_shows_real_defaults_only(capsys, monkeypatch):
+    """Every option has help; defaults worked out at run time are named in the help text, not '(default: None)'."""
+    monkeypatch.setenv("COLUMNS", "200")  # one option a line
+    with pytest.raises(SystemExit):
+        cli.main(["dashboard", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for noise in ("(default: None)", "(default: [])", "(default: False)", "(default: )"):
+        assert noise not in out
+    assert "--mqtt-host MQTT_HOST the MQTT broker" in out and "(default: 127.0.0.1)" in out
+    assert "[drywallqa-dashboard-<host name>]" in out and "(default: 8080)" in out
+
+
 def test_missing_subcommand_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["data"])
