@@ -109,9 +109,12 @@ class Vocabulary:
                 try:
                     cls = vocab.resolve(target)
                 except UnknownPromptError:
+                    close = difflib.get_close_matches(normalize_prompt(target), [*vocab.classes, *vocab.all_prompts],
+                                                      n=1, cutoff=0.8)  # a typo, not a shared verb
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
                     raise VocabularyError(
                         f"alias {wording!r} -> {target!r}: the target must be a class ({', '.join(vocab.classes)}) "
-                        f"or one of its prompts") from None
+                        f"or one of its prompts{hint}") from None
             known = vocab.class_by_match_key.get(match_key(wording)) or vocab.class_of_name(wording)
             if known is not None and known != cls:
                 raise VocabularyError(f"alias {wording!r} -> {cls!r}: that wording already names class {known!r}")

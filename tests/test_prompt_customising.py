@@ -117,8 +117,13 @@ def test_aliases_map_wordings_to_classes():
     assert vocab.resolve("裂缝") == "crack"  # the edge publishes any text; predict checks file names itself
     assert vocab.canonical_prompt("crack") == "segment crack"  # canonical prompts unchanged
     assert load_vocabulary().with_aliases({"segment crack": "crack"}) == load_vocabulary()  # already known: no-op
-    with pytest.raises(VocabularyError, match="the target must be a class"):
+    with pytest.raises(VocabularyError, match="the target must be a class") as unknown:
         load_vocabulary().with_aliases({"mould": "segment mould"})
+    assert "did you mean" not in str(unknown.value)  # nothing is spelled like it
+    with pytest.raises(VocabularyError, match="did you mean 'taping'"):  # a typo of a class name
+        load_vocabulary().with_aliases({"tape line": "tapping"})
+    with pytest.raises(VocabularyError, match="did you mean 'segment crack'"):
+        load_vocabulary().with_aliases({"fissure": "segment crak"})
     with pytest.raises(VocabularyError, match="already names class 'taping'"):
         load_vocabulary().with_aliases({"drywall seam": "crack"})
     with pytest.raises(VocabularyError, match="already names class 'taping'"):
