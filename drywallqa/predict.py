@@ -61,9 +61,9 @@ def _near_profile(name: str) -> str | None:
     """The profile a bare name (no folder, no model suffix) is probably a typo of, or None."""
     import difflib
 
-    if "/" in name or "\\" in name or Path(name).suffix.lower() in MODEL_SUFFIXES:
+    if "/" in name or "\\" in name or Path(name).suffix:  # a file name ('lite.pt'), not a misspelt profile
         return None
-    near = difflib.get_close_matches(name.lower(), list(PROFILES), n=1, cutoff=0.6)
+    near = difflib.get_close_matches(name.lower(), list(PROFILES), n=1, cutoff=0.8)  # 'hrnet_fp16' is no typo
     return near[0] if near else None
 
 

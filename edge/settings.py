@@ -87,13 +87,6 @@ class SourceSettings(_Section):
             raise ValueError("watch: true and realtime: true cannot go together: realtime keeps only the newest "
                              "frame and would skip photos of a watched folder, which hands out every photo once. "
                              "Remove realtime (a watched folder is read in order, every photo) or watch")
-        if self.watch:
-            from drywallqa.edge.sources import classify_uri
-
-            kind = classify_uri(self.uri, watch=True)
-            if kind != "images":
-                raise ValueError(f"watch: true is for a folder or glob of photos, but uri {self.uri!r} is a {kind} "
-                                 f"source, which watch would not change: remove watch, or give a folder")
         return self
 
 

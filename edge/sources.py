@@ -895,9 +895,12 @@ def check_source_exists(uri: str, watch: bool = False) -> None:
 def make_source(uri: str, *, width: int | None = None, height: int | None = None, timeout_s: float = 5.0,
                 demo_size: tuple[int, int] = (480, 640), watch: bool = False,
                 watch_record: str | Path | None = None) -> FrameSource:
-    """The source for `uri`; `watch` makes a folder or glob a WatchedFolderSource (other kinds ignore it) that keeps
-    what it processed in the file `watch_record` (None: in memory only)."""
+    """The source for `uri`; `watch` makes a folder or glob a WatchedFolderSource (other kinds ignore it, with a
+    warning) that keeps what it processed in the file `watch_record` (None: in memory only)."""
     kind = classify_uri(uri, watch)
+    if watch and kind != "images":  # not refused: `--source /dev/video0` on a device configured to watch a folder
+        log.warning("source.watch applies to folders and globs of photos; %r is a %s source, so it is ignored", uri,
+                    kind)
     if kind == "demo":
         return DemoSource(demo_size)
     if kind == "images":

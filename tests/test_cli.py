@@ -33,11 +33,22 @@ def test_dashboard_help_shows_real_defaults_only(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # one option a line
     with pytest.raises(SystemExit):
         cli.main(["dashboard", "--help"])
-    out = " ".join(capsys.readouterr().out.split())
+    text = capsys.readouterr().out
+    out = " ".join(text.split())
     for noise in ("(default: None)", "(default: [])", "(default: False)", "(default: )"):
         assert noise not in out
     assert "--mqtt-host MQTT_HOST the MQTT broker" in out and "(default: 127.0.0.1)" in out
     assert "[drywallqa-dashboard-<host name>]" in out and "(default: 8080)" in out
+    import argparse
+
+    from drywallqa.dashboard.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["dashboard"]
+    bare = [a.option_strings[-1] for a in sub._actions if a.option_strings and not a.help]
+    assert len(sub._actions) > 15 and not bare, f"options without help: {bare}"
+    assert "--session-hours" in text
 
 
 def test_missing_subcommand_is_a_usage_error(capsys):

@@ -778,21 +778,32 @@ def test_a_watched_folder_refuses_realtime(tmp_path):
     assert load_settings(cfg).source.realtime is None  # the runtime then takes every frame (a folder is not live)
 
 
-def test_watch_on_a_source_that_is_not_a_folder_is_a_config_error(tmp_path):
-    """Before: `--watch` on a camera, a stream, the demo or a video file was accepted and silently did nothing."""
+def test_watch_on_a_source_that_is_not_a_folder_is_ignored_with_a_warning(tmp_path, caplog):
+    """Before: `--watch` on a camera, a stream, the demo or a video file silently did nothing. It is not refused: a
+    device configured to watch a folder may be pointed at a camera for a test (`--source /dev/video0`), and watch
+    can only be switched on from the command line."""
+    import logging
+
     import yaml
 
-    from drywallqa.edge.settings import ConfigError, load_settings
+    from drywallqa.edge.settings import load_settings
+    from drywallqa.edge.sources import CvCaptureSource, DemoSource, WatchedFolderSource
 
     video = make_video(tmp_path / "v.avi", 2)
     cfg = tmp_path / "edge.yaml"
     for uri, kind in (("demo", "demo"), ("0", "camera"), ("rtsp://cam/s", "stream"), (str(video), "file")):
         cfg.write_text(yaml.safe_dump({"source": {"uri": uri, "watch": True}}))
-        with pytest.raises(ConfigError, match=f"watch: true is for a folder or glob of photos, but uri .* is a {kind}"):
-            load_settings(cfg)
-    for uri in (str(tmp_path), str(tmp_path / "later"), str(tmp_path / "*.jpg")):  # a folder may come later
-        cfg.write_text(yaml.safe_dump({"source": {"uri": uri, "watch": True}}))
         assert load_settings(cfg).source.watch
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="drywallqa.edge.sources"):
+            src = make_source(uri, watch=True)
+        assert isinstance(src, DemoSource if kind == "demo" else CvCaptureSource)
+        assert f"is a {kind} source, so it is ignored" in caplog.text and repr(uri) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="drywallqa.edge.sources"):
+        assert isinstance(make_source(str(tmp_path), watch=True), WatchedFolderSource)
+        make_source("demo")  # without watch: nothing to warn about
+    assert "ignored" not in caplog.text
 
 
 @pytest.mark.slow
@@ -1136,8 +1147,8 @@ def test_a_photo_skipped_for_stopping_the_runtime_is_named_in_last_error(tmp_pat
 
 
 def test_a_damaged_watch_record_is_named_in_last_error(tmp_path):
-    """The runner reports what the source found wrong at start (here a record moved aside), through the source's
-    own start_notice, for any kind of source."""
+    """The runner reports what the source found wrong at start (here a watched folder's record moved aside)
+    through FrameSource.start_notice, which every source has."""
     from _edge_helpers import write_config
     from _mqtt_fixtures import free_port
 

@@ -144,7 +144,7 @@ def test_misspelt_profile_name_suggests_the_profile(tmp_path, monkeypatch, capsy
     assert main(["predict", "--model", "lit", "--prompt", "crack", "--out", str(tmp_path / "o"), str(tmp_path)]) == 2
     assert "did you mean the profile 'lite'" in capsys.readouterr().err
     # a path or a model file name is not second-guessed, nor is a name like no profile
-    for name in ("nope.onnx", "models/hrnnet", "student"):
+    for name in ("nope.onnx", "models/hrnnet", "student", "lite.pt", "hrnet_fp16"):
         with pytest.raises(ModelNotFoundError, match="make one with `drywallqa export`"):
             resolve_model(name)
 
