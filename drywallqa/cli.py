@@ -49,11 +49,10 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    from drywallqa.paths import CACHE_DIR
-    from drywallqa.train.data.prepare import load_setup, prepare
+    from drywallqa.train.data.prepare import default_cache_dir, load_setup, prepare
 
     setup = load_setup(args.config)
-    summary = prepare(setup, args.sizes, args.out or CACHE_DIR,
+    summary = prepare(setup, args.sizes, args.out or default_cache_dir(setup.config_path),
                       split_file=args.split_file, workers=args.workers, progress=not args.quiet)
     print(summary.format(max_listed=args.list))
     return 0
@@ -101,7 +100,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     common(prep)
     prep.add_argument("--sizes", type=_cache_size, nargs="+", default=[512, 384], metavar="S",
                       help="square cache sizes in pixels, 1 to 4096 (default: 512 384)")
-    prep.add_argument("--out", type=_path, default=None, help="cache folder (default: cache/ in the project)")
+    prep.add_argument("--out", type=_path, default=None,
+                      help="cache folder (default: cache/ in the project for configs/data.yaml, cache/<config name>/ "
+                           "for any other data config, so your own data never replaces the project's cache)")
     prep.add_argument("--workers", type=positive_int, default=2, help="decode threads (default: 2)")
     prep.add_argument("--list", type=non_negative_int, default=20, help="how many skipped files/issues to list (default: 20)")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")

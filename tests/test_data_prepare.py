@@ -361,3 +361,42 @@ def test_a_reader_waits_for_a_live_publish_instead_of_taking_the_old_cache_back(
         (tmp_path / "new16").rename(out / "16")  # the publisher's second rename
     reader.join(30)
     assert read and (out / ".16.old").is_dir()  # the new cache was read; the old one left for the publisher
+
+
+def test_default_cache_of_another_config_is_its_own_folder_not_the_projects(tmp_path, monkeypatch, capsys):
+    """A customer's data config (site photos) prepared without --out must not replace the caches the shipped
+    training configs read (cache/<size>): it gets cache/<config name>/<size>."""
+    import drywallqa.paths
+    from drywallqa.train.data.prepare import default_cache_dir
+
+    project_cache = tmp_path / "project_cache"  # stands in for the project's cache/
+    monkeypatch.setattr(drywallqa.paths, "CACHE_DIR", project_cache)
+    cfg = yaml.safe_load(small_project(tmp_path, n_crack=2, n_wall=2).read_text())
+    del cfg["split"]["file"]
+    own = tmp_path / "own_data.yaml"
+    own.write_text(yaml.safe_dump(cfg))
+    assert main(["data", "prepare", "--config", str(own), "--sizes", "16", "--quiet"]) == 0
+    assert str(project_cache / "own_data" / "16") in capsys.readouterr().out  # the summary says where it went
+    assert not (project_cache / "16").exists()
+    images, _, meta, _ = open_cache(project_cache / "own_data", 16)
+    assert len(meta) == 4 and images.shape[1:] == (16, 16, 3)
+    assert (tmp_path / "own_data.split.json").is_file()  # the split beside it, as before
+    assert default_cache_dir(load_setup(None).config_path) == project_cache  # the project's own config: cache/
+
+
+def test_a_dataset_with_no_validation_images_is_warned_about(tmp_path, capsys):
+    """A handful of one's own photos often leaves a class with no validation image: training and eval then
+    cannot measure it, and the summary says so and how to change it."""
+    cfg = yaml.safe_load(small_project(tmp_path, n_crack=3, n_wall=3).read_text())
+    cfg["split"]["val_fraction"] = 0.001  # every photo lands in training
+    cfg_path = tmp_path / "few.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert _prepare(cfg_path, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    assert "warning: no validation images in 'cracks', 'walls'" in out and "split.val_fraction" in out
+    summary = json.loads((tmp_path / "cache" / "prepare_summary.json").read_text())
+    assert summary["split"]["cracks"]["val"] == 0
+    cfg["split"]["val_fraction"] = 0.999  # every photo in validation: no warning
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert _prepare(cfg_path, tmp_path / "cache") == 0
+    assert "no validation images" not in capsys.readouterr().out

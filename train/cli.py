@@ -29,7 +29,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None, help="override the config's batch size")
     p.add_argument("--output", default=None, help="override where the fp16 weights are written")
     p.add_argument("--runs-dir", default=None, help="override where checkpoints and logs go (default runs/)")
-    p.add_argument("--cache", type=Path, default=None, help="data cache root (default cache/)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="data cache root (default: the config's `cache:`, else cache/)")
     p.add_argument("--max-steps-per-epoch", type=positive_int, default=None,
                    help="cap steps per epoch (smoke tests)")
 
@@ -52,14 +53,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     from drywallqa.vocab import load_vocabulary
 
     cfg = TrainConfig.from_yaml(args.config, epochs=args.epochs, batch_size=args.batch_size, output=args.output,
-                                runs_dir=args.runs_dir, max_steps_per_epoch=args.max_steps_per_epoch)
+                                runs_dir=args.runs_dir, max_steps_per_epoch=args.max_steps_per_epoch,
+                                cache=str(args.cache) if args.cache else None)
     if cfg.frozen_encoder and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would write the same files
         raise TrainError(f"{args.config}: a frozen_encoder fine-tune runs in one process; start it with "
                          f"`drywallqa train --config {args.config}`, not under torchrun")
     # Before the data and the text encoder load (its cache goes there too): an unwritable runs folder fails now.
     writable_folder(cfg.runs_dir, "runs folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cache_root = args.cache or CACHE_DIR
+    cache_root = Path(cfg.cache) if cfg.cache else CACHE_DIR
     data_device = None if cfg.frozen_encoder else device  # the head fine-tune reads its crops on the CPU side
     train_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "train", data_device)
     val_data = InMemoryData.from_cache(cache_root, cfg.cache_size, "val", data_device,

@@ -64,6 +64,7 @@ class TrainConfig:
     distill_weight: float = 1.0
     freeze_bn: bool = False  # fine-tuning with small batches: keep BatchNorm's running statistics as they are
     frozen_encoder: bool = False  # train only decoder + head on cached encoder features (train/head_finetune.py)
+    cache: str | None = None  # the `drywallqa data prepare` cache folder to train on (None: cache/; --cache wins)
     loss: str = "bce_dice"
     cache_size: int = 512
     crop: int = 384
@@ -147,6 +148,8 @@ class TrainConfig:
             clip_problem = clip_source_problem(self.clip_path)
             if clip_problem:
                 problems.append(clip_problem)
+        if self.cache is not None and not (isinstance(self.cache, str) and self.cache.strip()):
+            problems.append(f"cache: a folder path (the `drywallqa data prepare --out` folder), got {self.cache!r}")
         scale = self.scale
         if not (isinstance(scale, tuple) and len(scale) == 2 and all(isinstance(v, int | float) for v in scale)
                 and 0 < scale[0] <= scale[1]):

@@ -232,7 +232,12 @@ def open_cache(cache_dir: str | Path, size: int) -> tuple[np.ndarray, np.ndarray
     d = Path(cache_dir) / str(size)
     _recover_interrupted_publish(d)
     if not (d / "meta.json").is_file():
-        raise FileNotFoundError(f"no cache at {d}; run `drywallqa data prepare --sizes {size}`")
+        from drywallqa import paths
+
+        command = f"drywallqa data prepare --sizes {size}"
+        if Path(cache_dir).resolve() != paths.CACHE_DIR.resolve():  # the cache of another data config
+            command = f"drywallqa data prepare --config <its data config> --sizes {size} --out {cache_dir}"
+        raise FileNotFoundError(f"no cache at {d}; run `{command}`")
     images = np.load(d / "images.npy", mmap_mode="r")
     masks = np.load(d / "masks.npy", mmap_mode="r")
     meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))

@@ -126,6 +126,18 @@ def default_split_file(config_path: Path) -> Path:
     return config_path.parent / name
 
 
+def default_cache_dir(config_path: Path) -> Path:
+    """The project's cache/ for the project's configs/data.yaml, `cache/<config name>/` for any other config.
+
+    So preparing a data config of one's own (e.g. site photos to fine-tune on) without --out never replaces the
+    caches the shipped training configs read."""
+    from drywallqa import paths  # read at call time (tests point CACHE_DIR elsewhere)
+
+    if Path(config_path).resolve() == (paths.PROJECT_ROOT / "configs" / "data.yaml").resolve():
+        return paths.CACHE_DIR
+    return paths.CACHE_DIR / Path(config_path).stem
+
+
 def _split_file(path: Path, split: dict) -> Path:
     if "file" not in split:
         return default_split_file(path)
@@ -285,6 +297,11 @@ class PrepareSummary:
         for ds, s in d["split"].items():
             lines.append(f"  split {ds}: train {s['train']} images / {s['train_bases']} base photos, "
                          f"val {s['val']} images / {s['val_bases']} base photos")
+        no_val = [ds for ds, s in d["split"].items() if s["val"] == 0]
+        if no_val:  # common with a handful of one's own photos
+            lines.append(f"  warning: no validation images in {', '.join(map(repr, no_val))}: training and `drywallqa "
+                         f"eval` cannot measure their class; raise split.val_fraction in the data config (or add "
+                         f"photos) and prepare again")
         lines.append(f"  split file: {self.split_file}")
         for size, path in d["caches"].items():
             lines.append(f"  cache {size}: {path}")
