@@ -45,15 +45,23 @@ def load_resized(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
     return np.stack(images)
 
 
-def calibration_set(n: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
-    """(uint8 N x H x W x 3, description). Falls back to synthetic images, loudly, when no data is present."""
+def calibration_set(n: int, size: tuple[int, int],
+                    data_config: str | Path | None = None) -> tuple[np.ndarray, str]:
+    """(uint8 N x H x W x 3, description) from the training split of `data_config` (None: configs/data.yaml).
+    Falls back to synthetic images, loudly, when no data is present. A data config named on purpose that cannot
+    be read (missing, invalid) is an error, not a silent fallback."""
     try:
-        paths = training_images()
+        paths = training_images(data_config)
     except FileNotFoundError as exc:
+        if data_config is not None:
+            raise
         log.warning("training data not found (%s)", exc)
         paths = []
     if paths:
-        return load_resized(pick_evenly(paths, n), size), f"train split, {min(n, len(paths))} images"
+        where = f"{Path(data_config).name} " if data_config is not None else ""
+        return load_resized(pick_evenly(paths, n), size), f"{where}train split, {min(n, len(paths))} images"
+    if data_config is not None:
+        raise FileNotFoundError(f"--calib-config {data_config}: no training photos found for INT8 calibration")
     from drywallqa.export.onnx_export import probe_images
 
     log.warning("no training images found; INT8 calibration falls back to %d synthetic images "

@@ -59,6 +59,12 @@ def _export(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ensure_writable_dir(args.out)  # before minutes of export and INT8 calibration, not after
+    if args.calib_config is not None and args.calib and args.target in ("openvino", "all"):
+        from drywallqa.export.calibration import training_images
+
+        if not training_images(args.calib_config):  # a missing or invalid config raises here too
+            raise FileNotFoundError(f"--calib-config {args.calib_config}: its training split has no photos to "
+                                    f"calibrate INT8 on")
     # SIGTERM (a `timeout`, a CI job or service stopping) ends the export as Ctrl-C does: through the `finally`s
     # that remove its staging folder, instead of leaving the half-made files there.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -67,7 +73,7 @@ def _export(args: argparse.Namespace) -> int:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory())) if args.random_arch else Path()
             weights = _resolve_weights(args, tmp)
             out = run_export(weights, args.target, args.out, tuple(args.size) if args.size else None,
-                             args.dynamic_batch, args.calib)
+                             args.dynamic_batch, args.calib, args.calib_config)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     for name, path in out.items():
@@ -100,6 +106,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension (default static 1)")
     p.add_argument("--calib", type=non_negative_int, default=300,
                    help="INT8 calibration images from the training split (default 300; 0 skips INT8)")
+    p.add_argument("--calib-config", type=Path, default=None, metavar="DATA_YAML",
+                   help="calibrate INT8 on the training split of this data config, e.g. your own photos "
+                        "(configs/own_data.yaml) for a model fine-tuned on them (default: configs/data.yaml)")
     p.set_defaults(func=_export)
 
     b = subparsers.add_parser(

@@ -38,6 +38,7 @@ def run_export(
     size: tuple[int, int] | None = None,
     dynamic_batch: bool = False,
     calib: int = 300,
+    calib_config: str | Path | None = None,
 ) -> dict[str, Path]:
     """Returns {artifact name: path}. The FP32 ONNX is always written (the other targets start from it).
 
@@ -53,7 +54,7 @@ def run_export(
     remove_stale_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_owner_tag(os.getpid())}-", dir=out_dir))
     try:
-        made = _export_into(weights, target, staging, size, dynamic_batch, calib)
+        made = _export_into(weights, target, staging, size, dynamic_batch, calib, calib_config)
         for path in sorted(staging.iterdir(), key=lambda p: p.suffix == ".xml"):  # an IR's .bin before its .xml
             if path.is_file():  # folders hold intermediates (INTERMEDIATE_DIR), removed with the staging
                 os.replace(path, out_dir / path.name)
@@ -129,7 +130,7 @@ def _process_start(pid: int) -> int:
 
 
 def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[int, int] | None, dynamic_batch: bool,
-                 calib: int) -> dict[str, Path]:
+                 calib: int, calib_config: str | Path | None = None) -> dict[str, Path]:
     from drywallqa.export.onnx_export import export_onnx
     from drywallqa.train.checkpoint import load_weights
 
@@ -147,7 +148,7 @@ def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[in
 
         out["openvino_fp16"] = export_openvino(onnx_path, out_dir / f"{stem}_fp16.xml", meta, fp16=True)
         if calib > 0:
-            images, source = calibration_set(calib, size)
+            images, source = calibration_set(calib, size, calib_config)
             out["openvino_int8"] = quantize_int8(onnx_path, out_dir / f"{stem}_int8.xml", meta, images, source)
     if target in ("jetson", "all"):
         from drywallqa.export.jetson import make_jetson_onnx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import onnx
 import pytest
@@ -81,3 +82,28 @@ def test_missing_weights_is_clear(tmp_path):
     args = _parse(["export", "--weights", str(folder), "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="is a folder; give the .safetensors file in it"):
         args.func(args)
+
+
+def test_int8_calibrates_on_the_data_config_it_is_given(tmp_path, capsys):
+    """A model fine-tuned on one's own photos is calibrated on them (--calib-config), and the INT8 file says so;
+    a config with no photos stops the export before anything is made."""
+    from _foundation_fixtures import small_project
+
+    from drywallqa.cli import main
+
+    data = small_project(tmp_path / "site", n_crack=3, n_wall=3)
+    assert main(["data", "split", "--config", str(data)]) == 0
+    weights = write_random_weights(tmp_path / "w.safetensors", "effnet_lite0_fpn", (64, 64))
+    out = tmp_path / "m"
+    args = _parse(["export", "--weights", str(weights), "--target", "openvino", "--out", str(out),
+                   "--calib", "4", "--calib-config", str(data)])
+    assert args.func(args) == 0
+    source = read_metadata(out / "w_int8.xml").extra["calibration_source"]
+    assert source.startswith("data.yaml train split, ") and source.endswith(" images")
+
+    empty_cfg = Path(__file__).resolve().parents[1] / "configs" / "own_data.yaml"  # the template: roots not there
+    capsys.readouterr()
+    code = main(["export", "--weights", str(weights), "--target", "openvino", "--out", str(tmp_path / "m2"),
+                 "--calib", "4", "--calib-config", str(empty_cfg)])
+    assert code == 2 and "calib-config" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists() or not any((tmp_path / "m2").glob("*.xml"))
