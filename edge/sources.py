@@ -627,11 +627,6 @@ class WatchedFolderSource(FrameSource):
         return f"{self.kind}:{self.uri} (watched)"
 
     @property
-    def record_error(self) -> str:
-        """Why the record cannot be written now ('' when it can)."""
-        return self._record.error
-
-    @property
     def record_moved_aside(self) -> Path | None:
         """Where a damaged record file was moved at start (None: it was fine)."""
         return self._record.moved_aside
@@ -643,7 +638,8 @@ class WatchedFolderSource(FrameSource):
 
     @property
     def ongoing_error(self) -> str:
-        return self.record_error
+        """Why the record cannot be written now ('' when it can)."""
+        return self._record.error
 
     def start_notice(self) -> str:
         """Photos given up, else a damaged record moved aside (both found when the record was loaded)."""

@@ -45,23 +45,31 @@ def load_resized(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
     return np.stack(images)
 
 
+def calibration_paths(data_config: str | Path | None = None) -> list[Path]:
+    """The training-split photos to calibrate INT8 on: those of `data_config`, which must have some (a config named
+    on purpose that is missing, invalid or empty is an error, not a silent fallback); else those of
+    configs/data.yaml, [] (logged) when that data is not here."""
+    if data_config is not None:
+        paths = training_images(data_config)
+        if not paths:
+            raise FileNotFoundError(f"--calib-config {data_config}: its training split has no photos to calibrate "
+                                    f"INT8 on")
+        return paths
+    try:
+        return training_images()
+    except FileNotFoundError as exc:
+        log.warning("training data not found (%s)", exc)
+        return []
+
+
 def calibration_set(n: int, size: tuple[int, int],
                     data_config: str | Path | None = None) -> tuple[np.ndarray, str]:
-    """(uint8 N x H x W x 3, description) from the training split of `data_config` (None: configs/data.yaml).
-    Falls back to synthetic images, loudly, when no data is present. A data config named on purpose that cannot
-    be read (missing, invalid) is an error, not a silent fallback."""
-    try:
-        paths = training_images(data_config)
-    except FileNotFoundError as exc:
-        if data_config is not None:
-            raise
-        log.warning("training data not found (%s)", exc)
-        paths = []
+    """(uint8 N x H x W x 3, description) from `calibration_paths(data_config)`. Falls back to synthetic images,
+    loudly, when configs/data.yaml's data is not present."""
+    paths = calibration_paths(data_config)
     if paths:
         where = f"{Path(data_config).name} " if data_config is not None else ""
         return load_resized(pick_evenly(paths, n), size), f"{where}train split, {min(n, len(paths))} images"
-    if data_config is not None:
-        raise FileNotFoundError(f"--calib-config {data_config}: no training photos found for INT8 calibration")
     from drywallqa.export.onnx_export import probe_images
 
     log.warning("no training images found; INT8 calibration falls back to %d synthetic images "

@@ -60,11 +60,9 @@ def _export(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ensure_writable_dir(args.out)  # before minutes of export and INT8 calibration, not after
     if args.calib_config is not None and args.calib and args.target in ("openvino", "all"):
-        from drywallqa.export.calibration import training_images
+        from drywallqa.export.calibration import calibration_paths
 
-        if not training_images(args.calib_config):  # a missing or invalid config raises here too
-            raise FileNotFoundError(f"--calib-config {args.calib_config}: its training split has no photos to "
-                                    f"calibrate INT8 on")
+        calibration_paths(args.calib_config)  # a missing, invalid or empty config stops here, before the export
     # SIGTERM (a `timeout`, a CI job or service stopping) ends the export as Ctrl-C does: through the `finally`s
     # that remove its staging folder, instead of leaving the half-made files there.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -24,7 +24,6 @@ class CheckpointError(ValueError):
     """A weights file that is not a readable DrywallQA checkpoint; the message names the file."""
 
 
-
 class _StoredHeader(BaseModel):
     """The header as stored (every value a string, the structured ones JSON), checked field by field before use,
     so a file from elsewhere or an older tool is refused with the field named, not a bare KeyError."""
