@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES) - {".gif"}  # a .gif given alone plays as a video (animated GIFs)
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
+# Video containers: with `watch`, a path with one of these that is not there yet is a video file to wait for, not a
+# folder to watch.
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".mts",
+                            ".m2ts", ".wmv", ".flv", ".3gp", ".mjpg", ".mjpeg", ".h264", ".h265", ".hevc", ".gif"})
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 # A failed VideoCapture.grab() is also what one undecodable frame gives (FFmpeg's MJPEG decoder, mid-file or
 # mid-stream): the source goes on after it. Before a failed grab is taken for the end of a video file (or a lost
@@ -326,7 +330,7 @@ class ImageListSource(FrameSource):
             if not _has_wildcard(self.uri) and not os.path.exists(self.uri):
                 what = "image" if Path(self.uri).suffix.lower() in IMAGE_EXTENSIONS else "folder"
                 raise SourceError(f"{what} not found: {self.uri!r} (waiting for it to appear)")
-            raise SourceError(f"no images found in {self.uri!r}")
+            raise SourceError(missing_folder_problem(self.uri) or f"no images found in {self.uri!r}")
 
     def read(self) -> np.ndarray:
         if self._index >= len(self._files):
@@ -579,6 +583,20 @@ def _glob_root(uri: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
+def _is_glob(uri: str) -> bool:
+    """A glob, or one image file (a glob that names it): listed with glob.glob, in the folder that holds it."""
+    return _has_wildcard(uri) or (Path(uri).suffix.lower() in IMAGE_EXTENSIONS and not os.path.isdir(uri))
+
+
+def missing_folder_problem(uri: str) -> str:
+    """'folder not found: ...' when the folder that a folder or glob source lists in is not there, else ''."""
+    glob_like = _is_glob(uri)
+    root = _glob_root(uri) if glob_like else uri
+    if os.path.isdir(root):
+        return ""
+    return f"folder not found: {root!r}" + (f" (of {uri!r})" if glob_like else "")
+
+
 class WatchedFolderSource(FrameSource):
     """A folder or glob watched for new images (source.watch); it never ends. Each image is handed out once, by
     modification time then name, when it has stopped changing for `settle_s` (a copy or sync may still be writing
@@ -609,9 +627,7 @@ class WatchedFolderSource(FrameSource):
         super().__init__(uri)
         self.poll_s, self.settle_s, self.incomplete_s, self.forget_s = poll_s, settle_s, incomplete_s, forget_s
         self.retry_s, self.io_attempts = retry_s, io_attempts
-        # a glob, or one image file (a glob that names it): listed with glob.glob, in the folder that holds it
-        self._glob = _has_wildcard(uri) or (Path(uri).suffix.lower() in IMAGE_EXTENSIONS and not os.path.isdir(uri))
-        self._root = _glob_root(uri) if self._glob else uri
+        self._root = _glob_root(uri) if _is_glob(uri) else uri
         self._lock = threading.Lock()  # done() comes from the consumer's thread
         self._record = WatchRecord(record_path, uri)
         self._done = self._record.load()  # path -> (size, mtime_ns): finished with, as the record file holds
@@ -662,8 +678,9 @@ class WatchedFolderSource(FrameSource):
             self._record.close()
 
     def _check_folder(self) -> None:
-        if not os.path.isdir(self._root):
-            raise SourceError(f"folder not found: {self._root!r}" + (f" (of {self.uri!r})" if self._glob else ""))
+        problem = missing_folder_problem(self.uri)
+        if problem:
+            raise SourceError(problem)
 
     def read(self) -> np.ndarray:
         if not self._queue:
@@ -850,7 +867,7 @@ _DEV_VIDEO = re.compile(r"^/dev/video\d+$")
 
 def classify_uri(uri: str, watch: bool = False) -> str:
     """demo | camera | stream | file | images. With `watch`, a path that does not exist yet is a folder to watch (a
-    share or card mounted later), not a missing video file."""
+    share or card mounted later), not a missing video file, unless it ends like a video file (`site.mp4`)."""
     if uri == "demo":
         return "demo"
     if uri.isdigit() or _DEV_VIDEO.match(uri) or uri.startswith("/dev/v4l/"):  # by-id/by-path: stable names
@@ -862,7 +879,7 @@ def classify_uri(uri: str, watch: bool = False) -> str:
         return "images"
     if p.suffix.lower() in IMAGE_EXTENSIONS:
         return "images"
-    if watch and not p.exists():
+    if watch and not p.exists() and p.suffix.lower() not in VIDEO_SUFFIXES:
         return "images"
     return "file"
 

@@ -476,7 +476,7 @@ def test_commands_do_not_hide_why_the_source_is_down(tmp_path, mosquitto, model)
         seen = len(collector.payloads("status"))
         wait_until(lambda: len(collector.payloads("status")) >= seen + 2, 10, "two more status messages")
         after = [s for s in collector.payloads("status") if s["state"] == "paused"]
-        assert all("no images found" in s["last_error"] for s in after), [s["last_error"][:80] for s in after]
+        assert all("folder not found" in s["last_error"] for s in after), [s["last_error"][:80] for s in after]
         assert not collector.payloads("snapshot")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

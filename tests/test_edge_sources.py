@@ -388,6 +388,41 @@ def test_a_missing_folder_says_so_and_is_read_once_it_appears(tmp_path):
         photo.open()
 
 
+def test_a_glob_read_once_in_a_missing_folder_names_the_folder(tmp_path):
+    """Before: a glob whose folder was not there said 'no images found in' the glob, as an empty folder does, while
+    the same glob watched said 'folder not found'. Both now name the missing folder."""
+    from drywallqa.edge.sources import SourceError, make_source
+
+    uri = str(tmp_path / "card" / "DCIM" / "*.jpg")
+    for watch in (False, True):
+        with pytest.raises(SourceError, match=r"folder not found: '.*DCIM' \(of '.*\*\.jpg'\)"):
+            make_source(uri, watch=watch).open()
+    (tmp_path / "card" / "DCIM").mkdir(parents=True)
+    with pytest.raises(SourceError, match="no images found"):
+        make_source(uri).open()
+    make_source(uri, watch=True).open()  # a watched folder may be empty
+
+
+def test_watch_waits_for_a_missing_video_file_as_a_video_file(tmp_path):
+    """Before: with source.watch, a video path not there yet (a drive mounted late) was taken for a folder to watch,
+    and then waited for as 'folder not found: .../site.mp4' for ever, even after the file came. It is a video file:
+    `edge run` exits 1 ('video file not found'), the service retries, and the warning says watch does not apply."""
+    from drywallqa.edge.sources import (
+        CvCaptureSource,
+        SourceError,
+        check_source_exists,
+        classify_uri,
+        make_source,
+    )
+
+    video = tmp_path / "site.mp4"
+    assert classify_uri(str(video), watch=True) == "file"
+    assert classify_uri(str(tmp_path / "later"), watch=True) == "images"  # no suffix: a folder to come
+    with pytest.raises(SourceError, match="video file not found"):
+        check_source_exists(str(video), watch=True)
+    assert isinstance(make_source(str(video), watch=True), CvCaptureSource)
+
+
 # -- a source's error once it has recovered ---------------------------------------------------------------------
 
 
@@ -408,7 +443,7 @@ def test_status_stops_reporting_a_source_error_once_frames_flow_again(tmp_path):
     try:
         assert wait_until(lambda: runner.capture.stats.state == "reconnecting", 5, "the source down")
         runner.last_error = "set_prompts rejected: unknown prompt 'x'"
-        assert "no images found" in runner.status("online").last_error  # what is wrong now comes first
+        assert "folder not found" in runner.status("online").last_error  # what is wrong now comes first
         (tmp_path / "new").mkdir()
         for i in range(3):
             cv2.imwrite(str(tmp_path / "new" / f"{i}.png"), np.full((16, 16, 3), 50 * i, np.uint8))
