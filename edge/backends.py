@@ -420,6 +420,9 @@ class TensorRTBackend(InferenceBackend):
                                     f"TensorRT version or GPU?)")
         self.engine = engine
         self.context = engine.create_execution_context()
+        if self.context is None:  # TensorRT logs why (mostly out of GPU memory: shared with the CPU on a Jetson)
+            raise RuntimeError(f"{model_path}: TensorRT could not create an execution context (out of GPU memory? "
+                               f"see the TensorRT error above)")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         ins = {n: (str(engine.get_tensor_dtype(n)).lower(), list(engine.get_tensor_shape(n))) for n in names

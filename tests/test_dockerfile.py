@@ -47,3 +47,40 @@ def test_base_image_is_jetpack_6_whose_python_the_project_supports() -> None:
     assert re.fullmatch(r"nvcr\.io/nvidia/l4t-jetpack:r36\.\d+\.\d+", base.strip())
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert requires == ">=3.10"  # JetPack 6 ships Python 3.10; revisit the base image if this changes
+
+
+def _header_commands() -> list[str]:
+    """The `docker ...` command lines documented in the header comment, continuation lines joined."""
+    header = "\n".join(line[1:].strip() for line in DOCKERFILE.split("\nFROM ", 1)[0].splitlines()
+                       if line.startswith("#"))
+    return [cmd for cmd in header.replace("\\\n", " ").splitlines() if cmd.startswith("docker ")]
+
+
+def test_the_build_does_not_import_tensorrt() -> None:
+    """`import tensorrt` loads libnvinfer, which needs libraries of the host's driver (libnvdla_compiler.so) that
+    only `docker run --runtime nvidia` mounts: in `docker build` (qemu on x86, or a Jetson whose docker default
+    runtime is not nvidia) the import fails and so would the build."""
+    for run in _instructions("RUN"):
+        assert not re.search(r"\bimport\s+(\w+\s*,\s*)*tensorrt\b", run), run
+
+
+def test_documented_gpu_runs_under_another_user_join_the_video_group() -> None:
+    """On a Jetson the GPU nodes (/dev/nvmap, /dev/nvhost-*) are root:video 0660; `--user UID:GID` has no
+    supplementary groups in the image, so a GPU run with it needs `--group-add video`."""
+    gpu_runs = [cmd for cmd in _header_commands() if cmd.startswith("docker run") and "--runtime nvidia" in cmd]
+    assert len(gpu_runs) >= 2  # the engine build and the runtime
+    for cmd in gpu_runs:
+        if "--user" in cmd:
+            assert "--group-add video" in cmd, cmd
+
+
+def test_documented_sources_are_ones_the_runtime_opens() -> None:
+    """The header's advice on cameras names only sources `edge run` can open: its OpenCV (pip, no GStreamer) takes
+    no GStreamer pipeline, which source.uri would take for a video file path."""
+    from drywallqa.edge.sources import classify_uri
+
+    for cmd in _header_commands():
+        for uri in re.findall(r"DRYWALLQA_SOURCE__URI=(\S+)", cmd):
+            assert classify_uri(uri) in ("camera", "stream"), uri
+    assert classify_uri("nvarguscamerasrc ! video/x-raw(memory:NVMM) ! nvvidconv ! appsink") == "file"
+    assert not re.search(r"GStreamer (URI|pipeline) instead|argus_socket", DOCKERFILE)

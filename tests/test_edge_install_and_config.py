@@ -305,6 +305,25 @@ def test_the_unit_does_not_restart_the_config_exit_status():
     assert f"EnvironmentFile=-{ENV_FILE}\n" in unit
 
 
+def test_the_unit_leaves_cameras_and_the_jetson_gpu_reachable():
+    """/dev/video* and the Jetson GPU (/dev/nvmap, /dev/nvhost-*) must stay open to the service. Any device
+    allow-list closes the device cgroup to all it does not list: PrivateDevices=yes, DeviceAllow=, a closed or
+    strict DevicePolicy=, and ProtectClock=yes, which implies DeviceAllow=char-rtc r (systemd#18142: so on systemd
+    249, JetPack 6's, the camera and the GPU fail with EPERM)."""
+    from drywallqa.edge.service import unit_template_path
+
+    settings = {}
+    for line in unit_template_path().read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";")):
+            key, value = line.split("=", 1)
+            settings[key.strip()] = value.strip()
+    assert settings.get("ProtectClock", "no") in ("no", "false", "0", "off")
+    assert settings.get("PrivateDevices", "no") in ("no", "false", "0", "off")
+    assert "DeviceAllow" not in settings
+    assert settings.get("DevicePolicy", "auto") == "auto"
+    assert "video" in settings.get("SupplementaryGroups", "").split()
+
+
 def test_a_start_failure_a_restart_may_cure_is_not_the_config_status(tmp_path):
     """The embedded broker's port is held by another program: exit 1, which systemd retries (not 78)."""
     with socket.socket() as holder:
