@@ -11,6 +11,7 @@ every threshold in SWEEP_THRESHOLDS under every mask shape (edge/mask_shapes.py)
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -219,14 +220,23 @@ def run_eval(
     records = collect_records(setup)
     warn_unassigned(unassigned_images(sides, records), split_path)  # new photos: on neither side until re-split
     chosen = []
+    missing: list[str] = []  # on this side of the split file, gone from disk: named, not silently left out
     for spec in setup.specs:
         side = sides.get(spec.name, {})
         if not side:
             raise FileNotFoundError(f"dataset {spec.name!r} is not in {split_path}; run `drywallqa data split`")
+        on_disk = {r.image_path.name for r in records[spec.name]}
+        missing += [f"{spec.name}/{name}: in the split file, but not found in {spec.root}"
+                    for name, s in side.items() if s == split and name not in on_disk]
         recs = [r for r in records[spec.name] if side.get(r.image_path.name) == split]
         chosen += [(r, spec.format) for r in recs[:limit]]
     if not chosen:
-        raise FileNotFoundError(f"no images on the {split!r} side of {split_path}")
+        raise FileNotFoundError(f"no images on the {split!r} side of {split_path}"
+                                + (f": all {len(missing)} it lists are missing, e.g. {missing[0]}" if missing else ""))
+    if missing:
+        print(f"drywallqa: warning: {len(missing)} images on the {split!r} side of {split_path} are missing and "
+              f"left out (listed under skipped images; restore them, or run `drywallqa data split`), e.g. "
+              f"{missing[0]}", file=sys.stderr)
 
     be = load_backend(path, backend=backend, threads=threads)
     labelled = sorted({s.class_name for s in setup.specs})
@@ -242,6 +252,7 @@ def run_eval(
         reasons = "; ".join(data["skipped"][:3]) + (" ..." if len(data["skipped"]) > 3 else "")
         raise DataError(f"none of the {len(chosen)} images on the {split!r} side could be scored, every one was "
                          f"skipped: {reasons}")
+    data["skipped"] = missing + data["skipped"]
     meta = segmenter.metadata
     data["model"] = {"path": str(path), "name": meta.model_name, "profile": meta.profile,
                      "architecture": meta.architecture, "version": meta.version, "precision": meta.precision,

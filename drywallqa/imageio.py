@@ -10,6 +10,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # File name endings read as images where a folder is scanned (predict, the edge runtime's folder source).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# Phone photos this install cannot decode (HEIC/HEIF, the iPhone default): `predict` takes them from a folder
+# anyway, so each is named as failed with how to convert it, instead of being silently left out.
+HEIF_SUFFIXES = (".heic", ".heif", ".hif")
+# ISO-BMFF brands (bytes 8..12 of the 'ftyp' box) of HEIF still images, also found under a .jpg name
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
 
 class ImageReadError(ValueError):
@@ -66,6 +71,29 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     except OSError as exc:
         if exc.errno is not None and not isinstance(exc, UnidentifiedImageError):  # the file system's, not PIL's
             raise ImageIOError(f"cannot read image {path}: {exc}") from exc
+        if _file_size(path) == 0:  # an interrupted copy or upload: say so, not 'cannot identify image file'
+            raise ImageReadError(f"cannot read image {path}: the file is empty (0 bytes)") from exc
+        if _is_heif(path):
+            raise ImageReadError(f"cannot read image {path}: a HEIC/HEIF photo, which this install cannot "
+                                 f"decode; convert it to JPEG or PNG (or set the phone camera to 'Most "
+                                 f"Compatible')") from exc
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
     except (SyntaxError, ValueError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _is_heif(path: Path) -> bool:
+    """Whether the file starts like a HEIF still image (an 'ftyp' box with a HEIF brand)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drywallqa.findings import Finding, FindingsWriter, measure
-from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
+from drywallqa.imageio import HEIF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 from drywallqa.masks import mask_filename, mask_name_endings, write_mask
 from drywallqa.outdir import ensure_writable_dir
 from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights
@@ -20,6 +20,19 @@ from drywallqa.progress import progress_bar
 from drywallqa.vocab import VocabularyError, prompt_to_filename_part
 
 MODEL_SUFFIXES = (".onnx", ".xml", ".engine", ".plan")
+# What a folder or glob gives: the images, and HEIC/HEIF phone photos, which fail with how to convert them
+# instead of being silently left out
+INPUT_SUFFIXES = (*IMAGE_SUFFIXES, *HEIF_SUFFIXES)
+# A batch is also cut at this many source pixels: each image in it is held decoded and as float probabilities at
+# its full size until the batch is written (about 20 bytes a pixel), so four 100-megapixel photos would take
+# 8 GB. Four 12-megapixel phone photos still go in one batch.
+MAX_BATCH_PIXELS = 50_000_000
+
+
+def batch_is_full(shapes: list[tuple[int, int]], batch_size: int) -> bool:
+    """Whether a batch of images of these (height, width) is to be run now: `batch_size` images, or fewer that
+    reach MAX_BATCH_PIXELS (a few huge photos must not be held at full size all at once)."""
+    return len(shapes) >= batch_size or sum(h * w for h, w in shapes) >= MAX_BATCH_PIXELS
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -83,7 +96,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
             if not images:
                 problems.append((text, "folder holds no images"))
             for p in images:
@@ -92,7 +105,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple
             add(path)
         elif glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-            images = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            images = [m for m in matches if m.is_file() and m.suffix.lower() in INPUT_SUFFIXES]
             if not images:
                 problems.append((text, "pattern matches no images"))
             for p in images:
@@ -280,7 +293,7 @@ def predict(
                 bar.update(1)
                 continue
             batch.append((path, image))
-            if len(batch) >= batch_size:
+            if batch_is_full([im.shape[:2] for _, im in batch], batch_size):
                 flush()
         flush()
     finally:

@@ -25,11 +25,13 @@ from typing import NoReturn, TextIO
 import cv2
 import numpy as np
 
-from drywallqa.imageio import IMAGE_SUFFIXES, ImageIOError, ImageReadError, read_image_rgb
+from drywallqa.imageio import HEIF_SUFFIXES, IMAGE_SUFFIXES, ImageIOError, ImageReadError, read_image_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES) - {".gif"}  # a .gif given alone plays as a video (animated GIFs)
+# A .gif given alone plays as a video (animated GIFs). HEIC/HEIF phone photos are listed although this install cannot
+# decode them, so that each is skipped as a corrupt frame whose log line says how to convert it, not ignored silently.
+IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES + HEIF_SUFFIXES) - {".gif"}
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 # Video containers: with `watch`, a path with one of these that is not there yet is a video file to wait for, not a
 # folder to watch.
