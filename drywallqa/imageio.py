@@ -10,9 +10,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # File name endings read as images where a folder is scanned (predict, the edge runtime's folder source).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-# Phone photos this install cannot decode (HEIC/HEIF, the iPhone default): `predict` takes them from a folder
-# anyway, so each is named as failed with how to convert it, instead of being silently left out.
+# HEIC/HEIF phone photos (the iPhone's default). pi-heif decodes them: libheif with libde265 only (LGPL), without
+# pillow-heif's x265 encoder (GPL). On an install without it they are still listed, so that each is named as failed
+# with how to convert it instead of being silently left out.
 HEIF_SUFFIXES = (".heic", ".heif", ".hif")
+try:
+    from pi_heif import register_heif_opener
+except ImportError:
+    HEIF_DECODER = False
+else:
+    register_heif_opener()  # libheif applies the photo's rotation; its EXIF orientation then reads 1
+    HEIF_DECODER = True
 # ISO-BMFF brands (bytes 8..12 of the 'ftyp' box) of HEIF still images, also found under a .jpg name
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
@@ -73,10 +81,13 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
             raise ImageIOError(f"cannot read image {path}: {exc}") from exc
         if _file_size(path) == 0:  # an interrupted copy or upload: say so, not 'cannot identify image file'
             raise ImageReadError(f"cannot read image {path}: the file is empty (0 bytes)") from exc
+        if _is_heif(path) and HEIF_DECODER:
+            raise ImageReadError(f"cannot read image {path}: a HEIC/HEIF photo that could not be decoded "
+                                 f"(damaged, or an incomplete copy)") from exc
         if _is_heif(path):
             raise ImageReadError(f"cannot read image {path}: a HEIC/HEIF photo, which this install cannot "
-                                 f"decode; convert it to JPEG or PNG (or set the phone camera to 'Most "
-                                 f"Compatible')") from exc
+                                 f"decode (pi-heif is missing: pip install pi-heif); or convert it to JPEG or PNG "
+                                 f"(or set the phone camera to 'Most Compatible')") from exc
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
     except (SyntaxError, ValueError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc

@@ -653,23 +653,26 @@ def test_a_photo_whose_copy_stalls_waits_for_its_end(tmp_path, suffix):
         cap.stop()
 
 
-def test_a_watched_folder_names_heic_phone_photos_instead_of_ignoring_them(tmp_path, caplog):
-    """An iPhone syncing into the watched folder writes HEIC by default, which this install cannot decode. Before,
-    those photos were not even listed: the device looked idle while photos piled up. Each is now skipped as a corrupt
-    frame, once, with a log line that says how to convert it; the JPEG beside it is processed."""
+def test_a_watched_folder_takes_heic_phone_photos(tmp_path, caplog):
+    """An iPhone syncing into the watched folder writes HEIC by default. Before, those photos were not even listed:
+    the device looked idle while photos piled up. Each is now read upright (pi-heif); one cut short is skipped as a
+    corrupt frame, once, with a log line that names it."""
     from drywallqa.edge.sources import WatchedFolderSource
 
+    heic = Path(__file__).parent / "data" / "synthetic_rotated.heic"
     folder = tmp_path / "sync"
     folder.mkdir()
-    (folder / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(2000))
-    cv2.imwrite(str(folder / "IMG_0002.jpg"), np.full((24, 32, 3), 77, np.uint8))
+    shutil.copy(heic, folder / "IMG_0001.HEIC")
+    (folder / "IMG_0002.heic").write_bytes(heic.read_bytes()[:400])
+    cv2.imwrite(str(folder / "IMG_0003.jpg"), np.full((24, 32, 3), 77, np.uint8))
     cap = Capture(WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.2), realtime=False).start()
     try:
         frames = _drain(cap, 2.5)
-        assert len(frames) == 1 and cap.stats.corrupt == 1, cap.stats
+        assert sorted(f.image.shape for f in frames) == [(24, 32, 3), (64, 48, 3)] and cap.stats.corrupt == 1, (
+            [f.image.shape for f in frames], cap.stats)
     finally:
         cap.stop()
-    assert "IMG_0001.HEIC" in caplog.text and "HEIC/HEIF" in caplog.text and "convert it" in caplog.text
+    assert "IMG_0002.heic" in caplog.text and "HEIC/HEIF photo that could not be decoded" in caplog.text
 
 
 def test_a_photo_read_before_its_copy_finished_is_read_again_complete(tmp_path):

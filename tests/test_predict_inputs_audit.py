@@ -4,7 +4,10 @@ files, and split files naming photos that are gone. Each case writes real files;
 from __future__ import annotations
 
 import json
-import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from _foundation_fixtures import random_onnx, small_project, write_jpeg
@@ -12,38 +15,60 @@ from PIL import Image
 
 from drywallqa.cli import main
 
+HEIC = Path(__file__).parent / "data" / "synthetic_rotated.heic"
+# A synthetic 64x48 photo (left half red, right half blue, a green band on top), saved by pillow-heif as an iPhone
+# does: EXIF orientation 6, stored as a rotation box. Shown upright it is 48 wide and 64 tall, red on top.
 
-def _heif_bytes(brand: bytes = b"heic") -> bytes:
-    """The start of a HEIF still image (an ISO-BMFF 'ftyp' box with a HEIF brand), then data PIL can't decode."""
-    return b"\x00\x00\x00\x18ftyp" + brand + b"\x00\x00\x00\x00mif1heic" + os.urandom(2000)
 
+def test_heic_phone_photos_are_segmented_upright_at_their_shown_size(tmp_path, capsys):
+    """iPhones save HEIC by default. Before, a folder of them was silently left out (exit 0, no masks); now each is
+    decoded (pi-heif), turned upright as the phone shows it, and gets its masks, in a folder, a glob or by name;
+    a HEIC under a .jpg name (some transfer apps do this) too."""
+    from drywallqa.imageio import read_image_rgb
 
-def test_heic_phone_photos_in_a_folder_are_named_as_failed_with_how_to_convert(tmp_path, capsys):
-    """A folder of phone photos with HEIC among the JPEGs: the HEIC ones must not be silently left out with
-    exit status 0; each is named, says it is HEIC/HEIF and how to convert it, and the others still get masks."""
+    rgb = read_image_rgb(HEIC)
+    assert rgb.shape == (64, 48, 3)
+    top, bottom, right = rgb[20, 10].astype(int), rgb[-10, 10].astype(int), rgb[32, -2].astype(int)
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0] and right[1] > 150 > right[0], (top, bottom, right)
     photos = tmp_path / "photos"
     write_jpeg(photos / "wall.jpg", 40, 60)
-    (photos / "IMG_0001.HEIC").write_bytes(_heif_bytes())
-    (photos / "IMG_0002.heif").write_bytes(_heif_bytes(b"mif1"))
-    (photos / "IMG_0003.jpg").write_bytes(_heif_bytes())  # a HEIC under a .jpg name (some transfer apps do this)
+    shutil.copy(HEIC, photos / "IMG_0001.HEIC")
+    shutil.copy(HEIC, photos / "IMG_0002.jpg")
     out = tmp_path / "out"
     code = main(["predict", "--model", str(random_onnx()), "--prompt", "segment crack", "--out", str(out),
+                 "--quiet", "--backend", "onnxruntime", str(photos), str(tmp_path / "photos" / "*.HEIC")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "IMG_0001__segment_crack.png", "IMG_0002__segment_crack.png", "wall__segment_crack.png"]
+    for name in ("IMG_0001", "IMG_0002"):
+        with Image.open(out / f"{name}__segment_crack.png") as im:
+            assert im.mode == "L" and im.size == (48, 64)
+
+
+def test_a_damaged_heic_is_named_as_failed_and_the_run_goes_on(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    write_jpeg(photos / "wall.jpg", 40, 60)
+    (photos / "IMG_0003.heic").write_bytes(HEIC.read_bytes()[:400])  # a copy cut short
+    code = main(["predict", "--model", str(random_onnx()), "--prompt", "crack", "--out", str(tmp_path / "out"),
                  "--quiet", "--backend", "onnxruntime", str(photos)])
     printed = capsys.readouterr().out
-    assert code == 1, printed
-    assert sorted(p.name for p in out.iterdir()) == ["wall__segment_crack.png"]
-    assert "1 image(s) segmented" in printed and "3 failed" in printed, printed
-    for name in ("IMG_0001.HEIC", "IMG_0002.heif", "IMG_0003.jpg"):
-        line = next(x for x in printed.splitlines() if f"FAILED {photos / name}:" in x)
-        assert "HEIC/HEIF" in line and "convert it to JPEG" in line, line
+    assert code == 1 and "1 failed" in printed, printed
+    line = next(x for x in printed.splitlines() if f"FAILED {photos / 'IMG_0003.heic'}:" in x)
+    assert "HEIC/HEIF photo that could not be decoded" in line, line
+    assert (tmp_path / "out" / "wall__crack.png").exists()
 
 
-def test_heic_only_glob_is_not_reported_as_matching_no_images(tmp_path, capsys):
-    (tmp_path / "IMG_0001.heic").write_bytes(_heif_bytes())
-    code = main(["predict", "--model", str(random_onnx()), "--prompt", "crack", "--out", str(tmp_path / "out"),
-                 "--quiet", "--backend", "onnxruntime", str(tmp_path / "*.heic")])
-    printed = capsys.readouterr().out
-    assert code == 1 and "pattern matches no images" not in printed and "HEIC/HEIF" in printed, printed
+def test_without_the_heic_decoder_a_heic_photo_says_how_to_get_one(tmp_path):
+    """An install without pi-heif (e.g. a platform without its wheel): the photo is named as failed with what to
+    install or how to convert it, not 'cannot identify image file'."""
+    code = ("import sys\nsys.modules['pi_heif'] = None  # as if not installed\n"
+            "from drywallqa.imageio import HEIF_DECODER, ImageReadError, read_image_rgb\n"
+            "assert not HEIF_DECODER\n"
+            "try:\n    read_image_rgb(sys.argv[1])\nexcept ImageReadError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(HEIC)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "this install cannot decode (pi-heif is missing" in done.stdout and "convert it to JPEG" in done.stdout
 
 
 def test_zero_byte_photo_says_the_file_is_empty(tmp_path, capsys):
