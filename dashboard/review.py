@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from drywallqa.edge.render import shrink_to
-from drywallqa.findings import FIELDS as FINDINGS_FIELDS
+from drywallqa.findings import KEY_FIELDS as REPORT_KEY_FIELDS
 from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
 from drywallqa.vocab import load_vocabulary
@@ -110,7 +110,7 @@ def _read_report(path: Path, mtime_ns: int, size: int) -> dict[str, str]:
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            if not set(FINDINGS_FIELDS) <= set(reader.fieldnames or ()):
+            if not set(reader.fieldnames or ()) >= REPORT_KEY_FIELDS:
                 return {}  # some other CSV
             return {row["mask_file"]: row["class_name"] for row in reader
                     if row["mask_file"] and row["class_name"] in classes}

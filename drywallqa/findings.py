@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from drywallqa.edge.analysis import label_regions
+from drywallqa.edge.analysis import crack_length, label_regions
 
 
 @dataclass(frozen=True)
@@ -25,29 +25,39 @@ class Finding:
     mask_file: str
     mask_share: float  # share of the image's pixels in the mask, 0..1
     regions: int  # 8-connected regions of the mask
+    # Skeleton length of the mask in source pixels (the edge's skeleton_length_px), for classes whose mask shape is
+    # `pixels`, as cracks are: which photo has the longest crack. None (an empty cell) for `boxes` classes.
+    length_px: float | None
     max_probability: float  # the class's highest probability anywhere in the image (a near miss shows here)
     mean_probability_in_mask: float  # 0.0 when the mask is empty
     error: str = ""  # why this image has no mask (then every measurement is left empty); "" when it has one
 
 
 FIELDS = [f.name for f in fields(Finding)]
+# What makes a CSV a findings report for a reader (the dashboard's review): reports written before a measurement
+# column was added still qualify.
+KEY_FIELDS = frozenset({"image", "prompt", "class_name", "mask_file"})
 
 
 class ReportWriteError(OSError):
     """The findings CSV cannot be created where it was asked for."""
 
 
-def measure(mask: np.ndarray, class_probs: np.ndarray) -> tuple[float, int, float, float]:
-    """(mask_share, regions, max_probability, mean_probability_in_mask) of one {0,255} mask and the
-    probabilities it was made from, both H x W at the source size."""
+def measure(mask: np.ndarray, class_probs: np.ndarray, length: bool = True
+            ) -> tuple[float, int, float | None, float, float]:
+    """(mask_share, regions, length_px, max_probability, mean_probability_in_mask) of one {0,255} mask and the
+    probabilities it was made from, both H x W at the source size; length_px is None unless `length`."""
     on = mask > 0
     share = float(on.mean()) if on.size else 0.0
     regions = 0
     mean_in = 0.0
+    length_px = 0.0 if length else None
     if on.any():
         regions = label_regions(on.view(np.uint8))[0] - 1
         mean_in = float(cv2.mean(class_probs.astype(np.float32, copy=False), mask=on.view(np.uint8))[0])
-    return share, regions, float(class_probs.max()) if class_probs.size else 0.0, mean_in
+        if length:
+            length_px = crack_length(on.view(np.uint8))
+    return share, regions, length_px, float(class_probs.max()) if class_probs.size else 0.0, mean_in
 
 
 class FindingsWriter:
@@ -68,6 +78,7 @@ class FindingsWriter:
             record = asdict(row)
             for key in ("mask_share", "max_probability", "mean_probability_in_mask"):
                 record[key] = f"{record[key]:.6f}"
+            record["length_px"] = "" if row.length_px is None else f"{row.length_px:.1f}"
             self._writer.writerow(record)
         self._file.flush()
 

@@ -269,7 +269,8 @@ def predict(
                         summary.masks += 1
                         summary.found[prompt] += bool(mask.any())
                         if findings:
-                            rows.append(Finding(str(path), prompt, cls, name, *measure(mask, probs[k])))
+                            pixels = segmenter.metadata.mask_shape(cls) == "pixels"  # a length only for these
+                            rows.append(Finding(str(path), prompt, cls, name, *measure(mask, probs[k], pixels)))
                     summary.images += 1
                 except (OSError, ValueError) as exc:
                     fail(str(path), f"cannot write mask: {exc}")

@@ -159,3 +159,20 @@ def test_the_newest_findings_report_has_the_last_word_on_a_mask(dashboard, tmp_p
         os.utime(masks / name, (mtime, mtime))
     page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
     assert "class='chip cls-taping' href='/review/files/0/pred/wall__hairline.png'" in page
+
+
+def test_a_findings_report_from_before_a_new_column_still_classifies_its_masks(dashboard, tmp_path: Path) -> None:
+    """Reports written before `length_px` was added lack that column: the review must still read their classes (it
+    required every current column, so a new one would have dropped every older report)."""
+    from drywallqa.findings import FIELDS
+
+    images, masks = tmp_path / "images", tmp_path / "pred"
+    _gray(images / "wall.jpg", 90)
+    masks.mkdir()
+    cv2.imwrite(str(masks / mask_filename("wall", "hairline")), np.zeros((48, 64), np.uint8))
+    older = [f for f in FIELDS if f != "length_px"]
+    row = {f: "" for f in older} | {"image": "wall.jpg", "prompt": "hairline", "class_name": "crack",
+                                    "mask_file": "wall__hairline.png"}
+    (masks / "findings.csv").write_text(",".join(older) + "\n" + ",".join(row[f] for f in older) + "\n")
+    page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
+    assert "class='chip cls-crack' href='/review/files/0/pred/wall__hairline.png'" in page

@@ -142,3 +142,6 @@ def test_predict_report_points_at_the_photos_with_cracks(exported, tmp_path):
             assert float(r["mask_share"]) == 0 and int(r["regions"]) == 0, r
         if cls == "crack" and own_class:  # pixel masks: every pixel in them is above the threshold
             assert float(r["mean_probability_in_mask"]) >= info.thresholds[cls], r
+            assert float(r["length_px"]) > 0, r  # and a crack has a length
+        if cls == "taping":  # taping masks are boxes: a length would mean nothing
+            assert r["length_px"] == "", r
