@@ -19,9 +19,14 @@ from PIL import Image
 
 from drywallqa.edge.render import shrink_to
 from drywallqa.findings import KEY_FIELDS as REPORT_KEY_FIELDS
-from drywallqa.imageio import IMAGE_SUFFIXES, ImageReadError, read_image_rgb
+from drywallqa.imageio import HEIF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, read_image_rgb
 from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
 from drywallqa.vocab import load_vocabulary
+
+# Photos the review lists: those `predict` reads, HEIC/HEIF phone photos included.
+REVIEW_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, *HEIF_SUFFIXES)
+# Those a browser shows as they are; any other (HEIC, TIFF) is shown as a JPEG the dashboard renders.
+BROWSER_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif"})
 
 CLASS_COLORS_RGB = {"crack": (255, 40, 40), "taping": (40, 140, 255)}
 OTHER_COLOR_RGB = (255, 200, 0)
@@ -119,7 +124,7 @@ def _read_report(path: Path, mtime_ns: int, size: int) -> dict[str, str]:
 
 
 def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
-    found = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in REVIEW_IMAGE_SUFFIXES)
     unnamed: list[Path] = []
     items: dict[str, ReviewItem] = {}
     for p in found:
@@ -151,7 +156,7 @@ def find_item(images_dir: Path, masks_dir: Path | None, image_id: str) -> Review
         p
         for p in images_dir.glob(glob.escape(image_id) + ".*")
         # 'a.*' also matches 'a.b.jpg', the image with ID 'a.b': keep only this ID's own files
-        if p.stem == image_id and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        if p.stem == image_id and p.is_file() and p.suffix.lower() in REVIEW_IMAGE_SUFFIXES
     )
     if not candidates:
         raise ReviewError(f"no image with ID {image_id!r} in {images_dir}")
@@ -205,8 +210,10 @@ def mask_problems(item: ReviewItem) -> list[str]:
     return problems
 
 
-def render_overlay(item: ReviewItem, max_side: int = 1024, alpha: float = 0.45) -> tuple[bytes, list[str]]:
-    """JPEG of the image with every mask tinted by class and outlined; also a list of per-mask problems."""
+def render_overlay(item: ReviewItem, max_side: int = 1024, alpha: float = 0.45,
+                   plain: bool = False) -> tuple[bytes, list[str]]:
+    """JPEG of the image with every mask tinted by class and outlined (`plain`: the image alone, for a format a
+    browser cannot show); also a list of per-mask problems."""
     try:
         image = read_image_rgb(item.image)
     except ImageReadError as exc:
@@ -215,7 +222,7 @@ def render_overlay(item: ReviewItem, max_side: int = 1024, alpha: float = 0.45) 
     out = image.astype(np.float32)
     outlines: list[tuple[np.ndarray, tuple[int, int, int]]] = []
     problems: list[str] = []
-    for mask_file in item.masks:
+    for mask_file in [] if plain else item.masks:
         try:
             mask = read_mask(mask_file.path)
         except OSError:

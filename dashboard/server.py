@@ -34,6 +34,7 @@ from .auth import (
 )
 from .bridge import BrokerConfig, MqttBridge
 from .review import (
+    BROWSER_IMAGE_SUFFIXES,
     IMAGE_SUFFIXES,
     ReviewError,
     find_item,
@@ -512,7 +513,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _overlay(self, query: dict[str, list[str]]) -> None:
         images, masks = self._review_dirs(query)
         item = find_item(images, masks, (query.get("id") or [""])[0])
-        jpeg, problems = render_overlay(item)
+        jpeg, problems = render_overlay(item, plain=(query.get("plain") or [""])[0] == "1")
         headers = {"Cache-Control": "no-cache"}
         if problems:
             headers["X-Mask-Problems"] = "; ".join(problems)[:1000].encode("ascii", "replace").decode()
@@ -593,6 +594,8 @@ def _review_page(handler: _Handler, images: Path, masks: Path | None, listing, o
             or "<span class='muted'>no masks</span>"
         )
         overlay = "/review/overlay.jpg?" + urlencode({**base, "id": item.image_id})
+        shown = (handler._file_url(item.image) if item.image.suffix.lower() in BROWSER_IMAGE_SUFFIXES
+                 else overlay + "&plain=1")  # HEIC, TIFF: rendered as a JPEG, since a browser cannot show them
         problems = mask_problems(item)  # the overlay stretches a wrong-size mask: say so where it is seen
         warn = (
             "<p class='warn mask-problems'>" + "<br>".join(html.escape(p) for p in problems) + "</p>"
@@ -602,7 +605,7 @@ def _review_page(handler: _Handler, images: Path, masks: Path | None, listing, o
         rows.append(
             f"<figure class='review-item' data-image-id='{html.escape(item.image_id)}'>"
             f"<figcaption><b>{html.escape(item.image_id)}</b> {chips}{warn}</figcaption>"
-            f"<div class='pair'><img loading='lazy' alt='image' src='{handler._file_url(item.image)}'>"
+            f"<div class='pair'><img loading='lazy' alt='image' src='{html.escape(shown)}'>"
             f"<img loading='lazy' alt='masks' class='overlay' src='{overlay}'></div></figure>"
         )
     nav = []

@@ -176,3 +176,34 @@ def test_a_findings_report_from_before_a_new_column_still_classifies_its_masks(d
     (masks / "findings.csv").write_text(",".join(older) + "\n" + ",".join(row[f] for f in older) + "\n")
     page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
     assert "class='chip cls-crack' href='/review/files/0/pred/wall__hairline.png'" in page
+
+
+def test_heic_and_tiff_photos_are_reviewed_as_jpegs_the_dashboard_renders(dashboard, tmp_path: Path) -> None:
+    """Photos `predict` reads but a browser cannot show: HEIC (the iPhone default) was not listed at all, so its
+    masks showed as orphans; a TIFF was listed but linked as is, a broken image in the page. Both are now listed
+    with their masks, and the photo side is a JPEG the dashboard renders (upright, at the photo's shown size)."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    images, masks = tmp_path / "images", tmp_path / "pred"
+    images.mkdir()
+    masks.mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "synthetic_rotated.heic", images / "IMG_0001.HEIC")
+    cv2.imwrite(str(images / "scan.tif"), np.full((30, 40, 3), 90, np.uint8))
+    _gray(images / "wall.jpg", 90)
+    for image_id, (h, w) in (("IMG_0001", (64, 48)), ("scan", (30, 40)), ("wall", (48, 64))):
+        cv2.imwrite(str(masks / mask_filename(image_id, "segment crack")), np.zeros((h, w), np.uint8))
+    page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
+    for image_id, size in (("IMG_0001", (48, 64)), ("scan", (40, 30))):
+        figure = page.split(f"data-image-id='{image_id}'")[1].split("</figure>")[0]
+        assert f"{image_id}__segment_crack.png" in figure  # its mask is beside it, not an orphan
+        src = figure.split("alt='image' src='")[1].split("'")[0].replace("&amp;", "&")
+        assert src.startswith("/review/overlay.jpg?") and src.endswith("&plain=1"), src
+        status, headers, body = http_get(dashboard, src)
+        assert status == 200 and headers.get("Content-Type") == "image/jpeg", (status, headers)
+        with Image.open(io.BytesIO(body)) as im:
+            assert im.size == size
+    wall = page.split("data-image-id='wall'")[1].split("</figure>")[0]
+    assert "alt='image' src='/review/files/" in wall  # a JPEG is linked as it is
