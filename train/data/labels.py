@@ -95,7 +95,9 @@ def read_yolo_labels(path: str | Path, width: int, height: int,
     out = ParsedLabels()
     path = Path(path)
     if not path.exists():
-        out.issues.append(LabelIssue(str(path), 0, "label file missing", fatal=True))
+        # Ultralytics reads an image without a label file as a negative; here it is skipped, so say how to keep it.
+        out.issues.append(LabelIssue(str(path), 0, "label file missing; an empty label file marks an image with "
+                                     "nothing to find", fatal=True))
         return out
     try:
         text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: a BOM must not spoil line 1

@@ -7,9 +7,13 @@ Nothing here needs torch.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import json
+import signal
 import sys
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +39,11 @@ from drywallqa.train.data.labels import (
     read_yolo_labels,
 )
 from drywallqa.train.data.sources import (
-    IMAGE_SUFFIXES,
+    DATA_IMAGE_SUFFIXES,
     DatasetSpec,
     ImageRecord,
     dataset_specs,
+    images_in_subfolders,
     load_data_config,
     orphan_labels,
     yolo_dirs,
@@ -86,7 +91,33 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
+# Every key a data config may hold: a misspelt one (`box_stratgy`, `splitz`, `clas_ids`) would otherwise be
+# ignored and its default used without a word (other masks, another split, every label line rejected).
+CONFIG_KEYS = ("datasets", "box_strategy", "split")
+DATASET_KEYS = ("name", "root", "splits", "format", "class", "class_ids")
+SPLIT_KEYS = ("file", "val_fraction", "seed")
+
+
+def _check_keys(path: Path, where: str, table: object, known: tuple[str, ...]) -> None:
+    if not isinstance(table, dict):
+        return  # the type checks that follow name what is wrong
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise DataConfigError(f"{path}: unknown key {key!r} in {where} ({hint}known: {', '.join(known)})")
+
+
+def _check_config_keys(path: Path, cfg: dict) -> None:
+    _check_keys(path, "the data config", cfg, CONFIG_KEYS)
+    for i, d in enumerate(cfg["datasets"]):
+        name = d.get("name") if isinstance(d, dict) else None
+        _check_keys(path, f"dataset {name!r}" if name else f"dataset {i + 1}", d, DATASET_KEYS)
+    _check_keys(path, "split", cfg.get("split"), SPLIT_KEYS)
+
+
 def _read_specs(path: Path, cfg: dict) -> list[DatasetSpec]:
+    _check_config_keys(path, cfg)
     try:
         specs = dataset_specs(cfg)
     except (KeyError, TypeError, AttributeError) as exc:
@@ -302,6 +333,11 @@ class PrepareSummary:
             lines.append(f"  warning: no validation images in {', '.join(map(repr, no_val))}: training and `drywallqa "
                          f"eval` cannot measure their class; raise split.val_fraction in the data config (or add "
                          f"photos) and prepare again")
+        no_train = [ds for ds, s in d["split"].items() if s["train"] == 0]
+        if no_train:  # one or two base photos can all land in validation: training would never see them
+            lines.append(f"  warning: no training images in {', '.join(map(repr, no_train))}: every photo is on the "
+                         f"validation side, so training never sees them; change split.seed or lower "
+                         f"split.val_fraction in the data config (or add photos) and prepare again")
         lines.append(f"  split file: {self.split_file}")
         for size, path in d["caches"].items():
             lines.append(f"  cache {size}: {path}")
@@ -335,9 +371,17 @@ def require_images(setup: DataSetup, records: dict[str, list[ImageRecord]]) -> N
     for spec in setup.specs:
         if not records[spec.name]:
             folders = ", ".join(str(f) for f in image_folders(spec))
+            nested = sum(len(images_in_subfolders(f)) for f in image_folders(spec))
+            below = f"; {nested} images in its subfolders are not read" if nested else ""
             raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r} has no images in {folders} "
-                                  f"(looked for {' '.join(IMAGE_SUFFIXES)}); put its images there or fix "
-                                  f"'root'/'splits'")
+                                  f"(looked for {' '.join(DATA_IMAGE_SUFFIXES)}{below}); put its images there or "
+                                  f"fix 'root'/'splits'")
+
+
+def subfolder_skips(setup: DataSetup) -> list[str]:
+    """One skip line per image in a subfolder of a dataset's image folder (not read: see `images_in_subfolders`)."""
+    return [f"{path}: in a subfolder of {folder}, which is not read; move it (and its label) up into {folder}"
+            for spec in setup.specs for folder in image_folders(spec) for path in images_in_subfolders(folder)]
 
 
 def require_label_folders(setup: DataSetup) -> None:
@@ -423,7 +467,10 @@ def _add_example(ex: Example, summary: PrepareSummary, first_skip: dict[str, str
     summary.issues += [i for i in ex.labels.issues if not i.fatal]
     if ex.skipped is not None:
         summary.skipped.append(ex.skipped)
-        first_skip.setdefault(rec.dataset, ex.skipped)
+        # require_kept's one-line error is all the user sees (no summary): name a rejected line's reason there.
+        rejected = [i for i in ex.labels.issues if not i.fatal]
+        first_skip.setdefault(rec.dataset, f"{ex.skipped}; first rejected line: {rejected[0]}" if rejected
+                              else ex.skipped)
         return False
     assert ex.image is not None and ex.mask is not None
     summary.images[rec.dataset] += 1
@@ -471,6 +518,20 @@ def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split
         raise
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a `timeout`, a CI job or service stopping) ends the run as Ctrl-C does: through the cleanup
+    that removes the half-written work folders (their disk space reserved up front: gigabytes at --sizes 512)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def prepare(
     setup: DataSetup,
     sizes: list[int],
@@ -494,8 +555,10 @@ def prepare(
                              fingerprint=fingerprint(records, setup.box_strategy))
     summary.issues += coco_file_issues(setup, records)
     summary.orphans = [str(p) for spec in setup.specs if spec.format == "yolo" for p in orphan_labels(spec)]
+    summary.skipped += subfolder_skips(setup)
     check_free_space(out_dir, sum(map(len, records.values())), sizes)
-    _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
+    with _sigterm_as_interrupt():
+        _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
     write_split(target, split, setup.seed, setup.val_fraction)
     (out_dir / "prepare_summary.json").write_text(json.dumps(summary.as_dict(), indent=1) + "\n", encoding="utf-8")
     return summary

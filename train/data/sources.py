@@ -7,11 +7,16 @@ from pathlib import Path
 
 import yaml
 
-from drywallqa.imageio import IMAGE_SUFFIXES  # one list of image endings for predict, edge and the data code
+from drywallqa.imageio import HEIF_SUFFIXES, IMAGE_SUFFIXES  # one list of endings for predict, edge and data
 from drywallqa.paths import PROJECT_ROOT
 
-__all__ = ["IMAGE_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "DatasetSpec", "ImageRecord", "load_data_config",
-           "dataset_specs", "image_files", "yolo_dirs", "yolo_records", "orphan_labels"]
+__all__ = ["IMAGE_SUFFIXES", "DATA_IMAGE_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "DatasetSpec", "ImageRecord",
+           "load_data_config", "dataset_specs", "image_files", "images_in_subfolders", "yolo_dirs", "yolo_records",
+           "orphan_labels"]
+
+# The endings read from a dataset's image folder: HEIC/HEIF phone photos too (decoded, upright, by
+# `read_image_rgb`), as `drywallqa predict` reads them; left out, they were dropped without a word.
+DATA_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, *HEIF_SUFFIXES)
 
 # A YOLO export of one class numbers it 0; a dataset's `class_ids` in the data config overrides this.
 DEFAULT_YOLO_CLASS_IDS = (0,)
@@ -69,8 +74,17 @@ def dataset_specs(config: dict, root: Path | None = None) -> list[DatasetSpec]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Sorted image files of a folder (endings as `drywallqa.imageio.IMAGE_SUFFIXES`, any case)."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Sorted image files of a folder (endings as `DATA_IMAGE_SUFFIXES`, any case)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in DATA_IMAGE_SUFFIXES and p.is_file())
+
+
+def images_in_subfolders(folder: Path) -> list[Path]:
+    """Image files below a folder's subfolders, which `image_files` does not read (ids and the split are by file
+    name, which two subfolders may share): listed so that they are reported, not dropped without a word."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in DATA_IMAGE_SUFFIXES
+                  and p.is_file())
 
 
 def yolo_dirs(spec: DatasetSpec, split: str) -> tuple[Path, Path]:

@@ -1,0 +1,163 @@
+"""`drywallqa data prepare` on the messy YOLO exports of one's own site photos (README "Fine-tune on your own
+photos"): real files on disk, the real command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from _foundation_fixtures import make_yolo_dataset, small_project, write_data_config
+from PIL import Image
+
+from drywallqa.cli import main
+from drywallqa.paths import PROJECT_ROOT
+from drywallqa.train.data.cache import open_cache
+
+HEIC = PROJECT_ROOT / "tests" / "data" / "synthetic_rotated.heic"
+
+
+def _prepare(cfg: Path, out: Path, *extra: str) -> int:
+    return main(["data", "prepare", "--config", str(cfg), "--sizes", "16", "--out", str(out), "--quiet", *extra])
+
+
+def _one_dataset(tmp_path: Path, names: list[str], **entry) -> Path:
+    make_yolo_dataset(tmp_path / "site", names)
+    return write_data_config(tmp_path / "own.yaml", [{"name": "site", "root": str(tmp_path / "site"),
+                                                      "format": "yolo", "class": "crack", **entry}], None)
+
+
+@pytest.mark.parametrize("where,key,value,suggestion", [
+    ("top", "box_stratgy", "centre_band", "box_strategy"),  # was ignored: filled boxes instead of bands
+    ("dataset", "clas_ids", [1], "class_ids"),  # was ignored: every class-1 line rejected
+    ("dataset", "splitz", ["valid"], "splits"),  # was ignored: train/ read instead
+    ("split", "val_fracton", 0.5, "val_fraction"),  # was ignored: 0.15 used
+])
+def test_a_misspelt_data_config_key_is_refused_with_the_right_one(tmp_path, capsys, where, key, value, suggestion):
+    cfg_path = _one_dataset(tmp_path, ["a", "b"])
+    cfg = yaml.safe_load(cfg_path.read_text())
+    {"top": cfg, "dataset": cfg["datasets"][0], "split": cfg["split"]}[where][key] = value
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert _prepare(cfg_path, tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("drywallqa: error: ") and err.count("\n") == 1, err
+    assert f"unknown key {key!r}" in err and f"did you mean {suggestion!r}?" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "own.split.json").exists()
+
+
+def test_the_shipped_data_configs_have_only_known_keys():
+    from drywallqa.train.data.prepare import load_setup
+
+    for name in ("data.yaml", "own_data.yaml"):
+        assert load_setup(PROJECT_ROOT / "configs" / name).specs
+
+
+def test_a_heic_phone_photo_in_a_dataset_is_read_upright_not_dropped(tmp_path, capsys):
+    cfg = _one_dataset(tmp_path, ["a", "b"])
+    shutil.copy(HEIC, tmp_path / "site" / "train" / "images" / "IMG_0001.HEIC")
+    (tmp_path / "site" / "train" / "labels" / "IMG_0001.txt").write_text("0 0.5 0.25 1 0.5\n")  # top half
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    assert "images kept: 3" in out and "label files without an image (ignored): 0" in out
+    _, masks, meta, _ = open_cache(tmp_path / "cache", 16)
+    row = [m["file"] for m in meta].index("IMG_0001.HEIC")
+    assert masks[row][:8].all() and not masks[row][8:].any()
+
+
+def test_images_in_subfolders_are_reported_not_dropped_without_a_word(tmp_path, capsys):
+    cfg = _one_dataset(tmp_path, ["a", "b"])
+    make_yolo_dataset(tmp_path / "nested", ["deep"])
+    shutil.move(tmp_path / "nested" / "train" / "images", tmp_path / "site" / "train" / "images" / "day2")
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    deep = tmp_path / "site" / "train" / "images" / "day2" / "deep.jpg"
+    assert "images kept: 2" in out and f"{deep}: in a subfolder of" in out and "which is not read" in out
+    summary = json.loads((tmp_path / "cache" / "prepare_summary.json").read_text())
+    assert any(s.startswith(str(deep)) for s in summary["skipped"])
+
+
+def test_a_dataset_whose_every_photo_is_in_validation_is_warned_about(tmp_path, capsys):
+    """One or two base photos can all land in validation: training would never see them."""
+    cfg_path = _one_dataset(tmp_path, ["IMG_0001_jpg.rf.aa", "IMG_0001_jpg.rf.bb"])
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["split"]["val_fraction"] = 0.999
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert _prepare(cfg_path, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    assert "split site: train 0 images / 0 base photos, val 2 images / 1 base photos" in out
+    assert "warning: no training images in 'site'" in out and "split.seed" in out
+
+
+def test_a_missing_label_file_says_how_to_mark_a_photo_with_nothing_to_find(tmp_path, capsys):
+    cfg = _one_dataset(tmp_path, ["a", "b"])
+    (tmp_path / "site" / "train" / "labels" / "b.txt").unlink()
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    assert "b.jpg: label file missing; an empty label file marks an image with nothing to find" in out
+
+
+def test_a_dataset_with_no_usable_label_names_the_reason_in_its_one_line_error(tmp_path, capsys):
+    """A two-class export numbers the class 1: the error is all the user sees, so it names why lines failed."""
+    cfg = _one_dataset(tmp_path, ["a", "b"])
+    for name in ("a", "b"):
+        (tmp_path / "site" / "train" / "labels" / f"{name}.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+    assert _prepare(cfg, tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none of its 2 images could be used" in err
+    assert "class id 1 is not one of this dataset's class ids [0] (set class_ids" in err
+
+
+def test_exif_rotated_photo_and_its_labels_are_both_upright(tmp_path, capsys):
+    """YOLO tools label the photo as shown (EXIF orientation applied); the mask must match the decoded image."""
+    cfg = _one_dataset(tmp_path, ["a"])
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[:, :32] = 255  # left half white as stored; orientation 6 shows it as the top half of a 48 x 64 photo
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "site" / "train" / "images" / "turned.jpg", exif=exif, quality=95)
+    (tmp_path / "site" / "train" / "labels" / "turned.txt").write_text("0 0.5 0.25 1 0.5\r\n\r\n")  # top half
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    images, masks, meta, _ = open_cache(tmp_path / "cache", 16)
+    row = [m["file"] for m in meta].index("turned.jpg")
+    assert masks[row][:8].all() and not masks[row][8:].any()
+    assert images[row][:7].min() > 200 and images[row][9:].max() < 50
+
+
+def test_sigterm_mid_prepare_keeps_the_old_cache_and_leaves_no_work_folder(tmp_path):
+    """kill / a service stop during prepare ends it like Ctrl-C: the hidden work folder (its space reserved up
+    front, gigabytes at --sizes 512) is removed and the old cache and split are kept."""
+    cfg = small_project(tmp_path, n_crack=2, n_wall=2)
+    out = tmp_path / "cache"
+    assert _prepare(cfg, out) == 0
+    before = {p: p.read_bytes() for p in [*sorted((out / "16").iterdir()), tmp_path / "split.json"]}
+    make_yolo_dataset(tmp_path / "walls", ["zz_late"])
+    label = tmp_path / "walls" / "train" / "labels" / "zz_late.txt"
+    label.unlink()
+    os.mkfifo(label)  # reading this label blocks: prepare is held mid-run, its work folder open
+    proc = subprocess.Popen([sys.executable, "-m", "drywallqa.cli", "data", "prepare", "--config", str(cfg),
+                             "--sizes", "16", "--out", str(out), "--quiet", "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".16.partial").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / ".16.partial").exists(), proc.communicate(timeout=5)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "drywallqa: error: interrupted" in err, (proc.returncode, err)
+    assert sorted(p.name for p in out.iterdir()) == ["16", "prepare_summary.json"]
+    assert {p: p.read_bytes() for p in before} == before
