@@ -59,13 +59,15 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
-    from drywallqa.train.data.prepare import load_setup, write_split_file
+    from drywallqa.train.data.prepare import load_setup, split_warnings, write_split_file
 
     setup = load_setup(args.config)
     path, sizes = write_split_file(setup, args.split_file)
     for ds, s in sizes.items():
         print(f"{ds}: train {s['train']} images / {s['train_bases']} base photos, "
               f"val {s['val']} images / {s['val_bases']} base photos")
+    for warning in split_warnings(sizes, "split"):
+        print(warning)
     print(f"wrote {path}")
     return 0
 

@@ -93,7 +93,10 @@ def test_a_dataset_whose_every_photo_is_in_validation_is_warned_about(tmp_path, 
     assert _prepare(cfg_path, tmp_path / "cache") == 0
     out = capsys.readouterr().out
     assert "split site: train 0 images / 0 base photos, val 2 images / 1 base photos" in out
-    assert "warning: no training images in 'site'" in out and "split.seed" in out
+    assert "warning: no training images in 'site'" in out and "split.seed" in out and "prepare again" in out
+    assert main(["data", "split", "--config", str(cfg_path), "--split-file", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out  # `data split` alone says it too
+    assert "warning: no training images in 'site'" in out and "split again" in out
 
 
 def test_a_missing_label_file_says_how_to_mark_a_photo_with_nothing_to_find(tmp_path, capsys):

@@ -328,16 +328,7 @@ class PrepareSummary:
         for ds, s in d["split"].items():
             lines.append(f"  split {ds}: train {s['train']} images / {s['train_bases']} base photos, "
                          f"val {s['val']} images / {s['val_bases']} base photos")
-        no_val = [ds for ds, s in d["split"].items() if s["val"] == 0]
-        if no_val:  # common with a handful of one's own photos
-            lines.append(f"  warning: no validation images in {', '.join(map(repr, no_val))}: training and `drywallqa "
-                         f"eval` cannot measure their class; raise split.val_fraction in the data config (or add "
-                         f"photos) and prepare again")
-        no_train = [ds for ds, s in d["split"].items() if s["train"] == 0]
-        if no_train:  # one or two base photos can all land in validation: training would never see them
-            lines.append(f"  warning: no training images in {', '.join(map(repr, no_train))}: every photo is on the "
-                         f"validation side, so training never sees them; change split.seed or lower "
-                         f"split.val_fraction in the data config (or add photos) and prepare again")
+        lines += [f"  {w}" for w in split_warnings(d["split"], "prepare")]
         lines.append(f"  split file: {self.split_file}")
         for size, path in d["caches"].items():
             lines.append(f"  cache {size}: {path}")
@@ -403,6 +394,22 @@ def warn_unassigned(count: int, split_file: Path) -> None:
     if count:
         print(f"drywallqa: warning: {count} images are not in {split_file} and are left out of both sides; run "
               f"`drywallqa data split` to assign them", file=sys.stderr)
+
+
+def split_warnings(sizes: dict[str, dict[str, int]], command: str) -> list[str]:
+    """Warnings about a side of the split with no image of a dataset (`command`: what to run again after a fix)."""
+    warnings = []
+    no_val = [ds for ds, s in sizes.items() if s["val"] == 0]
+    if no_val:  # common with a handful of one's own photos
+        warnings.append(f"warning: no validation images in {', '.join(map(repr, no_val))}: training and `drywallqa "
+                        f"eval` cannot measure their class; raise split.val_fraction in the data config (or add "
+                        f"photos) and {command} again")
+    no_train = [ds for ds, s in sizes.items() if s["train"] == 0]
+    if no_train:  # one or two base photos can all land in validation: training would never see them
+        warnings.append(f"warning: no training images in {', '.join(map(repr, no_train))}: every photo is on the "
+                        f"validation side, so training never sees them; change split.seed or lower "
+                        f"split.val_fraction in the data config (or add photos) and {command} again")
+    return warnings
 
 
 def write_split_file(setup: DataSetup, split_file: Path | None = None) -> tuple[Path, dict[str, dict[str, int]]]:
