@@ -5,7 +5,7 @@ Topics, under `<prefix>/<device_id>/`:
 - `detections` QoS 0, rate-limited: DetectionPayload (per-frame summary)
 - `alerts`     QoS 1: AlertPayload (unique event_id; consumers deduplicate on it)
 - `cmd`        inbound: CommandPayload (pause, resume, set_prompts, snapshot)
-- `snapshot`   QoS 1: SnapshotPayload (reply to a snapshot command, and the latest annotated frame)
+- `snapshot`   QoS 1: SnapshotPayload (reply to a snapshot command: the latest frame with masks drawn)
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ folder then records its photo as processed, so a restart processes again only th
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import queue
@@ -236,6 +237,18 @@ class EdgeRunner:
         """The alert rules, each checked to watch a class that `watched` analyses (else it could never fire)."""
         engine = AlertEngine.from_settings(self.settings.alerts, self._resolve_class)
         unwatched_rules(engine, watched, raise_as=ConfigError)
+        skeleton_classes = self.settings.analysis.skeleton_classes
+        unknown = [c for c in skeleton_classes if c not in self.meta.classes]
+        if unknown:  # a typo ('cracks') would leave every length 0 and every length rule silent
+            near = difflib.get_close_matches(unknown[0], self.meta.classes, n=1)
+            raise ConfigError(f"analysis.skeleton_classes: {unknown[0]!r} is not a class of the model"
+                              f"{f' (did you mean {near[0]!r}?)' if near else ''}; its classes: "
+                              f"{', '.join(self.meta.classes)}")
+        for i, rule in enumerate(engine.rules):  # a length is measured only for these classes: 0 for the others
+            if rule.metric == "skeleton_length_px" and rule.min > 0 and rule.class_name not in skeleton_classes:
+                raise ConfigError(f"alerts.{i}: a skeleton_length_px rule on class {rule.class_name!r} could never "
+                                  f"fire: lengths are measured only for analysis.skeleton_classes "
+                                  f"{skeleton_classes} (the model's classes: {', '.join(self.meta.classes)})")
         return engine
 
     def _resolve_class(self, prompt_or_class: str) -> str:
@@ -255,7 +268,10 @@ class EdgeRunner:
 
     # -- status ------------------------------------------------------------------------------------------
     def status(self, state: str) -> StatusPayload:
+        """`state` "online" is "paused" while paused: the status sent on (re)connecting says so too."""
         cap = self.capture.stats if self.capture else None
+        if state == "online" and self.paused:
+            state = "paused"
         return StatusPayload(
             device_id=self.settings.mqtt.device_id,
             state=state,  # type: ignore[arg-type]
