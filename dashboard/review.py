@@ -19,12 +19,16 @@ from PIL import Image
 
 from drywallqa.edge.render import shrink_to
 from drywallqa.findings import KEY_FIELDS as REPORT_KEY_FIELDS
-from drywallqa.imageio import HEIF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, read_image_rgb
+from drywallqa.imageio import (
+    READ_SUFFIXES,
+    ImageReadError,
+    read_image_rgb,
+    without_heif_copies,
+)
 from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
 from drywallqa.vocab import load_vocabulary
 
-# Photos the review lists: those `predict` reads, HEIC/HEIF phone photos included.
-REVIEW_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, *HEIF_SUFFIXES)
+REVIEW_IMAGE_SUFFIXES = READ_SUFFIXES  # the photos `predict` reads, HEIC/HEIF phone photos included
 # Those a browser shows as they are; any other (HEIC, TIFF) is shown as a JPEG the dashboard renders.
 BROWSER_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif"})
 
@@ -124,7 +128,8 @@ def _read_report(path: Path, mtime_ns: int, size: int) -> dict[str, str]:
 
 
 def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
-    found = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in REVIEW_IMAGE_SUFFIXES)
+    found = without_heif_copies(
+        sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in REVIEW_IMAGE_SUFFIXES))
     unnamed: list[Path] = []
     items: dict[str, ReviewItem] = {}
     for p in found:
@@ -152,12 +157,12 @@ def find_item(images_dir: Path, masks_dir: Path | None, image_id: str) -> Review
     """One image and its masks, without listing the whole folders (called once per overlay request)."""
     if not image_id or "/" in image_id or image_id.startswith("."):
         raise ReviewError(f"bad image ID {image_id!r}")
-    candidates = sorted(
+    candidates = without_heif_copies(sorted(
         p
         for p in images_dir.glob(glob.escape(image_id) + ".*")
         # 'a.*' also matches 'a.b.jpg', the image with ID 'a.b': keep only this ID's own files
         if p.stem == image_id and p.is_file() and p.suffix.lower() in REVIEW_IMAGE_SUFFIXES
-    )
+    ))
     if not candidates:
         raise ReviewError(f"no image with ID {image_id!r} in {images_dir}")
     item = ReviewItem(image_id, candidates[0])

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urlencode, urlsplit
 
+from drywallqa.imageio import IMAGE_SUFFIXES
 from drywallqa.vocab import load_vocabulary
 
 from .auth import (
@@ -35,7 +36,6 @@ from .auth import (
 from .bridge import BrokerConfig, MqttBridge
 from .review import (
     BROWSER_IMAGE_SUFFIXES,
-    IMAGE_SUFFIXES,
     ReviewError,
     find_item,
     list_review,

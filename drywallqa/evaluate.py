@@ -234,7 +234,7 @@ def run_eval(
         raise FileNotFoundError(f"no images on the {split!r} side of {split_path}"
                                 + (f": all {len(missing)} it lists are missing, e.g. {missing[0]}" if missing else ""))
     if missing:
-        print(f"drywallqa: warning: {len(missing)} images on the {split!r} side of {split_path} are missing and "
+        print(f"drywallqa: warning: {len(missing)} image(s) on the {split!r} side of {split_path} are missing and "
               f"left out (listed under skipped images; restore them, or run `drywallqa data split`), e.g. "
               f"{missing[0]}", file=sys.stderr)
 

@@ -25,12 +25,13 @@ class Finding:
     mask_file: str
     mask_share: float  # share of the image's pixels in the mask, 0..1
     regions: int  # 8-connected regions of the mask
-    # Skeleton length of the mask in source pixels (the edge's skeleton_length_px), for classes whose mask shape is
-    # `pixels`, as cracks are: which photo has the longest crack. None (an empty cell) for `boxes` classes.
-    length_px: float | None
     max_probability: float  # the class's highest probability anywhere in the image (a near miss shows here)
     mean_probability_in_mask: float  # 0.0 when the mask is empty
     error: str = ""  # why this image has no mask (then every measurement is left empty); "" when it has one
+    # Skeleton length of the mask in source pixels (the edge's skeleton_length_px), for classes whose mask shape is
+    # `pixels`, as cracks are: which photo has the longest crack. None (an empty cell) for `boxes` classes. Last, so
+    # that the columns of reports written before it keep their places.
+    length_px: float | None = None
 
 
 FIELDS = [f.name for f in fields(Finding)]
@@ -44,8 +45,8 @@ class ReportWriteError(OSError):
 
 
 def measure(mask: np.ndarray, class_probs: np.ndarray, length: bool = True
-            ) -> tuple[float, int, float | None, float, float]:
-    """(mask_share, regions, length_px, max_probability, mean_probability_in_mask) of one {0,255} mask and the
+            ) -> tuple[float, int, float, float, float | None]:
+    """(mask_share, regions, max_probability, mean_probability_in_mask, length_px) of one {0,255} mask and the
     probabilities it was made from, both H x W at the source size; length_px is None unless `length`."""
     on = mask > 0
     share = float(on.mean()) if on.size else 0.0
@@ -57,7 +58,7 @@ def measure(mask: np.ndarray, class_probs: np.ndarray, length: bool = True
         mean_in = float(cv2.mean(class_probs.astype(np.float32, copy=False), mask=on.view(np.uint8))[0])
         if length:
             length_px = crack_length(on.view(np.uint8))
-    return share, regions, length_px, float(class_probs.max()) if class_probs.size else 0.0, mean_in
+    return share, regions, float(class_probs.max()) if class_probs.size else 0.0, mean_in, length_px
 
 
 class FindingsWriter:

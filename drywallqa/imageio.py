@@ -21,6 +21,16 @@ except ImportError:
 else:
     register_heif_opener()  # libheif applies the photo's rotation; its EXIF orientation then reads 1
     HEIF_DECODER = True
+# Every ending a folder or glob of photos is read for (predict, eval, data prepare, the edge's folders, the review).
+READ_SUFFIXES = (*IMAGE_SUFFIXES, *HEIF_SUFFIXES)
+
+
+def without_heif_copies(paths: list[Path]) -> list[Path]:
+    """`paths` less each HEIC/HEIF photo that has a sibling of the same name in another format (IMG_0001.HEIC beside
+    IMG_0001.JPG: the phone's or a converter's copy of one photo). Both would be one image id, and the copy decodes
+    everywhere."""
+    others = {(p.parent, p.stem) for p in paths if p.suffix.lower() not in HEIF_SUFFIXES}
+    return [p for p in paths if p.suffix.lower() not in HEIF_SUFFIXES or (p.parent, p.stem) not in others]
 # ISO-BMFF brands (bytes 8..12 of the 'ftyp' box) of HEIF still images, also found under a .jpg name
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drywallqa.findings import Finding, FindingsWriter, measure
-from drywallqa.imageio import HEIF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, read_image_rgb
+from drywallqa.imageio import READ_SUFFIXES, ImageReadError, read_image_rgb, without_heif_copies
 from drywallqa.masks import mask_filename, mask_name_endings, write_mask
 from drywallqa.outdir import ensure_writable_dir
 from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights
@@ -20,9 +20,6 @@ from drywallqa.progress import progress_bar
 from drywallqa.vocab import VocabularyError, prompt_to_filename_part
 
 MODEL_SUFFIXES = (".onnx", ".xml", ".engine", ".plan")
-# What a folder or glob gives: the images, and HEIC/HEIF phone photos, which fail with how to convert them
-# instead of being silently left out
-INPUT_SUFFIXES = (*IMAGE_SUFFIXES, *HEIF_SUFFIXES)
 # A batch is also cut at this many source pixels: each image in it is held decoded and as float probabilities at
 # its full size until the batch is written (about 20 bytes a pixel), so four 100-megapixel photos would take
 # 8 GB. Four 12-megapixel phone photos still go in one batch.
@@ -96,7 +93,8 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+            images = without_heif_copies(
+                sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in READ_SUFFIXES))
             if not images:
                 problems.append((text, "folder holds no images"))
             for p in images:
@@ -105,7 +103,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple
             add(path)
         elif glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-            images = [m for m in matches if m.is_file() and m.suffix.lower() in INPUT_SUFFIXES]
+            images = without_heif_copies([m for m in matches if m.is_file() and m.suffix.lower() in READ_SUFFIXES])
             if not images:
                 problems.append((text, "pattern matches no images"))
             for p in images:
@@ -270,7 +268,9 @@ def predict(
                         summary.found[prompt] += bool(mask.any())
                         if findings:
                             pixels = segmenter.metadata.mask_shape(cls) == "pixels"  # a length only for these
-                            rows.append(Finding(str(path), prompt, cls, name, *measure(mask, probs[k], pixels)))
+                            share, regions, peak, mean_in, length = measure(mask, probs[k], pixels)
+                            rows.append(Finding(str(path), prompt, cls, name, share, regions, peak, mean_in,
+                                                length_px=length))
                     summary.images += 1
                 except (OSError, ValueError) as exc:
                     fail(str(path), f"cannot write mask: {exc}")
@@ -286,13 +286,13 @@ def predict(
                                 f"those (rename one)")
                 bar.update(1)
                 continue
-            owners[path.stem] = path
             try:
                 image = read_image_rgb(path)
-            except ImageReadError as exc:
+            except ImageReadError as exc:  # it writes no masks, so another image of its id still may
                 fail(str(path), str(exc))
                 bar.update(1)
                 continue
+            owners[path.stem] = path
             batch.append((path, image))
             if batch_is_full([im.shape[:2] for _, im in batch], batch_size):
                 flush()

@@ -24,7 +24,7 @@ def resize_interpolation(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> in
     A 640 -> 512 shrink is the common case (the dataset's and many cameras' frames, the models' input):
     INTER_AREA at that non-integer ratio costs ~2.4 ms of CPU per frame against ~0.5 ms for bilinear, which
     on a 2-core device is CPU taken from the network, and on the validation split the two score the same
-    (IoU within 0.07 points for both shipped models, see MODEL.md).
+    (IoU within 0.07 points for both shipped models, see docs/model_history.md, "Shrinking 640 → 512").
     """
     factor = max(src_hw[0] / dst_hw[0], src_hw[1] / dst_hw[1])
     return cv2.INTER_AREA if factor >= AREA_FROM_FACTOR else cv2.INTER_LINEAR

@@ -306,7 +306,7 @@ class EdgeRunner:
 
     def _publish_status(self) -> None:
         if self.link is not None:
-            self.link.send_status(self.status("paused" if self.paused else "online"))
+            self.link.send_status(self.status("online"))  # "paused" while paused: status() says so
         self._last_status = time.monotonic()
 
     def _on_source_state(self, state: str) -> None:

@@ -25,13 +25,11 @@ from typing import NoReturn, TextIO
 import cv2
 import numpy as np
 
-from drywallqa.imageio import HEIF_SUFFIXES, IMAGE_SUFFIXES, ImageIOError, ImageReadError, read_image_rgb
+from drywallqa.imageio import READ_SUFFIXES, ImageIOError, ImageReadError, read_image_rgb
 
 log = logging.getLogger(__name__)
 
-# A .gif given alone plays as a video (animated GIFs). HEIC/HEIF phone photos are listed although this install cannot
-# decode them, so that each is skipped as a corrupt frame whose log line says how to convert it, not ignored silently.
-IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES + HEIF_SUFFIXES) - {".gif"}
+IMAGE_EXTENSIONS = frozenset(READ_SUFFIXES) - {".gif"}  # a .gif given alone plays as a video (animated GIFs)
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 # Video containers: with `watch`, a path with one of these that is not there yet is a video file to wait for, not a
 # folder to watch.
@@ -629,7 +627,6 @@ class WatchedFolderSource(FrameSource):
         super().__init__(uri)
         self.poll_s, self.settle_s, self.incomplete_s, self.forget_s = poll_s, settle_s, incomplete_s, forget_s
         self.retry_s, self.io_attempts = retry_s, io_attempts
-        self._root = _glob_root(uri) if _is_glob(uri) else uri
         self._lock = threading.Lock()  # done() comes from the consumer's thread
         self._record = WatchRecord(record_path, uri)
         self._done = self._record.load()  # path -> (size, mtime_ns): finished with, as the record file holds

@@ -53,6 +53,15 @@ def test_a_misspelt_data_config_key_is_refused_with_the_right_one(tmp_path, caps
     assert not (tmp_path / "cache").exists() and not (tmp_path / "own.split.json").exists()
 
 
+def test_a_block_of_yaml_anchors_under_an_x_key_is_the_users_own(tmp_path, capsys):
+    """`x-site: &site {...}` then `<<: *site` in each dataset: the user's own key, not a misspelt one."""
+    make_yolo_dataset(tmp_path / "site", ["a", "b"])
+    cfg = tmp_path / "own.yaml"
+    cfg.write_text(f"x-site: &site {{root: {tmp_path / 'site'}, format: yolo}}\n"
+                   f"datasets:\n  - {{<<: *site, name: site, class: crack}}\n")
+    assert _prepare(cfg, tmp_path / "cache") == 0, capsys.readouterr().err
+
+
 def test_the_shipped_data_configs_have_only_known_keys():
     from drywallqa.train.data.prepare import load_setup
 
@@ -72,16 +81,40 @@ def test_a_heic_phone_photo_in_a_dataset_is_read_upright_not_dropped(tmp_path, c
     assert masks[row][:8].all() and not masks[row][8:].any()
 
 
+def test_a_heic_beside_its_jpeg_copy_is_one_photo_not_two(tmp_path, capsys):
+    """IMG_0001.HEIC and IMG_0001.jpg (a converted copy) share one label file and one image id: the copy is read and
+    the HEIC left aside, so the photo is not trained on twice."""
+    cfg = _one_dataset(tmp_path, ["a", "IMG_0001"])
+    shutil.copy(HEIC, tmp_path / "site" / "train" / "images" / "IMG_0001.HEIC")
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    assert "images kept: 2" in capsys.readouterr().out
+    _, _, meta, _ = open_cache(tmp_path / "cache", 16)
+    assert sorted(m["file"] for m in meta) == ["IMG_0001.jpg", "a.jpg"]
+
+
 def test_images_in_subfolders_are_reported_not_dropped_without_a_word(tmp_path, capsys):
     cfg = _one_dataset(tmp_path, ["a", "b"])
     make_yolo_dataset(tmp_path / "nested", ["deep"])
     shutil.move(tmp_path / "nested" / "train" / "images", tmp_path / "site" / "train" / "images" / "day2")
     assert _prepare(cfg, tmp_path / "cache") == 0
     out = capsys.readouterr().out
-    deep = tmp_path / "site" / "train" / "images" / "day2" / "deep.jpg"
-    assert "images kept: 2" in out and f"{deep}: in a subfolder of" in out and "which is not read" in out
+    folder = tmp_path / "site" / "train" / "images"
+    assert "images kept: 2" in out
+    assert f"{folder}: 1 image(s) in its subfolders are not read (e.g. {folder / 'day2' / 'deep.jpg'})" in out
     summary = json.loads((tmp_path / "cache" / "prepare_summary.json").read_text())
-    assert any(s.startswith(str(deep)) for s in summary["skipped"])
+    assert any(s.startswith(f"{folder}: 1 image(s)") for s in summary["skipped"])
+
+
+def test_hidden_and_macos_folders_below_the_images_are_not_reported(tmp_path, capsys):
+    """A zip made on a Mac carries __MACOSX/._IMG.jpg resource forks, and tools leave .cache/ folders: not photos
+    anyone meant to train on, so not reported as images left unread."""
+    cfg = _one_dataset(tmp_path, ["a", "b"])
+    folder = tmp_path / "site" / "train" / "images"
+    for junk in ("__MACOSX/._a.jpg", ".cache/thumb.jpg"):
+        (folder / junk).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "a.jpg", folder / junk)
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    assert "in its subfolders" not in capsys.readouterr().out
 
 
 def test_a_dataset_whose_every_photo_is_in_validation_is_warned_about(tmp_path, capsys):

@@ -69,6 +69,7 @@ def test_every_documented_command_is_valid_and_every_command_is_documented():
     commands = command_examples(DOC.read_text(encoding="utf-8"))
     for command in commands:
         CommandPayload.model_validate(command)
+    assert set().union(*commands) == fields(CommandPayload), "the examples together show every command field"
     documented = {c["command"] for c in commands}
     allowed = set(CommandPayload.model_fields["command"].annotation.__args__)
     assert documented == allowed, f"documented {sorted(documented)}, accepted {sorted(allowed)}"

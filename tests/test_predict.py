@@ -216,12 +216,12 @@ def test_findings_measure_share_regions_and_confidence():
     probs[mask > 0] = 0.75
     probs[0, 19] = 0.4  # the image's maximum outside the mask does not change the mean inside it
     probs[1, 1] = 0.95
-    share, regions, _, peak, mean_in = measure(mask, probs)
+    share, regions, peak, mean_in, _ = measure(mask, probs)
     assert share == pytest.approx(13 / 200)
     assert regions == 2
     assert peak == pytest.approx(0.95)
     assert mean_in == pytest.approx((12 * 0.75 + 0.95) / 13)
-    empty = (0.0, 0, 0.0, pytest.approx(0.3), 0.0)
+    empty = (0.0, 0, pytest.approx(0.3), 0.0, 0.0)
     assert measure(np.zeros((4, 4), np.uint8), np.full((4, 4), 0.3, np.float32)) == empty
     dots = np.zeros((600, 600), np.uint8)
     dots[::2, ::2] = 255  # 90000 isolated pixels: more regions than 16-bit labels can count
@@ -235,14 +235,14 @@ def test_findings_measure_a_crack_length_for_pixel_masks_only():
     probs = np.full((60, 160), 0.9, np.float32)
     line = np.zeros((60, 160), np.uint8)
     line[10, 20:121] = 255
-    assert measure(line, probs)[2] == pytest.approx(100.0)
+    assert measure(line, probs)[4] == pytest.approx(100.0)
     thick = np.zeros((60, 160), np.uint8)
     thick[8:13, 20:121] = 255
-    assert measure(thick, probs)[2] == pytest.approx(100.0, abs=6)
+    assert measure(thick, probs)[4] == pytest.approx(100.0, abs=6)
     diagonal = np.zeros((60, 160), np.uint8)
     diagonal[np.arange(5, 56), np.arange(5, 56)] = 255
-    assert measure(diagonal, probs)[2] == pytest.approx(50 * 2 ** 0.5, rel=1e-6)
-    assert measure(line, probs, length=False)[2] is None
+    assert measure(diagonal, probs)[4] == pytest.approx(50 * 2 ** 0.5, rel=1e-6)
+    assert measure(line, probs, length=False)[4] is None
 
 
 def test_report_describes_every_written_mask(tmp_path, capsys):
@@ -276,7 +276,7 @@ def test_report_describes_every_written_mask(tmp_path, capsys):
         assert float(r["mask_share"]) == pytest.approx(mask.mean(), abs=1e-6)
         assert int(r["regions"]) == cv2.connectedComponents(mask.view(np.uint8), connectivity=8)[0] - 1
         if shape[r["class_name"]] == "pixels":  # its skeleton length (0.0 for an empty mask)
-            assert float(r["length_px"]) == pytest.approx(measure(mask.view(np.uint8), np.ones(mask.shape))[2], abs=0.05)
+            assert float(r["length_px"]) == pytest.approx(measure(mask.view(np.uint8), np.ones(mask.shape))[4], abs=0.05)
         else:  # a box-shaped class: no length
             assert r["length_px"] == ""
         assert 0.0 <= float(r["mean_probability_in_mask"]) <= float(r["max_probability"]) <= 1.0

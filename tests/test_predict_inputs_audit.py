@@ -46,6 +46,42 @@ def test_heic_phone_photos_are_segmented_upright_at_their_shown_size(tmp_path, c
             assert im.mode == "L" and im.size == (48, 64)
 
 
+def test_a_heic_beside_its_jpeg_copy_gives_way_to_it(tmp_path, capsys):
+    """IMG_0001.HEIC with IMG_0001.JPG beside it (the phone's 'Most Compatible' export, or a converted copy) is one
+    photo under one image id: the JPEG is segmented, the HEIC left aside, and nothing fails. Before, the HEIC came
+    first and the JPEG failed as a duplicate."""
+    from drywallqa.imageio import without_heif_copies
+
+    photos = tmp_path / "photos"
+    write_jpeg(photos / "IMG_0001.JPG", 40, 60)
+    shutil.copy(HEIC, photos / "IMG_0001.HEIC")
+    shutil.copy(HEIC, photos / "IMG_0002.heic")  # no copy beside it: read itself
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(random_onnx()), "--prompt", "crack", "--out", str(out), "--quiet",
+                 "--backend", "onnxruntime", str(photos)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "2 image(s) segmented" in printed and "0 failed" in printed, printed
+    with Image.open(out / "IMG_0001__crack.png") as im:
+        assert im.size == (60, 40)  # the JPEG's size, not the HEIC's
+    assert (out / "IMG_0002__crack.png").exists()
+    names = [p.name for p in without_heif_copies(sorted(photos.iterdir()))]
+    assert names == ["IMG_0001.JPG", "IMG_0002.heic"]
+
+
+def test_an_unreadable_image_does_not_block_another_of_its_id(tmp_path, capsys):
+    """Two inputs with one image id write the same masks, so the second is refused; but one that cannot be read
+    writes none, so the other is segmented. Before, a corrupt a.jpg made a good b/a.png fail as a duplicate."""
+    write_jpeg(tmp_path / "b" / "a.png", 30, 20)
+    (tmp_path / "a.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(random_onnx()), "--prompt", "crack", "--out", str(out), "--quiet",
+                 "--backend", "onnxruntime", str(tmp_path / "a.jpg"), str(tmp_path / "b" / "a.png")])
+    printed = capsys.readouterr().out
+    assert code == 1 and "1 failed" in printed and "same image id" not in printed, printed
+    with Image.open(out / "a__crack.png") as im:
+        assert im.size == (20, 30)
+
+
 def test_a_damaged_heic_is_named_as_failed_and_the_run_goes_on(tmp_path, capsys):
     photos = tmp_path / "photos"
     write_jpeg(photos / "wall.jpg", 40, 60)
@@ -106,7 +142,7 @@ def test_eval_names_val_images_missing_from_disk(tmp_path, capsys):
     assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--out", str(tmp_path / "rep"),
                  "--quiet", "--backend", "onnxruntime"]) == 0
     captured = capsys.readouterr()
-    assert "1 images on the 'val' side" in captured.err and gone in captured.err, captured.err
+    assert "1 image(s) on the 'val' side" in captured.err and gone in captured.err, captured.err
     data = json.loads((tmp_path / "rep" / "eval.json").read_text())
     assert sum(data["images"].values()) == len(val) - 1
     assert any(gone in s and "not found" in s for s in data["skipped"]), data["skipped"]
@@ -139,19 +175,29 @@ def test_a_batch_is_cut_at_a_pixel_budget_as_well_as_at_its_size():
     assert not batch_is_full([(side - 1, side - 1)], 4) and batch_is_full([(side - 1, side - 1)] * 2, 4)
 
 
-def test_huge_photos_in_one_run_each_get_their_full_size_masks(tmp_path):
-    """Three 53-megapixel photos through the real CLI at --batch-size 4: every mask at its photo's full size."""
-    import cv2
+def test_predict_runs_batches_of_at_most_the_pixel_budget(tmp_path, monkeypatch):
+    """predict() cuts its batches by the pixel budget too (here lowered to 5000 pixels: two 60 x 60 photos), each
+    photo still getting its masks; the real model runs every batch, and the wrapper only counts them."""
+    from drywallqa.edge.backends import load_backend
+    from drywallqa.edge.inference import PromptSegmenter
+    from drywallqa.predict import predict
 
-    model = random_onnx()
-    gradient = np.linspace(0, 255, 8000, dtype=np.float32)
-    big = np.repeat(cv2.resize(np.tile(gradient, (64, 1)), (8000, 6600))[..., None], 3, axis=2).astype(np.uint8)
-    photos = []
-    for i in range(3):
-        photos.append(tmp_path / f"big{i}.jpg")
-        cv2.imwrite(str(photos[-1]), big)
-    assert main(["predict", "--model", str(model), "--prompt", "crack", "--out", str(tmp_path / "o3"), "--quiet",
-                 "--backend", "onnxruntime", "--batch-size", "4", *map(str, photos)]) == 0
-    for i in range(3):
-        with Image.open(tmp_path / "o3" / f"big{i}__crack.png") as im:
-            assert im.mode == "L" and im.size == (8000, 6600)
+    class CountingSegmenter:
+        def __init__(self, inner: PromptSegmenter) -> None:
+            self.inner, self.batches = inner, []
+
+        def __getattr__(self, name: str):
+            return getattr(self.inner, name)
+
+        def probabilities_batch(self, images):
+            self.batches.append(len(images))
+            return self.inner.probabilities_batch(images)
+
+    monkeypatch.setattr("drywallqa.predict.MAX_BATCH_PIXELS", 5000)
+    for i in range(5):
+        write_jpeg(tmp_path / "in" / f"p{i}.jpg", 60, 60, seed=i)
+    segmenter = CountingSegmenter(PromptSegmenter(load_backend(random_onnx(), backend="onnxruntime")))
+    summary = predict(segmenter, ["crack"], [str(tmp_path / "in")], tmp_path / "out", batch_size=4, progress=False)
+    assert segmenter.batches == [2, 2, 1] and summary.images == 5
+    assert len(list((tmp_path / "out").glob("*__crack.png"))) == 5
+

@@ -193,6 +193,7 @@ def test_heic_and_tiff_photos_are_reviewed_as_jpegs_the_dashboard_renders(dashbo
     shutil.copy(Path(__file__).parent / "data" / "synthetic_rotated.heic", images / "IMG_0001.HEIC")
     cv2.imwrite(str(images / "scan.tif"), np.full((30, 40, 3), 90, np.uint8))
     _gray(images / "wall.jpg", 90)
+    shutil.copy(images / "IMG_0001.HEIC", images / "wall.heic")  # a HEIC beside its JPEG copy gives way to it
     for image_id, (h, w) in (("IMG_0001", (64, 48)), ("scan", (30, 40)), ("wall", (48, 64))):
         cv2.imwrite(str(masks / mask_filename(image_id, "segment crack")), np.zeros((h, w), np.uint8))
     page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
@@ -205,5 +206,9 @@ def test_heic_and_tiff_photos_are_reviewed_as_jpegs_the_dashboard_renders(dashbo
         assert status == 200 and headers.get("Content-Type") == "image/jpeg", (status, headers)
         with Image.open(io.BytesIO(body)) as im:
             assert im.size == size
+    assert page.count("data-image-id='wall'") == 1
     wall = page.split("data-image-id='wall'")[1].split("</figure>")[0]
-    assert "alt='image' src='/review/files/" in wall  # a JPEG is linked as it is
+    assert "alt='image' src='/review/files/0/images/wall.jpg'" in wall  # the JPEG, linked as it is
+    status, _, body = http_get(dashboard, f"/review/overlay.jpg?images={images}&masks={masks}&id=wall")
+    with Image.open(io.BytesIO(body)) as im:
+        assert status == 200 and im.size == (64, 48)  # the JPEG's, not the HEIC's 48 x 64

@@ -92,7 +92,8 @@ def _read_config(path: Path) -> dict:
 
 
 # Every key a data config may hold: a misspelt one (`box_stratgy`, `splitz`, `clas_ids`) would otherwise be
-# ignored and its default used without a word (other masks, another split, every label line rejected).
+# ignored and its default used without a word (other masks, another split, every label line rejected). Keys that
+# start with `_` or `x-` are the user's own (a block of YAML anchors to reuse) and are let through.
 CONFIG_KEYS = ("datasets", "box_strategy", "split")
 DATASET_KEYS = ("name", "root", "splits", "format", "class", "class_ids")
 SPLIT_KEYS = ("file", "val_fraction", "seed")
@@ -102,7 +103,7 @@ def _check_keys(path: Path, where: str, table: object, known: tuple[str, ...]) -
     if not isinstance(table, dict):
         return  # the type checks that follow name what is wrong
     for key in table:
-        if key not in known:
+        if key not in known and not str(key).startswith(("_", "x-")):  # `x-common: &c` holds YAML anchors
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise DataConfigError(f"{path}: unknown key {key!r} in {where} ({hint}known: {', '.join(known)})")
@@ -370,9 +371,16 @@ def require_images(setup: DataSetup, records: dict[str, list[ImageRecord]]) -> N
 
 
 def subfolder_skips(setup: DataSetup) -> list[str]:
-    """One skip line per image in a subfolder of a dataset's image folder (not read: see `images_in_subfolders`)."""
-    return [f"{path}: in a subfolder of {folder}, which is not read; move it (and its label) up into {folder}"
-            for spec in setup.specs for folder in image_folders(spec) for path in images_in_subfolders(folder)]
+    """One skip line per image folder whose subfolders hold images (not read: see `images_in_subfolders`); one line a
+    folder, so that a few hundred of them do not crowd the skipped files that are errors out of the summary."""
+    lines = []
+    for spec in setup.specs:
+        for folder in image_folders(spec):
+            nested = images_in_subfolders(folder)
+            if nested:
+                lines.append(f"{folder}: {len(nested)} image(s) in its subfolders are not read (e.g. {nested[0]}); "
+                             f"move them (and their labels) up into {folder}")
+    return lines
 
 
 def require_label_folders(setup: DataSetup) -> None:
@@ -562,10 +570,10 @@ def prepare(
                              fingerprint=fingerprint(records, setup.box_strategy))
     summary.issues += coco_file_issues(setup, records)
     summary.orphans = [str(p) for spec in setup.specs if spec.format == "yolo" for p in orphan_labels(spec)]
-    summary.skipped += subfolder_skips(setup)
     check_free_space(out_dir, sum(map(len, records.values())), sizes)
     with _sigterm_as_interrupt():
         _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
+    summary.skipped += subfolder_skips(setup)  # after the per-image skips, which are errors to see first
     write_split(target, split, setup.seed, setup.val_fraction)
     (out_dir / "prepare_summary.json").write_text(json.dumps(summary.as_dict(), indent=1) + "\n", encoding="utf-8")
     return summary

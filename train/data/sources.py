@@ -7,7 +7,11 @@ from pathlib import Path
 
 import yaml
 
-from drywallqa.imageio import HEIF_SUFFIXES, IMAGE_SUFFIXES  # one list of endings for predict, edge and data
+from drywallqa.imageio import (  # one list of endings for all
+    IMAGE_SUFFIXES,
+    READ_SUFFIXES,
+    without_heif_copies,
+)
 from drywallqa.paths import PROJECT_ROOT
 
 __all__ = ["IMAGE_SUFFIXES", "DATA_IMAGE_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "DatasetSpec", "ImageRecord",
@@ -16,7 +20,7 @@ __all__ = ["IMAGE_SUFFIXES", "DATA_IMAGE_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "D
 
 # The endings read from a dataset's image folder: HEIC/HEIF phone photos too (decoded, upright, by
 # `read_image_rgb`), as `drywallqa predict` reads them; left out, they were dropped without a word.
-DATA_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, *HEIF_SUFFIXES)
+DATA_IMAGE_SUFFIXES = READ_SUFFIXES
 
 # A YOLO export of one class numbers it 0; a dataset's `class_ids` in the data config overrides this.
 DEFAULT_YOLO_CLASS_IDS = (0,)
@@ -75,7 +79,8 @@ def dataset_specs(config: dict, root: Path | None = None) -> list[DatasetSpec]:
 
 def image_files(folder: Path) -> list[Path]:
     """Sorted image files of a folder (endings as `DATA_IMAGE_SUFFIXES`, any case)."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in DATA_IMAGE_SUFFIXES and p.is_file())
+    return without_heif_copies(sorted(p for p in folder.iterdir()
+                                      if p.suffix.lower() in DATA_IMAGE_SUFFIXES and p.is_file()))
 
 
 def images_in_subfolders(folder: Path) -> list[Path]:
@@ -84,7 +89,13 @@ def images_in_subfolders(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in DATA_IMAGE_SUFFIXES
-                  and p.is_file())
+                  and not _hidden_below(p, folder) and p.is_file())
+
+
+def _hidden_below(path: Path, folder: Path) -> bool:
+    """Whether a part of `path` below `folder` is hidden or macOS's resource-fork folder (`.cache`, `._IMG.jpg`,
+    `__MACOSX`): not photos anyone meant to train on."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(folder).parts)
 
 
 def yolo_dirs(spec: DatasetSpec, split: str) -> tuple[Path, Path]:
