@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # HEIC/HEIF phone photos (the iPhone's default). pi-heif decodes them: libheif with libde265 only (LGPL), without
 # pillow-heif's x265 encoder (GPL). On an install without it they are still listed, so that each is named as failed
-# with how to convert it instead of being silently left out.
+# with what to install instead of being silently left out.
 HEIF_SUFFIXES = (".heic", ".heif", ".hif")
 try:
     from pi_heif import register_heif_opener
@@ -21,6 +21,8 @@ except ImportError:
 else:
     register_heif_opener()  # libheif applies the photo's rotation; its EXIF orientation then reads 1
     HEIF_DECODER = True
+# ISO-BMFF brands (bytes 8..12 of the 'ftyp' box) of HEIF still images, also found under a .jpg name
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 # Every ending a folder or glob of photos is read for (predict, eval, data prepare, the edge's folders, the review).
 READ_SUFFIXES = (*IMAGE_SUFFIXES, *HEIF_SUFFIXES)
 
@@ -31,8 +33,6 @@ def without_heif_copies(paths: list[Path]) -> list[Path]:
     everywhere."""
     others = {(p.parent, p.stem) for p in paths if p.suffix.lower() not in HEIF_SUFFIXES}
     return [p for p in paths if p.suffix.lower() not in HEIF_SUFFIXES or (p.parent, p.stem) not in others]
-# ISO-BMFF brands (bytes 8..12 of the 'ftyp' box) of HEIF still images, also found under a .jpg name
-_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
 
 class ImageReadError(ValueError):
