@@ -28,7 +28,6 @@ from drywallqa.imageio import (
 from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
 from drywallqa.vocab import load_vocabulary
 
-REVIEW_IMAGE_SUFFIXES = READ_SUFFIXES  # the photos `predict` reads, HEIC/HEIF phone photos included
 # Those a browser shows as they are; any other (HEIC, TIFF) is shown as a JPEG the dashboard renders.
 BROWSER_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif"})
 
@@ -129,7 +128,7 @@ def _read_report(path: Path, mtime_ns: int, size: int) -> dict[str, str]:
 
 def list_review(images_dir: Path, masks_dir: Path | None) -> ReviewListing:
     found = without_heif_copies(
-        sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in REVIEW_IMAGE_SUFFIXES))
+        sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in READ_SUFFIXES))
     unnamed: list[Path] = []
     items: dict[str, ReviewItem] = {}
     for p in found:
@@ -161,7 +160,7 @@ def find_item(images_dir: Path, masks_dir: Path | None, image_id: str) -> Review
         p
         for p in images_dir.glob(glob.escape(image_id) + ".*")
         # 'a.*' also matches 'a.b.jpg', the image with ID 'a.b': keep only this ID's own files
-        if p.stem == image_id and p.is_file() and p.suffix.lower() in REVIEW_IMAGE_SUFFIXES
+        if p.stem == image_id and p.is_file() and p.suffix.lower() in READ_SUFFIXES
     ))
     if not candidates:
         raise ReviewError(f"no image with ID {image_id!r} in {images_dir}")

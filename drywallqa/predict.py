@@ -205,6 +205,7 @@ def predict(
     prompts = unique_prompts(prompts)
     classes = segmenter.resolve(prompts)
     class_index = [segmenter.metadata.classes.index(c) for c in classes]
+    pixel_shaped = [segmenter.metadata.mask_shape(c) == "pixels" for c in classes]  # findings measure their length
     out = ensure_writable_dir(out_dir)  # before any inference: an unusable folder stops the run at once
     paths, problems = collect_inputs(inputs)
     summary = PredictSummary(out_dir=str(out), found=dict.fromkeys(prompts, 0), report=str(report) if report else "")
@@ -261,13 +262,13 @@ def predict(
                     continue
                 rows = []
                 try:
-                    for (prompt, mask), cls, k in zip(masks.items(), classes, class_index, strict=True):
+                    for (prompt, mask), cls, k, pixels in zip(masks.items(), classes, class_index, pixel_shaped,
+                                                              strict=True):
                         name = mask_filename(path.stem, prompt)
                         write_mask(out / name, mask)
                         summary.masks += 1
                         summary.found[prompt] += bool(mask.any())
                         if findings:
-                            pixels = segmenter.metadata.mask_shape(cls) == "pixels"  # a length only for these
                             share, regions, peak, mean_in, length = measure(mask, probs[k], pixels)
                             rows.append(Finding(str(path), prompt, cls, name, share, regions, peak, mean_in,
                                                 length_px=length))

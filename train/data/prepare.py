@@ -39,7 +39,7 @@ from drywallqa.train.data.labels import (
     read_yolo_labels,
 )
 from drywallqa.train.data.sources import (
-    DATA_IMAGE_SUFFIXES,
+    READ_SUFFIXES,
     DatasetSpec,
     ImageRecord,
     dataset_specs,
@@ -366,7 +366,7 @@ def require_images(setup: DataSetup, records: dict[str, list[ImageRecord]]) -> N
             nested = sum(len(images_in_subfolders(f)) for f in image_folders(spec))
             below = f"; {nested} images in its subfolders are not read" if nested else ""
             raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r} has no images in {folders} "
-                                  f"(looked for {' '.join(DATA_IMAGE_SUFFIXES)}{below}); put its images there or "
+                                  f"(looked for {' '.join(READ_SUFFIXES)}{below}); put its images there or "
                                   f"fix 'root'/'splits'")
 
 

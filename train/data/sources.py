@@ -14,13 +14,10 @@ from drywallqa.imageio import (  # one list of endings for all
 )
 from drywallqa.paths import PROJECT_ROOT
 
-__all__ = ["IMAGE_SUFFIXES", "DATA_IMAGE_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "DatasetSpec", "ImageRecord",
+__all__ = ["IMAGE_SUFFIXES", "READ_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "DatasetSpec", "ImageRecord",
            "load_data_config", "dataset_specs", "image_files", "images_in_subfolders", "yolo_dirs", "yolo_records",
            "orphan_labels"]
 
-# The endings read from a dataset's image folder: HEIC/HEIF phone photos too (decoded, upright, by
-# `read_image_rgb`), as `drywallqa predict` reads them; left out, they were dropped without a word.
-DATA_IMAGE_SUFFIXES = READ_SUFFIXES
 
 # A YOLO export of one class numbers it 0; a dataset's `class_ids` in the data config overrides this.
 DEFAULT_YOLO_CLASS_IDS = (0,)
@@ -78,9 +75,9 @@ def dataset_specs(config: dict, root: Path | None = None) -> list[DatasetSpec]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Sorted image files of a folder (endings as `DATA_IMAGE_SUFFIXES`, any case)."""
+    """Sorted image files of a folder (endings as `READ_SUFFIXES`, HEIC/HEIF photos included, any case)."""
     return without_heif_copies(sorted(p for p in folder.iterdir()
-                                      if p.suffix.lower() in DATA_IMAGE_SUFFIXES and p.is_file()))
+                                      if p.suffix.lower() in READ_SUFFIXES and p.is_file()))
 
 
 def images_in_subfolders(folder: Path) -> list[Path]:
@@ -88,7 +85,7 @@ def images_in_subfolders(folder: Path) -> list[Path]:
     name, which two subfolders may share): listed so that they are reported, not dropped without a word."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in DATA_IMAGE_SUFFIXES
+    return sorted(p for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in READ_SUFFIXES
                   and not _hidden_below(p, folder) and p.is_file())
 
 
