@@ -11,6 +11,7 @@ folder then records its photo as processed, so a restart processes again only th
 
 from __future__ import annotations
 
+import collections
 import difflib
 import logging
 import os
@@ -87,6 +88,11 @@ def load_segmenter(model: ModelSettings, aliases: dict[str, str] | None = None) 
 # source.stall_timeout_s) is hung: OpenCV's open and read timeouts are source.stall_timeout_s.
 STUCK_SOURCE_MIN_S = 60.0
 STUCK_SOURCE_STALLS = 6
+
+# Snapshot requests that arrive before the first frame was analysed wait for it, at most this many (oldest dropped).
+SNAPSHOT_WAITING_MAX = 8
+SNAPSHOT_WAITING = "snapshot requested before the first frame: answered once a frame has been analysed"
+SET_PROMPTS_REJECTED = "set_prompts rejected: "
 
 
 def resolve_model_path(spec: str, backend: str = "auto") -> Path:
@@ -189,6 +195,9 @@ class EdgeRunner:
         self._last_detection = 0.0
         # The newest analysed frame and its masks (model grid), drawn only when a snapshot is asked for.
         self._last_analysed: tuple[Frame, dict[str, np.ndarray]] | None = None
+        # request_ids of snapshot commands waiting for the first analysed frame; the lock orders them with it.
+        self._snapshots_waiting: collections.deque[str | None] = collections.deque(maxlen=SNAPSHOT_WAITING_MAX)
+        self._snapshot_lock = threading.Lock()
         self.broker: EmbeddedBroker | None = None
         self.link: EdgeLink | None = None
         self.capture: Capture | None = None
@@ -285,10 +294,16 @@ class EdgeRunner:
             frames_corrupt=cap.corrupt if cap else 0,
             frames_reopened=cap.reopens if cap else 0,
             fps=round(self.stats.fps, 2),
-            spooled_alerts=self.spool.count() if self.spool else 0,
+            spooled_alerts=self._undelivered_alerts(),
             spool_dropped=self.link.spool_dropped if self.link else 0,
             last_error=self._last_error(cap),
         )
+
+    def _undelivered_alerts(self) -> int:
+        """Every alert not yet acknowledged: spooled, and kept in memory while the spool cannot be written."""
+        if self.link is not None:
+            return self.link.pending()
+        return self.spool.count() if self.spool else 0
 
     def _last_error(self, cap: CaptureStats | None) -> str:
         """What is wrong now before what went wrong once: a spool that cannot be written (alerts or deliveries), a
@@ -327,19 +342,42 @@ class EdgeRunner:
                 watched = self.resolve_prompts(cmd.prompts)
                 unwatched_rules(self.engine, watched, raise_as=ValueError)  # alerts must not go quiet unseen
                 self.watched = watched
-                self.last_error = ""
+                if self.last_error.startswith(SET_PROMPTS_REJECTED):  # not an unrelated error (a failed frame)
+                    self.last_error = ""
             except ValueError as exc:  # UnknownPromptError is a ValueError
-                self.last_error = f"set_prompts rejected: {exc}"
+                self.last_error = f"{SET_PROMPTS_REJECTED}{exc}"
                 log.error(self.last_error)
         elif cmd.command == "snapshot":
             self._send_snapshot(cmd.request_id)
         self._publish_status()
 
     def _send_snapshot(self, request_id: str | None) -> None:
-        if self.link is None:
+        """Answer now, or once the first frame is analysed (a dashboard waits for its request_id)."""
+        with self._snapshot_lock:
+            if self._last_analysed is None:
+                if len(self._snapshots_waiting) == SNAPSHOT_WAITING_MAX:
+                    log.warning("snapshot request %r dropped: %d newer ones wait for the first frame",
+                                self._snapshots_waiting[0], SNAPSHOT_WAITING_MAX)
+                self._snapshots_waiting.append(request_id)  # the oldest goes when full
+                self.last_error = SNAPSHOT_WAITING
+                return
+        self._publish_snapshot(request_id)
+
+    def _answer_waiting_snapshots(self) -> None:
+        """The first frame is analysed: one snapshot for each request that waited for it."""
+        with self._snapshot_lock:
+            waiting = list(self._snapshots_waiting)
+            self._snapshots_waiting.clear()
+        if not waiting:
             return
-        if self._last_analysed is None:
-            self.last_error = "snapshot requested before the first frame"
+        for request_id in waiting:
+            self._publish_snapshot(request_id)
+        if self.last_error == SNAPSHOT_WAITING:  # not a newer error
+            self.last_error = ""
+        self._last_status = 0.0  # say so on the broker soon
+
+    def _publish_snapshot(self, request_id: str | None) -> None:
+        if self.link is None or self._last_analysed is None:
             return
         frame, masks = self._last_analysed
         side = self.settings.mqtt.snapshot_max_side
@@ -373,7 +411,8 @@ class EdgeRunner:
                 skeleton_max_side=s.analysis.skeleton_max_side, source_hw=source_hw)
             results.append(result)
             masks[w.class_name] = mask  # on the model's grid; draw_masks scales it to what it draws
-        self._last_analysed = (frame, masks)
+        with self._snapshot_lock:
+            self._last_analysed = (frame, masks)
         firings = self.engine.update(results, now_mono)
         for firing in firings:
             snap_masks = {firing.result.class_name: masks[firing.result.class_name]}
@@ -399,6 +438,8 @@ class EdgeRunner:
         if len(self.stats.latencies_ms) < self.keep_latencies:
             self.stats.latencies_ms.append((time.monotonic() - frame.t_capture) * 1000)
             self.stats.inference_ms.append(inference_ms)
+        if self._snapshots_waiting:
+            self._answer_waiting_snapshots()
         return results
 
     def _skeleton_wanted(self, class_name: str, want_detection: bool, now: float) -> bool:

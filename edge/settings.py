@@ -292,22 +292,32 @@ def format_validation_error(exc: ValidationError, origin: str) -> str:
         extra = f" (allowed: {allowed})" if allowed and str(allowed) not in msg else ""
         got = err.get("input")
         got_text = f"; got {got!r}" if not isinstance(got, dict | list) and got is not None else ""
-        lines.append(f"  {field}: {msg}{extra}{got_text}{_env_note(err['loc'])}")
+        lines.append(f"  {field}: {msg}{extra}{got_text}{_env_note(err['loc'], err['type'])}")
     lines.append(f"  (environment overrides use the prefix {ENV_PREFIX} and '__' between levels, "
                  f"e.g. {ENV_PREFIX}MQTT__HOST)")
     return "\n".join(lines)
 
 
-def _env_note(loc: tuple[Any, ...]) -> str:
-    """Which DRYWALLQA_* variable set this field (or the section holding it), if one did: the error is not in
-    the YAML file then."""
+_SEQUENCE_ERRORS = ("list_type", "tuple_type", "set_type", "frozen_set_type")
+
+
+def _env_note(loc: tuple[Any, ...], error_type: str = "") -> str:
+    """Which DRYWALLQA_* variable set this field (or the section holding it, or items inside it), if one did: the
+    error is not in the YAML file then."""
     env = {k.upper(): k for k in os.environ}
     for n in range(len(loc), 0, -1):
         name = ENV_PREFIX + "__".join(str(p) for p in loc[:n]).upper()
         if name in env:
             return f" (set by the environment: {env[name]})" if n == len(loc) else \
                 f" (the environment's {env[name]} sets this section)"
-    return ""
+    whole = ENV_PREFIX + "__".join(str(p) for p in loc).upper()
+    inside = sorted(env[k] for k in env if k.startswith(whole + "__"))
+    if not inside:
+        return ""
+    if error_type in _SEQUENCE_ERRORS:  # DRYWALLQA_ALERTS__0__MIN: pydantic-settings makes {"0": ...} of it
+        return (f" (set by the environment: {', '.join(inside)}; a list cannot be set item by item: set the whole "
+                f"list as JSON in {whole}, every item in full, or edit it in the YAML file)")
+    return f" (set by the environment: {', '.join(inside)})"
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSettings:
