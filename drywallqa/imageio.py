@@ -1,10 +1,12 @@
-"""Robust image reading: EXIF orientation, grayscale, RGBA, palette and 16-bit inputs -> RGB uint8."""
+"""Robust image reading: EXIF orientation, grayscale, RGBA, palette, 16-bit and float (TIFF) inputs -> RGB uint8."""
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -45,15 +47,15 @@ class ImageIOError(ImageReadError):
 
 
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
-    """Any H x W, H x W x 1/3/4 array of uint8/uint16/float -> H x W x 3 uint8 (alpha dropped)."""
+    """Any H x W, H x W x 1/3/4 array of uint8/uint16/float -> H x W x 3 uint8 (alpha dropped); floats as
+    float_to_uint8 scales them (ValueError when it cannot)."""
     a = np.asarray(array)
     if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and a.flags.writeable:
         return np.ascontiguousarray(a)  # the live-frame case: no scan, no copy
     if a.dtype == np.uint16 or (a.dtype.kind in "iu" and a.max(initial=0) > 255):
         a = (a.astype(np.float32) / 257.0).round().clip(0, 255).astype(np.uint8)
     elif a.dtype.kind == "f":
-        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
-        a = (a * scale).round().clip(0, 255).astype(np.uint8)
+        a = float_to_uint8(a)
     else:
         a = a.astype(np.uint8)  # a copy: callers may write to what they get (PIL's arrays are read-only)
     if a.ndim == 2:
@@ -65,12 +67,29 @@ def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def float_to_uint8(a: np.ndarray) -> np.ndarray:
+    """A float image (thermal, HDR pipelines) -> uint8, by the range its values fit: 0..1 (x 255), 0..255 (as is) or
+    0..65535 (/ 257, as 16-bit images); below 0 is black. ValueError for NaN or infinite values, or values beyond
+    65535: no scale fits them, and a guessed one would make a wrong image, not an error."""
+    if not np.isfinite(a).all():
+        raise ValueError("the float image holds NaN or infinite values (no-data pixels?): replace them with "
+                         "numbers, or save it as 8- or 16-bit")
+    top = float(a.max(initial=0))
+    if top > 65535:
+        raise ValueError(f"the float image's values go up to {top:g}, beyond 0..1, 0..255 and 0..65535: scale it "
+                         f"into one of those ranges, or save it as 8- or 16-bit")
+    scale = 255.0 if top <= 1.0 else 1.0 if top <= 255 else 1 / 257.0
+    return (a.astype(np.float32) * scale).round().clip(0, 255).astype(np.uint8)
+
+
 def read_image_rgb(path: str | Path) -> np.ndarray:
     """Decode with EXIF orientation applied; raises ImageReadError naming the file on failure.
 
     PIL's decompression-bomb limit (about 179 megapixels) stays on: such a file is reported like a
     corrupt one instead of taking gigabytes of memory, and the warning PIL prints from half that size on
-    is silenced, since those images are read normally."""
+    is silenced, since those images are read normally. Float images are scaled by float_to_uint8 (NaN, infinite
+    or out-of-range values are an ImageReadError); a multi-channel float TIFF, which PIL cannot open, is decoded by
+    OpenCV instead."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -79,7 +98,7 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
                 im = ImageOps.exif_transpose(im)
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     return to_rgb_uint8(np.asarray(im).astype(np.uint32))
-                if im.mode == "F":  # 32-bit float (TIFF): 0..1 or 0..255, scaled by to_rgb_uint8
+                if im.mode == "F":  # one-channel 32-bit float (TIFF), scaled by float_to_uint8
                     return to_rgb_uint8(np.asarray(im))
                 if im.mode not in ("RGB", "L", "RGBA"):
                     im = im.convert("RGBA" if "A" in im.getbands() or im.mode == "P" else "RGB")
@@ -98,9 +117,62 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
             raise ImageReadError(f"cannot read image {path}: a HEIC/HEIF photo, which this install cannot "
                                  f"decode (pi-heif is missing: pip install pi-heif); or convert it to JPEG or PNG "
                                  f"(or set the phone camera to 'Most Compatible')") from exc
+        image = _read_tiff_opencv(path) if isinstance(exc, UnidentifiedImageError) else None
+        if image is not None:
+            return _tiff_to_rgb(image, path)
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
     except (SyntaxError, ValueError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+
+
+def _read_tiff_opencv(path: Path) -> np.ndarray | None:
+    """A TIFF that PIL cannot open (it reads no multi-channel float TIFF: thermal cameras, HDR pipelines), decoded by
+    OpenCV's libtiff, as stored (RGB or gray, any depth; its orientation tag is not applied); None when it is no
+    TIFF or OpenCV fails too. PIL's size limit holds here too (ImageReadError)."""
+    pixels = _tiff_pixels(path)
+    if pixels is None:
+        return None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and pixels > 2 * limit:  # where PIL raises DecompressionBombError
+        raise ImageReadError(f"cannot read image {path}: too large to decode safely ({pixels} pixels, more than "
+                             f"{2 * limit})")
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # as stored: ANYCOLOR fails on some TIFFs (OpenCV 5)
+    except cv2.error:
+        return None
+    if image is None or image.size == 0:
+        return None
+    return image[..., 2::-1] if image.ndim == 3 and image.shape[2] in (3, 4) else image  # BGR(A) -> RGB
+
+
+def _tiff_to_rgb(image: np.ndarray, path: Path) -> np.ndarray:
+    try:
+        return to_rgb_uint8(image)
+    except ValueError as exc:  # a float image with no usable range
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+
+
+def _tiff_pixels(path: Path) -> int | None:
+    """Width x height of a (classic, not Big-) TIFF's first image, from its header: checked against the size limit
+    before anything is decoded. None when it is no such TIFF."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(head[:4])
+            if order is None:
+                return None
+            f.seek(struct.unpack(order + "I", head[4:8])[0])
+            (count,) = struct.unpack(order + "H", f.read(2))
+            entries = f.read(12 * count)
+    except (OSError, struct.error):
+        return None
+    size = {}
+    for i in range(0, len(entries) - 11, 12):
+        tag, kind, n = struct.unpack(order + "HHI", entries[i:i + 8])
+        if tag in (256, 257) and n == 1 and kind in (3, 4):  # ImageWidth, ImageLength: SHORT or LONG
+            fmt, width = ("H", 2) if kind == 3 else ("I", 4)
+            size[tag] = struct.unpack(order + fmt, entries[i + 8:i + 8 + width])[0]
+    return size[256] * size[257] if len(size) == 2 else None
 
 
 def _file_size(path: Path) -> int | None:

@@ -174,7 +174,7 @@ class CvCaptureSource(FrameSource):
     def open(self) -> None:
         self.close()
         if self.kind == "file" and not Path(self.uri).is_file():
-            raise SourceError(f"video file not found: {self.uri}")
+            raise SourceError(f"video file not found: {self.uri} (waiting for it to appear)")
         if self.kind == "camera":
             target: int | str = int(self.uri) if self.uri.isdigit() else self.uri
             cap = cv2.VideoCapture(target, cv2.CAP_V4L2)
@@ -388,7 +388,7 @@ class WatchRecord:
             header = None
         if not isinstance(header, dict) or header.get("drywallqa-watched") != self.VERSION \
                 or not isinstance(header.get("uri"), str) \
-                or os.path.abspath(header["uri"]) != os.path.abspath(self.uri):  # the file name hashes abspath too
+                or normal_path(header["uri"]) != normal_path(self.uri):  # the file name hashes normal_path too
             return self._damaged({}, "it is not a watched-folder record of this source")
         bad = 0
         for line in lines[1:]:
@@ -403,6 +403,7 @@ class WatchRecord:
             except ValueError:
                 bad += 1
                 continue
+            path = normal_path(path)  # as the source lists it; an older record may hold other spellings
             if not what:
                 entries[path] = (size, mtime_ns)
                 self.attempts.pop(path, None)
@@ -541,11 +542,21 @@ class WatchRecord:
             self._fh = None
 
 
+def normal_path(path: str) -> str:
+    """One spelling of a path or glob, so that a record made under one is found under another: absolute, without
+    '.', repeated or trailing separators, '..' folded (os.path.normpath, as os.path.abspath does; glob characters
+    kept). Symlinks are not resolved: a record must not change with what a mount point's link points at. A path that
+    was already normal is itself (records named after it keep their name)."""
+    path = os.path.normpath(os.path.abspath(path))
+    return path[1:] if os.sep == "/" and path.startswith("//") else path  # POSIX keeps '//x'; Linux reads it as '/x'
+
+
 def watch_record_path(state_file: str | Path, uri: str) -> Path:
     """Where a watched folder's record lives: beside `state_file` (the runtime's alert spool, which one runtime
-    alone holds), named after it and a hash of the source's absolute uri, e.g. spool.watched-1f3a9c0d2b4e6a8f.jsonl."""
+    alone holds), named after it and a hash of the source's normalised uri (normal_path: '/data/in/', '/data/./in'
+    and '/data/in' share one record), e.g. spool.watched-1f3a9c0d2b4e6a8f.jsonl."""
     state_file = Path(state_file)
-    digest = hashlib.sha256(os.path.abspath(uri).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(normal_path(uri).encode()).hexdigest()[:16]
     return state_file.with_name(f"{state_file.stem}.watched-{digest}.jsonl")
 
 
@@ -627,6 +638,8 @@ class WatchedFolderSource(FrameSource):
         super().__init__(uri)
         self.poll_s, self.settle_s, self.incomplete_s, self.forget_s = poll_s, settle_s, incomplete_s, forget_s
         self.retry_s, self.io_attempts = retry_s, io_attempts
+        # Listed under one spelling (normal_path), so an image is known by the same path however the uri is written.
+        self._where = normal_path(uri)
         self._lock = threading.Lock()  # done() comes from the consumer's thread
         self._record = WatchRecord(record_path, uri)
         self._done = self._record.load()  # path -> (size, mtime_ns): finished with, as the record file holds
@@ -677,7 +690,7 @@ class WatchedFolderSource(FrameSource):
             self._record.close()
 
     def _check_folder(self) -> None:
-        problem = missing_folder_problem(self.uri)
+        problem = missing_folder_problem(self._where)
         if problem:
             raise SourceError(problem)
 
@@ -746,7 +759,7 @@ class WatchedFolderSource(FrameSource):
         """The image files the folder or glob names now; SourceError when the folder is missing or unreadable."""
         self._check_folder()
         try:
-            return list_images(self.uri)  # a glob hides errors: the folder was checked above
+            return list_images(self._where)  # a glob hides errors: the folder was checked above
         except OSError as exc:
             raise SourceError(f"cannot list {self.uri!r}: {exc.strerror or exc}") from exc
 
@@ -886,8 +899,12 @@ def classify_uri(uri: str, watch: bool = False) -> str:
 def check_source_exists(uri: str, watch: bool = False) -> None:
     """At start-up a video file must be there and open: a typo (or '/dev/vide0') or a file that is not a video should
     stop the service with a clear error, not retry forever. Cameras, streams and folders may come later, so they are
-    retried, a folder to watch too (`watch`)."""
+    retried, a folder to watch too (`watch`). With `watch` a video file not there yet is waited for as well (a USB
+    drive mounted late at boot): the user asked to wait, and exiting would soon use up the unit's start limit."""
     if classify_uri(uri, watch) != "file":
+        return
+    if watch and not Path(uri).expanduser().exists():
+        log.warning("source.uri: video file not found: %r; waiting for it to appear (source.watch: true)", uri)
         return
     if not Path(uri).expanduser().is_file():
         what = "video file" if Path(uri).suffix else "video file or folder"
@@ -907,10 +924,13 @@ def check_source_exists(uri: str, watch: bool = False) -> None:
 def make_source(uri: str, *, width: int | None = None, height: int | None = None, timeout_s: float = 5.0,
                 demo_size: tuple[int, int] = (480, 640), watch: bool = False,
                 watch_record: str | Path | None = None) -> FrameSource:
-    """The source for `uri`; `watch` makes a folder or glob a WatchedFolderSource (other kinds ignore it, with a
-    warning) that keeps what it processed in the file `watch_record` (None: in memory only)."""
+    """The source for `uri`; `watch` makes a folder or glob a WatchedFolderSource that keeps what it processed in the
+    file `watch_record` (None: in memory only). A video file is played as without it (reopened with backoff while it
+    is not there yet); other kinds ignore it, with a warning."""
     kind = classify_uri(uri, watch)
-    if watch and kind != "images":  # not refused: `--source /dev/video0` on a device configured to watch a folder
+    if watch and kind == "file" and not os.path.exists(uri):
+        log.info("source.watch: video file %r is not there yet: it is waited for, then played as without watch", uri)
+    elif watch and kind != "images":  # not refused: `--source /dev/video0` on a device configured to watch a folder
         log.warning("source.watch applies to folders and globs of photos; %r is a %s source, so it is ignored", uri,
                     kind)
     if kind == "demo":

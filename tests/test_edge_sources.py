@@ -405,9 +405,9 @@ def test_a_glob_read_once_in_a_missing_folder_names_the_folder(tmp_path):
 
 def test_watch_takes_a_missing_video_path_for_a_video_file_not_a_folder(tmp_path):
     """Before: with source.watch, a video path not there yet (a drive mounted late) was taken for a folder to watch,
-    and then waited for as 'folder not found: .../site.mp4' for ever, even after the file came. It is a video file:
-    `edge run` exits 1 ('video file not found') as without watch, systemd restarts it (within the unit's start
-    limit), and the warning says watch does not apply."""
+    and then waited for as 'folder not found: .../site.mp4' for ever, even after the file came. It is a video file,
+    waited for as one (tests/test_edge_waiting_sources.py): the start check lets it through with watch and refuses it
+    without."""
     from drywallqa.edge.sources import (
         CvCaptureSource,
         SourceError,
@@ -419,8 +419,9 @@ def test_watch_takes_a_missing_video_path_for_a_video_file_not_a_folder(tmp_path
     video = tmp_path / "site.mp4"
     assert classify_uri(str(video), watch=True) == "file"
     assert classify_uri(str(tmp_path / "later"), watch=True) == "images"  # no suffix: a folder to come
+    check_source_exists(str(video), watch=True)  # waited for
     with pytest.raises(SourceError, match="video file not found"):
-        check_source_exists(str(video), watch=True)
+        check_source_exists(str(video), watch=False)
     assert isinstance(make_source(str(video), watch=True), CvCaptureSource)
 
 
