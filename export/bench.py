@@ -30,9 +30,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drywallqa.argtypes import positive_int
 from drywallqa.outdir import OutputDirError, ensure_writable_dir
+
+if TYPE_CHECKING:
+    from drywallqa.train.checkpoint import CheckpointInfo
+    from drywallqa.train.models.segmenter import Segmenter
+
+    Loaded = tuple[Segmenter, CheckpointInfo]  # what load_weights returns
 
 SOURCE_HW = (640, 640)  # the cameras' / dataset's frame size; postprocessing upsamples to it
 BATCHES = (1, 4)
@@ -182,9 +189,10 @@ def main_from_args(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="drywallqa-bench-") as tmp:
         workdir = Path(args.workdir) if getattr(args, "workdir", None) else Path(tmp)
         weights = _resolve_weights(args, workdir)
+        loaded = load_checked(weights)  # a file that is not a checkpoint stops here, not after the machine's matmul
         report = run_bench(weights, size=tuple(args.size), threads=args.threads, iters=args.iters,
                            rounds=getattr(args, "rounds", ROUNDS), calib=args.calib, workdir=workdir,
-                           engine=engine, only=only, log=print)
+                           engine=engine, only=only, log=print, loaded=loaded)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(markdown(report))
@@ -194,6 +202,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def _resolve_weights(args: argparse.Namespace, workdir: Path) -> list[Path]:
+    """The weights files to time, each once."""
     from drywallqa.paths import profile_weights
 
     if _as_list(getattr(args, "random_arch", None)):
@@ -210,11 +219,15 @@ def _resolve_weights(args: argparse.Namespace, workdir: Path) -> list[Path]:
     unique: dict[Path, Path] = {}
     for path in paths:  # a file named twice (--profile lite lite) is timed once
         unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def load_checked(weights_list: list[Path]) -> dict[Path, Loaded]:
+    """{file: load_weights(file)}: each file checked by loading it, before anything is measured. The export takes
+    the loaded model over (run_bench's `loaded`), so no file is read and rebuilt twice."""
     from drywallqa.train.checkpoint import load_weights
 
-    for path in unique.values():  # a file that is not a checkpoint stops here, not after the machine's matmul
-        load_weights(path)
-    return list(unique.values())
+    return {path: load_weights(path) for path in weights_list}
 
 
 def model_names(weights_list: list[Path]) -> list[str]:
@@ -237,9 +250,10 @@ def _fresh(paths: list[Path], than: Path) -> bool:
 
 
 def prepare_artifacts(weights: Path, size: tuple[int, int], calib: int, workdir: Path,
-                      name: str | None = None) -> dict[str, Path]:
+                      name: str | None = None, loaded: Loaded | None = None) -> dict[str, Path]:
     """Dynamic-batch ONNX + FP16 IR + INT8 IR at `size`, in workdir/<name>_<h>x<w>/. Reused from there only when
-    they were made from this very weights file (path, size and mtime) with this many calibration images."""
+    they were made from this very weights file (path, size and mtime) with this many calibration images.
+    `loaded`: load_weights(weights) when already done, so the export does not read the file again."""
     from drywallqa.edge.backends import read_metadata
     from drywallqa.export.pipeline import run_export
 
@@ -261,7 +275,7 @@ def prepare_artifacts(weights: Path, size: tuple[int, int], calib: int, workdir:
         if (meta.input.height, meta.input.width) == tuple(size) and meta.input.dynamic_batch:
             return files
     made_from.unlink(missing_ok=True)
-    made = run_export(weights, "openvino", out_dir, size=size, dynamic_batch=True, calib=calib)
+    made = run_export(weights, "openvino", out_dir, size=size, dynamic_batch=True, calib=calib, loaded=loaded)
     made_from.write_text(json.dumps(source), encoding="utf-8")
     return {"onnx": made["onnx"], "fp16": made["openvino_fp16"], "int8": made["openvino_int8"]}
 
@@ -569,7 +583,8 @@ def select_backends(only: list[str] | None, engine: Path | None) -> list[Backend
 
 def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), threads: int = 2, iters: int = 30,
               rounds: int = ROUNDS, calib: int = 32, workdir: Path, engine: Path | None = None, only: list[str] | None = None,
-              log=print) -> dict:
+              log=print, loaded: dict[Path, Loaded] | None = None) -> dict:
+    """`loaded`: {weights file: load_weights of it} for files already loaded (checked), handed to their export."""
     import numpy as np
 
     rounds = max(1, rounds)
@@ -592,19 +607,20 @@ def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), t
     specs = select_backends(only, engine)
     for weights, name in zip(weights_list, model_names(weights_list), strict=True):
         report["models"].append(_bench_model(weights, name, specs, size, threads, iters, rounds, calib,
-                                             workdir, engine, sources_file, gflops_machine, log))
+                                             workdir, engine, sources_file, gflops_machine, log,
+                                             (loaded or {}).get(weights)))
     report["machine"]["load_avg_end"] = _loadavg()
     return report
 
 
 def _bench_model(weights: Path, name: str, specs: list[BackendSpec], size, threads, iters, rounds, calib, workdir, engine,
-                 sources_file: Path, gflops_machine: float | None, log) -> dict:
+                 sources_file: Path, gflops_machine: float | None, log, loaded: Loaded | None = None) -> dict:
 
     from drywallqa.edge.backends import read_metadata
     from drywallqa.export.flops import count_macs
 
     log(f"[{name}] exporting ONNX / OpenVINO FP16 / INT8 at {size[0]}x{size[1]} ...")
-    files = prepare_artifacts(weights, size, calib, workdir, name)
+    files = prepare_artifacts(weights, size, calib, workdir, name, loaded)
     meta = read_metadata(files["onnx"])
     flop = count_macs(files["onnx"])
     # This VM's matmul rate drifts by ~10 % within minutes. Measure it again next to this model's runs and

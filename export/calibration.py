@@ -62,11 +62,13 @@ def calibration_paths(data_config: str | Path | None = None) -> list[Path]:
         return []
 
 
-def calibration_set(n: int, size: tuple[int, int],
-                    data_config: str | Path | None = None) -> tuple[np.ndarray, str]:
-    """(uint8 N x H x W x 3, description) from `calibration_paths(data_config)`. Falls back to synthetic images,
-    loudly, when configs/data.yaml's data is not present."""
-    paths = calibration_paths(data_config)
+def calibration_set(n: int, size: tuple[int, int], data_config: str | Path | None = None,
+                    paths: list[Path] | None = None) -> tuple[np.ndarray, str]:
+    """(uint8 N x H x W x 3, description) from `paths`, those `calibration_paths(data_config)` listed (listed here
+    when None: a caller that checked them early passes them on, so the photos are not listed twice). Falls back to
+    synthetic images, loudly, when configs/data.yaml's data is not present."""
+    if paths is None:
+        paths = calibration_paths(data_config)
     if paths:
         where = f"{Path(data_config).name} " if data_config is not None else ""
         return load_resized(pick_evenly(paths, n), size), f"{where}train split, {min(n, len(paths))} images"

@@ -59,10 +59,12 @@ def _export(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ensure_writable_dir(args.out)  # before minutes of export and INT8 calibration, not after
+    calib_paths = None
     if args.calib_config is not None and args.calib and args.target in ("openvino", "all"):
         from drywallqa.export.calibration import calibration_paths
 
-        calibration_paths(args.calib_config)  # a missing, invalid or empty config stops here, before the export
+        # A missing, invalid or empty config stops here, before the export; the list is passed on, not made again.
+        calib_paths = calibration_paths(args.calib_config)
     # SIGTERM (a `timeout`, a CI job or service stopping) ends the export as Ctrl-C does: through the `finally`s
     # that remove its staging folder, instead of leaving the half-made files there.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -71,7 +73,7 @@ def _export(args: argparse.Namespace) -> int:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory())) if args.random_arch else Path()
             weights = _resolve_weights(args, tmp)
             out = run_export(weights, args.target, args.out, tuple(args.size) if args.size else None,
-                             args.dynamic_batch, args.calib, args.calib_config)
+                             args.dynamic_batch, args.calib, args.calib_config, calib_paths)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     for name, path in out.items():

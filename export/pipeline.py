@@ -12,8 +12,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drywallqa.export.metadata import build_metadata
+
+if TYPE_CHECKING:
+    from drywallqa.train.checkpoint import CheckpointInfo
+    from drywallqa.train.models.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,13 @@ def run_export(
     dynamic_batch: bool = False,
     calib: int = 300,
     calib_config: str | Path | None = None,
+    calib_paths: list[Path] | None = None,
+    loaded: tuple[Segmenter, CheckpointInfo] | None = None,
 ) -> dict[str, Path]:
     """Returns {artifact name: path}. The FP32 ONNX is always written (the other targets start from it).
+    `calib_paths`: the INT8 calibration photos when the caller has listed them already (calibration_paths of
+    `calib_config`); None lists them here. `loaded`: load_weights(weights) when the caller has loaded it already
+    (the bench checks every file before it measures), so the file is not read twice; None loads it here.
 
     Every file is first written to a staging folder inside `out_dir` and moved into place (a rename each) only
     once all of them are made: an export that fails or is interrupted (Ctrl-C during INT8 calibration, a full
@@ -54,7 +64,8 @@ def run_export(
     remove_stale_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_owner_tag(os.getpid())}-", dir=out_dir))
     try:
-        made = _export_into(weights, target, staging, size, dynamic_batch, calib, calib_config)
+        made = _export_into(weights, target, staging, size, dynamic_batch, calib, calib_config, calib_paths,
+                            loaded)
         for path in sorted(staging.iterdir(), key=lambda p: p.suffix == ".xml"):  # an IR's .bin before its .xml
             if path.is_file():  # folders hold intermediates (INTERMEDIATE_DIR), removed with the staging
                 os.replace(path, out_dir / path.name)
@@ -130,11 +141,13 @@ def _process_start(pid: int) -> int:
 
 
 def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[int, int] | None, dynamic_batch: bool,
-                 calib: int, calib_config: str | Path | None = None) -> dict[str, Path]:
+                 calib: int, calib_config: str | Path | None = None,
+                 calib_paths: list[Path] | None = None,
+                 loaded: tuple[Segmenter, CheckpointInfo] | None = None) -> dict[str, Path]:
     from drywallqa.export.onnx_export import export_onnx
     from drywallqa.train.checkpoint import load_weights
 
-    model, info = load_weights(weights)
+    model, info = loaded if loaded is not None else load_weights(weights)
     size = tuple(size or info.input_size)
     stem = Path(weights).stem
     meta = build_metadata(info, embed_dim=int(model.prompt_embeddings.shape[1]), input_size=size,
@@ -148,7 +161,7 @@ def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[in
 
         out["openvino_fp16"] = export_openvino(onnx_path, out_dir / f"{stem}_fp16.xml", meta, fp16=True)
         if calib > 0:
-            images, source = calibration_set(calib, size, calib_config)
+            images, source = calibration_set(calib, size, calib_config, calib_paths)
             out["openvino_int8"] = quantize_int8(onnx_path, out_dir / f"{stem}_int8.xml", meta, images, source)
     if target in ("jetson", "all"):
         from drywallqa.export.jetson import make_jetson_onnx

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 from pathlib import Path
 
 from drywallqa.argtypes import positive_int
@@ -36,13 +35,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from drywallqa.train.interrupts import sigterm_as_interrupt
     from drywallqa.train.worker_lifetime import end_with_parent
 
     # systemd, docker stop and kill send SIGTERM: stop like Ctrl-C ("interrupted", exit 130). The last finished
     # epoch's checkpoint is what the next start resumes from. A torchrun worker gets SIGTERM when its launcher
     # dies too, even by SIGKILL; both come first, before the slow imports.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    end_with_parent()
+    with sigterm_as_interrupt():
+        end_with_parent()
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     from drywallqa.paths import CACHE_DIR

@@ -7,13 +7,10 @@ Nothing here needs torch.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import json
-import signal
 import sys
-import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +54,7 @@ from drywallqa.train.data.split import (
     split_sizes,
     write_split,
 )
+from drywallqa.train.interrupts import sigterm_as_interrupt
 from drywallqa.vocab import load_vocabulary
 
 FORMATS = ("yolo", "coco")
@@ -533,20 +531,6 @@ def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split
         raise
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (kill, a `timeout`, a CI job or service stopping) ends the run as Ctrl-C does: through the cleanup
-    that removes the half-written work folders (their disk space reserved up front: gigabytes at --sizes 512)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
 def prepare(
     setup: DataSetup,
     sizes: list[int],
@@ -571,7 +555,9 @@ def prepare(
     summary.issues += coco_file_issues(setup, records)
     summary.orphans = [str(p) for spec in setup.specs if spec.format == "yolo" for p in orphan_labels(spec)]
     check_free_space(out_dir, sum(map(len, records.values())), sizes)
-    with _sigterm_as_interrupt():
+    # SIGTERM ends the run as Ctrl-C does: through the cleanup that removes the half-written work folders (their
+    # disk space reserved up front: gigabytes at --sizes 512).
+    with sigterm_as_interrupt():
         _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
     summary.skipped += subfolder_skips(setup)  # after the per-image skips, which are errors to see first
     write_split(target, split, setup.seed, setup.val_fraction)
