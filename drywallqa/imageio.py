@@ -52,6 +52,8 @@ def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     a = np.asarray(array)
     if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and a.flags.writeable:
         return np.ascontiguousarray(a)  # the live-frame case: no scan, no copy
+    if a.dtype.kind == "i":  # signed (a TIFF decoded by OpenCV): below 0 is black, as for floats, not wrapped round
+        a = np.clip(a, 0, None)
     if a.dtype == np.uint16 or (a.dtype.kind in "iu" and a.max(initial=0) > 255):
         a = (a.astype(np.float32) / 257.0).round().clip(0, 255).astype(np.uint8)
     elif a.dtype.kind == "f":

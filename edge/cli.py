@@ -235,7 +235,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     try:
         settings = _load(args)
-        check_source_exists(settings.source.uri, settings.source.watch)  # as `edge run` does first: a missing video file stops it
+        # As `edge run` does first: a missing video file stops it (with source.watch it is waited for).
+        check_source_exists(settings.source.uri, settings.source.watch)
     except (ConfigError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

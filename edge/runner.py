@@ -309,15 +309,17 @@ class EdgeRunner:
         """What is wrong now before what went wrong once: a spool that cannot be written (alerts or deliveries), a
         broker that keeps closing the connection, a source being reconnected or ended by an error (each cleared when it is over), then
         the latest rejected command or failed frame, then the source's last error (cleared once frames flow again
-        after a reopen). A rejected command or an early snapshot request must not hide, for as long as the device
-        runs, why its camera is down."""
+        after a reopen), and only when there is none, that a snapshot request waits for the first frame. A rejected
+        command must not hide, for as long as the device runs, why its camera is down."""
         now = (self.link.spool_error or (self.spool.ack_error if self.spool else "") or self.link.link_error
                if self.link else "")
         if not now and self.capture is not None:
             now = self.capture.source.ongoing_error
         if not now and cap is not None and cap.state in ("reconnecting", "ended"):
             now = cap.last_error
-        return now or self.last_error or (cap.last_error if cap else "")
+        said = now or self.last_error or (cap.last_error if cap else "")
+        # A snapshot request waiting for the first frame is only a hint: never in place of an error.
+        return said or (SNAPSHOT_WAITING if self._snapshots_waiting else "")
 
     def _publish_status(self) -> None:
         if self.link is not None:
@@ -359,7 +361,6 @@ class EdgeRunner:
                     log.warning("snapshot request %r dropped: %d newer ones wait for the first frame",
                                 self._snapshots_waiting[0], SNAPSHOT_WAITING_MAX)
                 self._snapshots_waiting.append(request_id)  # the oldest goes when full
-                self.last_error = SNAPSHOT_WAITING
                 return
         self._publish_snapshot(request_id)
 
@@ -372,9 +373,7 @@ class EdgeRunner:
             return
         for request_id in waiting:
             self._publish_snapshot(request_id)
-        if self.last_error == SNAPSHOT_WAITING:  # not a newer error
-            self.last_error = ""
-        self._last_status = 0.0  # say so on the broker soon
+        self._last_status = 0.0  # the status's snapshot hint goes: say so on the broker soon
 
     def _publish_snapshot(self, request_id: str | None) -> None:
         if self.link is None or self._last_analysed is None:
@@ -413,6 +412,8 @@ class EdgeRunner:
             masks[w.class_name] = mask  # on the model's grid; draw_masks scales it to what it draws
         with self._snapshot_lock:
             self._last_analysed = (frame, masks)
+        if self._snapshots_waiting:  # answered now, before an alert or detection could fail this frame
+            self._answer_waiting_snapshots()
         firings = self.engine.update(results, now_mono)
         for firing in firings:
             snap_masks = {firing.result.class_name: masks[firing.result.class_name]}
@@ -438,8 +439,6 @@ class EdgeRunner:
         if len(self.stats.latencies_ms) < self.keep_latencies:
             self.stats.latencies_ms.append((time.monotonic() - frame.t_capture) * 1000)
             self.stats.inference_ms.append(inference_ms)
-        if self._snapshots_waiting:
-            self._answer_waiting_snapshots()
         return results
 
     def _skeleton_wanted(self, class_name: str, want_detection: bool, now: float) -> bool:

@@ -158,9 +158,12 @@ class CvCaptureSource(FrameSource):
     """OpenCV VideoCapture: V4L2 cameras, network streams (FFmpeg, with open/read timeouts) and video files."""
 
     def __init__(self, uri: str, kind: str, *, width: int | None = None, height: int | None = None,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, settle: bool = False) -> None:
         super().__init__(uri)
         self.kind = kind
+        # A watched video file (source.watch) may arrive by copy: it is opened only once it has not changed for
+        # FILE_SETTLE_S, and an end while it still changes is a pause (resumed where it stopped), not the end.
+        self.settle = settle and kind == "file"
         self.live = kind in ("camera", "stream")
         self.width, self.height = width, height
         self.timeout_ms = int(timeout_s * 1000)
@@ -175,6 +178,9 @@ class CvCaptureSource(FrameSource):
         self.close()
         if self.kind == "file" and not Path(self.uri).is_file():
             raise SourceError(f"video file not found: {self.uri} (waiting for it to appear)")
+        if self.settle and (age := _seconds_since_change(self.uri)) is not None and age < FILE_SETTLE_S:
+            raise SourceError(f"video file {self.uri} changed {age:.0f} s ago: opened once it has not changed for "
+                              f"{FILE_SETTLE_S:.0f} s (it may still be being copied)")
         if self.kind == "camera":
             target: int | str = int(self.uri) if self.uri.isdigit() else self.uri
             cap = cv2.VideoCapture(target, cv2.CAP_V4L2)
@@ -245,6 +251,9 @@ class CvCaptureSource(FrameSource):
         if self.kind == "file":
             # The end of the file that is open (renaming or deleting it does not cut an open file short).
             read, announced = self._position, self._frame_count
+            if self.settle and (age := _seconds_since_change(self.uri)) is not None and age < FILE_SETTLE_S:
+                raise SourceError(f"video file {self.uri} ended after {read} frames but changed {age:.0f} s ago: "
+                                  f"it may still be being copied; going on from frame {read} once it settles")
             self._position = 0  # a reopen after the end (loop) starts again
             problem = ""
             if announced and read < announced - max(2, announced // 50):  # headers may be off by a frame or two
@@ -264,6 +273,15 @@ class CvCaptureSource(FrameSource):
     @property
     def native_fps(self) -> float | None:
         return self._fps
+
+
+def _seconds_since_change(path: str) -> float | None:
+    """Seconds since the file last changed, as a distance (a time far ahead, a clock off, must not mean "new" for
+    ever); None when it cannot be told."""
+    try:
+        return abs(time.time() - os.stat(path).st_mtime)
+    except OSError:
+        return None
 
 
 def unopenable_file_error(path: str) -> SourceError:
@@ -369,10 +387,24 @@ class WatchRecord:
         self._lines = -1  # lines in the file (header included); -1: no file of ours yet, write it whole first
         self._fh: TextIO | None = None
 
+    def _adopt_older_name(self) -> None:
+        """Until session 24 the file was named after os.path.abspath(uri), which keeps a leading '//': such a
+        record (the only spelling whose name changed) is renamed to the name it has now, so its photos stay done."""
+        assert self.path is not None
+        prefix, sep, _ = self.path.name.rpartition(".watched-")
+        older = self.path.with_name(
+            f"{prefix}{sep}{hashlib.sha256(os.path.abspath(self.uri).encode()).hexdigest()[:16]}.jsonl")
+        if sep and older != self.path and older.is_file() and not self.path.exists():
+            with contextlib.suppress(OSError):  # not renamed: a fresh record, as before
+                os.replace(older, self.path)
+                log.info("watched-folder record %s renamed to %s (the name its source's path gives it now)", older,
+                         self.path)
+
     def load(self) -> dict[str, tuple[int, int]]:
         """The images the file records; a damaged file is moved aside (what could be read is kept) and rewritten."""
         if self.path is None:
             return {}
+        self._adopt_older_name()
         try:
             text = self.path.read_bytes().decode("utf-8")
         except FileNotFoundError:
@@ -928,8 +960,11 @@ def make_source(uri: str, *, width: int | None = None, height: int | None = None
     file `watch_record` (None: in memory only). A video file is played as without it (reopened with backoff while it
     is not there yet); other kinds ignore it, with a warning."""
     kind = classify_uri(uri, watch)
-    if watch and kind == "file" and not os.path.exists(uri):
-        log.info("source.watch: video file %r is not there yet: it is waited for, then played as without watch", uri)
+    if kind == "file":
+        uri = os.path.expanduser(uri)  # as check_source_exists reads it
+    if watch and kind == "file":
+        log.info("source.watch on video file %r: it is waited for while missing, and played once it has not changed "
+                 "for %.0f s (it may be being copied in)", uri, FILE_SETTLE_S)
     elif watch and kind != "images":  # not refused: `--source /dev/video0` on a device configured to watch a folder
         log.warning("source.watch applies to folders and globs of photos; %r is a %s source, so it is ignored", uri,
                     kind)
@@ -937,4 +972,4 @@ def make_source(uri: str, *, width: int | None = None, height: int | None = None
         return DemoSource(demo_size)
     if kind == "images":
         return WatchedFolderSource(uri, record_path=watch_record) if watch else ImageListSource(uri)
-    return CvCaptureSource(uri, kind, width=width, height=height, timeout_s=timeout_s)
+    return CvCaptureSource(uri, kind, width=width, height=height, timeout_s=timeout_s, settle=watch)

@@ -41,6 +41,15 @@ if TYPE_CHECKING:
 
     Loaded = tuple[Segmenter, CheckpointInfo]  # what load_weights returns
 
+
+@dataclass(frozen=True)
+class CheckedWeights:
+    """A weights file loaded (checked) up front, with its size and mtime then: the export takes the model over
+    only while the file is still that one (a training run may rewrite it during minutes of benchmarking)."""
+
+    loaded: Loaded
+    stat_key: tuple[int, int]  # (st_size, st_mtime_ns) when it was loaded
+
 SOURCE_HW = (640, 640)  # the cameras' / dataset's frame size; postprocessing upsamples to it
 BATCHES = (1, 4)
 N_IMAGES = 8
@@ -222,12 +231,16 @@ def _resolve_weights(args: argparse.Namespace, workdir: Path) -> list[Path]:
     return list(unique.values())
 
 
-def load_checked(weights_list: list[Path]) -> dict[Path, Loaded]:
+def load_checked(weights_list: list[Path]) -> dict[Path, CheckedWeights]:
     """{file: load_weights(file)}: each file checked by loading it, before anything is measured. The export takes
     the loaded model over (run_bench's `loaded`), so no file is read and rebuilt twice."""
     from drywallqa.train.checkpoint import load_weights
 
-    return {path: load_weights(path) for path in weights_list}
+    checked = {}
+    for path in weights_list:
+        stat = path.stat()
+        checked[path] = CheckedWeights(load_weights(path), (stat.st_size, stat.st_mtime_ns))
+    return checked
 
 
 def model_names(weights_list: list[Path]) -> list[str]:
@@ -250,10 +263,10 @@ def _fresh(paths: list[Path], than: Path) -> bool:
 
 
 def prepare_artifacts(weights: Path, size: tuple[int, int], calib: int, workdir: Path,
-                      name: str | None = None, loaded: Loaded | None = None) -> dict[str, Path]:
+                      name: str | None = None, loaded: CheckedWeights | None = None) -> dict[str, Path]:
     """Dynamic-batch ONNX + FP16 IR + INT8 IR at `size`, in workdir/<name>_<h>x<w>/. Reused from there only when
     they were made from this very weights file (path, size and mtime) with this many calibration images.
-    `loaded`: load_weights(weights) when already done, so the export does not read the file again."""
+    `loaded`: the file loaded already (load_checked), taken over by the export unless the file changed since."""
     from drywallqa.edge.backends import read_metadata
     from drywallqa.export.pipeline import run_export
 
@@ -275,7 +288,9 @@ def prepare_artifacts(weights: Path, size: tuple[int, int], calib: int, workdir:
         if (meta.input.height, meta.input.width) == tuple(size) and meta.input.dynamic_batch:
             return files
     made_from.unlink(missing_ok=True)
-    made = run_export(weights, "openvino", out_dir, size=size, dynamic_batch=True, calib=calib, loaded=loaded)
+    unchanged = loaded is not None and loaded.stat_key == (stat.st_size, stat.st_mtime_ns)
+    model = loaded.loaded if unchanged else None  # changed since it was loaded: exported as it is now
+    made = run_export(weights, "openvino", out_dir, size=size, dynamic_batch=True, calib=calib, loaded=model)
     made_from.write_text(json.dumps(source), encoding="utf-8")
     return {"onnx": made["onnx"], "fp16": made["openvino_fp16"], "int8": made["openvino_int8"]}
 
@@ -583,8 +598,8 @@ def select_backends(only: list[str] | None, engine: Path | None) -> list[Backend
 
 def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), threads: int = 2, iters: int = 30,
               rounds: int = ROUNDS, calib: int = 32, workdir: Path, engine: Path | None = None, only: list[str] | None = None,
-              log=print, loaded: dict[Path, Loaded] | None = None) -> dict:
-    """`loaded`: {weights file: load_weights of it} for files already loaded (checked), handed to their export."""
+              log=print, loaded: dict[Path, CheckedWeights] | None = None) -> dict:
+    """`loaded`: {weights file: load_checked's entry} for files already loaded (checked), handed to their export."""
     import numpy as np
 
     rounds = max(1, rounds)
@@ -614,7 +629,8 @@ def run_bench(weights_list: list[Path], *, size: tuple[int, int] = (512, 512), t
 
 
 def _bench_model(weights: Path, name: str, specs: list[BackendSpec], size, threads, iters, rounds, calib, workdir, engine,
-                 sources_file: Path, gflops_machine: float | None, log, loaded: Loaded | None = None) -> dict:
+                 sources_file: Path, gflops_machine: float | None, log,
+                 loaded: CheckedWeights | None = None) -> dict:
 
     from drywallqa.edge.backends import read_metadata
     from drywallqa.export.flops import count_macs

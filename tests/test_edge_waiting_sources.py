@@ -21,6 +21,7 @@ from _mqtt_fixtures import Collector, mosquitto_fixture, wait_until
 from drywallqa.edge.capture import Capture
 from drywallqa.edge.sources import (
     CvCaptureSource,
+    EndOfSource,
     NoNewFrame,
     SourceError,
     WatchedFolderSource,
@@ -46,8 +47,13 @@ def _drain(cap: Capture, timeout: float) -> list:
 def _arrive(video: Path, frames: int) -> Path:
     """The video written beside its place, then renamed into it: there all at once, as on a drive just mounted."""
     make_video(video.with_name("incoming.avi"), frames)
+    _settled(video.with_name("incoming.avi"))  # written long ago, e.g. on the drive's own camera
     os.replace(video.with_name("incoming.avi"), video)
     return video
+
+
+def _settled(path: Path) -> None:
+    os.utime(path, (time.time() - 60, time.time() - 60))
 
 
 # -- a watched video file not there yet ------------------------------------------------------------------------
@@ -77,6 +83,39 @@ def test_a_watched_video_file_not_there_yet_is_waited_for_then_played(tmp_path):
         assert cap.stats.state == "ended" and cap.stats.last_error == ""  # played to its end; the wait is over
     finally:
         cap.stop()
+
+
+def test_a_watched_video_still_being_copied_is_played_whole_once_it_settles(tmp_path):
+    """Review: a watched video file that appears while it is still being copied (its header complete, its frames
+    not) was played up to the copied part and then ended for good (no loop: `edge run` exits 0 and systemd does not
+    restart it), the rest never analysed. It is opened only once it has not changed for FILE_SETTLE_S, and an end
+    while it still changes is a pause: the source reopens later and goes on from the frame it stopped at."""
+    whole = make_video(tmp_path / "whole.avi", 60).read_bytes()
+    video = tmp_path / "site.avi"
+    video.write_bytes(whole[: len(whole) // 2])  # half copied, changed just now
+    src = make_source(str(video), watch=True)
+    with pytest.raises(SourceError, match="changed 0 s ago: opened once it has not changed"):
+        src.open()
+    _settled(video)  # the copy stalled long enough to look finished: it is opened
+    src.open()
+    read = 0
+    with pytest.raises(SourceError, match="it may still be being copied; going on from frame"):
+        while True:
+            src.read()
+            read += 1
+            if read == 10:
+                os.utime(video)  # meanwhile the copy goes on: the file changes
+    assert 0 < read < 60
+    video.write_bytes(whole)  # the copy completes
+    _settled(video)
+    src.open()  # reopened: on from where it stopped, not from the start
+    rest = 0
+    with pytest.raises(EndOfSource) as end:
+        while True:
+            src.read()
+            rest += 1
+    assert read + rest == 60 and end.value.problem == ""
+    src.close()
 
 
 def test_check_config_accepts_a_watched_video_file_not_there_yet(tmp_path):
@@ -186,6 +225,21 @@ def test_records_of_a_normal_path_keep_their_name_and_an_old_relative_record_sti
     assert _process_all(WatchedFolderSource("in/*.png", record_path=record)) == 0
 
 
+def test_a_record_named_after_a_leading_double_slash_is_adopted(tmp_path):
+    """Review: the one spelling whose record name changed with normal_path is a leading '//' (os.path.abspath kept
+    it): a device configured as '//srv/photos' would have processed every photo again after the upgrade."""
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        _png(tmp_path / "in" / f"{i}.png", 60 * i)
+    uri = "/" + str(tmp_path / "in")  # '//tmp/.../in'
+    spool = tmp_path / "state" / "spool.sqlite"
+    older = spool.with_name(f"spool.watched-{hashlib.sha256(os.path.abspath(uri).encode()).hexdigest()[:16]}.jsonl")
+    assert older != watch_record_path(spool, uri)
+    assert _process_all(WatchedFolderSource(uri, record_path=older)) == 2  # the record as the older version named it
+    assert _process_all(WatchedFolderSource(uri, record_path=watch_record_path(spool, uri))) == 0
+    assert watch_record_path(spool, uri).is_file() and not older.exists()
+
+
 # -- float TIFFs ------------------------------------------------------------------------------------------------
 
 
@@ -233,3 +287,12 @@ def test_an_unreadable_tiff_keeps_its_error(tmp_path):
     path.write_bytes(b"II*\x00\x08\x00\x00\x00" + b"\x00" * 40)  # a header, then no image
     with pytest.raises(ImageReadError, match=r"cannot read image .*broken\.tif: cannot identify image file"):
         read_image_rgb(path)
+
+
+def test_a_signed_integer_tiff_is_read_with_negatives_black_not_wrapped(tmp_path):
+    """Review: the OpenCV fallback decodes 3-channel int16 TIFFs that PIL cannot open, and a cast to uint8 made -5
+    into 251 (a bright pixel that is not there)."""
+    bgr = np.zeros((4, 6, 3), np.int16)
+    bgr[..., 0], bgr[..., 1], bgr[..., 2] = -5, 100, 200
+    assert cv2.imwrite(str(tmp_path / "signed.tif"), bgr)
+    assert read_image_rgb(tmp_path / "signed.tif")[0, 0].tolist() == [200, 100, 0]

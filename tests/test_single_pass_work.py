@@ -101,6 +101,28 @@ def test_bench_loads_each_weights_file_once(tmp_path, monkeypatch):
     assert (work / "w_64x64" / "w_int8.xml").is_file()  # the export did run, on the model loaded up front
 
 
+def test_bench_exports_the_file_as_it_is_now_when_it_changed_since_it_was_checked(tmp_path):
+    """Review: the files are loaded up front and a later model's export comes minutes later. A weights file rewritten
+    meanwhile (a training run) must be exported as it is now, since made_from.json records its size and mtime then:
+    the model loaded earlier is not taken over."""
+    import onnxruntime as ort
+
+    from drywallqa.export import bench
+    from drywallqa.export.pipeline import run_export
+
+    weights = write_random_weights(tmp_path / "w.safetensors", "effnet_lite0_fpn", (32, 32), seed=0)
+    checked = bench.load_checked([weights])
+    write_random_weights(weights, "effnet_lite0_fpn", (32, 32), seed=1)  # rewritten meanwhile: other weights
+    made = bench.prepare_artifacts(weights, (32, 32), 1, tmp_path / "work", loaded=checked[weights])["onnx"]
+    now = run_export(weights, "onnx", tmp_path / "now", size=(32, 32))["onnx"]
+    image = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+
+    def probs(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
+
+    np.testing.assert_allclose(probs(made), probs(now), atol=1e-5)
+
+
 def test_crack_length_of_a_large_photo_is_measured_shrunk_within_a_few_percent(tmp_path):
     """A 48 MP mask: the length is right (a horizontal and a vertical crack, so both axes' scales count) and no
     full-size float32 map (the distance transform's, 4 bytes a pixel) is made on the way."""
