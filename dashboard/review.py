@@ -15,7 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from drywallqa.edge.render import shrink_to
 from drywallqa.findings import KEY_FIELDS as REPORT_KEY_FIELDS
@@ -23,6 +23,7 @@ from drywallqa.imageio import (
     READ_SUFFIXES,
     ImageReadError,
     read_image_rgb,
+    tiff_size,
     without_heif_copies,
 )
 from drywallqa.masks import MASK_SUFFIX, SEPARATOR, read_mask
@@ -200,8 +201,11 @@ def mask_problems(item: ReviewItem) -> list[str]:
         return []
     try:
         (w, h), _ = _header_size_bands(item.image, oriented=True)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return [f"{item.image.name}: cannot read image"]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        size = tiff_size(item.image) if isinstance(exc, UnidentifiedImageError) else None
+        if size is None:  # read_image_rgb decodes the TIFFs PIL cannot open (float, signed) with OpenCV
+            return [f"{item.image.name}: cannot read image"]
+        w, h = size
     problems: list[str] = []
     for mask_file in item.masks:
         name = mask_file.path.name

@@ -131,9 +131,10 @@ def _read_tiff_opencv(path: Path) -> np.ndarray | None:
     """A TIFF that PIL cannot open (it reads no multi-channel float TIFF: thermal cameras, HDR pipelines), decoded by
     OpenCV's libtiff, as stored (RGB or gray, any depth; its orientation tag is not applied); None when it is no
     TIFF or OpenCV fails too. PIL's size limit holds here too (ImageReadError)."""
-    pixels = _tiff_pixels(path)
-    if pixels is None:
+    size = tiff_size(path)
+    if size is None:
         return None
+    pixels = size[0] * size[1]
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and pixels > 2 * limit:  # where PIL raises DecompressionBombError
         raise ImageReadError(f"cannot read image {path}: too large to decode safely ({pixels} pixels, more than "
@@ -154,9 +155,9 @@ def _tiff_to_rgb(image: np.ndarray, path: Path) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
 
 
-def _tiff_pixels(path: Path) -> int | None:
-    """Width x height of a (classic, not Big-) TIFF's first image, from its header: checked against the size limit
-    before anything is decoded. None when it is no such TIFF."""
+def tiff_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of a (classic, not Big-) TIFF's first image, from its header, for TIFFs PIL cannot open:
+    checked against the size limit before anything is decoded. None when it is no such TIFF."""
     try:
         with path.open("rb") as f:
             head = f.read(8)
@@ -174,7 +175,7 @@ def _tiff_pixels(path: Path) -> int | None:
         if tag in (256, 257) and n == 1 and kind in (3, 4):  # ImageWidth, ImageLength: SHORT or LONG
             fmt, width = ("H", 2) if kind == 3 else ("I", 4)
             size[tag] = struct.unpack(order + fmt, entries[i + 8:i + 8 + width])[0]
-    return size[256] * size[257] if len(size) == 2 else None
+    return (size[256], size[257]) if len(size) == 2 else None
 
 
 def _file_size(path: Path) -> int | None:

@@ -212,3 +212,19 @@ def test_heic_and_tiff_photos_are_reviewed_as_jpegs_the_dashboard_renders(dashbo
     status, _, body = http_get(dashboard, f"/review/overlay.jpg?images={images}&masks={masks}&id=wall")
     with Image.open(io.BytesIO(body)) as im:
         assert status == 200 and im.size == (64, 48)  # the JPEG's, not the HEIC's 48 x 64
+
+
+def test_a_float_tiff_is_reviewed_without_a_false_cannot_read(dashboard, tmp_path: Path) -> None:
+    """A 3-channel float TIFF (thermal / HDR pipelines) is read by `predict` since OpenCV decodes what PIL cannot;
+    the listing checked it with PIL's header reader alone and flagged 'cannot read image' beside a good overlay."""
+    images, masks = tmp_path / "images", tmp_path / "pred"
+    images.mkdir()
+    masks.mkdir()
+    assert cv2.imwrite(str(images / "thermal.tif"), np.full((30, 40, 3), 0.5, np.float32))
+    cv2.imwrite(str(masks / mask_filename("thermal", "segment crack")), np.zeros((30, 40), np.uint8))
+    page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
+    figure = page.split("data-image-id='thermal'")[1].split("</figure>")[0]
+    assert "thermal__segment_crack.png" in figure and "cannot read" not in figure, figure
+    cv2.imwrite(str(masks / mask_filename("thermal", "segment crack")), np.zeros((20, 40), np.uint8))
+    page = http_get(dashboard, f"/review?images={images}&masks={masks}")[2].decode()
+    assert "size 40x20 differs from image 40x30" in page  # its size still checked, from the TIFF's header
