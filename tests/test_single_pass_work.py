@@ -142,7 +142,7 @@ def test_crack_length_of_a_large_photo_is_measured_shrunk_within_a_few_percent()
     """A 48 MP mask: the length is right (a horizontal and a vertical crack, so both axes' scales count) and no
     full-size float32 map (the distance transform's, 4 bytes a pixel) is made on the way. Measured in a process of
     its own: tracemalloc stopped while other threads of the test session allocate (numpy tracks its buffers with it)
-    can crash Python 3.11 (CPython gh-128679, fixed in 3.12 and 3.13 only): probably what crashed a full run here."""
+    can crash Python 3.11 (CPython gh-128679, fixed in 3.12 and 3.13 only)."""
     import json
     import subprocess
     import sys
