@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import yaml
 
 
@@ -59,3 +62,26 @@ def start_edge(config: Path, *extra: str, env: dict[str, str] | None = None, log
     out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
     return subprocess.Popen(edge_cmd(config, *extra), stdout=out, stderr=subprocess.STDOUT,
                             env=env or clean_env())
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "1m") -> Iterator[Path]:
+    """A real file system of `size` at `path` (tmpfs; needs root)."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk is full; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    return filler

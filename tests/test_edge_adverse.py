@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from _edge_helpers import clean_env, edge_cmd, write_config
+from _edge_helpers import clean_env, edge_cmd, fill, small_disk, write_config
 from _mqtt_fixtures import Collector, mosquitto_fixture, wait_until
 
 pytestmark = pytest.mark.slow
@@ -24,29 +24,6 @@ def lite_model() -> Path:
     if not LITE.is_file():
         pytest.skip(f"{LITE} is not exported")
     return LITE
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "1m"):
-    """A real file system of `size` at `path` (tmpfs; needs root)."""
-    path.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)])
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the disk is full; returns it (delete it to free the space)."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 4096)
-    return filler
 
 
 def _unique_frames(collector: Collector) -> list[int]:

@@ -3,15 +3,12 @@ which errors a command clears, snapshots asked for before the first frame, list 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _edge_helpers import write_config
+from _edge_helpers import fill, small_disk, write_config
 from _mqtt_fixtures import Collector, free_port, mosquitto_fixture, wait_until
 
 from drywallqa.edge.payloads import CommandPayload
@@ -26,29 +23,6 @@ def model(tmp_path_factory) -> Path:
     from _export_fixtures import export_random_model
 
     return export_random_model(tmp_path_factory.mktemp("model"), size=(64, 64))
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "1m") -> Iterator[Path]:
-    """A real file system of `size` at `path` (tmpfs; needs root)."""
-    path.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)])
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the disk is full; returns it."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 4096)
-    return filler
 
 
 def _runner(cfg: Path):
