@@ -178,7 +178,7 @@ class CvCaptureSource(FrameSource):
         self.close()
         if self.kind == "file" and not Path(self.uri).is_file():
             raise SourceError(f"video file not found: {self.uri} (waiting for it to appear)")
-        if self.settle and (age := _seconds_since_change(self.uri)) is not None and age < FILE_SETTLE_S:
+        if (age := self._still_changing()) is not None:
             raise SourceError(f"video file {self.uri} changed {age:.0f} s ago: opened once it has not changed for "
                               f"{FILE_SETTLE_S:.0f} s (it may still be being copied)")
         if self.kind == "camera":
@@ -251,7 +251,7 @@ class CvCaptureSource(FrameSource):
         if self.kind == "file":
             # The end of the file that is open (renaming or deleting it does not cut an open file short).
             read, announced = self._position, self._frame_count
-            if self.settle and (age := _seconds_since_change(self.uri)) is not None and age < FILE_SETTLE_S:
+            if (age := self._still_changing()) is not None:
                 raise SourceError(f"video file {self.uri} ended after {read} frames but changed {age:.0f} s ago: "
                                   f"it may still be being copied; going on from frame {read} once it settles")
             self._position = 0  # a reopen after the end (loop) starts again
@@ -261,6 +261,11 @@ class CvCaptureSource(FrameSource):
                            f"announces: the file is cut short (damaged, or still being copied)")
             raise EndOfSource(self.uri, problem)
         raise SourceError(f"{self.kind} {self.uri!r} returned no frame (disconnected or stalled)")
+
+    def _still_changing(self) -> float | None:
+        """Seconds since a watched video file (`settle`) last changed, while under FILE_SETTLE_S; else None."""
+        age = _seconds_since_change(self.uri) if self.settle else None
+        return age if age is not None and age < FILE_SETTLE_S else None
 
     def close(self) -> None:
         if self._grabbed_ahead:
