@@ -30,6 +30,10 @@ except ImportError:  # not on Windows: there the spool is not locked
 
 log = logging.getLogger(__name__)
 
+# The WAL is checkpointed every 64 pages (256 KiB at 4 KiB pages) instead of SQLite's 1000, and truncated to this
+# after each checkpoint: without the limit the file keeps its high-water mark (~4 MiB) on the device's disk for good.
+SPOOL_WAL_CHECKPOINT_PAGES = 64
+SPOOL_WAL_LIMIT_BYTES = 512 * 1024
 ACK_RETRY_S = 1.0  # a delivery that could not be recorded is retried at most this often (and with every put)
 
 SCHEMA = """
@@ -130,6 +134,8 @@ class Spool:
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute(f"PRAGMA wal_autocheckpoint={SPOOL_WAL_CHECKPOINT_PAGES}")
+                self._db.execute(f"PRAGMA journal_size_limit={SPOOL_WAL_LIMIT_BYTES}")
                 self._db.executescript(SCHEMA)
                 problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)").fetchall()]
             except BaseException:

@@ -25,7 +25,7 @@ from drywallqa.edge.cli import EXIT_CONFIG
 from drywallqa.edge.payloads import ClassResult
 from drywallqa.edge.render import draw_masks
 from drywallqa.edge.settings import ConfigError, load_settings
-from drywallqa.edge.spool import Spool
+from drywallqa.edge.spool import SPOOL_WAL_LIMIT_BYTES, Spool
 
 # -- settings -------------------------------------------------------------------------------------------------
 
@@ -222,6 +222,22 @@ def test_spool_order_persistence_and_bounds(tmp_path):
         small.put(f"b{i}", "t", b"x" * 300)
     assert small.count() == 3 and small.dropped() == 7
     small.close()
+
+
+def test_spool_wal_file_stays_small_on_a_long_run(tmp_path):
+    """A device's spool sees every alert written, published and deleted. SQLite's WAL file keeps its high-water
+    mark (about 4 MiB at the default 1000-page checkpoint) unless a size limit truncates it after a checkpoint:
+    on a small data partition that is space the alerts themselves would need."""
+    path = tmp_path / "s.sqlite"
+    spool = Spool(path)
+    for i in range(1500):
+        spool.put(f"e{i}", "t", b"x" * 2048)
+        for item in spool.pending():
+            spool.ack(item.seq)
+    wal = path.with_name(path.name + "-wal")
+    assert spool.count() == 0
+    assert wal.stat().st_size <= SPOOL_WAL_LIMIT_BYTES + 64 * 1024, wal.stat().st_size
+    spool.close()
 
 
 # -- service ---------------------------------------------------------------------------------------------------
