@@ -42,7 +42,7 @@ from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
 from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings, SpoolSettings
 from drywallqa.edge.sources import check_source_exists, make_source, watch_record_path
-from drywallqa.edge.spool import Spool, SpoolDamaged, lock_spool
+from drywallqa.edge.spool import Spool, SpoolDamaged, is_disk_state, lock_spool
 from drywallqa.paths import EXPORTED_DIR, PROFILES
 
 if TYPE_CHECKING:
@@ -135,7 +135,9 @@ def open_spool(settings: SpoolSettings, instance: str | None = None) -> Spool:
 
     A damaged spool (an SQLite file whose pages are corrupt, e.g. after a power cut on a worn SD card) would stop
     every start of an unattended device: it is moved aside, kept for recovery (`sqlite3 FILE .recover`), and a
-    fresh spool is started; `moved_aside` names where it went."""
+    fresh spool is started; `moved_aside` names where it went. A disk that is full, read-only or failing at start is
+    a state of the device, not of its config: the runtime starts with the spool unopened (`Spool.unopened`), alerts
+    published from memory, and the file tried again until it opens."""
     path = settings.resolved_path(instance)
     moved_aside = None
     lock_fd = -1
@@ -162,6 +164,8 @@ def open_spool(settings: SpoolSettings, instance: str | None = None) -> Spool:
             os.close(lock_fd)
         if not isinstance(exc, (OSError, sqlite3.Error)):
             raise
+        if is_disk_state(path, exc):  # the device runs meanwhile; the file is tried again (Spool.unopened)
+            return Spool.unopened(path, settings.max_rows, int(settings.max_mb * 2**20), str(exc))
         raise ConfigError(f"spool.path: cannot open the alert spool {path}: {exc} (set spool.path to a writable "
                           f"file, e.g. under $STATE_DIRECTORY)") from exc
     spool.moved_aside = moved_aside
@@ -311,8 +315,8 @@ class EdgeRunner:
         the latest rejected command or failed frame, then the source's last error (cleared once frames flow again
         after a reopen), and only when there is none, that a snapshot request waits for the first frame. A rejected
         command must not hide, for as long as the device runs, why its camera is down."""
-        now = (self.link.spool_error or (self.spool.ack_error if self.spool else "") or self.link.link_error
-               if self.link else "")
+        now = ((self.spool.open_error if self.spool else "") or self.link.spool_error
+               or (self.spool.ack_error if self.spool else "") or self.link.link_error if self.link else "")
         if not now and self.capture is not None:
             now = self.capture.source.ongoing_error
         if not now and cap is not None and cap.state in ("reconnecting", "ended"):

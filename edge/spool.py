@@ -7,7 +7,8 @@ kept in the database (reported in the status payload as spool_dropped).
 
 A delivery whose deletion cannot be written (disk full) is kept in memory and retried: this process never hands
 that row out again, and only if it stops before the write succeeds is the alert sent once more at the next start
-(consumers deduplicate on event_id).
+(consumers deduplicate on event_id). A spool whose disk is full or read-only at start is opened later, when it can
+be (`Spool.unopened`); until then alerts are published from memory, as when the disk fills mid-run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # after each checkpoint: without the limit the file keeps its high-water mark (~4 MiB) on the device's disk for good.
 SPOOL_WAL_CHECKPOINT_PAGES = 64
 SPOOL_WAL_LIMIT_BYTES = 512 * 1024
+SPOOL_REOPEN_S = 10.0  # a spool whose disk was full or read-only at start is tried again this often
 ACK_RETRY_S = 1.0  # a delivery that could not be recorded is retried at most this often (and with every put)
 
 SCHEMA = """
@@ -82,8 +84,9 @@ def lock_spool(path: Path) -> int:
             f"runtimes on one spool would publish each other's alerts and, with one mqtt.device_id, knock each "
             f"other off the broker. Stop the other one (e.g. `sudo systemctl stop drywallqa-edge`), or give this "
             f"one its own spool.path and mqtt.device_id", holder) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # the pid is only for the message: a full disk must not fail the lock
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -105,6 +108,28 @@ def wait_for_spool(path: Path, stop: threading.Event, on_busy: Callable[[SpoolIn
     return False
 
 
+DISK_STATE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+DISK_NEARLY_FULL_BYTES = 64 * 1024
+
+
+def is_disk_state(path: Path, exc: BaseException) -> bool:
+    """Whether the spool could not be opened because of its disk's state (full, read-only, failing), which can
+    change without anyone touching the config, rather than because of a wrong path or permissions."""
+    if isinstance(exc, OSError) and exc.errno in DISK_STATE_ERRNOS:
+        return True
+    if isinstance(exc, sqlite3.Error) and not isinstance(exc, SpoolDamaged) \
+            and getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+        return True
+    if not hasattr(os, "statvfs"):
+        return False
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    try:
+        st = os.statvfs(folder) if folder is not None else None
+    except OSError:
+        return False
+    return st is not None and (bool(st.f_flag & os.ST_RDONLY) or st.f_bavail * st.f_frsize < DISK_NEARLY_FULL_BYTES)
+
+
 @dataclass(frozen=True)
 class SpoolItem:
     seq: int
@@ -120,6 +145,13 @@ class Spool:
         raises, the caller still holds it (open_spool keeps it while it moves a damaged spool aside)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._init_state(max_rows, max_bytes)
+        own_lock = lock_fd is None
+        held = lock_spool(self.path) if lock_fd is None else lock_fd  # before anything reads the file
+        self._db = self._connect(held, own_lock=own_lock)
+        self._lock_fd = held
+
+    def _init_state(self, max_rows: int, max_bytes: int) -> None:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.moved_aside: Path | None = None  # a damaged spool found at start and kept there (see open_spool)
@@ -127,27 +159,73 @@ class Spool:
         self._acked: set[int] = set()  # seqs of delivered rows still in the table: their deletion failed
         self._ack_failed_at: float | None = None  # monotonic time of the latest failed attempt to record them
         self._ack_cause = ""  # why the latest attempt failed
+        self.open_error = ""  # set while the file could not be opened yet (see unopened)
+        self._open_cause = ""
+        self._open_tried_at = 0.0
         self._lock = threading.Lock()
-        self._lock_fd = lock_spool(self.path) if lock_fd is None else lock_fd  # before anything reads the file
+        self._lock_fd = -1
+
+    def _connect(self, lock_fd: int, *, own_lock: bool) -> sqlite3.Connection:
+        """The spool file, opened and checked; `lock_fd` is closed on failure if `own_lock`."""
         try:
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
             try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.execute(f"PRAGMA wal_autocheckpoint={SPOOL_WAL_CHECKPOINT_PAGES}")
-                self._db.execute(f"PRAGMA journal_size_limit={SPOOL_WAL_LIMIT_BYTES}")
-                self._db.executescript(SCHEMA)
-                problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)").fetchall()]
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute(f"PRAGMA wal_autocheckpoint={SPOOL_WAL_CHECKPOINT_PAGES}")
+                db.execute(f"PRAGMA journal_size_limit={SPOOL_WAL_LIMIT_BYTES}")
+                db.executescript(SCHEMA)
+                problems = [r[0] for r in db.execute("PRAGMA quick_check(3)").fetchall()]
             except BaseException:
-                self._db.close()
+                db.close()
                 raise
             if problems != ["ok"]:  # else every read and write would fail later, mid-run
-                self._db.close()
+                db.close()
                 raise SpoolDamaged(f"database disk image is malformed: {'; '.join(problems)}")
         except BaseException:
-            if lock_fd is None:
-                os.close(self._lock_fd)
+            if own_lock:
+                os.close(lock_fd)
             raise
+        return db
+
+    @classmethod
+    def unopened(cls, path: str | Path, max_rows: int, max_bytes: int, cause: str) -> Spool:
+        """A spool whose file cannot be opened now because its disk is full, read-only or failing: a state of the
+        device, not of its config, so the runtime starts anyway rather than stay down until someone restarts it.
+        Nothing is durable meanwhile: `put` raises, and the link then publishes the alert from memory, as when the
+        disk fills mid-run. `put` and `pending` try the file again every SPOOL_REOPEN_S; once it opens, the rows it
+        held are replayed and alerts are durable again. `open_error` says why while it lasts."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._init_state(max_rows, max_bytes)
+        self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)  # empty until opened
+        self._db.executescript(SCHEMA)
+        self._open_failed(cause)
+        log.error("%s", self.open_error)
+        return self
+
+    def _open_failed(self, cause: str) -> None:
+        self._open_tried_at = time.monotonic()
+        self._open_cause = cause
+        self.open_error = (f"alert spool {self.path} cannot be opened ({cause}): alerts are kept in memory only "
+                           f"until it can (tried again every {SPOOL_REOPEN_S:.0f} s); free disk space")
+
+    def _open_if_due(self) -> None:
+        """For an unopened spool (lock held): try its file again if SPOOL_REOPEN_S have passed."""
+        if not self.open_error or time.monotonic() - self._open_tried_at < SPOOL_REOPEN_S:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock_fd = lock_spool(self.path)
+            db = self._connect(lock_fd, own_lock=True)
+        except (OSError, sqlite3.Error, SpoolInUse) as exc:
+            self._open_failed(str(exc))
+            return
+        self._db.close()
+        self._db, self._lock_fd = db, lock_fd
+        self.open_error = ""
+        log.warning("alert spool %s opened: alerts are durable again (%d undelivered from before)", self.path,
+                    self.count_locked())
 
     def close(self) -> None:
         with self._lock:
@@ -165,6 +243,9 @@ class Spool:
     def put(self, event_id: str, topic: str, payload: bytes) -> int:
         """Append durably (committed and fsynced before returning); returns rows dropped to stay in bounds."""
         with self._lock:
+            self._open_if_due()
+            if self.open_error:
+                raise sqlite3.OperationalError(f"cannot be opened: {self._open_cause}")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 recorded = self._delete_acked()  # first: delivered rows must not count against the bounds
@@ -201,6 +282,7 @@ class Spool:
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[SpoolItem]:
         """Undelivered rows in order, oldest first, with seq > after_seq."""
         with self._lock:
+            self._open_if_due()
             if self._acked and self._ack_retry_due():
                 self._record_acks()
             rows = self._db.execute(
@@ -266,7 +348,10 @@ class Spool:
     def count(self) -> int:
         """Undelivered rows."""
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]) - len(self._acked)
+            return self.count_locked()
+
+    def count_locked(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]) - len(self._acked)
 
     def dropped(self) -> int:
         with self._lock:

@@ -63,6 +63,100 @@ def test_spool_disk_full_mid_run_loses_no_alert_and_says_so(tmp_path, mosquitto,
     assert sorted(frames) == frames[:] and len(frames) == 10, frames  # every alert once (after dedup), in order
 
 
+def test_a_full_disk_at_start_runs_the_device_and_the_spool_opens_once_space_is_back(tmp_path, mosquitto, lite_model,
+                                                                                      monkeypatch):
+    """The disk holding the spool is full when the runtime starts (a tablet whose synced photos filled it). Before,
+    that was a config error: exit 78, which the unit does not restart, so the device stayed down after the space was
+    freed. Now it runs, publishes alerts from memory and says why in its status; once there is space, the spool
+    opens, the alert it held from before is delivered, and new alerts are durable again."""
+    import sqlite3
+
+    import drywallqa.edge.spool as spool_module
+    from drywallqa.edge.runner import EdgeRunner
+    from drywallqa.edge.settings import load_settings
+    from drywallqa.edge.spool import Spool
+
+    monkeypatch.setattr(spool_module, "SPOOL_REOPEN_S", 0.2)
+    collector = Collector(mosquitto.port, "drywallqa/dev1/alerts")
+    with small_disk(tmp_path / "disk") as disk:
+        before = Spool(disk / "spool.sqlite")
+        before.put("from-before", "drywallqa/dev1/alerts", json.dumps({"event_id": "from-before", "frame_id": -1}).encode())
+        before.close()
+        filler = fill(disk)
+        cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=lite_model, port=mosquitto.port,
+                           spool=disk / "spool.sqlite", source={"fps": 20.0, "demo_size": [96, 128]})
+        runner = EdgeRunner(load_settings(cfg)).setup()
+        try:
+            assert collector.connected.wait(10) and runner.link.connected.wait(10)
+            status = runner.status("online").last_error
+            assert "cannot be opened" in status and "kept in memory only" in status, status
+            runner.run_frames(max_frames=3)
+            assert runner.stats.errors == 0 and runner.stats.processed == 3
+            wait_until(lambda: len(_unique_frames(collector)) >= 3, 15, "the alerts published from memory")
+            filler.unlink()
+            wait_until(lambda: runner.spool.open_error == "", 10, "the spool opened once space is back")
+            wait_until(lambda: "from-before" in [a["event_id"] for a in collector.payloads("alerts")], 10,
+                       "the alert the spool held from before the disk filled")
+            runner.run_frames(max_frames=2)
+            assert runner.status("online").last_error == ""
+            wait_until(lambda: len(_unique_frames(collector)) >= 6, 15, "the alerts after the spool opened")  # 3 + 1 + 2
+            assert runner.link.flush(10) and runner.link.pending() == 0
+        finally:
+            runner.shutdown()
+            collector.close()
+        db = sqlite3.connect(disk / "spool.sqlite")  # the new alerts went through the file: durable again
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+        assert db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0] >= 3
+        db.close()
+
+
+def test_a_spool_path_in_a_missing_folder_on_a_full_disk_is_created_once_space_is_back(tmp_path, monkeypatch):
+    import drywallqa.edge.spool as spool_module
+    from drywallqa.edge.runner import open_spool
+    from drywallqa.edge.settings import SpoolSettings
+
+    monkeypatch.setattr(spool_module, "SPOOL_REOPEN_S", 0.0)
+    with small_disk(tmp_path / "disk") as disk:
+        filler = fill(disk)
+        spool = open_spool(SpoolSettings(path=str(disk / "state" / "spool.sqlite")))
+        try:
+            assert "cannot be opened" in spool.open_error and spool.pending() == []
+            with pytest.raises(Exception, match="cannot be opened"):
+                spool.put("a", "t", b"x")
+            filler.unlink()
+            assert spool.put("a", "t", b"x") == 0 and spool.open_error == "" and spool.count() == 1
+        finally:
+            spool.close()
+        assert (disk / "state" / "spool.sqlite").is_file()
+
+
+def test_a_read_only_disk_at_start_is_a_device_state_and_a_wrong_spool_path_a_config_error(tmp_path, monkeypatch):
+    """A data partition the kernel remounted read-only (a failing SD card) is not the operator's config: the
+    runtime starts and tries again. A spool.path that is a folder is: exit 78 with spool.path named, as before."""
+    import drywallqa.edge.spool as spool_module
+    from drywallqa.edge.runner import open_spool
+    from drywallqa.edge.settings import ConfigError, SpoolSettings
+    from drywallqa.edge.spool import Spool
+
+    monkeypatch.setattr(spool_module, "SPOOL_REOPEN_S", 0.0)
+    with small_disk(tmp_path / "disk") as disk:
+        Spool(disk / "spool.sqlite").close()
+        assert subprocess.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0
+        try:
+            spool = open_spool(SpoolSettings(path=str(disk / "spool.sqlite")))
+            assert "cannot be opened" in spool.open_error, spool.open_error
+        finally:
+            assert subprocess.run(["mount", "-o", "remount,rw", str(disk)]).returncode == 0
+        try:
+            spool.put("a", "t", b"x")
+            assert spool.open_error == "" and spool.count() == 1
+        finally:
+            spool.close()
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(ConfigError, match="spool.path"):
+        open_spool(SpoolSettings(path=str(tmp_path / "a-folder")))
+
+
 def test_damaged_spool_at_start_is_moved_aside_and_the_device_runs(tmp_path, mosquitto, lite_model):
     """A power cut on a worn SD card can leave the spool's pages corrupt: refusing to start (exit 2, restarted by
     systemd, refused again) would silence the device for good. The file is kept aside for recovery instead."""
