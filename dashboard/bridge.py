@@ -267,8 +267,8 @@ class MqttBridge:
             stored = self.store.get(alert.event_id)
             if stored is not None:  # None only if it was trimmed at once (max_alerts reached by older times)
                 self.announce_alert(stored)
-        if problem:
-            raise PayloadError(f"alert {alert.event_id}: {problem}")
+        if problem:  # reported with the ignored messages, but this alert is listed: say so
+            raise PayloadError(f"alert {alert.event_id} kept without its picture: {problem}")
 
 
 def _set_tls(client: mqtt.Client, config: BrokerConfig) -> None:

@@ -116,7 +116,9 @@ class LiveState:
         self.invalid_messages = 0
         self.last_invalid = ""
         self._subs: set[Subscription] = set()
-        self._frame_seq = 0
+        # Frame URLs carry this counter and are cached by browsers for an hour: it starts at the time of start-up
+        # (in microseconds), so a restarted dashboard never hands out a URL that an open page cached before.
+        self._frame_seq = time.time_ns() // 1000
 
     # --- subscriptions -------------------------------------------------------------------------
     def subscribe(self) -> Subscription:
@@ -157,11 +159,17 @@ class LiveState:
         return data
 
     # --- writes (called from the MQTT thread) ---------------------------------------------------
-    def _device(self, device_id: str) -> DeviceView:
+    def _device(self, device_id: str, sent_at: float | None = None) -> DeviceView:
+        """The device's view, marked as heard from now; `sent_at` (a retained status's own time) for a message the
+        broker replays on every (re)subscribe, which says nothing about the device being alive now: it dates a
+        device first seen that way and leaves a known one's last contact as it was."""
         dev = self._devices.get(device_id)
         if dev is None:
             dev = self._devices[device_id] = DeviceView(device_id)
-        dev.last_seen = time.time()
+            if sent_at is not None:
+                dev.last_seen = min(sent_at, time.time())
+        if sent_at is None:
+            dev.last_seen = time.time()
         return dev
 
     def _set_frame(self, dev: DeviceView, jpeg: bytes, source: str, timestamp: float) -> None:
@@ -180,7 +188,7 @@ class LiveState:
         shown stay the newest ones this dashboard saw, and a will that arrives live (not a retained copy from
         before the dashboard started) dates the outage at its arrival."""
         with self._lock:
-            dev = self._device(status.device_id)
+            dev = self._device(status.device_id, sent_at=status.timestamp if retained else None)
             data = status.model_dump()
             if status.last_will:
                 if dev.status is not None and dev.status["timestamp"] >= status.timestamp:

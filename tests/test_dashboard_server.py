@@ -139,6 +139,8 @@ def test_invalid_payloads_are_reported_and_do_not_break_the_bridge(dashboard, pu
     assert state["devices"][0]["status"]["state"] == "paused"
     assert state["broker"]["invalid_messages"] == 3
     assert "snapshot_jpeg_b64" in state["broker"]["last_invalid"]
+    # The footer lists it with the ignored messages: it must not read as if the alert itself had been dropped.
+    assert "alert evt-bad-snap kept without its picture" in state["broker"]["last_invalid"]
     (kept,) = state["alerts"]
     assert kept["event_id"] == "evt-bad-snap" and kept["snapshot_url"] is None
 
@@ -431,3 +433,49 @@ def test_a_retained_will_seen_at_start_up_keeps_its_time(tmp_path: Path, mosquit
         wait_until(lambda: get_json(app, "/api/state")["devices"], 10, "the retained will")
         (dev,) = get_json(app, "/api/state")["devices"]
     assert dev["status"]["timestamp"] == pytest.approx(died) and dev["status"]["frames_processed"] == 50
+
+
+def test_a_restarted_dashboard_never_reuses_a_frame_url(tmp_path: Path, mosquitto, publisher) -> None:
+    """Frame URLs are cached by the browser for an hour: a page left open across a dashboard restart must not be
+    shown the frame it cached before the restart under the URL of a new one."""
+    frames = {}
+    for run, color in (("first", (0, 0, 255)), ("second", (0, 255, 0))):
+        with running_dashboard(tmp_path, mosquitto.port) as app:
+            wait_until(lambda: app.state.broker.connected, 10, "dashboard to connect")
+            jpeg = make_jpeg(color=color)
+            publisher.publish("cam-1", TOPIC_DETECTIONS, detection("cam-1", preview=jpeg))
+            (dev,) = wait_until(lambda: [d for d in get_json(app, "/api/state")["devices"] if d["frame"]], 10,  # noqa: B023
+                                "the frame")
+            assert http_get(app, dev["frame"]["url"])[2] == jpeg
+            frames[run] = dev["frame"]["url"]
+    assert frames["first"] != frames["second"]
+
+
+def test_a_broker_replaying_retained_statuses_does_not_make_a_quiet_device_look_alive(tmp_path: Path) -> None:
+    """A retained status is replayed by the broker at every (re)subscribe; it is not news from the device. Else a
+    device that went quiet (powered off while the broker was down, so no last will) would be shown online again,
+    with "nothing heard since" moved to now, after every broker restart or dashboard start."""
+    broker = Mosquitto(tmp_path / "broker", persistence=True).start()  # keeps the retained status over a restart
+    try:
+        sent = time.time() - 600
+        with running_dashboard(tmp_path, broker.port) as app:
+            wait_until(lambda: app.state.broker.connected, 10, "dashboard to connect")
+            sse = SSE(app)
+            try:
+                sse.wait_for("state")
+                with running_publisher(broker.port) as pub:
+                    pub.publish("cam-quiet", TOPIC_STATUS, status("cam-quiet", timestamp=sent), retain=True)
+                heard = sse.wait_for("device", lambda d: d["device_id"] == "cam-quiet")["last_seen"]
+                assert heard > sent + 500  # it came live: heard now
+                broker.stop()
+                broker.start()
+                replayed = sse.wait_for("device", lambda d: d["device_id"] == "cam-quiet", timeout=30)
+            finally:
+                sse.close()
+        assert replayed["status"]["state"] == "online" and replayed["last_seen"] == heard
+        with running_dashboard(tmp_path / "later", broker.port) as later:  # first seen as a retained status
+            wait_until(lambda: get_json(later, "/api/state")["devices"], 10, "the retained status")
+            (dev,) = get_json(later, "/api/state")["devices"]
+        assert dev["last_seen"] == pytest.approx(sent, abs=1)
+    finally:
+        broker.stop()
