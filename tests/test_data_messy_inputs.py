@@ -132,6 +132,31 @@ def test_a_dataset_whose_every_photo_is_in_validation_is_warned_about(tmp_path, 
     assert "warning: no training images in 'site'" in out and "split again" in out
 
 
+@pytest.mark.parametrize("side,warning", [("val", "no validation images in 'site'"),
+                                          ("train", "no training images in 'site'")])
+def test_a_side_emptied_by_skipped_photos_is_warned_about(tmp_path, capsys, side, warning):
+    """The split sizes and warnings are of the photos that reach the cache: photos whose labels are missing are on
+    neither side, so when they were all of one side, training (or validation) never sees the class."""
+    cfg = _one_dataset(tmp_path, [f"p{i}" for i in range(8)])
+    assert main(["data", "split", "--config", str(cfg)]) == 0
+    sides = json.loads((tmp_path / "own.split.json").read_text())["datasets"]["site"]
+    assert set(sides.values()) == {"train", "val"}
+    for name, s in sides.items():
+        if s == side:
+            (tmp_path / "site" / "train" / "labels" / f"{Path(name).stem}.txt").unlink()
+    capsys.readouterr()
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    assert warning in out, out
+    kept = 8 - list(sides.values()).count(side)
+    other = "train" if side == "val" else "val"
+    assert f"{side} 0 images / 0 base photos" in out and f"{other} {kept} images / {kept} base photos" in out
+    summary = json.loads((tmp_path / "cache" / "prepare_summary.json").read_text())
+    assert summary["split"]["site"][side] == 0
+    _, _, meta, _ = open_cache(tmp_path / "cache", 16)
+    assert {m["split"] for m in meta} == {other}  # what the summary says is what training gets
+
+
 def test_a_missing_label_file_says_how_to_mark_a_photo_with_nothing_to_find(tmp_path, capsys):
     cfg = _one_dataset(tmp_path, ["a", "b"])
     (tmp_path / "site" / "train" / "labels" / "b.txt").unlink()

@@ -85,3 +85,37 @@ def test_the_example_data_config_loads_and_writes_beside_not_over_the_projects_s
     assert cache == CACHE_DIR / "own_data" != CACHE_DIR
     # the example training config trains on exactly that cache (relative to the project root, where it runs)
     assert PROJECT_ROOT / TrainConfig.from_yaml(EXAMPLE).cache == cache
+
+
+def test_starting_a_finished_run_again_says_nothing_was_trained_and_keeps_its_data_record(tmp_path, capsys):
+    """The example config ends by its time budget: started again (say after new photos were prepared) it resumes a
+    run with no time left. It must say that nothing was trained and how to train again, not just 'wrote', and the
+    weights written again must not claim the new data."""
+    import json
+
+    from drywallqa.train.checkpoint import read_checkpoint
+
+    own = write_synthetic_cache(tmp_path / "own_cache", n_per_class=3, n_val=2)
+    cfg = _config_with_cache(tmp_path, own)
+    assert main(["train", "--config", str(cfg)]) == 0
+    first = capsys.readouterr().out
+    assert "nothing was trained" not in first
+    info_file = own / "64" / "info.json"  # the cache prepared again, from other photos
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "fingerprint": "new-photos"}))
+    assert main(["train", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing was trained" in out and "already ended at epoch 1/1" in out, out
+    assert f"delete {tmp_path / 'runs' / 'tiny'}" in out and "raise epochs" in out
+    info, _ = read_checkpoint(tmp_path / "out.safetensors")
+    assert info.data_fingerprint == "synthetic"  # what it was trained on, not the cache it was started with
+
+
+def test_a_time_budgeted_run_that_ends_at_its_epoch_cap_says_so_in_its_eta(tmp_path, capsys):
+    """With a few photos the example config's 30 epochs end long before its hour: the last epoch's line must not
+    promise the rest of the hour."""
+    cfg = _config_with_cache(tmp_path, write_synthetic_cache(tmp_path / "own_cache", n_per_class=3, n_val=2))
+    cfg.write_text(cfg.read_text() + "time_budget_s: 3600\n")
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg)]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if "epoch 1/1 " in s)
+    assert line.endswith("ETA 0.0 min"), line

@@ -371,6 +371,7 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     last = run_dir / "last.pt"
     if last.exists():
         state = resume(last, cfg, model, opt, env, device, prompt_embeddings, text_encoder_name, log)
+    steps_before, epoch_before = state["step"], state["epoch"]
     net = model
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
@@ -449,10 +450,11 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             set_training_mode(model, cfg.freeze_bn)  # validate() leaves the model in eval mode
         state["history"].append(record)
         state["elapsed_s"] = elapsed()
-        if cfg.time_budget_s:  # the schedule runs on the clock: the time left is the ETA
-            eta = max(0.0, cfg.time_budget_s - elapsed())
-        else:
-            eta = (state["planned_epochs"] - state["epoch"]) * (time.time() - t_start) / max(1, len(state["history"]))
+        state["data_fingerprint"] = train_data.fingerprint  # the data of the latest steps, for the weights' record
+        # this session's pace (a resumed run's history holds the epochs of earlier sessions too)
+        eta = (state["planned_epochs"] - state["epoch"]) * (time.time() - t_start) / (state["epoch"] - epoch_before)
+        if cfg.time_budget_s:  # the schedule runs on the clock: the time left, unless the epoch cap comes first
+            eta = min(eta, max(0.0, cfg.time_budget_s - elapsed()))
         rng = rng_states(env.world, device)  # a collective under DDP: every rank, before rank 0 saves
         if env.main:
             vals = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("iou"))
@@ -465,6 +467,12 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
     if state["step"] == 0:  # e.g. a time budget already spent: an untrained model must not replace a file
         raise TrainError(f"run {cfg.name!r} took no training step, so {cfg.output} was not written")
     out = Path(cfg.output)
+    if env.main and 0 < steps_before == state["step"]:  # a run that had ended, started again (e.g. new photos)
+        by_time = bool(cfg.time_budget_s) and elapsed() >= cfg.time_budget_s
+        log(f"[{cfg.name}] nothing was trained: the run had already ended at epoch {state['epoch']}/"
+            f"{state['planned_epochs']} ({'its time budget is spent' if by_time else 'its last epoch'}), so {out} "
+            f"is written again from {last}. To train on new or changed data, delete {run_dir} or give the run "
+            f"another name; to go on training it, raise {'time_budget_s' if by_time else 'epochs'}")
     if env.main:
         # text_encoder: the embeddings' own name, not the config's default (gpu_job is given the embeddings)
         recipe = {k: v for k, v in asdict(cfg).items() if k not in ("extra",)} | {
@@ -479,7 +487,8 @@ def train(cfg: TrainConfig, train_data: InMemoryData, val_data: InMemoryData | N
             prompt_class=prompt_class.tolist(), text_encoder=text_encoder_name,
             thresholds=dict(init_info.thresholds) if same_classes else {c: 0.5 for c in vocab.classes},
             mask_shapes=dict(init_info.mask_shapes) if same_classes else {},
-            input_size=(cfg.cache_size, cfg.cache_size), data_fingerprint=train_data.fingerprint, recipe=recipe,
+            input_size=(cfg.cache_size, cfg.cache_size),
+            data_fingerprint=state.get("data_fingerprint", train_data.fingerprint), recipe=recipe,
         )
         write_weights(model, info, out, last)
         log(f"[{cfg.name}] wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")

@@ -295,7 +295,7 @@ class PrepareSummary:
     skipped: list[str] = field(default_factory=list)
     issues: list[LabelIssue] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)  # label files with no image
-    split: dict[str, dict[str, int]] = field(default_factory=dict)
+    split: dict[str, dict[str, int]] = field(default_factory=dict)  # dataset -> sizes of the cached images
     caches: dict[int, str] = field(default_factory=dict)
     split_file: str = ""
     fingerprint: str = ""
@@ -519,6 +519,10 @@ def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split
                          "file": rec.image_path.name})
         bar.close()
         require_kept(setup, records, summary, first_skip)
+        # The sizes (and their warnings) of what training and eval get: a skipped photo is on neither side, so a
+        # side whose every photo was skipped (no label files, say) reads 0, not the split file's count.
+        summary.split = split_sizes({s.name: {m["file"]: m["split"] for m in meta if m["dataset"] == s.name}
+                                     for s in setup.specs})
         info = {"classes": list(vocab.classes), "box_strategy": setup.box_strategy, "mask_values": [0, 1],
                 "fingerprint": summary.fingerprint, "split_file": summary.split_file}
         for writer in writers.values():  # every size complete before any old cache is replaced
