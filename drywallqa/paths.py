@@ -27,3 +27,15 @@ def profile_weights(profile: str) -> Path:
 
 def profile_onnx(profile: str) -> Path:
     return EXPORTED_DIR / f"{PROFILES[profile]}.onnx"
+
+
+TRAINING_WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def training_weights_hint(path: Path) -> str:
+    """For a model path that names training weights (what `drywallqa train` writes): how to make the exported file
+    that predict, eval and the edge runtime read. Empty for any other path."""
+    if path.suffix.lower() not in TRAINING_WEIGHTS_SUFFIXES:
+        return ""
+    return (f"; {path.name} holds training weights: export them first (`drywallqa export --weights {path} "
+            f"--target onnx --out <folder>`) and give the .onnx file it writes")

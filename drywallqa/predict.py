@@ -15,7 +15,7 @@ from drywallqa.findings import Finding, FindingsWriter, measure
 from drywallqa.imageio import READ_SUFFIXES, ImageReadError, read_image_rgb, without_heif_copies
 from drywallqa.masks import mask_filename, mask_name_endings, write_mask
 from drywallqa.outdir import ensure_writable_dir
-from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights
+from drywallqa.paths import DEFAULT_PROFILE, PROFILES, profile_onnx, profile_weights, training_weights_hint
 from drywallqa.progress import progress_bar
 from drywallqa.vocab import VocabularyError, prompt_to_filename_part
 
@@ -63,7 +63,8 @@ def resolve_model(model: str | Path | None) -> Path:
             f"make one with `drywallqa export`)"
         )
     if path.suffix.lower() not in MODEL_SUFFIXES:
-        raise ModelNotFoundError(f"{path}: not a model file (expected one of {', '.join(MODEL_SUFFIXES)})")
+        raise ModelNotFoundError(f"{path}: not a model file (expected one of {', '.join(MODEL_SUFFIXES)})"
+                                 f"{training_weights_hint(path)}")
     return path
 
 

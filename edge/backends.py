@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from drywallqa.contract import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, InvalidModelError, ModelMetadata
+from drywallqa.paths import training_weights_hint
 
 BACKENDS = ("auto", "openvino", "onnxruntime", "tensorrt")
 ONNX_SUFFIXES = (".onnx",)
@@ -161,7 +162,7 @@ def read_metadata(model_path: str | Path) -> ModelMetadata:
     else:
         raise InvalidModelError(
             f"{path}: unknown model file type {suffix!r}; expected one of "
-            f"{ONNX_SUFFIXES + OPENVINO_SUFFIXES + TENSORRT_SUFFIXES}"
+            f"{ONNX_SUFFIXES + OPENVINO_SUFFIXES + TENSORRT_SUFFIXES}{training_weights_hint(path)}"
         )
     return ModelMetadata.from_json(text, source=str(source))
 

@@ -164,6 +164,18 @@ def test_a_folder_named_like_a_model_is_called_a_folder(tmp_path, capsys):
         read_metadata(folder)
 
 
+def test_training_weights_given_as_the_model_say_to_export_them_first(tmp_path, capsys):
+    """`drywallqa train` writes .safetensors; predict and the edge read exported files. The error used to list the
+    suffixes it reads and stop there."""
+    weights = tmp_path / "own.safetensors"
+    weights.write_bytes(b"weights")
+    code, err = _predict(weights, tmp_path, capsys)
+    assert code == 2
+    _one_clear_line(err, "own.safetensors holds training weights", f"drywallqa export --weights {weights}")
+    with pytest.raises(InvalidModelError, match="export them first"):
+        read_metadata(weights)
+
+
 def test_an_unreadable_engine_sidecar_is_named(tmp_path, capsys):
     """Before: UnicodeDecodeError with a traceback; and the metadata errors named the engine, not the .json."""
     engine = tmp_path / "m.engine"
