@@ -1,4 +1,4 @@
-"""`drywallqa edge ...`: run the live loop, check a config, install the systemd service."""
+"""`drywallqa edge ...`: run the live loop, check a config, time the model, install the systemd service."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "edge", help="edge runtime: live camera -> model -> alerts over MQTT",
         description="Run the edge runtime on a device. Settings come from a YAML file, overridden by "
                     "DRYWALLQA_<SECTION>__<KEY> environment variables (e.g. DRYWALLQA_MQTT__HOST=broker).")
-    sub = edge.add_subparsers(dest="edge_command", required=True, metavar="{run,check-config,install-service}")
+    sub = edge.add_subparsers(dest="edge_command", required=True,
+                              metavar="{run,check-config,bench,install-service}")
 
     run = sub.add_parser("run", help="run the live loop (Ctrl-C / SIGTERM / SIGHUP stops it cleanly)",
                          description="Capture frames, segment the configured prompts, publish detections and "
@@ -66,6 +67,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_env_file(check)
     check.set_defaults(func=_cmd_check)
 
+    bench = sub.add_parser(
+        "bench", help="time the exported model on this device, as `edge run` loads it (no torch needed)",
+        description="Time pre-processing, the network and the decision rule per frame for the config's model (or "
+                    "each --model, side by side), on the backend and threads `edge run` would use. Size a device "
+                    "from this, run on it.")
+    _add_config(bench)
+    bench.add_argument("--model", action="append", default=None, metavar="PATH|PROFILE",
+                       help="a model file or profile instead of the config's model.path; give it again to compare "
+                            "several (e.g. an FP16 and an INT8 file) in one run")
+    bench.add_argument("--backend", choices=("auto", "openvino", "onnxruntime", "tensorrt"), default=None,
+                       help="override model.backend")
+    bench.add_argument("--threads", type=positive_int, default=None, help="override model.threads")
+    bench.add_argument("--frame-size", type=_frame_size, default=(480, 640), metavar="WxH",
+                       help="the camera frame resized to the model's input (default 640x480)")
+    bench.add_argument("--iters", type=positive_int, default=30, help="frames per round (default 30)")
+    bench.add_argument("--rounds", type=positive_int, default=3, help="rounds, the models taking turns (default 3)")
+    bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows here")
+    _add_env_file(bench)
+    bench.set_defaults(func=_cmd_bench)
+
     inst = sub.add_parser("install-service", help="install the systemd unit (Type=notify, watchdog)",
                           description="Write drywallqa-edge.service and an environment file. Needs root unless "
                                       "--prefix points elsewhere; --dry-run only prints what would be written.")
@@ -85,6 +106,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inst.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
     inst.add_argument("--no-enable", action="store_true", help="do not run systemctl daemon-reload/enable")
     inst.set_defaults(func=_cmd_install)
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    """'640x480' -> (480, 640), i.e. (height, width)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give WIDTHxHEIGHT, e.g. 640x480") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be at least 1")
+    return h, w
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -257,6 +289,31 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if safe["mqtt"].get("password"):
         safe["mqtt"]["password"] = "***"
     print(json.dumps(safe, indent=2))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from drywallqa.contract import InvalidModelError
+    from drywallqa.edge.backends import BackendUnavailableError
+    from drywallqa.edge.bench import format_rows, run_bench, write_json
+    from drywallqa.edge.runner import load_segmenter
+    from drywallqa.edge.settings import ConfigError
+
+    try:
+        settings = _load(args)
+        model = settings.model.model_copy(update={k: v for k, v in (("backend", args.backend),
+                                                                     ("threads", args.threads)) if v is not None})
+        models = []
+        for spec in args.model or [model.path]:
+            path, segmenter = load_segmenter(model.model_copy(update={"path": spec}))
+            models.append((str(path), segmenter))
+    except (ConfigError, InvalidModelError, BackendUnavailableError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    rows = run_bench(models, frame_hw=args.frame_size, iters=args.iters, rounds=args.rounds)
+    print(format_rows(rows, model.threads))
+    if args.json is not None:
+        write_json(rows, args.json, model)
     return 0
 
 

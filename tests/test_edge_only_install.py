@@ -79,6 +79,10 @@ def test_predict_and_the_edge_runtime_work_without_the_training_extra(edge_only,
                      str(_offline_config(tmp_path)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"frames_processed": 2' in proc.stdout + proc.stderr
+    proc = edge_only("edge", "bench", "--model", "lite", "--iters", "1", "--rounds", "1", "--config",
+                     str(_offline_config(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lite_effnet_lite0.onnx" in proc.stdout and "FPS" in proc.stdout
 
 
 def _offline_config(tmp_path: Path) -> Path:
