@@ -35,7 +35,12 @@ TRAINING_WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
 def training_weights_hint(path: Path) -> str:
     """For a model path that names training weights (what `drywallqa train` writes): how to make the exported file
     that predict, eval and the edge runtime read. Empty for any other path."""
-    if path.suffix.lower() not in TRAINING_WEIGHTS_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix not in TRAINING_WEIGHTS_SUFFIXES:
         return ""
+    if suffix != ".safetensors":  # a run's resume checkpoint (runs/<name>/last.pt): export cannot read it
+        return (f"; {path.name} is a training checkpoint, which export does not read: export the .safetensors "
+                f"file the run wrote (its config's `output`) with `drywallqa export --weights FILE.safetensors "
+                f"--target onnx --out <folder>` and give the .onnx file it writes")
     return (f"; {path.name} holds training weights: export them first (`drywallqa export --weights {path} "
             f"--target onnx --out <folder>`) and give the .onnx file it writes")

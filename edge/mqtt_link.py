@@ -101,7 +101,8 @@ class EdgeLink:
         self._short_sessions = 0  # consecutive connections the broker closed within SHORT_SESSION_S
         self._takeover_trouble = LogThrottle()
         self.delivered = 0
-        self.spool_dropped = spool.dropped()
+        self._spool_counted_dropped = spool.dropped()  # the spool's persisted count, as last read
+        self._dropped_in_memory = 0  # alerts dropped while the spool could not be written (not in its counter)
         self.spool_error = ""  # set while the spool cannot be written (disk full, read-only): for status
         self._unspooled: set[int] = set()  # mids of alerts published from memory only (spool unwritable)
         self._unspooled_lock = threading.Lock()  # its mid is recorded before its PUBACK is processed
@@ -306,7 +307,6 @@ class EdgeLink:
             log.warning("alert spool %s is writable again; alerts are spooled on disk again", self.spool.path)
             self.spool_error = ""
         if dropped:
-            self.spool_dropped += dropped
             log.warning("spool full: dropped %d oldest alert(s) (%d in total)", dropped, self.spool_dropped)
         self._wake.set()
         return True
@@ -318,7 +318,7 @@ class EdgeLink:
                       self.spool.path, exc)
         self.spool_error = f"alert spool cannot be written ({exc}); alerts kept in memory only"
         if len(self._unspooled) >= self.spool.max_rows:  # bounded like the spool: memory must not run out
-            self.spool_dropped += 1
+            self._dropped_in_memory += 1
             log.warning("alert %s dropped: the spool cannot be written and %d alerts already wait in memory "
                         "(%d dropped in total)", alert.event_id, len(self._unspooled), self.spool_dropped)
             return
@@ -327,7 +327,7 @@ class EdgeLink:
             if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 self._unspooled.add(info.mid)  # paho keeps (and after a reconnect re-sends) it until its PUBACK
                 return
-        self.spool_dropped += 1
+        self._dropped_in_memory += 1
         log.error("alert %s lost: the spool cannot be written and publishing failed: %s", alert.event_id, info.rc)
 
     def send_detection(self, detection: DetectionPayload) -> bool:
@@ -343,6 +343,14 @@ class EdgeLink:
     def send_snapshot(self, snapshot: SnapshotPayload) -> None:
         if self.connected.is_set():
             self._client.publish(self.topic_snapshot, snapshot.model_dump_json(), qos=1)
+
+    @property
+    def spool_dropped(self) -> int:
+        """Alerts dropped: those the spool counts (persisted; read from it, which may have opened only after the
+        start, see Spool.unopened) and those dropped from memory while it could not be written."""
+        with contextlib.suppress(sqlite3.Error):  # a spool that cannot be read now: its count as last read
+            self._spool_counted_dropped = self.spool.dropped()
+        return self._spool_counted_dropped + self._dropped_in_memory
 
     def pending(self) -> int:
         """Alerts not yet acknowledged: spooled rows plus those kept in memory while the spool was unwritable."""

@@ -160,12 +160,13 @@ def open_spool(settings: SpoolSettings, instance: str | None = None) -> Spool:
                       "with `sqlite3 %s .recover`); starting a fresh spool", path, exc, moved_aside, moved_aside)
             spool = Spool(path, settings.max_rows, int(settings.max_mb * 2**20), lock_fd=lock_fd)
     except BaseException as exc:
+        if isinstance(exc, (OSError, sqlite3.Error)) and is_disk_state(path, exc):
+            # the device runs meanwhile, still holding the lock if it got it; the file is tried again
+            return Spool.unopened(path, settings.max_rows, int(settings.max_mb * 2**20), str(exc), lock_fd)
         if lock_fd >= 0:
             os.close(lock_fd)
         if not isinstance(exc, (OSError, sqlite3.Error)):
             raise
-        if is_disk_state(path, exc):  # the device runs meanwhile; the file is tried again (Spool.unopened)
-            return Spool.unopened(path, settings.max_rows, int(settings.max_mb * 2**20), str(exc))
         raise ConfigError(f"spool.path: cannot open the alert spool {path}: {exc} (set spool.path to a writable "
                           f"file, e.g. under $STATE_DIRECTORY)") from exc
     spool.moved_aside = moved_aside

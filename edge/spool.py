@@ -68,7 +68,12 @@ def lock_spool(path: Path) -> int:
     kill -9). The file holds the holder's pid, for the error message. Another file than the database itself:
     SQLite's own POSIX locks on it must not be disturbed."""
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:  # a read-only disk: its lock file from earlier runs still takes a lock (not the pid)
+        if exc.errno != errno.EROFS or fcntl is None:
+            raise
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
     if fcntl is None:
         return fd
     try:
@@ -122,8 +127,8 @@ def is_disk_state(path: Path, exc: BaseException) -> bool:
         return True
     if not hasattr(os, "statvfs"):
         return False
-    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
-    try:
+    try:  # exists() raises for a folder this user may not enter: that is a permission, not the disk
+        folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
         st = os.statvfs(folder) if folder is not None else None
     except OSError:
         return False
@@ -189,15 +194,18 @@ class Spool:
         return db
 
     @classmethod
-    def unopened(cls, path: str | Path, max_rows: int, max_bytes: int, cause: str) -> Spool:
+    def unopened(cls, path: str | Path, max_rows: int, max_bytes: int, cause: str, lock_fd: int = -1) -> Spool:
         """A spool whose file cannot be opened now because its disk is full, read-only or failing: a state of the
         device, not of its config, so the runtime starts anyway rather than stay down until someone restarts it.
         Nothing is durable meanwhile: `put` raises, and the link then publishes the alert from memory, as when the
         disk fills mid-run. `put` and `pending` try the file again every SPOOL_REOPEN_S; once it opens, the rows it
-        held are replayed and alerts are durable again. `open_error` says why while it lasts."""
+        held are replayed and alerts are durable again. `open_error` says why while it lasts. `lock_fd`: the spool's
+        lock when it could be taken (its lock file usually survives a full or read-only disk); it is kept meanwhile,
+        and taken at each try until it is, so that a second runtime on this spool is refused as usual."""
         self = cls.__new__(cls)
         self.path = Path(path)
         self._init_state(max_rows, max_bytes)
+        self._lock_fd = lock_fd
         self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)  # empty until opened
         self._db.executescript(SCHEMA)
         self._open_failed(cause)
@@ -216,13 +224,14 @@ class Spool:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock_fd = lock_spool(self.path)
-            db = self._connect(lock_fd, own_lock=True)
+            if self._lock_fd < 0:  # kept once taken, even if the file cannot be opened yet
+                self._lock_fd = lock_spool(self.path)
+            db = self._connect(self._lock_fd, own_lock=False)
         except (OSError, sqlite3.Error, SpoolInUse) as exc:
             self._open_failed(str(exc))
             return
         self._db.close()
-        self._db, self._lock_fd = db, lock_fd
+        self._db = db
         self.open_error = ""
         log.warning("alert spool %s opened: alerts are durable again (%d undelivered from before)", self.path,
                     self.count_locked())

@@ -157,6 +157,45 @@ def test_a_read_only_disk_at_start_is_a_device_state_and_a_wrong_spool_path_a_co
         open_spool(SpoolSettings(path=str(tmp_path / "a-folder")))
 
 
+@pytest.mark.parametrize("state", ["full", "read-only"])
+def test_a_spool_unopened_at_start_still_refuses_a_second_runtime(tmp_path, monkeypatch, state):
+    """While the spool's disk is full or read-only the runtime runs with its spool unopened, and a manual `edge run`
+    (or the service, started beside one) must still be refused: two runtimes with one mqtt.device_id knock each
+    other off the broker. Before: the lock, which its lock file from earlier runs still gives on such a disk, was let
+    go at start, and once space was back the second runtime took the spool and the first one never opened it."""
+    import drywallqa.edge.spool as spool_module
+    from drywallqa.edge.runner import open_spool
+    from drywallqa.edge.settings import SpoolSettings
+    from drywallqa.edge.spool import Spool, SpoolInUse
+
+    monkeypatch.setattr(spool_module, "SPOOL_REOPEN_S", 0.0)
+    with small_disk(tmp_path / "disk") as disk:
+        path = disk / "spool.sqlite"
+        before = Spool(path)
+        before.put("from-before", "t", b"x")
+        before.close()
+        filler = fill(disk) if state == "full" else None
+        if state == "read-only":
+            assert subprocess.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0
+        spool = open_spool(SpoolSettings(path=str(path)))
+        try:
+            assert "cannot be opened" in spool.open_error, spool.open_error
+            with pytest.raises(SpoolInUse):  # a second runtime on this spool
+                Spool(path)
+            with pytest.raises(SpoolInUse):
+                open_spool(SpoolSettings(path=str(path)))
+            if filler is not None:
+                filler.unlink()
+            else:
+                assert subprocess.run(["mount", "-o", "remount,rw", str(disk)]).returncode == 0
+            assert [it.event_id for it in spool.pending()] == ["from-before"] and spool.open_error == ""
+            with pytest.raises(SpoolInUse):
+                Spool(path)
+        finally:
+            spool.close()
+        Spool(path).close()  # closed: free again
+
+
 def test_damaged_spool_at_start_is_moved_aside_and_the_device_runs(tmp_path, mosquitto, lite_model):
     """A power cut on a worn SD card can leave the spool's pages corrupt: refusing to start (exit 2, restarted by
     systemd, refused again) would silence the device for good. The file is kept aside for recovery instead."""

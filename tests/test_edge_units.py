@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -97,6 +98,84 @@ def test_spool_path_that_cannot_be_a_spool_is_a_config_error(tmp_path):
         with pytest.raises(ConfigError, match=f"spool.path: cannot open the alert spool {path}"):
             open_spool(SpoolSettings(path=str(path)))
     assert (tmp_path / "notes.sqlite").read_text().startswith("these are my notes")  # not overwritten
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="opens the spool as 'nobody' to get a real EACCES")
+def test_a_spool_path_in_a_folder_the_service_may_not_enter_is_a_config_error():
+    """A spool.path under a folder closed to the service's user is a wrong setting (exit 78, spool.path named).
+    Before: looking whether the disk was full or read-only stat()ed that folder, and its PermissionError escaped
+    from open_spool instead (exit 1: restarted, and refused again, every few seconds for good)."""
+    import json
+    import tempfile
+
+    from drywallqa.edge.runner import open_spool
+    from drywallqa.edge.settings import SpoolSettings
+
+    # A forked child, not a new interpreter: this Python may live under /root, which 'nobody' cannot execute.
+    # Everything it runs is imported above, before the fork.
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="spool-eacces-"))  # pytest's tmp_path is closed to 'nobody'
+    try:
+        base.chmod(0o755)
+        (base / "closed" / "state").mkdir(parents=True)
+        (base / "closed").chmod(0o700)  # root's
+        settings = SpoolSettings(path=str(base / "closed" / "state" / "spool.sqlite"))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: only os calls and open_spool, then _exit (no pytest teardown in it)
+            code = 1
+            try:
+                os.close(r)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    open_spool(settings)
+                    got = ["opened", ""]
+                except Exception as exc:  # noqa: BLE001 - reported to the parent
+                    got = [type(exc).__name__, str(exc)]
+                os.write(w, json.dumps(got).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            kind, message = json.loads(f.read())
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert kind == "ConfigError" and "spool.path: cannot open the alert spool" in message, (kind, message)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_status_counts_the_drops_of_a_spool_that_opened_after_the_start(tmp_path, monkeypatch):
+    """A spool whose disk was full at start opens later (Spool.unopened); the drops it holds from before are part of
+    `status.spool_dropped`, as after any start. Before: the link read the count once, from the empty stand-in."""
+    import time
+
+    import drywallqa.edge.spool as spool_module
+    from drywallqa.edge.mqtt_link import EdgeLink
+    from drywallqa.edge.payloads import StatusPayload
+    from drywallqa.edge.settings import MqttSettings
+
+    path = tmp_path / "spool.sqlite"
+    before = Spool(path, max_rows=2)
+    for i in range(5):
+        before.put(f"e{i}", "t", b"x")
+    assert before.dropped() == 3
+    before.close()
+    monkeypatch.setattr(spool_module, "SPOOL_REOPEN_S", 0.0)
+    spool = Spool.unopened(path, 2, 2**20, "database or disk is full")
+    link = EdgeLink(MqttSettings(host="127.0.0.1", port=1, device_id="dev-drops"), spool,
+                    status=lambda state: StatusPayload(device_id="dev-drops", state=state, timestamp=time.time()),
+                    on_command=lambda cmd: None)
+    try:
+        assert link.spool_dropped == 0
+        assert [it.event_id for it in spool.pending()] == ["e3", "e4"] and spool.open_error == ""  # opened
+        assert link.spool_dropped == 3
+        spool.put("e5", "t", b"x")  # one more dropped by the bounds
+        assert link.spool_dropped == 4 == spool.dropped()
+    finally:
+        spool.close()
 
 
 def test_missing_or_malformed_config_file(tmp_path):

@@ -176,6 +176,20 @@ def test_training_weights_given_as_the_model_say_to_export_them_first(tmp_path, 
         read_metadata(weights)
 
 
+def test_a_resume_checkpoint_given_as_the_model_is_not_sent_to_export(tmp_path, capsys):
+    """runs/<name>/last.pt is the run's resume checkpoint (torch.save), which `drywallqa export --weights` cannot read
+    (safetensors only). Before: the error told to run exactly that, on last.pt, which then failed in turn."""
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(b"\x80\x04 a torch pickle")
+    code, err = _predict(checkpoint, tmp_path, capsys)
+    assert code == 2
+    _one_clear_line(err, "last.pt is a training checkpoint", "export the .safetensors file the run wrote")
+    assert f"--weights {checkpoint}" not in err, err
+    with pytest.raises(InvalidModelError, match="training checkpoint") as exc:
+        read_metadata(checkpoint)
+    assert f"--weights {checkpoint}" not in str(exc.value)
+
+
 def test_an_unreadable_engine_sidecar_is_named(tmp_path, capsys):
     """Before: UnicodeDecodeError with a traceback; and the metadata errors named the engine, not the .json."""
     engine = tmp_path / "m.engine"
