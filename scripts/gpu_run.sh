@@ -45,7 +45,7 @@ if [ "$plan" = "lite2" ]; then
     wait
     # The continuation replaces the committed teacher only if its last validation beats what that one scored on
     # the same packed split and protocol: crack 0.480 + taping 0.698 at threshold 0.5 (the session-23 Lovász
-    # fine-tune; trainer.validate on .gpu/data_val).
+    # fine-tune; trainer.validate on .gpu/data_val: python scripts/teacher_gate.py FILE).
     if python3 -c 'import json, sys; r = json.loads(open(sys.argv[1]).read().splitlines()[-1]); sys.exit(r.get("iou_0", 0) + r.get("iou_1", 0) <= 1.178)' \
         /tmp/drywallqa-runs/teacher_lite2/log.jsonl; then lite2="$out/teacher_lite2.safetensors"; fi
   fi
