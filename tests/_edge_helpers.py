@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -85,3 +86,28 @@ def fill(disk: Path) -> Path:
         while True:
             f.write(b"\0" * 4096)
     return filler
+
+
+def run_as_nobody(fn: Callable[[], object]) -> object:
+    """fn() in a forked child that is user and group 'nobody' (65534), for a real EACCES where the tests run as root;
+    returns its JSON-able result. A fork, not a new interpreter: this Python may live under /root, which 'nobody'
+    cannot execute. Import what fn needs before calling this: the child only runs it, then _exits."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest teardown in it
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, json.dumps(fn()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child running as 'nobody' failed"
+    return json.loads(data)

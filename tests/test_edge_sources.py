@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from _edge_helpers import make_video
+from _edge_helpers import make_video, run_as_nobody
 from _mqtt_fixtures import wait_until
 
 from drywallqa.edge.capture import Capture
@@ -978,29 +978,15 @@ def _run_watch_as_nobody(folder: Path, record: Path) -> list:
     from drywallqa.imageio import read_image_rgb
 
     read_image_rgb(next(folder.glob("p0.png")))  # PIL's plugins imported before the child drops root
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
-            src.open()
-            got = _watch_values(src)
-            src.close()
-            os.write(w, json.dumps(got).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return json.loads(data)
+
+    def watch() -> list:
+        src = WatchedFolderSource(str(folder), poll_s=0.1, settle_s=0.5, record_path=record)
+        src.open()
+        got = _watch_values(src)
+        src.close()
+        return got
+
+    return run_as_nobody(watch)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the source as 'nobody' to get a real EACCES")

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from _edge_helpers import run_as_nobody
 
 from drywallqa.edge.alerts import AlertEngine, Rule
 from drywallqa.edge.analysis import (
@@ -105,43 +106,26 @@ def test_a_spool_path_in_a_folder_the_service_may_not_enter_is_a_config_error():
     """A spool.path under a folder closed to the service's user is a wrong setting (exit 78, spool.path named).
     Before: looking whether the disk was full or read-only stat()ed that folder, and its PermissionError escaped
     from open_spool instead (exit 1: restarted, and refused again, every few seconds for good)."""
-    import json
     import tempfile
 
     from drywallqa.edge.runner import open_spool
     from drywallqa.edge.settings import SpoolSettings
 
-    # A forked child, not a new interpreter: this Python may live under /root, which 'nobody' cannot execute.
-    # Everything it runs is imported above, before the fork.
     base = Path(tempfile.mkdtemp(dir="/tmp", prefix="spool-eacces-"))  # pytest's tmp_path is closed to 'nobody'
     try:
         base.chmod(0o755)
         (base / "closed" / "state").mkdir(parents=True)
         (base / "closed").chmod(0o700)  # root's
         settings = SpoolSettings(path=str(base / "closed" / "state" / "spool.sqlite"))
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: only os calls and open_spool, then _exit (no pytest teardown in it)
-            code = 1
+
+        def open_it() -> list[str]:
             try:
-                os.close(r)
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                try:
-                    open_spool(settings)
-                    got = ["opened", ""]
-                except Exception as exc:  # noqa: BLE001 - reported to the parent
-                    got = [type(exc).__name__, str(exc)]
-                os.write(w, json.dumps(got).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        with os.fdopen(r) as f:
-            kind, message = json.loads(f.read())
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+                open_spool(settings)
+                return ["opened", ""]
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                return [type(exc).__name__, str(exc)]
+
+        kind, message = run_as_nobody(open_it)
         assert kind == "ConfigError" and "spool.path: cannot open the alert spool" in message, (kind, message)
     finally:
         shutil.rmtree(base, ignore_errors=True)
