@@ -312,11 +312,14 @@ class EdgeLink:
         return True
 
     def _send_unspooled(self, alert: AlertPayload, payload: bytes, exc: sqlite3.Error) -> None:
-        if not self.spool_error:
-            log.error("alert spool %s cannot be written (%s): alerts are kept in memory only (lost if the process "
-                      "dies before the broker has them) until it can; free disk space or fix spool.path",
-                      self.spool.path, exc)
-        self.spool_error = f"alert spool cannot be written ({exc}); alerts kept in memory only"
+        # A spool unopened since the start says so itself (Spool.open_error, logged once) and clears that when it opens,
+        # even if no alert follows: a spool_error set here would stay in the status until the next alert.
+        if not self.spool.open_error:
+            if not self.spool_error:
+                log.error("alert spool %s cannot be written (%s): alerts are kept in memory only (lost if the process "
+                          "dies before the broker has them) until it can; free disk space or fix spool.path",
+                          self.spool.path, exc)
+            self.spool_error = f"alert spool cannot be written ({exc}); alerts kept in memory only"
         if len(self._unspooled) >= self.spool.max_rows:  # bounded like the spool: memory must not run out
             self._dropped_in_memory += 1
             log.warning("alert %s dropped: the spool cannot be written and %d alerts already wait in memory "

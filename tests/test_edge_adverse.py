@@ -95,6 +95,7 @@ def test_a_full_disk_at_start_runs_the_device_and_the_spool_opens_once_space_is_
             wait_until(lambda: len(_unique_frames(collector)) >= 3, 15, "the alerts published from memory")
             filler.unlink()
             wait_until(lambda: runner.spool.open_error == "", 10, "the spool opened once space is back")
+            assert runner.status("online").last_error == ""  # at once, not only after the next alert
             wait_until(lambda: "from-before" in [a["event_id"] for a in collector.payloads("alerts")], 10,
                        "the alert the spool held from before the disk filled")
             runner.run_frames(max_frames=2)
