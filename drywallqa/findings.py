@@ -16,9 +16,6 @@ import numpy as np
 
 from drywallqa.edge.analysis import crack_length, label_regions
 
-# crack_length's working size (its max_side): a larger mask is thinned shrunk to it anyway.
-LENGTH_MAX_SIDE = 640
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -60,21 +57,8 @@ def measure(mask: np.ndarray, class_probs: np.ndarray, length: bool = True
         regions = label_regions(on.view(np.uint8))[0] - 1
         mean_in = float(cv2.mean(class_probs.astype(np.float32, copy=False), mask=on.view(np.uint8))[0])
         if length:
-            length_px = mask_length(on.view(np.uint8))
+            length_px = crack_length(on.view(np.uint8))
     return share, regions, float(class_probs.max()) if class_probs.size else 0.0, mean_in, length_px
-
-
-def mask_length(mask: np.ndarray) -> float:
-    """Skeleton length in source pixels of a 0/1 uint8 mask at the source size. A mask larger than
-    crack_length's working size is shrunk here first, as crack_length would shrink it, so that crack_length's
-    full-size copy and float32 distance transform (~240 MB for a 48 MP photo) are made at the small size."""
-    h, w = mask.shape
-    scale = (LENGTH_MAX_SIDE - 2) / max(h, w)  # - 2: crack_length pads one pixel all round
-    if scale >= 1.0:
-        return crack_length(mask)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = cv2.resize(mask, size, interpolation=cv2.INTER_AREA)  # as crack_length resizes: on where half covered
-    return crack_length(small, pixel_size=(w / size[0], h / size[1]))
 
 
 class FindingsWriter:

@@ -134,14 +134,23 @@ def crack_length(mask: np.ndarray, max_side: int = 640, max_half_width: float = 
     """Skeleton length in source pixels (`pixel_size`: source pixels per mask pixel, width and height).
 
     Thinning costs one pass per pixel of half-width, so thick blobs (and very large masks) are thinned
-    at a reduced scale chosen from the distance transform, and the length is scaled back.
+    at a reduced scale chosen from the distance transform, and the length is scaled back. A mask larger
+    than `max_side` is shrunk first, so that nothing (the padded copy, the float32 distance transform) is
+    made at its full size: a 48 MP photo's mask would cost ~240 MB.
     """
+    h, w = mask.shape
+    fit = (max_side - 2) / max(h, w, 1)  # - 2: the pad of one pixel all round
+    if fit < 1.0:
+        size = (max(1, round(w * fit)), max(1, round(h * fit)))
+        on = (mask > 0).view(np.uint8)  # 0/1, so that INTER_AREA's rounding keeps what is at least half covered
+        mask = cv2.resize(on, size, interpolation=cv2.INTER_AREA)
+        pixel_size = (pixel_size[0] * w / size[0], pixel_size[1] * h / size[1])
     m = _pad1(mask)  # background all round, also for tight crops
     h, w = m.shape
     if not m.any():
         return 0.0
     half_width = float(cv2.distanceTransform(m, cv2.DIST_L2, 3).max())
-    scale = min(1.0, max_side / max(h, w), max_half_width / max(half_width, 1e-6))
+    scale = min(1.0, max_half_width / max(half_width, 1e-6))
     if scale < 1.0:
         m = cv2.resize(m, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
         m = (m > 0).astype(np.uint8)
