@@ -225,10 +225,10 @@ def run_eval(
         side = sides.get(spec.name, {})
         if not side:
             raise FileNotFoundError(f"dataset {spec.name!r} is not in {split_path}; run `drywallqa data split`")
-        on_disk = {r.image_path.name for r in records[spec.name]}
+        on_disk = {r.file for r in records[spec.name]}
         missing += [f"{spec.name}/{name}: in the split file, but not found in {spec.root}"
                     for name, s in side.items() if s == split and name not in on_disk]
-        recs = [r for r in records[spec.name] if side.get(r.image_path.name) == split]
+        recs = [r for r in records[spec.name] if side.get(r.file) == split]
         chosen += [(r, spec.format) for r in recs[:limit]]
     if not chosen:
         raise FileNotFoundError(f"no images on the {split!r} side of {split_path}"

@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from _foundation_fixtures import make_yolo_dataset, small_project, write_data_config
+from _foundation_fixtures import make_yolo_dataset, small_project, write_data_config, write_jpeg
 from PIL import Image
 
 from drywallqa.cli import main
+from drywallqa.masks import MASK_SUFFIX, SEPARATOR, mask_filename
 from drywallqa.paths import PROJECT_ROOT
 from drywallqa.train.data.cache import open_cache
+from drywallqa.train.data.split import leaked_bases, read_split
 
 HEIC = PROJECT_ROOT / "tests" / "data" / "synthetic_rotated.heic"
 
@@ -92,44 +94,178 @@ def test_a_heic_beside_its_jpeg_copy_is_one_photo_not_two(tmp_path, capsys):
     assert sorted(m["file"] for m in meta) == ["IMG_0001.jpg", "a.jpg"]
 
 
-def test_images_in_subfolders_are_reported_not_dropped_without_a_word(tmp_path, capsys):
-    cfg = _one_dataset(tmp_path, ["a", "b"])
-    make_yolo_dataset(tmp_path / "nested", ["deep"])
-    shutil.move(tmp_path / "nested" / "train" / "images", tmp_path / "site" / "train" / "images" / "day2")
+def _label(root: Path, rel: str, line: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(line + "\n")
+
+
+def _image(root: Path, rel: str, seed: int = 0) -> None:
+    write_jpeg(root / rel, 40, 48, seed=seed)
+
+
+TOP, BOTTOM = "0 0.5 0.25 1 0.5", "0 0.5 0.75 1 0.5"  # boxes over the top / bottom half
+
+
+def test_images_in_subfolders_are_read_with_the_label_at_the_same_relative_path(tmp_path, capsys):
+    """Photos sorted into one folder a day: read, each with the label file at the same path below labels/. Phone names
+    restart every day, so the id and the split key include the subfolder (ids stay usable in mask file names)."""
+    cfg = _one_dataset(tmp_path, ["a"])
+    images, labels = tmp_path / "site" / "train" / "images", tmp_path / "site" / "train" / "labels"
+    for day, line in (("day1", TOP), ("day2", BOTTOM)):
+        _image(images, f"{day}/IMG_0001.jpg")
+        _label(labels, f"{day}/IMG_0001.txt", line)
+    _label(labels, "day2/lost.txt", TOP)  # no image: an orphan, named with its subfolder
     assert _prepare(cfg, tmp_path / "cache") == 0
     out = capsys.readouterr().out
-    folder = tmp_path / "site" / "train" / "images"
-    assert "images kept: 2" in out
-    assert f"{folder}: 1 image(s) in its subfolders are not read (e.g. {folder / 'day2' / 'deep.jpg'})" in out
-    summary = json.loads((tmp_path / "cache" / "prepare_summary.json").read_text())
-    assert any(s.startswith(f"{folder}: 1 image(s)") for s in summary["skipped"])
+    assert "images kept: 3" in out and "in its subfolders" not in out and "label file missing" not in out
+    assert "label files without an image (ignored): 1" in out and str(labels / "day2" / "lost.txt") in out
+    _, masks, meta, _ = open_cache(tmp_path / "cache", 16)
+    rows = {m["id"]: i for i, m in enumerate(meta)}
+    assert set(rows) == {"a", "day1~IMG_0001", "day2~IMG_0001"}
+    assert masks[rows["day1~IMG_0001"]][:8].all() and not masks[rows["day1~IMG_0001"]][8:].any()
+    assert masks[rows["day2~IMG_0001"]][8:].all() and not masks[rows["day2~IMG_0001"]][:8].any()
+    for image_id in rows:  # the mask file name contract: <imageID>__<prompt>.png, the id read back whole
+        name = mask_filename(image_id, "segment crack")
+        assert "/" not in name and name[: -len(MASK_SUFFIX)].rsplit(SEPARATOR, 1)[0] == image_id
+    sides = json.loads((tmp_path / "own.split.json").read_text())["datasets"]["site"]
+    assert sorted(sides) == ["a.jpg", "day1/IMG_0001.jpg", "day2/IMG_0001.jpg"]
+    assert sorted(m["file"] for m in meta) == sorted(sides)
 
 
-def test_hidden_and_macos_folders_below_the_images_are_not_reported(tmp_path, capsys):
+def test_roboflow_variants_in_different_subfolders_stay_on_one_side(tmp_path, capsys):
+    """Variants of one base photo sorted into two subfolders are one group in the grouped split."""
+    names = [f"p{i}_jpg.rf.{i:04x}" for i in range(12)]
+    cfg = _one_dataset(tmp_path, names)
+    images, labels = tmp_path / "site" / "train" / "images", tmp_path / "site" / "train" / "labels"
+    for i, name in enumerate(names):  # a second variant of each base photo, in a subfolder
+        _image(images, f"more/{name.replace('.rf.', '.rf.ff')}.jpg", seed=i)
+        _label(labels, f"more/{name.replace('.rf.', '.rf.ff')}.txt", TOP)
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    assert "images kept: 24" in capsys.readouterr().out
+    split = read_split(tmp_path / "own.split.json")
+    assert len(split["site"]) == 24 and set(split["site"].values()) == {"train", "val"}
+    for name in names:
+        assert split["site"][f"{name}.jpg"] == split["site"][f"more/{name.replace('.rf.', '.rf.ff')}.jpg"], name
+    assert leaked_bases(split) == {}
+
+
+@pytest.mark.parametrize("splits", [["train", "val"], ["images/train", "images/val"]])
+def test_an_ultralytics_layout_is_read(tmp_path, capsys, splits):
+    """Ultralytics keeps images/<split>/ and labels/<split>/ under one root; its data.yaml says `train: images/train`,
+    which is read as a split too."""
+    root = tmp_path / "ultra"
+    for split, names in (("train", ["a", "b", "c"]), ("val", ["d"])):
+        for i, name in enumerate(names):
+            _image(root, f"images/{split}/{name}.jpg", seed=i)
+            _label(root, f"labels/{split}/{name}.txt", TOP)
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: {0: crack}\n")
+    cfg = write_data_config(tmp_path / "own.yaml", [{"name": "site", "root": str(root), "splits": splits,
+                                                     "format": "yolo", "class": "crack"}], None)
+    assert _prepare(cfg, tmp_path / "cache") == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "images kept: 4" in out and "label file missing" not in out
+    assert "label files without an image (ignored): 0" in out
+
+
+@pytest.mark.parametrize("layout", ["ultralytics", "roboflow"])
+def test_a_split_that_is_not_there_names_the_splits_the_root_has(tmp_path, capsys, layout):
+    root = tmp_path / "ds"
+    for split in ("train", "val"):
+        folder = f"images/{split}" if layout == "ultralytics" else f"{split}/images"
+        _image(root, f"{folder}/a.jpg")
+    cfg = write_data_config(tmp_path / "own.yaml", [{"name": "site", "root": str(root), "splits": ["valid"],
+                                                     "format": "yolo", "class": "crack"}], None)
+    assert _prepare(cfg, tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{root / 'valid' / 'images'}" in err and f"{root / 'images' / 'valid'}" in err
+    assert "splits [train, val] are there: set 'splits' to some of them" in err
+
+
+def test_a_root_pointing_at_one_split_folder_says_which_root_and_split_to_set(tmp_path, capsys):
+    make_yolo_dataset(tmp_path / "site", ["a"])
+    cfg = write_data_config(tmp_path / "own.yaml", [{"name": "site", "root": str(tmp_path / "site" / "train"),
+                                                     "format": "yolo", "class": "crack"}], None)
+    assert _prepare(cfg, tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert f"set 'root' to {tmp_path / 'site'} and 'splits' to [train]" in err, err
+
+
+def test_a_root_pointing_at_a_data_yaml_says_to_use_its_folder(tmp_path, capsys):
+    make_yolo_dataset(tmp_path / "site", ["a"])
+    (tmp_path / "site" / "data.yaml").write_text("train: ../train/images\n")
+    cfg = write_data_config(tmp_path / "own.yaml", [{"name": "site", "root": str(tmp_path / "site" / "data.yaml"),
+                                                     "format": "yolo", "class": "crack"}], None)
+    assert _prepare(cfg, tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert f"is a file; set 'root' to the dataset's folder ({tmp_path / 'site'}?)" in err, err
+
+
+def test_upper_and_mixed_case_label_and_image_endings_are_read(tmp_path, capsys):
+    """Exports made on Windows or by a camera: IMG_0001.JPG with IMG_0001.TXT, a .Txt; read like .jpg/.txt."""
+    cfg = _one_dataset(tmp_path, ["a"])
+    images, labels = tmp_path / "site" / "train" / "images", tmp_path / "site" / "train" / "labels"
+    _image(images, "IMG_0001.JPG")
+    _label(labels, "IMG_0001.TXT", TOP)
+    _image(images, "IMG_0002.jpeg")
+    _label(labels, "IMG_0002.Txt", BOTTOM)
+    _label(labels, "LOST.TXT", TOP)  # no image: reported as an orphan, whatever its case
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    assert "images kept: 3" in out and "label file missing" not in out, out
+    assert "label files without an image (ignored): 1" in out and "LOST.TXT" in out
+    _, masks, meta, _ = open_cache(tmp_path / "cache", 16)
+    rows = {m["id"]: i for i, m in enumerate(meta)}
+    assert masks[rows["IMG_0001"]][:8].all() and masks[rows["IMG_0002"]][8:].all()
+
+
+def test_hidden_and_macos_folders_below_the_images_are_not_read(tmp_path, capsys):
     """A zip made on a Mac carries __MACOSX/._IMG.jpg resource forks, and tools leave .cache/ folders: not photos
-    anyone meant to train on, so not reported as images left unread."""
+    anyone meant to train on, so not read."""
     cfg = _one_dataset(tmp_path, ["a", "b"])
     folder = tmp_path / "site" / "train" / "images"
     for junk in ("__MACOSX/._a.jpg", ".cache/thumb.jpg"):
         (folder / junk).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(folder / "a.jpg", folder / junk)
     assert _prepare(cfg, tmp_path / "cache") == 0
-    assert "in its subfolders" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "images kept: 2" in out and "in its subfolders" not in out
+    _, _, meta, _ = open_cache(tmp_path / "cache", 16)
+    assert sorted(m["file"] for m in meta) == ["a.jpg", "b.jpg"]
 
 
 def test_a_dataset_whose_every_photo_is_in_validation_is_warned_about(tmp_path, capsys):
-    """One or two base photos can all land in validation: training would never see them."""
-    cfg_path = _one_dataset(tmp_path, ["IMG_0001_jpg.rf.aa", "IMG_0001_jpg.rf.bb"])
+    """A few base photos can all land in validation: training would never see them. The advice names the key as it
+    is written in the data config (`val_fraction` under `split:`) and the config file."""
+    cfg_path = _one_dataset(tmp_path, ["IMG_0001_jpg.rf.aa", "IMG_0001_jpg.rf.bb", "IMG_0002", "IMG_0003"])
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["split"]["val_fraction"] = 0.999
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert _prepare(cfg_path, tmp_path / "cache") == 0
     out = capsys.readouterr().out
-    assert "split site: train 0 images / 0 base photos, val 2 images / 1 base photos" in out
-    assert "warning: no training images in 'site'" in out and "split.seed" in out and "prepare again" in out
+    assert "split site: train 0 images / 0 base photos, val 4 images / 3 base photos" in out
+    assert "warning: no training images in 'site'" in out
+    assert f"change `seed` or lower `val_fraction` under `split:` in {cfg_path}" in out
+    assert "run `drywallqa data prepare` again" in out
     assert main(["data", "split", "--config", str(cfg_path), "--split-file", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out  # `data split` alone says it too
-    assert "warning: no training images in 'site'" in out and "split again" in out
+    assert "warning: no training images in 'site'" in out and "run `drywallqa data split` again" in out
+
+
+@pytest.mark.parametrize("fraction,side", [(0.999, "training"), (0.001, "validation")])
+def test_one_base_photo_is_told_to_add_photos_not_to_change_the_split(tmp_path, capsys, fraction, side):
+    """Variants of one photo are one group: no seed or fraction puts it on both sides, so that advice would only move
+    the warning to the other side."""
+    cfg_path = _one_dataset(tmp_path, ["IMG_0001_jpg.rf.aa", "IMG_0001_jpg.rf.bb"])
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["split"]["val_fraction"] = fraction
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert _prepare(cfg_path, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    assert f"warning: no {side} images in 'site'" in out, out
+    assert "'site' has 1 base photo" in out and "add photos" in out
+    assert "val_fraction" not in out and "seed" not in out
 
 
 @pytest.mark.parametrize("side,warning", [("val", "no validation images in 'site'"),

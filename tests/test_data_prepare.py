@@ -393,7 +393,8 @@ def test_a_dataset_with_no_validation_images_is_warned_about(tmp_path, capsys):
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert _prepare(cfg_path, tmp_path / "cache") == 0
     out = capsys.readouterr().out
-    assert "warning: no validation images in 'cracks', 'walls'" in out and "split.val_fraction" in out
+    assert "warning: no validation images in 'cracks', 'walls'" in out
+    assert f"raise `val_fraction` under `split:` in {cfg_path}" in out  # as the key is written in the config
     summary = json.loads((tmp_path / "cache" / "prepare_summary.json").read_text())
     assert summary["split"]["cracks"]["val"] == 0
     cfg["split"]["val_fraction"] = 0.999  # every photo in validation: no warning

@@ -24,6 +24,7 @@ def test_base_name_roboflow_and_plain():
     assert base_name("IMG_1_resized_jpg.rf.abc123.jpg") == "IMG_1_resized"
     assert base_name("IMG-2.PNG.rf.00ff.png") == "IMG-2.PNG.rf.00ff"  # not the Roboflow pattern: own base
     assert base_name("wall_photo.jpg") == "wall_photo"
+    assert base_name("day2/00002_jpg.rf.4edd53aa.jpg") == "00002"  # a subfolder does not split a group
 
 
 H32 = "4edd530c932ebb7dfab4bde007222ad3"

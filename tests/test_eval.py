@@ -192,6 +192,25 @@ def test_eval_names_images_the_split_file_does_not_list(tmp_path, capsys):
     assert f"1 images are not in {tmp_path / 'split.json'}" in capsys.readouterr().err
 
 
+def test_eval_reads_the_photos_in_subfolders_of_an_image_folder(tmp_path, capsys):
+    """A dataset sorted into day folders: eval scores every photo of the split, the ones below a subfolder too."""
+    cfg = small_project(tmp_path, n_crack=4, n_wall=4)
+    for kind, suffix in (("images", ".jpg"), ("labels", ".txt")):
+        folder = tmp_path / "cracks" / "train" / kind
+        (folder / "day2").mkdir()
+        for f in sorted(folder.glob(f"*{suffix}"))[:2]:
+            f.rename(folder / "day2" / f.name)
+    assert main(["data", "split", "--config", str(cfg)]) == 0
+    split = json.loads((tmp_path / "split.json").read_text())["datasets"]
+    assert sum(name.startswith("day2/") for name in split["cracks"]) == 2
+    capsys.readouterr()
+    assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--out", str(tmp_path / "rep"),
+                 "--quiet", "--backend", "onnxruntime", "--split", "train"]) == 0
+    data = json.loads((tmp_path / "rep" / "eval.json").read_text())
+    assert sum(data["images"].values()) == sum(v == "train" for files in split.values() for v in files.values())
+    assert "not found" not in capsys.readouterr().err
+
+
 def test_eval_without_split_file_says_what_to_run(tmp_path, capsys):
     cfg = small_project(tmp_path)
     assert main(["eval", "--model", str(random_onnx()), "--config", str(cfg), "--quiet"]) == 2

@@ -39,8 +39,8 @@ from drywallqa.train.data.sources import (
     READ_SUFFIXES,
     DatasetSpec,
     ImageRecord,
+    MissingSplitError,
     dataset_specs,
-    images_in_subfolders,
     load_data_config,
     orphan_labels,
     yolo_dirs,
@@ -258,7 +258,7 @@ def load_labelled(record: ImageRecord, fmt: str, box_strategy: str) -> Example:
 
 def build_split(setup: DataSetup, records: dict[str, list[ImageRecord]]) -> dict[str, dict[str, str]]:
     split = {
-        ds: grouped_split(ds, [r.image_path.name for r in recs], setup.val_fraction, setup.seed)
+        ds: grouped_split(ds, [r.file for r in recs], setup.val_fraction, setup.seed)
         for ds, recs in records.items()
     }
     leaks = leaked_bases(split)
@@ -273,7 +273,7 @@ def fingerprint(records: dict[str, list[ImageRecord]], box_strategy: str) -> str
     seen_labels: set[Path] = set()
     for ds in sorted(records):
         for r in records[ds]:
-            h.update(f"{ds}/{r.image_path.name}:{r.image_path.stat().st_size}".encode())
+            h.update(f"{ds}/{r.file}:{r.image_path.stat().st_size}".encode())
             if r.label_path.is_file() and r.label_path not in seen_labels:
                 seen_labels.add(r.label_path)
                 h.update(r.label_path.read_bytes())
@@ -299,6 +299,7 @@ class PrepareSummary:
     caches: dict[int, str] = field(default_factory=dict)
     split_file: str = ""
     fingerprint: str = ""
+    config: str = ""  # the data config, named in the split warnings
 
     def as_dict(self) -> dict:
         return {
@@ -327,7 +328,7 @@ class PrepareSummary:
         for ds, s in d["split"].items():
             lines.append(f"  split {ds}: train {s['train']} images / {s['train_bases']} base photos, "
                          f"val {s['val']} images / {s['val_bases']} base photos")
-        lines += [f"  {w}" for w in split_warnings(d["split"], "prepare")]
+        lines += [f"  {w}" for w in split_warnings(d["split"], "prepare", self.config)]
         lines.append(f"  split file: {self.split_file}")
         for size, path in d["caches"].items():
             lines.append(f"  cache {size}: {path}")
@@ -343,6 +344,8 @@ def collect_records(setup: DataSetup) -> dict[str, list[ImageRecord]]:
     for spec in setup.specs:
         try:
             out[spec.name] = records_for(spec)
+        except MissingSplitError as exc:  # the message says what to set
+            raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r}: {exc}") from exc
         except OSError as exc:
             raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r}: {exc}; check its 'root' and "
                                   f"'splits'") from exc
@@ -361,39 +364,24 @@ def require_images(setup: DataSetup, records: dict[str, list[ImageRecord]]) -> N
     for spec in setup.specs:
         if not records[spec.name]:
             folders = ", ".join(str(f) for f in image_folders(spec))
-            nested = sum(len(images_in_subfolders(f)) for f in image_folders(spec))
-            below = f"; {nested} images in its subfolders are not read" if nested else ""
             raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r} has no images in {folders} "
-                                  f"(looked for {' '.join(READ_SUFFIXES)}{below}); put its images there or "
+                                  f"(looked for {' '.join(READ_SUFFIXES)}); put its images there or "
                                   f"fix 'root'/'splits'")
-
-
-def subfolder_skips(setup: DataSetup) -> list[str]:
-    """One skip line per image folder whose subfolders hold images (not read: see `images_in_subfolders`); one line a
-    folder, so that a few hundred of them do not crowd the skipped files that are errors out of the summary."""
-    lines = []
-    for spec in setup.specs:
-        for folder in image_folders(spec):
-            nested = images_in_subfolders(folder)
-            if nested:
-                lines.append(f"{folder}: {len(nested)} image(s) in its subfolders are not read (e.g. {nested[0]}); "
-                             f"move them (and their labels) up into {folder}")
-    return lines
 
 
 def require_label_folders(setup: DataSetup) -> None:
     """A YOLO dataset without its labels/ folder would turn every image into a skip: stop before any work."""
     for spec in setup.specs:
         for split in spec.splits if spec.format == "yolo" else ():
-            label_dir = yolo_dirs(spec, split)[1]
+            image_dir, label_dir = yolo_dirs(spec, split)
             if not label_dir.is_dir():
                 raise DataConfigError(f"{setup.config_path}: dataset {spec.name!r}: no label folder {label_dir} "
-                                      f"(YOLO labels go in <root>/<split>/labels/<image name>.txt)")
+                                      f"(the labels of {image_dir}/<name>.jpg go in {label_dir}/<name>.txt)")
 
 
 def unassigned_images(split: dict[str, dict[str, str]], records: dict[str, list[ImageRecord]]) -> int:
     """How many images on disk the split file does not list (on neither side)."""
-    return sum(r.image_path.name not in split.get(ds, {}) for ds, recs in records.items() for r in recs)
+    return sum(r.file not in split.get(ds, {}) for ds, recs in records.items() for r in recs)
 
 
 def warn_unassigned(count: int, split_file: Path) -> None:
@@ -402,19 +390,26 @@ def warn_unassigned(count: int, split_file: Path) -> None:
               f"`drywallqa data split` to assign them", file=sys.stderr)
 
 
-def split_warnings(sizes: dict[str, dict[str, int]], command: str) -> list[str]:
-    """Warnings about a side of the split with no image of a dataset (`command`: what to run again after a fix)."""
+def split_warnings(sizes: dict[str, dict[str, int]], command: str, config: str | Path = "") -> list[str]:
+    """Warnings about a side of the split with no image of a dataset (`command`: the `drywallqa data` command to run
+    again after a fix; `config`: the data config, named in the advice)."""
+    where = f"under `split:` in {config or 'the data config'}"
+    again = f"then run `drywallqa data {command}` again"
+    single = [ds for ds, s in sizes.items() if s["train_bases"] + s["val_bases"] == 1]
     warnings = []
-    no_val = [ds for ds, s in sizes.items() if s["val"] == 0]
+    no_val = [ds for ds, s in sizes.items() if s["val"] == 0 and ds not in single]
     if no_val:  # common with a handful of one's own photos
         warnings.append(f"warning: no validation images in {', '.join(map(repr, no_val))}: training and `drywallqa "
-                        f"eval` cannot measure their class; raise split.val_fraction in the data config (or add "
-                        f"photos) and {command} again")
-    no_train = [ds for ds, s in sizes.items() if s["train"] == 0]
-    if no_train:  # one or two base photos can all land in validation: training would never see them
+                        f"eval` cannot measure their class; raise `val_fraction` {where} (or add photos), {again}")
+    no_train = [ds for ds, s in sizes.items() if s["train"] == 0 and ds not in single]
+    if no_train:  # a few base photos can all land in validation: training would never see them
         warnings.append(f"warning: no training images in {', '.join(map(repr, no_train))}: every photo is on the "
-                        f"validation side, so training never sees them; change split.seed or lower "
-                        f"split.val_fraction in the data config (or add photos) and {command} again")
+                        f"validation side, so training never sees them; change `seed` or lower `val_fraction` "
+                        f"{where} (or add photos), {again}")
+    for ds in single:  # its variants are one group: no split setting puts it on both sides
+        side, images = ("validation" if sizes[ds]["val"] == 0 else "training"), sizes[ds]["train"] + sizes[ds]["val"]
+        warnings.append(f"warning: no {side} images in {ds!r}: {ds!r} has 1 base photo ({images} images), and the "
+                        f"variants of one photo stay on one side of the split; add photos of other places, {again}")
     return warnings
 
 
@@ -515,8 +510,7 @@ def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split
                 writer.put(*resize_pair(ex.image, ex.mask, size))
             rec = ex.record
             meta.append({"id": rec.image_id, "dataset": rec.dataset, "class": vocab.class_index(rec.class_name),
-                         "class_name": rec.class_name, "split": split[rec.dataset][rec.image_path.name],
-                         "file": rec.image_path.name})
+                         "class_name": rec.class_name, "split": split[rec.dataset][rec.file], "file": rec.file})
         bar.close()
         require_kept(setup, records, summary, first_skip)
         # The sizes (and their warnings) of what training and eval get: a skipped photo is on neither side, so a
@@ -555,7 +549,7 @@ def prepare(
     require_label_folders(setup)
     split = build_split(setup, records)
     summary = PrepareSummary(split=split_sizes(split), split_file=str(target),
-                             fingerprint=fingerprint(records, setup.box_strategy))
+                             fingerprint=fingerprint(records, setup.box_strategy), config=str(setup.config_path))
     summary.issues += coco_file_issues(setup, records)
     summary.orphans = [str(p) for spec in setup.specs if spec.format == "yolo" for p in orphan_labels(spec)]
     check_free_space(out_dir, sum(map(len, records.values())), sizes)
@@ -563,7 +557,6 @@ def prepare(
     # disk space reserved up front: gigabytes at --sizes 512).
     with sigterm_as_interrupt():
         _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
-    summary.skipped += subfolder_skips(setup)  # after the per-image skips, which are errors to see first
     write_split(target, split, setup.seed, setup.val_fraction)
     (out_dir / "prepare_summary.json").write_text(json.dumps(summary.as_dict(), indent=1) + "\n", encoding="utf-8")
     return summary
@@ -580,4 +573,4 @@ def records_in_split(setup: DataSetup, side: str, skip_missing: bool = False) ->
                                         setup.seed, setup.config_path))
     split = read_split(setup.split_file) if setup.split_file.is_file() else build_split(setup, records)
     warn_unassigned(unassigned_images(split, records), setup.split_file)
-    return {ds: [r for r in recs if split.get(ds, {}).get(r.image_path.name) == side] for ds, recs in records.items()}
+    return {ds: [r for r in recs if split.get(ds, {}).get(r.file) == side] for ds, recs in records.items()}

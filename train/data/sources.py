@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
@@ -14,9 +14,9 @@ from drywallqa.imageio import (  # one list of endings for all
 )
 from drywallqa.paths import PROJECT_ROOT
 
-__all__ = ["IMAGE_SUFFIXES", "READ_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "DatasetSpec", "ImageRecord",
-           "load_data_config", "dataset_specs", "image_files", "images_in_subfolders", "yolo_dirs", "yolo_records",
-           "orphan_labels"]
+__all__ = ["IMAGE_SUFFIXES", "READ_SUFFIXES", "DEFAULT_YOLO_CLASS_IDS", "SUBFOLDER_SEPARATOR", "DatasetSpec",
+           "ImageRecord", "MissingSplitError", "load_data_config", "dataset_specs", "image_files", "label_files",
+           "yolo_dirs", "yolo_splits", "missing_split", "yolo_records", "orphan_labels"]
 
 
 # A YOLO export of one class numbers it 0; a dataset's `class_ids` in the data config overrides this.
@@ -33,6 +33,11 @@ class DatasetSpec:
     class_ids: tuple[int, ...] | None = None  # label class ids that mean `class_name`; None: the format's default
 
 
+# A photo in a subfolder of its image folder gets the id `day2~IMG_0001` (day2/IMG_0001.jpg): ids name mask files,
+# `<imageID>__<prompt>.png`, so neither `/` nor that name's `__`.
+SUBFOLDER_SEPARATOR = "~"
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     dataset: str
@@ -40,10 +45,16 @@ class ImageRecord:
     image_path: Path
     label_path: Path
     class_ids: tuple[int, ...] | None = None  # accepted label class ids; None: any
+    name: str = ""  # the path below its image folder, `/`-separated ('day2/IMG_0001.jpg'); '': the file name
+
+    @property
+    def file(self) -> str:
+        """The image's key in the split file and the cache's meta: its path below the image folder."""
+        return self.name or self.image_path.name
 
     @property
     def image_id(self) -> str:
-        return self.image_path.stem
+        return PurePosixPath(self.file).with_suffix("").as_posix().replace("/", SUBFOLDER_SEPARATOR)
 
 
 def load_data_config(path: str | Path | None = None) -> dict:
@@ -74,19 +85,16 @@ def dataset_specs(config: dict, root: Path | None = None) -> list[DatasetSpec]:
     return specs
 
 
+class MissingSplitError(FileNotFoundError):
+    """A configured split with no image folder in either YOLO layout; the message says what to set instead."""
+
+
 def image_files(folder: Path) -> list[Path]:
-    """Sorted image files of a folder (endings as `READ_SUFFIXES`, HEIC/HEIF photos included, any case)."""
-    return without_heif_copies(sorted(p for p in folder.iterdir()
-                                      if p.suffix.lower() in READ_SUFFIXES and p.is_file()))
-
-
-def images_in_subfolders(folder: Path) -> list[Path]:
-    """Image files below a folder's subfolders, which `image_files` does not read (ids and the split are by file
-    name, which two subfolders may share): listed so that they are reported, not dropped without a word."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.rglob("*") if p.parent != folder and p.suffix.lower() in READ_SUFFIXES
-                  and not _hidden_below(p, folder) and p.is_file())
+    """Sorted image files below a folder, its subfolders included (endings as `READ_SUFFIXES`, HEIC/HEIF photos
+    included, any case; hidden folders and `__MACOSX` left out)."""
+    found = [p for p in folder.rglob("*") if p.suffix.lower() in READ_SUFFIXES and not _hidden_below(p, folder)
+             and p.is_file()]
+    return without_heif_copies(sorted(found, key=lambda p: p.relative_to(folder).parts))
 
 
 def _hidden_below(path: Path, folder: Path) -> bool:
@@ -95,31 +103,90 @@ def _hidden_below(path: Path, folder: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(folder).parts)
 
 
+def _stem_below(path: Path, folder: Path) -> str:
+    """'day2/IMG_0001' for <folder>/day2/IMG_0001.jpg: how an image and its label file are paired."""
+    return path.relative_to(folder).with_suffix("").as_posix()
+
+
+def label_files(folder: Path) -> dict[str, Path]:
+    """YOLO label files below a folder by `_stem_below`, ending `.txt` in any case (`.TXT` from Windows tools); a
+    `.txt` wins over another case of the same name."""
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*"), key=lambda p: (p.suffix != ".txt", p)):
+        if p.suffix.lower() == ".txt" and not _hidden_below(p, folder) and p.is_file():
+            found.setdefault(_stem_below(p, folder), p)
+    return found
+
+
 def yolo_dirs(spec: DatasetSpec, split: str) -> tuple[Path, Path]:
-    """A YOLO split's image and label folders: `<root>/<split>/images` and `<root>/<split>/labels`."""
-    return spec.root / split / "images", spec.root / split / "labels"
+    """A YOLO split's image and label folders: `<root>/<split>/images` and `<root>/<split>/labels` (Roboflow's export),
+    else Ultralytics' `<root>/images/<split>` and `<root>/labels/<split>`, or a split written as a data.yaml writes it
+    (`images/train`: its label folder is the path with the last `images` made `labels`, as Ultralytics reads it)."""
+    roboflow = spec.root / split / "images", spec.root / split / "labels"
+    if roboflow[0].is_dir():
+        return roboflow
+    parts = PurePosixPath(split).parts
+    if "images" in parts and (spec.root / split).is_dir():
+        i = len(parts) - 1 - parts[::-1].index("images")
+        return spec.root / split, spec.root.joinpath(*parts[:i], "labels", *parts[i + 1:])
+    ultralytics = spec.root / "images" / split, spec.root / "labels" / split
+    return ultralytics if ultralytics[0].is_dir() else roboflow
+
+
+def yolo_splits(root: Path) -> list[str]:
+    """The split names a YOLO dataset root holds, in either layout of `yolo_dirs`."""
+    if not root.is_dir():
+        return []
+    names = {p.name for p in root.iterdir() if (p / "images").is_dir()}
+    if (root / "images").is_dir():
+        names |= {p.name for p in (root / "images").iterdir() if p.is_dir()}
+    return sorted(n for n in names if not n.startswith(".") and n != "__MACOSX")
+
+
+def missing_split(spec: DatasetSpec, split: str) -> str:
+    """Why a split has no image folder, and what to set in the data config instead."""
+    tried = f"no image folder {spec.root / split / 'images'} or {spec.root / 'images' / split}"
+    if not spec.root.exists():
+        return f"{tried} ({spec.root} is not there); check its 'root'"
+    if not spec.root.is_dir():  # an Ultralytics or Roboflow data.yaml, say
+        return f"{tried}: 'root' {spec.root} is a file; set 'root' to the dataset's folder ({spec.root.parent}?)"
+    images = spec.root / "images"
+    if images.is_dir() and any(p.suffix.lower() in READ_SUFFIXES for p in images.iterdir()):
+        return (f"{tried}: {spec.root} is one split folder (images/ and labels/); set 'root' to {spec.root.parent} "
+                f"and 'splits' to [{spec.root.name}]")
+    there = yolo_splits(spec.root)
+    if there:
+        return f"{tried}: splits [{', '.join(there)}] are there: set 'splits' to some of them"
+    return (f"{tried}; a YOLO dataset holds <root>/<split>/images/ and <root>/<split>/labels/ (Roboflow), or "
+            f"<root>/images/<split>/ and <root>/labels/<split>/ (Ultralytics); check its 'root' and 'splits'")
 
 
 def yolo_records(spec: DatasetSpec) -> list[ImageRecord]:
-    """One record per image of `<root>/<split>/images/`; its label is `<root>/<split>/labels/<stem>.txt`."""
+    """One record per image below a split's image folder (`yolo_dirs`); its label is the `.txt` at the same path
+    below the label folder (`day2/IMG_0001.jpg` -> `day2/IMG_0001.txt`)."""
     records = []
     class_ids = spec.class_ids or DEFAULT_YOLO_CLASS_IDS
     for split in spec.splits:
         image_dir, label_dir = yolo_dirs(spec, split)
         if not image_dir.is_dir():
-            raise FileNotFoundError(f"no image folder {image_dir}")
+            raise MissingSplitError(missing_split(spec, split))
+        labels = label_files(label_dir)
         for img in image_files(image_dir):
-            records.append(ImageRecord(spec.name, spec.class_name, img, label_dir / f"{img.stem}.txt", class_ids))
+            stem = _stem_below(img, image_dir)
+            records.append(ImageRecord(spec.name, spec.class_name, img, labels.get(stem, label_dir / f"{stem}.txt"),
+                                       class_ids, img.relative_to(image_dir).as_posix()))
     return records
 
 
 def orphan_labels(spec: DatasetSpec) -> list[Path]:
-    """YOLO label files with no image of the same stem (a renamed or deleted image, a wrong suffix)."""
+    """YOLO label files with no image at the same path (a renamed or deleted image, a wrong suffix)."""
     orphans = []
     for split in spec.splits:
         image_dir, label_dir = yolo_dirs(spec, split)
         if not (image_dir.is_dir() and label_dir.is_dir()):
             continue
-        stems = {p.stem for p in image_files(image_dir)}
-        orphans += sorted(p for p in label_dir.glob("*.txt") if p.stem not in stems)
+        stems = {_stem_below(p, image_dir) for p in image_files(image_dir)}
+        orphans += sorted(p for stem, p in label_files(label_dir).items() if stem not in stems)
     return orphans

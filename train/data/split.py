@@ -23,7 +23,9 @@ _RF = re.compile(r"^(?P<base>.+)_[a-z][a-z0-9]*\.rf\.[0-9a-f]+$", re.IGNORECASE)
 def base_name(filename: str) -> str:
     """'00002_jpg.rf.4edd53.jpg' -> '00002'; names without the Roboflow suffix are their own base.
 
-    The suffix is stripped repeatedly: '00002_jpg.rf.a1_jpg.rf.b2.jpg' (a re-exported variant) -> '00002'."""
+    The suffix is stripped repeatedly: '00002_jpg.rf.a1_jpg.rf.b2.jpg' (a re-exported variant) -> '00002'. A photo in
+    a subfolder ('day2/00002_jpg.rf.c3.jpg') is grouped by its file name alone, so variants (or copies) sorted into
+    two subfolders stay on one side."""
     stem = Path(filename).stem
     while (match := _RF.match(stem)) is not None:
         stem = match.group("base")
