@@ -11,7 +11,9 @@ import ssl
 import sys
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TypeVar
 
 import paho.mqtt.client as mqtt
@@ -32,6 +34,7 @@ from drywallqa.edge.payloads import (
     topic,
 )
 
+from .limits import id_problem
 from .state import LiveState
 from .store import AlertStore
 
@@ -71,6 +74,13 @@ class BrokerConfigError(ValueError):
 
 class PayloadError(ValueError):
     """A message on a dashboard topic that does not match the payload schema."""
+
+
+class DeviceOfflineError(RuntimeError):
+    """A command for a device the dashboard knows to be offline: it was not sent."""
+
+
+PENDING_REQUESTS = 256  # snapshot requests remembered until answered (the oldest forgotten beyond that)
 
 
 MAX_JPEG_BYTES = 4 * 2**20  # the edge sends <= 640-px snapshots (~0.1 MiB); far beyond that is not a snapshot
@@ -132,6 +142,8 @@ class MqttBridge:
         self._announce_lock = threading.Lock()
         self._trouble = LogThrottle()  # a broker that refuses or cannot be reached: logged once a minute
         self._refused = False  # the broker refused this connection's login: its disconnect says nothing new
+        self._requests: OrderedDict[str, str] = OrderedDict()  # snapshot request id -> device id, until answered
+        self._requests_lock = threading.Lock()
 
     def start(self) -> None:
         """Connect in the background: a broker that is down at start-up is retried, not fatal."""
@@ -146,15 +158,38 @@ class MqttBridge:
             self.client.loop_stop()
 
     def request_snapshot(self, device_id: str) -> str:
-        """Ask a device for a fresh annotated frame (it answers on its `snapshot` topic); returns the request id."""
+        """Ask a device for a fresh annotated frame (it answers on its `snapshot` topic); returns the request id.
+        DeviceOfflineError, and nothing sent, for a device shown offline: it would not answer."""
+        cmd_topic = self._device_topic(device_id, TOPIC_CMD)
         if not self.state.broker.connected:
             raise ConnectionError(f"not connected to the broker {self.config.url}")
+        offline = self.state.offline_since(device_id)
+        if offline is not None:
+            when, before = offline
+            raise DeviceOfflineError(
+                f"device {device_id} is offline since {'before ' if before else ''}{_local_time(when)}; the snapshot "
+                "request was not sent. Request one again once the device is back online."
+            )
         request_id = uuid.uuid4().hex
         command = CommandPayload(command="snapshot", request_id=request_id)
-        info = self.client.publish(self._device_topic(device_id, TOPIC_CMD), command.model_dump_json(), qos=1)
+        with self._requests_lock:
+            self._requests[request_id] = device_id
+            while len(self._requests) > PENDING_REQUESTS:
+                self._requests.popitem(last=False)
+        info = self.client.publish(cmd_topic, command.model_dump_json(), qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"could not send the snapshot command: {mqtt.error_string(info.rc)}")
         return request_id
+
+    def _answers_request(self, snap: SnapshotPayload) -> bool:
+        """Whether a snapshot answers a request this dashboard sent to that device (each answers once)."""
+        if snap.request_id is None:
+            return False
+        with self._requests_lock:
+            if self._requests.get(snap.request_id) != snap.device_id:
+                return False
+            del self._requests[snap.request_id]
+        return True
 
     def announce_alert(self, item: dict) -> None:
         """Tell every browser about a new or (un)acknowledged alert, and the store's new totals. Called from the
@@ -231,6 +266,9 @@ class MqttBridge:
         if len(parts) < 2 or "/".join(parts[:-2]) != self.prefix:
             raise PayloadError(f"unexpected topic {topic!r} (prefix {self.prefix!r})")
         leaf, device = parts[-1], parts[-2]
+        too_long = id_problem("the device id", device)
+        if too_long:
+            raise PayloadError(f"{too_long} (topic {topic[:80]}...)")
         if not payload:  # a cleared retained message: a cleared status means the device was retired
             if leaf == TOPIC_STATUS:
                 self.state.remove_device(device)
@@ -246,10 +284,11 @@ class MqttBridge:
                     if det.preview_jpeg_b64
                     else None
                 )
-                self.state.update_detection(det, preview)
+                self.state.update_detection(det, preview, retained=retained)
             elif leaf == TOPIC_SNAPSHOT:
                 snap = _same_device(SnapshotPayload.model_validate_json(payload), device)
-                self.state.update_snapshot(snap, decode_jpeg_b64(snap.jpeg_b64, "jpeg_b64"))
+                jpeg = decode_jpeg_b64(snap.jpeg_b64, "jpeg_b64")
+                self.state.update_snapshot(snap, jpeg, answers_request=self._answers_request(snap))
             elif leaf == TOPIC_ALERTS:
                 self._handle_alert(_same_device(AlertPayload.model_validate_json(payload), device))
             else:
@@ -258,6 +297,9 @@ class MqttBridge:
             raise PayloadError(f"invalid {leaf} payload: {exc}") from exc
 
     def _handle_alert(self, alert: AlertPayload) -> None:
+        too_long = id_problem("event_id", alert.event_id)
+        if too_long:
+            raise PayloadError(f"alert refused: its {too_long}")
         try:
             jpeg = decode_jpeg_b64(alert.snapshot_jpeg_b64, "snapshot_jpeg_b64")
             problem = ""
@@ -292,6 +334,11 @@ def _set_tls(client: mqtt.Client, config: BrokerConfig) -> None:
     if config.tls_insecure:
         log.warning("--mqtt-tls-insecure: the broker's certificate is not checked against %s (testing only)",
                     config.host)
+
+
+def _local_time(timestamp: float) -> str:
+    """A unix time as the dashboard host's local date and time, with its zone."""
+    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def _expand(path: str | None) -> str | None:

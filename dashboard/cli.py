@@ -85,6 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-alerts", type=positive_int, default=2000, help="alerts kept in the store (oldest dropped)")
     p.add_argument(
+        "--max-devices",
+        type=positive_int,
+        default=500,
+        help="devices tracked at most: a device beyond it replaces the offline device silent longest (else the "
+        "device silent longest), logged once; a guard against a broker client publishing under many device ids",
+    )
+    p.add_argument(
         "--device-timeout",
         type=positive_float,
         default=45.0,
@@ -167,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         store_path=args.store or default_store_path(),
         review_roots=args.review_root or [Path.cwd()],
         max_alerts=args.max_alerts,
+        max_devices=args.max_devices,
         device_timeout_s=args.device_timeout,
         broker=BrokerConfig(
             host=args.mqtt_host,

@@ -33,7 +33,7 @@ from .auth import (
     host_allowed,
     trusted_proxy_networks,
 )
-from .bridge import BrokerConfig, MqttBridge
+from .bridge import BrokerConfig, DeviceOfflineError, MqttBridge
 from .review import (
     BROWSER_IMAGE_SUFFIXES,
     ReviewError,
@@ -43,7 +43,7 @@ from .review import (
     render_overlay,
     resolve_under,
 )
-from .state import LiveState
+from .state import DEFAULT_MAX_DEVICES, LiveState
 from .store import AlertStore
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class DashboardConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     heartbeat_s: float = 10.0
     max_alerts: int = 2000
+    max_devices: int = DEFAULT_MAX_DEVICES  # devices tracked; beyond it the longest-silent (offline first) go
     device_timeout_s: float = 45.0  # a device silent this long is shown as "silent" (edge status every 10 s)
     session_hours: float = DEFAULT_SESSION_HOURS  # a sign-in cookie expires this long after sign-in
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client for the sign-in throttle;
@@ -92,7 +93,7 @@ class DashboardApp:
         self.trusted_proxies = trusted_proxy_networks(config.trusted_proxies)
         self.review_roots = [Path(r).expanduser().resolve() for r in config.review_roots]
         self.store = AlertStore(config.store_path, max_alerts=config.max_alerts)
-        self.state = LiveState()
+        self.state = LiveState(max_devices=config.max_devices)
         self.bridge = MqttBridge(config.broker, self.state, self.store)
         self.stopping = threading.Event()
         self.httpd = _Server((config.host, config.port), _Handler)
@@ -345,6 +346,8 @@ class _Handler(BaseHTTPRequestHandler):
                     request_id = self.app.bridge.request_snapshot(parts[2])
                 except ConnectionError as exc:
                     return self._json({"error": str(exc)}, 503)
+                except DeviceOfflineError as exc:
+                    return self._json({"error": str(exc), "sent": False}, 409)
                 return self._json({"request_id": request_id}, 202)
             if len(parts) == 4 and parts[:2] == ["api", "devices"] and parts[3] == "forget":
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -12,7 +13,15 @@ from urllib.parse import quote
 
 from drywallqa.edge.payloads import DetectionPayload, SnapshotPayload, StatusPayload
 
+from .limits import MESSAGE_CHARS, bounded, clip
+
+log = logging.getLogger(__name__)
+
 Event = tuple[str, dict]
+
+DEFAULT_MAX_DEVICES = 500
+# A device's clock may be this far off the dashboard's and its will still count as seen live (see _will_status).
+WILL_CLOCK_MARGIN_S = 60.0
 
 
 def coalescing_key(name: str, data: dict) -> str | None:
@@ -76,6 +85,11 @@ class DeviceView:
     frame_source: str = ""
     frame_timestamp: float = 0.0
     last_seen: float = 0.0
+    device_time: float | None = None  # the device's clock in its latest status, detection or snapshot
+
+    @property
+    def offline(self) -> bool:
+        return self.status is not None and self.status["state"] == "offline"
 
     def to_json(self) -> dict:
         return {
@@ -107,11 +121,17 @@ class BrokerView:
 
 
 class LiveState:
-    """Thread-safe latest-value store; every change is published to all subscriptions."""
+    """Thread-safe latest-value store; every change is published to all subscriptions.
 
-    def __init__(self) -> None:
+    At most `max_devices` devices are tracked: any client of the broker can publish under new device ids, and each
+    one would otherwise be kept, and sent to every browser, for good."""
+
+    def __init__(self, max_devices: int = DEFAULT_MAX_DEVICES) -> None:
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceView] = {}
+        self.max_devices = max_devices
+        self.devices_dropped = 0
+        self._dropped_now: list[str] = []  # evicted under the lock, announced after it
         self.broker = BrokerView()
         self.invalid_messages = 0
         self.last_invalid = ""
@@ -156,7 +176,20 @@ class LiveState:
             data = self.broker.to_json()
         data["invalid_messages"] = self.invalid_messages
         data["last_invalid"] = self.last_invalid
+        data["devices_dropped"] = self.devices_dropped
+        data["max_devices"] = self.max_devices
         return data
+
+    def offline_since(self, device_id: str) -> tuple[float, bool] | None:
+        """For a device shown offline: since when, and whether that is only "before" that time (it went offline
+        while this dashboard was not connected); None for a device not known to be offline."""
+        with self._lock:
+            dev = self._devices.get(device_id)
+            status = dev.status if dev is not None else None
+            if status is None or status["state"] != "offline":
+                return None
+            before = status.get("offline_since_before")
+            return (before, True) if before is not None else (status["timestamp"], False)
 
     # --- writes (called from the MQTT thread) ---------------------------------------------------
     def _device(self, device_id: str, sent_at: float | None = None) -> DeviceView:
@@ -165,6 +198,8 @@ class LiveState:
         device first seen that way and leaves a known one's last contact as it was."""
         dev = self._devices.get(device_id)
         if dev is None:
+            if len(self._devices) >= self.max_devices:
+                self._drop_one()
             dev = self._devices[device_id] = DeviceView(device_id)
             if sent_at is not None:
                 dev.last_seen = min(sent_at, time.time())
@@ -172,8 +207,36 @@ class LiveState:
             dev.last_seen = time.time()
         return dev
 
-    def _set_frame(self, dev: DeviceView, jpeg: bytes, source: str, timestamp: float) -> None:
-        if timestamp < dev.frame_timestamp:  # an older snapshot arriving late must not replace a newer frame
+    def _drop_one(self) -> None:
+        """Make room for a new device: drop the offline one silent longest, else the device silent longest."""
+        victim = min(self._devices.values(), key=lambda d: (not d.offline, d.last_seen))
+        del self._devices[victim.device_id]
+        self._dropped_now.append(victim.device_id)
+        if not self.devices_dropped:
+            log.warning(
+                "more than %d devices on the broker: dropped %r (the %s device silent longest) from the list; "
+                "devices beyond the limit keep replacing the longest-silent ones. Raise --max-devices if the site "
+                "has that many, else look for a client publishing under made-up device ids (logged once)",
+                self.max_devices, victim.device_id, "offline" if victim.offline else "online or unknown",
+            )
+        self.devices_dropped += 1
+
+    def _announce(self, out: dict) -> None:
+        """Publish a device's new card, after the cards of devices dropped to make room for it (lock not held)."""
+        with self._lock:
+            dropped, self._dropped_now = self._dropped_now, []
+        for device_id in dropped:
+            self.publish("device_removed", {"device_id": device_id})
+        if dropped:
+            self.publish("broker", self.broker_json())  # the page's count of dropped devices
+        self.publish("device", out)
+
+    def _set_frame(self, dev: DeviceView, jpeg: bytes, source: str, timestamp: float, fresh: bool) -> None:
+        """Show a frame. A `fresh` one (a live detection's preview, a reply to this dashboard's own request) is
+        newer than the shown one by its arrival, whatever the device's clock says: a clock set back (NTP, a restart
+        without a real-time clock) must not freeze the picture until it catches up. Any other one (a snapshot
+        the broker delivers late, e.g. queued while the dashboard was away) must not replace a newer frame."""
+        if not fresh and timestamp < dev.frame_timestamp:
             return
         self._frame_seq += 1
         dev.frame_jpeg, dev.frame_seq, dev.frame_source, dev.frame_timestamp = (
@@ -184,20 +247,46 @@ class LiveState:
         )
 
     def update_status(self, status: StatusPayload, retained: bool = False) -> None:
-        """A last will carries the figures of the device's latest status before its link dropped; the figures
-        shown stay the newest ones this dashboard saw, and a will that arrives live (not a retained copy from
-        before the dashboard started) dates the outage at its arrival."""
+        """A status (free text clipped); a last will is shown as _will_status says."""
         with self._lock:
-            dev = self._device(status.device_id, sent_at=status.timestamp if retained else None)
-            data = status.model_dump()
+            known = self._devices.get(status.device_id)
             if status.last_will:
-                if dev.status is not None and dev.status["timestamp"] >= status.timestamp:
-                    data = {**dev.status, "state": "offline", "last_will": True}
-                if not retained:
-                    data["timestamp"] = max(data["timestamp"], time.time())
+                data = self._will_status(known, status, retained)
+                seen_live = not retained and "offline_since_before" not in data
+            else:
+                data = bounded(status.model_dump())
+                seen_live = not retained
+            dev = self._device(status.device_id, sent_at=None if seen_live else status.timestamp)
+            if not status.last_will:
+                dev.device_time = status.timestamp
             dev.status = data
             out = dev.to_json()
-        self.publish("device", out)
+        self._announce(out)
+
+    def _will_status(self, known: DeviceView | None, will: StatusPayload, retained: bool) -> dict:
+        """The status to show for a last will. The broker fixed the will's figures and time when the device's
+        connection opened: the figures shown stay the newest ones this dashboard saw.
+
+        The will is dated at its arrival only if this dashboard saw it happen: it came live (not a retained copy)
+        and the device was heard from, by its own clock, while the current broker connection was up. Otherwise the
+        device went offline while the dashboard was away: its will is a retained copy, or was queued in the
+        dashboard's persistent session and comes (as a live message would) just after it connects. Its arrival
+        says nothing then; it keeps the time of the device's latest status and gets `offline_since_before`: the
+        start of this connection."""
+        last = known.status if known is not None else None
+        if last is not None and last.get("last_will") and last["timestamp"] >= will.timestamp:
+            return last  # a copy of the will already shown (the retained one, replayed at a re-subscribe)
+        data = bounded(will.model_dump())
+        if last is not None and last["timestamp"] >= will.timestamp:
+            data = {**last, "state": "offline", "last_will": True}
+        link_up = self.broker.since
+        heard = known.device_time if known is not None and known.device_time is not None else will.timestamp
+        if not retained and heard >= link_up - WILL_CLOCK_MARGIN_S:
+            data["timestamp"] = max(data["timestamp"], time.time())
+            data.pop("offline_since_before", None)
+        else:
+            data["offline_since_before"] = link_up
+        return data
 
     def remove_device(self, device_id: str) -> bool:
         """Forget a device (its retained status was cleared); False if it was not known."""
@@ -207,21 +296,25 @@ class LiveState:
             self.publish("device_removed", {"device_id": device_id})
         return known
 
-    def update_detection(self, det: DetectionPayload, preview_jpeg: bytes | None) -> None:
+    def update_detection(self, det: DetectionPayload, preview_jpeg: bytes | None, retained: bool = False) -> None:
+        """A detection; it is sent at QoS 0, which the broker never queues: unless retained it is live."""
         with self._lock:
             dev = self._device(det.device_id)
-            dev.detection = det.model_dump(exclude={"preview_jpeg_b64"})
+            dev.detection = bounded(det.model_dump(exclude={"preview_jpeg_b64"}))
+            dev.device_time = det.timestamp
             if preview_jpeg:
-                self._set_frame(dev, preview_jpeg, "detection", det.timestamp)
+                self._set_frame(dev, preview_jpeg, "detection", det.timestamp, fresh=not retained)
             out = dev.to_json()
-        self.publish("device", out)
+        self._announce(out)
 
-    def update_snapshot(self, snap: SnapshotPayload, jpeg: bytes) -> None:
+    def update_snapshot(self, snap: SnapshotPayload, jpeg: bytes, answers_request: bool = False) -> None:
+        """A snapshot; `answers_request`: it answers a request this dashboard sent, so it was taken after it."""
         with self._lock:
             dev = self._device(snap.device_id)
-            self._set_frame(dev, jpeg, "snapshot", snap.timestamp)
+            dev.device_time = snap.timestamp
+            self._set_frame(dev, jpeg, "snapshot", snap.timestamp, fresh=answers_request)
             out = dev.to_json()
-        self.publish("device", out)
+        self._announce(out)
 
     def set_broker(self, connected: bool, detail: str) -> None:
         with self._lock:
@@ -234,5 +327,5 @@ class LiveState:
     def note_invalid(self, message: str) -> None:
         with self._lock:
             self.invalid_messages += 1
-            self.last_invalid = message[:500]
+            self.last_invalid = clip(message, MESSAGE_CHARS)
         self.publish("broker", self.broker_json())

@@ -6,11 +6,19 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from drywallqa.edge.payloads import AlertPayload
+
+from .limits import bounded
+
+# Alert ids remembered beyond the alerts kept, as a multiple of max_alerts: a device re-sends an alert from its spool
+# until the broker acknowledges it, which may be long after the dashboard dropped it to stay within max_alerts.
+SEEN_IDS_PER_ALERT = 10
 
 
 class StoreError(RuntimeError):
@@ -36,6 +44,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (timestamp);
+-- ids of alerts received lately, kept after their alert is trimmed so that a re-sent one is still a duplicate
+CREATE TABLE IF NOT EXISTS seen_alerts (event_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS acks (
     event_id TEXT PRIMARY KEY,
     acked_at REAL NOT NULL,
@@ -48,7 +58,9 @@ CREATE TABLE IF NOT EXISTS acks (
 class AlertStore:
     """Thread-safe store of alerts (deduplicated on event_id) and their acknowledgements.
 
-    `max_alerts` bounds the file: the oldest alerts beyond it are dropped (with their acks) on insert.
+    `max_alerts` bounds the file: the oldest alerts beyond it are dropped (with their acks) on insert. The ids of
+    the latest SEEN_IDS_PER_ALERT * max_alerts alerts are kept apart from them, so a dropped alert delivered again
+    is still known as a duplicate.
     """
 
     def __init__(self, path: str | Path, max_alerts: int = 2000) -> None:
@@ -60,6 +72,8 @@ class AlertStore:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            # a store from before seen_alerts existed: its alerts are the ones seen so far
+            self._db.execute("INSERT OR IGNORE INTO seen_alerts (event_id) SELECT event_id FROM alerts ORDER BY rowid")
         except (sqlite3.DatabaseError, OSError) as exc:
             raise StoreError(
                 f"cannot open dashboard store {self.path}: {exc}. Move the file away or pass another --store path."
@@ -69,26 +83,48 @@ class AlertStore:
         with self._lock:
             self._db.close()
 
+    @property
+    def max_seen_ids(self) -> int:
+        return SEEN_IDS_PER_ALERT * self.max_alerts
+
     def add_alert(self, alert: AlertPayload, snapshot_jpeg: bytes, received_at: float | None = None) -> bool:
-        """Insert an alert; returns False when its event_id was already stored (a duplicate delivery)."""
-        meta = alert.model_dump(exclude={"snapshot_jpeg_b64"})
-        with self._lock:
-            cur = self._db.execute(
+        """Insert an alert (its text clipped); returns False when its event_id was seen before (a duplicate delivery,
+        or a device re-sending it from its spool), even if that alert was dropped since."""
+        meta = bounded(alert.model_dump(exclude={"snapshot_jpeg_b64"}))
+        with self._lock, self._transaction():
+            cur = self._db.execute("INSERT OR IGNORE INTO seen_alerts (event_id) VALUES (?)", (alert.event_id,))
+            if cur.rowcount != 1:
+                return False
+            self._db.execute(
                 "INSERT OR IGNORE INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     alert.event_id,
                     alert.device_id,
                     alert.timestamp,
-                    alert.class_name,
+                    meta["class_name"],
                     json.dumps(meta),
                     sqlite3.Binary(snapshot_jpeg),
                     received_at if received_at is not None else time.time(),
                 ),
             )
-            inserted = cur.rowcount == 1
-            if inserted:
-                self._trim()
-        return inserted
+            self._trim()
+        return True
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction (the connection autocommits otherwise): an id is never marked seen without its alert."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def seen_count(self) -> int:
+        """How many alert ids are remembered for deduplication."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM seen_alerts").fetchone()[0]
 
     def _trim(self) -> None:
         (count,) = self._db.execute("SELECT COUNT(*) FROM alerts").fetchone()
@@ -99,6 +135,9 @@ class AlertStore:
             old = "SELECT event_id FROM alerts ORDER BY rowid ASC LIMIT ?"
             self._db.execute(f"DELETE FROM acks WHERE event_id IN ({old})", (excess,))
             self._db.execute(f"DELETE FROM alerts WHERE event_id IN ({old})", (excess,))
+        self._db.execute(
+            "DELETE FROM seen_alerts WHERE rowid <= (SELECT MAX(rowid) FROM seen_alerts) - ?", (self.max_seen_ids,)
+        )
 
     def get(self, event_id: str) -> dict | None:
         found = self.alerts(event_id=event_id, limit=1)

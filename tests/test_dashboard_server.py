@@ -404,12 +404,14 @@ def test_a_retained_last_will_and_a_forgotten_device(dashboard, publisher, mosqu
     """A will that was retained before the dashboard started keeps its own time (the dashboard cannot know when
     the device died); forgetting a device clears its retained status, so it stays gone after a restart."""
     died = time.time() - 3600
+    publisher.publish("cam-gone", TOPIC_STATUS, status("cam-gone"), retain=True)  # it reports, then dies
+    wait_until(lambda: get_json(dashboard, "/api/state")["devices"], 5, "the online status")
     will = status("cam-gone", state="offline", timestamp=died, frames_processed=50, last_will=True)
     publisher.publish("cam-gone", TOPIC_STATUS, will, retain=True)
-    wait_until(lambda: get_json(dashboard, "/api/state")["devices"], 5, "the will to arrive")
+    wait_until(lambda: get_json(dashboard, "/api/state")["devices"][0]["status"]["state"] == "offline", 5, "the will")
     (dev,) = get_json(dashboard, "/api/state")["devices"]
     assert dev["status"]["state"] == "offline" and dev["status"]["last_will"] is True
-    # This will arrived live (the dashboard was running), so it is dated on arrival.
+    # This will arrived live (the dashboard was running and heard the device), so it is dated on arrival.
     assert dev["status"]["timestamp"] > died + 3000
 
     assert http_post(dashboard, "/api/devices/cam-gone/forget", b"")[0] == 403  # CSRF header required
@@ -432,7 +434,9 @@ def test_a_retained_will_seen_at_start_up_keeps_its_time(tmp_path: Path, mosquit
     with running_dashboard(tmp_path, mosquitto.port) as app:
         wait_until(lambda: get_json(app, "/api/state")["devices"], 10, "the retained will")
         (dev,) = get_json(app, "/api/state")["devices"]
+        connected = app.state.broker.since
     assert dev["status"]["timestamp"] == pytest.approx(died) and dev["status"]["frames_processed"] == 50
+    assert dev["status"]["offline_since_before"] == connected  # the page: "offline since before <connection>"
 
 
 def test_a_restarted_dashboard_never_reuses_a_frame_url(tmp_path: Path, mosquitto, publisher) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 from _dashboard_fixtures import alert, make_jpeg
 
-from drywallqa.dashboard.store import AlertStore, StoreError
+from drywallqa.dashboard.store import SEEN_IDS_PER_ALERT, AlertStore, StoreError
 
 
 def test_alerts_are_deduplicated_on_event_id(tmp_path: Path) -> None:
@@ -94,3 +95,40 @@ def test_paging_walks_the_whole_history_once_even_with_equal_times(tmp_path: Pat
     assert store.counts() == {"open": 24, "acknowledged": 1, "total": 25}
     open_only = store.alerts(include_acked=False, limit=100, before=(1002.0, "e04"))
     assert [a["event_id"] for a in open_only] == ["e02", "e01", "e00"]  # e03 acknowledged, e04 not older
+
+
+def test_an_alert_re_sent_after_it_was_trimmed_is_still_a_duplicate(tmp_path: Path) -> None:
+    """Before, deduplication looked only at the alerts kept: one dropped to stay within max_alerts and then re-sent
+    from a device's spool (its broker ack was lost) came back as a new alert."""
+    path = tmp_path / "s.sqlite"
+    store = AlertStore(path, max_alerts=3)
+    jpeg = make_jpeg()
+    for i in range(5):
+        assert store.add_alert(alert("cam", f"e{i}", jpeg), jpeg)
+    assert "e0" not in {a["event_id"] for a in store.alerts()}  # trimmed
+    assert store.add_alert(alert("cam", "e0", jpeg), jpeg) is False
+    assert sorted(a["event_id"] for a in store.alerts()) == ["e2", "e3", "e4"]
+    assert store.get("e0") is None
+    store.close()
+
+    again = AlertStore(path, max_alerts=3)  # remembered across a restart
+    assert again.add_alert(alert("cam", "e1", jpeg), jpeg) is False
+    for i in range(5, 100):  # and bounded: the ids of the latest SEEN_IDS_PER_ALERT * max_alerts alerts
+        again.add_alert(alert("cam", f"e{i}", jpeg), jpeg)
+    assert again.seen_count() == SEEN_IDS_PER_ALERT * 3
+    assert again.add_alert(alert("cam", "e0", jpeg), jpeg) is True  # long forgotten: taken as new
+
+
+def test_a_store_from_before_the_seen_ids_knows_its_alerts_as_seen(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = AlertStore(path)
+    jpeg = make_jpeg()
+    store.add_alert(alert("cam", "old-1", jpeg), jpeg)
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE seen_alerts")  # as a store written by an earlier dashboard
+    db.commit()
+    db.close()
+    again = AlertStore(path)
+    assert again.seen_count() == 1
+    assert again.add_alert(alert("cam", "old-1", jpeg), jpeg) is False

@@ -53,7 +53,10 @@ function renderLinks() {
   banner.hidden = msgs.length === 0;
   banner.textContent = msgs.join(" ");
   const inv = document.getElementById("invalid");
-  inv.textContent = b && b.invalid_messages ? `${b.invalid_messages} invalid MQTT message(s) ignored; last: ${b.last_invalid}` : "";
+  const notes = [];
+  if (b && b.invalid_messages) notes.push(`${b.invalid_messages} invalid MQTT message(s) ignored; last: ${b.last_invalid}`);
+  if (b && b.devices_dropped) notes.push(`${b.devices_dropped} device(s) dropped from the list to stay within ${b.max_devices} (--max-devices; the longest-silent go first, offline ones before others)`);
+  inv.textContent = notes.join(" | ");
   document.body.dataset.stale = (!model.streamUp || (b && !b.connected)) ? "1" : "0";
 }
 
@@ -111,7 +114,10 @@ function renderDevice(d) {
   const stale = model.broker && !model.broker.connected;
   card.append(el("h3", {}, el("span", { class: "name", text: d.device_id }),
     el("span", {}, stale ? el("span", { class: "last-known", text: "last known: " }) : null, badge)));
-  if (st && st.last_will) {
+  if (st && st.last_will && st.offline_since_before) {
+    // It went offline while this dashboard was not connected: when is not known, only that it was before then.
+    card.append(el("p", { class: "meta warn lost", text: `connection lost without a clean stop (last will) while this dashboard was not connected: offline since before ${fmtTime(st.offline_since_before)}; latest status ${fmtTime(st.timestamp)}; figures are its last known ones` }));
+  } else if (st && st.last_will) {
     card.append(el("p", { class: "meta warn lost", text: `connection lost without a clean stop (last will) ${agoServer(st.timestamp)}; figures are its last known ones` }));
   } else if (state === "silent") {
     card.append(el("p", { class: "meta warn lost", text: `nothing heard since ${fmtTime(d.last_seen)}` }));
@@ -136,7 +142,9 @@ function renderDevice(d) {
   } else {
     card.append(el("p", { class: "muted", text: "no frame yet (enable previews on the device or request a snapshot)" }));
   }
-  card.append(el("button", { class: "snapshot", text: "request snapshot", onclick: () => requestSnapshot(d.device_id) }));
+  card.append(el("button", { class: "snapshot", text: "request snapshot", disabled: state === "offline",
+    title: state === "offline" ? "the device is offline: a request would not reach it" : undefined,
+    onclick: () => requestSnapshot(d.device_id) }));
   if (state === "offline" || state === "silent") {
     card.append(el("button", { class: "forget", text: "forget device", title: "remove it from this page and clear its retained status on the broker (it comes back if it reports again)", onclick: () => forgetDevice(d.device_id) }));
   }
