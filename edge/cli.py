@@ -248,9 +248,10 @@ def _wait_for_spool(settings: EdgeSettings, stop: threading.Event) -> bool:
     def busy(exc: SpoolInUse) -> None:
         if not holders or holders[-1] != exc.holder:
             holders.append(exc.holder)
-            log.warning("the alert spool %s is held by another DrywallQA edge runtime (pid %s), e.g. a manual "
-                        "`edge run`: waiting for it to end before starting", path, exc.holder)
-            notify(f"STATUS=waiting for pid {exc.holder} to release the alert spool {path}")
+            who = "another process" if exc.holder == "unknown" else f"pid {exc.holder}"
+            log.warning("the alert spool %s is held by %s, most likely another DrywallQA edge runtime (e.g. a manual "
+                        "`edge run`): waiting for it to end before starting", path, who)
+            notify(f"STATUS=waiting for {who} to release the alert spool {path}")
         notify(f"EXTEND_TIMEOUT_USEC={SPOOL_WAIT_EXTEND_S * 1_000_000}")
         watchdog.kick()
 

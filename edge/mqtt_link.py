@@ -41,6 +41,7 @@ from drywallqa.edge.spool import Spool
 log = logging.getLogger(__name__)
 
 CONNECT_FAIL_LOG_INTERVAL_S = 60.0
+SPOOL_RETRY_S = 2.0  # while the spool cannot be written: how often the alerts kept in memory are written to it
 
 
 class LogThrottle:
@@ -104,8 +105,12 @@ class EdgeLink:
         self._spool_counted_dropped = spool.dropped()  # the spool's persisted count, as last read
         self._dropped_in_memory = 0  # alerts dropped while the spool could not be written (not in its counter)
         self.spool_error = ""  # set while the spool cannot be written (disk full, read-only): for status
-        self._unspooled: set[int] = set()  # mids of alerts published from memory only (spool unwritable)
+        # mid -> (event_id, payload) of alerts published from memory only (spool unwritable), until their PUBACK
+        self._unspooled: dict[int, tuple[str, bytes]] = {}
         self._unspooled_lock = threading.Lock()  # its mid is recorded before its PUBACK is processed
+        self._failed_bytes = 0  # the size of the latest alert the spool could not take (what a probe writes)
+        self._spool_tried_at = 0.0  # monotonic time of the latest retry (_retry_spool)
+        self._handed_early: set[int] = set()  # seqs of rows written from memory: with paho already, not handed again
         self._delivery_trouble = LogThrottle()
         self._acks: collections.deque[int] = collections.deque()
         self._inflight: dict[int, int] = {}  # mid -> spool seq (owned by the delivery thread)
@@ -249,9 +254,10 @@ class EdgeLink:
         while self._acks:
             mid = self._acks.popleft()
             with self._unspooled_lock:
-                self._unspooled.discard(mid)
+                self._unspooled.pop(mid, None)
             seq = self._inflight.pop(mid, None)
             if seq is not None:
+                self._handed_early.discard(seq)
                 self.spool.ack(seq)
                 self.delivered += 1
 
@@ -261,12 +267,17 @@ class EdgeLink:
             self._wake.clear()
             try:
                 self._process_acks()
+                self._retry_spool()
                 if not self.connected.is_set():
                     continue
                 room = self.settings.inflight_window - len(self._inflight)
                 if room <= 0:
                     continue
                 for item in self.spool.pending(self._last_handed, room):
+                    if item.seq in self._handed_early:  # written from memory (_retry_spool): paho has it already
+                        self._handed_early.discard(item.seq)
+                        self._last_handed = item.seq
+                        continue
                     info = self._client.publish(item.topic, item.payload, qos=1)
                     if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                         log.warning("publish of spooled alert %s failed: %s", item.event_id, info.rc)
@@ -291,6 +302,45 @@ class EdgeLink:
                                   time.monotonic() - trouble.since, trouble.count, exc)
                 time.sleep(0.5)
 
+    def _retry_spool(self) -> None:
+        """While the spool cannot be written (or opened), every SPOOL_RETRY_S: write the alerts kept in memory and
+        not yet acknowledged into it, so a restart replays them (paho already has them: their PUBACK deletes the
+        rows, and they are not handed to paho again); with none, write as much as the alert that failed
+        (Spool.probe). Once that succeeds the spool is writable again: spool_error clears now, not at the next
+        alert, which on a quiet wall may come days later."""
+        if not (self.spool_error or self.spool.open_error or self._unspooled):
+            return
+        if time.monotonic() - self._spool_tried_at < SPOOL_RETRY_S:
+            return
+        self._spool_tried_at = time.monotonic()
+        with self._unspooled_lock:
+            held = list(self._unspooled.items())  # only this thread removes entries (_process_acks)
+        try:
+            if held:
+                seqs, dropped = self.spool.put_many([(eid, self.topic_alerts, payload) for _, (eid, payload) in held])
+            else:
+                self.spool.probe(self._failed_bytes)
+                seqs, dropped = [], 0
+        except sqlite3.Error as exc:
+            self._spool_failed(exc)  # still not: said (again, should a success on another thread have cleared it)
+            return
+        with self._unspooled_lock:
+            for (mid, _), seq in zip(held, seqs, strict=True):
+                self._unspooled.pop(mid, None)
+                self._inflight[mid] = seq  # its PUBACK (perhaps already queued) now deletes the row
+                self._handed_early.add(seq)
+        if held:
+            log.warning("alert spool %s: %d alert(s) kept in memory written to it", self.spool.path, len(held))
+        self._spool_writable(dropped)
+
+    def _spool_writable(self, dropped: int) -> None:
+        """A write to the spool succeeded: say so if it had failed, and log the oldest rows the bounds dropped."""
+        if self.spool_error:
+            log.warning("alert spool %s is writable again; alerts are spooled on disk again", self.spool.path)
+            self.spool_error = ""
+        if dropped:
+            log.warning("spool full: dropped %d oldest alert(s) (%d in total)", dropped, self.spool_dropped)
+
     # -- API for the live loop -----------------------------------------------------------------------------
     def send_alert(self, alert: AlertPayload) -> bool:
         """Durably spool, then deliver in order (returns True once the row is on disk). When the spool cannot be
@@ -303,23 +353,24 @@ class EdgeLink:
         except sqlite3.Error as exc:
             self._send_unspooled(alert, payload, exc)
             return False
-        if self.spool_error:
-            log.warning("alert spool %s is writable again; alerts are spooled on disk again", self.spool.path)
-            self.spool_error = ""
-        if dropped:
-            log.warning("spool full: dropped %d oldest alert(s) (%d in total)", dropped, self.spool_dropped)
+        self._spool_writable(dropped)
         self._wake.set()
         return True
 
+    def _spool_failed(self, exc: sqlite3.Error) -> None:
+        """A write to the spool failed: say so (logged once, spool_error until a write succeeds). Not for a spool
+        unopened since the start: it says so itself (Spool.open_error, logged once), and clears that when it opens."""
+        if self.spool.open_error:
+            return
+        if not self.spool_error:
+            log.error("alert spool %s cannot be written (%s): alerts are kept in memory only (lost if the process "
+                      "dies before the broker has them) until it can (tried again every %.0f s); free disk space "
+                      "or fix spool.path", self.spool.path, exc, SPOOL_RETRY_S)
+        self.spool_error = f"alert spool cannot be written ({exc}); alerts kept in memory only"
+
     def _send_unspooled(self, alert: AlertPayload, payload: bytes, exc: sqlite3.Error) -> None:
-        # A spool unopened since the start says so itself (Spool.open_error, logged once) and clears that when it opens,
-        # even if no alert follows: a spool_error set here would stay in the status until the next alert.
-        if not self.spool.open_error:
-            if not self.spool_error:
-                log.error("alert spool %s cannot be written (%s): alerts are kept in memory only (lost if the process "
-                          "dies before the broker has them) until it can; free disk space or fix spool.path",
-                          self.spool.path, exc)
-            self.spool_error = f"alert spool cannot be written ({exc}); alerts kept in memory only"
+        self._spool_failed(exc)
+        self._failed_bytes = len(payload)
         if len(self._unspooled) >= self.spool.max_rows:  # bounded like the spool: memory must not run out
             self._dropped_in_memory += 1
             log.warning("alert %s dropped: the spool cannot be written and %d alerts already wait in memory "
@@ -328,7 +379,8 @@ class EdgeLink:
         with self._unspooled_lock:
             info = self._client.publish(self.topic_alerts, payload, qos=1)
             if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                self._unspooled.add(info.mid)  # paho keeps (and after a reconnect re-sends) it until its PUBACK
+                # paho keeps (and after a reconnect re-sends) it until its PUBACK; kept here to be spooled later
+                self._unspooled[info.mid] = (alert.event_id, payload)
                 return
         self._dropped_in_memory += 1
         log.error("alert %s lost: the spool cannot be written and publishing failed: %s", alert.event_id, info.rc)

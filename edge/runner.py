@@ -42,7 +42,15 @@ from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
 from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings, SpoolSettings
 from drywallqa.edge.sources import check_source_exists, make_source, watch_record_path
-from drywallqa.edge.spool import Spool, SpoolDamaged, is_disk_state, lock_spool
+from drywallqa.edge.spool import (
+    Spool,
+    damaged_notice,
+    is_damaged,
+    is_disk_state,
+    lock_spool,
+    move_aside,
+    spool_path_mistake,
+)
 from drywallqa.paths import EXPORTED_DIR, PROFILES
 
 if TYPE_CHECKING:
@@ -137,7 +145,8 @@ def open_spool(settings: SpoolSettings, instance: str | None = None) -> Spool:
     every start of an unattended device: it is moved aside, kept for recovery (`sqlite3 FILE .recover`), and a
     fresh spool is started; `moved_aside` names where it went. A disk that is full, read-only or failing at start is
     a state of the device, not of its config: the runtime starts with the spool unopened (`Spool.unopened`), alerts
-    published from memory, and the file tried again until it opens."""
+    published from memory, and the file tried again until it opens; a path that cannot be a spool whatever the disk's
+    state (spool_path_mistake) is a ConfigError even then."""
     path = settings.resolved_path(instance)
     moved_aside = None
     lock_fd = -1
@@ -149,26 +158,24 @@ def open_spool(settings: SpoolSettings, instance: str | None = None) -> Spool:
         try:
             spool = Spool(path, settings.max_rows, int(settings.max_mb * 2**20), lock_fd=lock_fd)
         except sqlite3.DatabaseError as exc:
-            if not isinstance(exc, SpoolDamaged) and getattr(exc, "sqlite_errorname", "") != "SQLITE_CORRUPT":
+            if not is_damaged(exc):
                 raise
-            moved_aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            for suffix in ("", "-wal", "-shm"):  # the WAL belongs to the damaged file: it goes with it
-                part = path.with_name(path.name + suffix)
-                if part.exists():
-                    part.rename(moved_aside.with_name(moved_aside.name + suffix))
-            log.error("alert spool %s is damaged (%s): moved aside to %s (its undelivered alerts may be recovered "
-                      "with `sqlite3 %s .recover`); starting a fresh spool", path, exc, moved_aside, moved_aside)
+            moved_aside = move_aside(path)
+            log.error("%s", damaged_notice(path, exc, moved_aside))
             spool = Spool(path, settings.max_rows, int(settings.max_mb * 2**20), lock_fd=lock_fd)
     except BaseException as exc:
-        if isinstance(exc, (OSError, sqlite3.Error)) and is_disk_state(path, exc):
+        if not isinstance(exc, (OSError, sqlite3.Error)):
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            raise
+        mistake = spool_path_mistake(path, exc)  # first: on a full or read-only disk it would look like its state
+        if not mistake and is_disk_state(path, exc):
             # the device runs meanwhile, still holding the lock if it got it; the file is tried again
             return Spool.unopened(path, settings.max_rows, int(settings.max_mb * 2**20), str(exc), lock_fd)
         if lock_fd >= 0:
             os.close(lock_fd)
-        if not isinstance(exc, (OSError, sqlite3.Error)):
-            raise
-        raise ConfigError(f"spool.path: cannot open the alert spool {path}: {exc} (set spool.path to a writable "
-                          f"file, e.g. under $STATE_DIRECTORY)") from exc
+        raise ConfigError(f"spool.path: cannot open the alert spool {path}: {mistake or exc} (set spool.path to a "
+                          f"writable file, e.g. under $STATE_DIRECTORY)") from exc
     spool.moved_aside = moved_aside
     return spool
 
@@ -207,6 +214,7 @@ class EdgeRunner:
         self.link: EdgeLink | None = None
         self.capture: Capture | None = None
         self.spool: Spool | None = None
+        self._spool_aside_said: Path | None = None  # the damaged spool last reported in last_error
         # Inferred frames waiting for analysis; small, so the model never runs far ahead of publishing.
         self._post_queue: queue.Queue[tuple[Frame, np.ndarray, float] | None] = queue.Queue(maxsize=2)
         self._post_thread: threading.Thread | None = None
@@ -226,8 +234,7 @@ class EdgeRunner:
                  self.segmenter.backend.name, [(w.prompt, w.class_name) for w in self.watched])
 
         self.spool = open_spool(s.spool, s.instance)
-        if self.spool.moved_aside is not None:
-            self.last_error = f"alert spool was damaged: moved aside to {self.spool.moved_aside}, started afresh"
+        self._note_spool_moved_aside()
         if self.spool.count():
             log.info("spool %s holds %d undelivered alert(s); replaying them first", self.spool.path,
                      self.spool.count())
@@ -304,6 +311,14 @@ class EdgeRunner:
             last_error=self._last_error(cap),
         )
 
+    def _note_spool_moved_aside(self) -> None:
+        """A damaged spool moved aside, at start or when a spool unopened at start opened later: said in last_error,
+        once."""
+        aside = self.spool.moved_aside if self.spool is not None else None
+        if aside is not None and aside != self._spool_aside_said:
+            self._spool_aside_said = aside
+            self.last_error = f"alert spool was damaged: moved aside to {aside}, started afresh"
+
     def _undelivered_alerts(self) -> int:
         """Every alert not yet acknowledged: spooled, and kept in memory while the spool cannot be written."""
         if self.link is not None:
@@ -316,6 +331,7 @@ class EdgeRunner:
         the latest rejected command or failed frame, then the source's last error (cleared once frames flow again
         after a reopen), and only when there is none, that a snapshot request waits for the first frame. A rejected
         command must not hide, for as long as the device runs, why its camera is down."""
+        self._note_spool_moved_aside()
         now = ((self.spool.open_error if self.spool else "") or self.link.spool_error
                or (self.spool.ack_error if self.spool else "") or self.link.link_error if self.link else "")
         if not now and self.capture is not None:

@@ -8,7 +8,8 @@ kept in the database (reported in the status payload as spool_dropped).
 A delivery whose deletion cannot be written (disk full) is kept in memory and retried: this process never hands
 that row out again, and only if it stops before the write succeeds is the alert sent once more at the next start
 (consumers deduplicate on event_id). A spool whose disk is full or read-only at start is opened later, when it can
-be (`Spool.unopened`); until then alerts are published from memory, as when the disk fills mid-run.
+be (`Spool.unopened`; a damaged file is then moved aside as at start); until then alerts are published from memory,
+as when the disk fills mid-run.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class SpoolInUse(RuntimeError):
 
     def __init__(self, message: str, holder: str) -> None:
         super().__init__(message)
-        self.holder = holder  # the holder's pid as its lock file says, or 'unknown'
+        self.holder = holder  # the holder's pid as its lock file says (if that process is alive), or 'unknown'
 
 
 def lock_spool(path: Path) -> int:
@@ -83,9 +84,12 @@ def lock_spool(path: Path) -> int:
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
-        holder = holder or "unknown"
+        holder = _live_pid(holder)
+        who = (f"in use by another DrywallQA edge runtime (pid {holder})" if holder != "unknown" else
+               f"held by another process (its pid is not known: `fuser -v {lock_path}` names it), most likely "
+               f"another DrywallQA edge runtime")
         raise SpoolInUse(
-            f"the alert spool {path} is in use by another DrywallQA edge runtime (pid {holder}). Two "
+            f"the alert spool {path} is {who}. Two "
             f"runtimes on one spool would publish each other's alerts and, with one mqtt.device_id, knock each "
             f"other off the broker. Stop the other one (e.g. `sudo systemctl stop drywallqa-edge`), or give this "
             f"one its own spool.path and mqtt.device_id", holder) from None
@@ -93,6 +97,21 @@ def lock_spool(path: Path) -> int:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _live_pid(text: str) -> str:
+    """The pid a lock file names if that process is alive, else 'unknown'. A holder on a read-only disk cannot
+    write its pid: the file then still names an earlier holder, most often gone since."""
+    try:
+        pid = int(text)
+        if pid <= 0:
+            return "unknown"
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ValueError, ProcessLookupError, OverflowError):
+        return "unknown"
+    except PermissionError:  # alive, another user's
+        pass
+    return str(pid)
 
 
 def wait_for_spool(path: Path, stop: threading.Event, on_busy: Callable[[SpoolInUse], None],
@@ -135,6 +154,55 @@ def is_disk_state(path: Path, exc: BaseException) -> bool:
     return st is not None and (bool(st.f_flag & os.ST_RDONLY) or st.f_bavail * st.f_frsize < DISK_NEARLY_FULL_BYTES)
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def spool_path_mistake(path: Path, exc: BaseException) -> str:
+    """Why `path` cannot be a spool whatever its disk's state (a folder, under a file, not this user's, a file that is
+    not an SQLite database), or "" if it could be. Asked before is_disk_state: on a full or read-only disk these
+    mistakes look like the disk's state, and would be tried again for ever instead of stopping the start."""
+    not_a_spool = "it is not an SQLite database, so not an alert spool"
+    if isinstance(exc, PermissionError):  # a read-only disk says EROFS, not this
+        return str(exc)
+    if getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB":
+        return not_a_spool
+    try:
+        if path.is_dir():
+            return "it is a folder, not a file"
+        above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if above is not None:
+            return f"{above} is a file, not a folder"
+        if path.is_file() and path.stat().st_size:
+            with path.open("rb") as f:
+                if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                    return not_a_spool
+    except OSError:  # cannot be looked at (a failing disk, a closed folder): the error says what is wrong
+        return ""
+    return ""
+
+
+def is_damaged(exc: BaseException) -> bool:
+    """Whether the spool file is an SQLite database whose pages are corrupt: moved aside (move_aside), not retried."""
+    return isinstance(exc, SpoolDamaged) or getattr(exc, "sqlite_errorname", "") == "SQLITE_CORRUPT"
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged spool to `<name>.corrupt-<time>`, its WAL and shared memory with it (they belong to it);
+    returns the new path. Call with the spool's lock held."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        part = path.with_name(path.name + suffix)
+        if part.exists():
+            part.rename(aside.with_name(aside.name + suffix))
+    return aside
+
+
+def damaged_notice(path: Path, exc: BaseException, aside: Path) -> str:
+    """The log line for a damaged spool moved aside (at start or when it opened late)."""
+    return (f"alert spool {path} is damaged ({exc}): moved aside to {aside} (its undelivered alerts may be "
+            f"recovered with `sqlite3 {aside} .recover`); starting a fresh spool")
+
+
 @dataclass(frozen=True)
 class SpoolItem:
     seq: int
@@ -159,7 +227,7 @@ class Spool:
     def _init_state(self, max_rows: int, max_bytes: int) -> None:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
-        self.moved_aside: Path | None = None  # a damaged spool found at start and kept there (see open_spool)
+        self.moved_aside: Path | None = None  # a damaged spool found (at start or late open) and kept there
         self.ack_error = ""  # set while deliveries cannot be recorded (disk full): for operators
         self._acked: set[int] = set()  # seqs of delivered rows still in the table: their deletion failed
         self._ack_failed_at: float | None = None  # monotonic time of the latest failed attempt to record them
@@ -199,9 +267,10 @@ class Spool:
         device, not of its config, so the runtime starts anyway rather than stay down until someone restarts it.
         Nothing is durable meanwhile: `put` raises, and the link then publishes the alert from memory, as when the
         disk fills mid-run. `put` and `pending` try the file again every SPOOL_REOPEN_S; once it opens, the rows it
-        held are replayed and alerts are durable again. `open_error` says why while it lasts. `lock_fd`: the spool's
-        lock when it could be taken (its lock file usually survives a full or read-only disk); it is kept meanwhile,
-        and taken at each try until it is, so that a second runtime on this spool is refused as usual."""
+        held are replayed and alerts are durable again (a damaged file is moved aside then, `moved_aside`).
+        `open_error` says why while it lasts. `lock_fd`: the spool's lock when it could be taken (its lock file usually
+        survives a full or read-only disk); it is kept meanwhile, and taken at each try until it is, so that a second
+        runtime on this spool is refused as usual."""
         self = cls.__new__(cls)
         self.path = Path(path)
         self._init_state(max_rows, max_bytes)
@@ -226,7 +295,7 @@ class Spool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._lock_fd < 0:  # kept once taken, even if the file cannot be opened yet
                 self._lock_fd = lock_spool(self.path)
-            db = self._connect(self._lock_fd, own_lock=False)
+            db = self._connect_or_replace()
         except (OSError, sqlite3.Error, SpoolInUse) as exc:
             self._open_failed(str(exc))
             return
@@ -235,6 +304,18 @@ class Spool:
         self.open_error = ""
         log.warning("alert spool %s opened: alerts are durable again (%d undelivered from before)", self.path,
                     self.count_locked())
+
+    def _connect_or_replace(self) -> sqlite3.Connection:
+        """The file (lock held), or, when it is damaged, a fresh one with the damaged one moved aside, as at start
+        (open_spool): a damaged file never opens, so trying it again would keep the spool unopened for good."""
+        try:
+            return self._connect(self._lock_fd, own_lock=False)
+        except sqlite3.DatabaseError as exc:
+            if not is_damaged(exc):
+                raise
+            self.moved_aside = move_aside(self.path)
+            log.error("%s", damaged_notice(self.path, exc, self.moved_aside))
+        return self._connect(self._lock_fd, own_lock=False)
 
     def close(self) -> None:
         with self._lock:
@@ -251,17 +332,17 @@ class Spool:
 
     def put(self, event_id: str, topic: str, payload: bytes) -> int:
         """Append durably (committed and fsynced before returning); returns rows dropped to stay in bounds."""
+        return self.put_many([(event_id, topic, payload)])[1]
+
+    def put_many(self, rows: list[tuple[str, str, bytes]]) -> tuple[list[int], int]:
+        """Append (event_id, topic, payload) rows in one durable transaction; returns their seqs, in order, and the
+        rows dropped to stay in bounds."""
         with self._lock:
-            self._open_if_due()
-            if self.open_error:
-                raise sqlite3.OperationalError(f"cannot be opened: {self._open_cause}")
+            self._open_for_write()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 recorded = self._delete_acked()  # first: delivered rows must not count against the bounds
-                self._db.execute(
-                    "INSERT OR IGNORE INTO outbox (event_id, topic, payload, created) VALUES (?, ?, ?, ?)",
-                    (event_id, topic, payload, time.time()),
-                )
+                seqs = [self._insert(*row) for row in rows]
                 dropped = self._enforce_bounds()
                 self._db.execute("COMMIT")
             except BaseException:
@@ -269,7 +350,26 @@ class Spool:
                     self._db.execute("ROLLBACK")
                 raise
             self._acks_recorded(recorded)
-            return dropped
+            return seqs, dropped
+
+    def _open_for_write(self) -> None:
+        self._open_if_due()
+        if self.open_error:
+            raise sqlite3.OperationalError(f"cannot be opened: {self._open_cause}")
+
+    def _insert(self, event_id: str, topic: str, payload: bytes) -> int:
+        self._db.execute("INSERT OR IGNORE INTO outbox (event_id, topic, payload, created) VALUES (?, ?, ?, ?)",
+                         (event_id, topic, payload, time.time()))
+        return int(self._db.execute("SELECT seq FROM outbox WHERE event_id = ?", (event_id,)).fetchone()[0])
+
+    def probe(self, size: int) -> None:
+        """Write `size` bytes durably and delete them again, in a table of their own (never an alert): raises as
+        put of an alert that size would while the spool cannot take it (disk still full, read-only)."""
+        with self._lock:
+            self._open_for_write()
+            for sql, args in (("CREATE TABLE IF NOT EXISTS probe (data BLOB NOT NULL)", ()),
+                              ("INSERT INTO probe (data) VALUES (zeroblob(?))", (size,)), ("DELETE FROM probe", ())):
+                self._db.execute(sql, args)  # autocommit: each its own durable transaction
 
     def _enforce_bounds(self) -> int:
         rows, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()

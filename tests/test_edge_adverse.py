@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -480,7 +482,7 @@ def test_the_service_waits_for_a_manual_run_to_end_then_starts_by_itself(tmp_pat
         assert proc.returncode == 0, err[-3000:]
         assert "READY=1" in notify.poll()
     assert err.count("waiting for it to end before starting") == 1, err[-3000:]
-    assert f"is held by another DrywallQA edge runtime (pid {holder.pid})" in err and "is free after" in err
+    assert f"is held by pid {holder.pid}, most likely another DrywallQA edge runtime" in err and "is free after" in err
 
 
 def test_a_service_waiting_for_the_spool_stops_at_once(tmp_path, lite_model):
@@ -663,3 +665,205 @@ def test_a_watched_photo_whose_alert_could_not_be_spooled_is_not_recorded_done(t
             assert sorted(done) == [str(folder / "p0.png"), str(folder / "p2.png")], done
         finally:
             runner.shutdown()
+
+
+# -- the spool's disk at start and mid-run: late opening, config mistakes, stale lock pids, held alerts ------------
+
+
+def _disk_state(disk: Path, state: str) -> Callable[[], None]:
+    """Make `disk` full or read-only; returns what frees it again."""
+    if state == "full":
+        return fill(disk).unlink
+    assert subprocess.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0
+    return lambda: subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("state", ["full", "read-only"])
+def test_a_spool_unopened_at_start_that_turns_out_damaged_is_moved_aside_when_it_opens(tmp_path, monkeypatch, caplog,
+                                                                                       state):
+    """The disk was full or read-only at start, so the spool's damage could not be seen then. Before: once it could
+    be read, the damaged file was tried again every 10 s for good, the spool never opened and no alert was durable
+    again. Now it is moved aside as at start (same name, same log line, same status) and a fresh spool opened."""
+    import logging
+
+    import drywallqa.edge.spool as spool_module
+    from drywallqa.edge.runner import EdgeRunner, open_spool
+    from drywallqa.edge.settings import SpoolSettings, load_settings
+
+    monkeypatch.setattr(spool_module, "SPOOL_REOPEN_S", 0.0)
+    caplog.set_level(logging.ERROR, logger="drywallqa.edge.spool")
+    with small_disk(tmp_path / "disk") as disk:
+        path = disk / "spool.sqlite"
+        damaged = _damage(path)
+        free = _disk_state(disk, state)
+        try:
+            spool = open_spool(SpoolSettings(path=str(path)))
+        finally:
+            free()
+        try:
+            assert "cannot be opened" in spool.open_error and spool.moved_aside is None, spool.open_error
+            assert spool.pending() == [] and spool.open_error == "", spool.open_error  # opened, afresh
+            aside = spool.moved_aside
+            assert aside is not None and aside.name.startswith("spool.sqlite.corrupt-") and aside.read_bytes() == damaged
+            assert spool.put("after", "t", b"x") == 0 and [it.event_id for it in spool.pending()] == ["after"]
+            runner = EdgeRunner(load_settings())
+            runner.spool = spool
+            assert runner.status("online").last_error == f"alert spool was damaged: moved aside to {aside}, started afresh"
+        finally:
+            spool.close()
+    assert "is damaged" in caplog.text and f"moved aside to {aside}" in caplog.text
+
+
+@pytest.mark.parametrize("state", ["full", "read-only"])
+def test_a_spool_path_that_cannot_be_a_spool_is_a_config_error_on_a_full_or_read_only_disk_too(tmp_path, state):
+    """A folder, a path under a file, a file that is not a database: wrong settings, exit 78 with spool.path named.
+    Before: on a full or read-only disk they were taken for the disk's state, and the runtime ran without a spool,
+    trying the impossible path again every 10 s for good."""
+    from drywallqa.edge.runner import open_spool
+    from drywallqa.edge.settings import ConfigError, SpoolSettings
+
+    with small_disk(tmp_path / "disk") as disk:
+        (disk / "a-folder").mkdir()
+        (disk / "afile").write_text("x")
+        (disk / "notes.sqlite").write_text("these are my notes, not a database\n" * 20)
+        mistakes = {disk / "a-folder": "it is a folder", disk / "afile" / "spool.sqlite": f"{disk / 'afile'} is a file",
+                    disk / "notes.sqlite": "it is not an SQLite database"}
+        free = _disk_state(disk, state)
+        try:
+            for path, why in mistakes.items():
+                with pytest.raises(ConfigError, match=re.escape(f"spool.path: cannot open the alert spool {path}: {why}")):
+                    open_spool(SpoolSettings(path=str(path)))
+        finally:
+            free()
+        assert (disk / "notes.sqlite").read_text().startswith("these are my notes")
+
+
+HOLD_LOCK = """
+import sys, time
+from collections.abc import Callable
+from pathlib import Path
+from drywallqa.edge.spool import lock_spool
+lock_spool(Path(sys.argv[1]))
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_refusal_names_no_pid_that_is_not_alive(tmp_path):
+    """On a read-only disk the holder of the spool's lock cannot write its pid: the lock file still names an earlier
+    holder, gone since. Before: a second runtime was refused naming that dead pid (someone would look for it, or kill
+    whatever has that pid now). Now the refusal says the spool is held by another process."""
+    import sys
+
+    from drywallqa.edge.spool import SpoolInUse, lock_spool
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    with small_disk(tmp_path / "disk") as disk:
+        path = disk / "spool.sqlite"
+        (disk / "spool.sqlite.lock").write_text(f"{gone}\n")  # written by an earlier runtime, ended since
+        free = _disk_state(disk, "read-only")
+        try:
+            holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True,
+                                      env=clean_env())
+            try:
+                assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+                with pytest.raises(SpoolInUse) as info:
+                    lock_spool(path)
+            finally:
+                holder.kill()
+                holder.wait(10)
+        finally:
+            free()
+    message = str(info.value)
+    assert f"pid {gone}" not in message and info.value.holder == "unknown", message
+    assert f"is held by another process (its pid is not known: `fuser -v {path}.lock` names it)" in message
+
+
+def _alert(event_id: str, snapshot_bytes: int = 30_000):
+    """An alert with a snapshot of about `snapshot_bytes` (incompressible, as a JPEG is)."""
+    import base64
+    import time
+
+    from drywallqa.edge.payloads import AlertPayload
+
+    return AlertPayload(event_id=event_id, device_id="dev-ack", timestamp=time.time(), frame_id=0, class_name="crack",
+                        prompt="segment crack", rule="area_fraction>=0.0", area_fraction=0.1,
+                        snapshot_jpeg_b64=base64.b64encode(os.urandom(snapshot_bytes * 3 // 4)).decode())
+
+
+def test_a_spool_whose_disk_filled_mid_run_is_writable_again_without_waiting_for_an_alert(tmp_path, mosquitto,
+                                                                                            monkeypatch):
+    """The disk filled, an alert was published from memory and delivered. Before: status.last_error said the spool
+    'cannot be written' after space was freed, until the next alert (days, on a quiet wall). Now the spool is tried
+    again every few seconds with a write as large as the failed alert: the error stays while there is no room, and
+    clears once there is, with no new alert."""
+    import drywallqa.edge.mqtt_link as link_module
+    from drywallqa.edge.spool import Spool
+
+    monkeypatch.setattr(link_module, "SPOOL_RETRY_S", 0.1)
+    with small_disk(tmp_path / "disk") as disk:
+        spool = Spool(disk / "spool.sqlite")
+        link, stop = _start_link(spool, mosquitto.port)
+        try:
+            filler = fill(disk)
+            assert link.send_alert(_alert("while-full")) is False and "cannot be written" in link.spool_error
+            wait_until(lambda: link.pending() == 0, 10, "the alert published from memory acknowledged")
+            for _ in range(2):  # a whole retry done (the next starts after it), as large as the alert: still no room
+                tried = link._spool_tried_at
+                wait_until(lambda tried=tried: link._spool_tried_at > tried, 10)
+            assert "cannot be written" in link.spool_error
+            filler.unlink()
+            wait_until(lambda: link.spool_error == "", 10, "the spool writable again, with no new alert")
+            assert spool.count() == 0 and link.pending() == 0
+        finally:
+            stop()
+            spool.close()
+
+
+def test_alerts_held_in_memory_are_spooled_once_the_disk_has_room_and_sent_once(tmp_path, mosquitto, monkeypatch):
+    """Disk full and broker down: alerts wait in memory only (lost if the process dies). Before: they stayed there
+    even after space was freed. Now they are written to the spool as soon as it has room (durable again, counted
+    once), and when the broker is back each arrives once: the spool does not hand them to paho a second time."""
+    import time
+
+    import drywallqa.edge.mqtt_link as link_module
+    from drywallqa.edge.mqtt_link import EdgeLink
+    from drywallqa.edge.payloads import StatusPayload
+    from drywallqa.edge.settings import MqttSettings
+    from drywallqa.edge.spool import Spool
+
+    monkeypatch.setattr(link_module, "SPOOL_RETRY_S", 0.1)
+    collector = Collector(mosquitto.port, "drywallqa/dev-ack/alerts")
+    assert collector.connected.wait(10)
+    mosquitto.stop()  # its persistent session keeps the collector's subscription
+    with small_disk(tmp_path / "disk") as disk:
+        path = disk / "spool.sqlite"
+        spool = Spool(path)
+
+        def status(state: str) -> StatusPayload:
+            return StatusPayload(device_id="dev-ack", state=state, timestamp=time.time())
+
+        link = EdgeLink(MqttSettings(host="127.0.0.1", port=mosquitto.port, device_id="dev-ack", reconnect_max_s=1),
+                        spool, status=status, on_command=lambda cmd: None).start()
+        try:
+            filler = fill(disk)
+            held = ["held-0", "held-1"]
+            assert [link.send_alert(_alert(event_id)) for event_id in held] == [False, False]
+            assert link.pending() == 2 and spool.count() == 0
+            filler.unlink()
+            wait_until(lambda: spool.count() == 2 and link.spool_error == "", 10, "the held alerts spooled")
+            assert link.pending() == 2  # not counted twice
+            mosquitto.start()
+            wait_until(lambda: link.pending() == 0, 20, "the held alerts delivered")
+            assert link.send_alert(_alert("after", 100)) is True  # in order after any second sending of the held
+            wait_until(lambda: link.pending() == 0, 10, "the alert after")
+        finally:
+            link.stop(status("offline"))
+            spool.close()
+        again = Spool(path)  # the next start: nothing left to send
+        assert again.count() == 0
+        again.close()
+    wait_until(lambda: "after" in [a["event_id"] for a in collector.payloads("alerts")], 10, "the alert after")
+    collector.close()
+    assert [a["event_id"] for a in collector.payloads("alerts")] == [*held, "after"]
