@@ -1,10 +1,13 @@
-"""Robust image reading: EXIF orientation, grayscale, RGBA, palette, 16-bit and float (TIFF) inputs -> RGB uint8."""
+"""Robust image reading: EXIF orientation, grayscale, RGBA, palette, 16-bit and float (TIFF, BigTIFF) inputs -> RGB
+uint8."""
 
 from __future__ import annotations
 
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -90,8 +93,9 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     PIL's decompression-bomb limit (about 179 megapixels) stays on: such a file is reported like a
     corrupt one instead of taking gigabytes of memory, and the warning PIL prints from half that size on
     is silenced, since those images are read normally. Float images are scaled by float_to_uint8 (NaN, infinite
-    or out-of-range values are an ImageReadError); a multi-channel float TIFF, which PIL cannot open, is decoded by
-    OpenCV instead."""
+    or out-of-range values are an ImageReadError); a TIFF PIL cannot open (multi-channel float or signed, a BigTIFF
+    of them) is decoded by OpenCV instead, after the same size check from its header, and turned by its orientation
+    tag as PIL turns the others."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -128,24 +132,60 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
 
 
 def _read_tiff_opencv(path: Path) -> np.ndarray | None:
-    """A TIFF that PIL cannot open (it reads no multi-channel float TIFF: thermal cameras, HDR pipelines), decoded by
-    OpenCV's libtiff, as stored (RGB or gray, any depth; its orientation tag is not applied); None when it is no
-    TIFF or OpenCV fails too. PIL's size limit holds here too (ImageReadError)."""
-    size = tiff_size(path)
-    if size is None:
+    """A TIFF that PIL cannot open (it reads no multi-channel float or signed TIFF, nor a BigTIFF of them: thermal
+    cameras, HDR pipelines), decoded by OpenCV's libtiff as stored (RGB or gray, any depth), then turned as its
+    orientation tag says, as a JPEG's EXIF orientation is. None when it is no TIFF (PIL's error stands); an
+    ImageReadError naming the file when it is too large (PIL's size limit holds here too) or OpenCV fails too."""
+    header = read_tiff_header(path)
+    if header is None:
         return None
-    pixels = size[0] * size[1]
+    pixels = header.width * header.height
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and pixels > 2 * limit:  # where PIL raises DecompressionBombError
         raise ImageReadError(f"cannot read image {path}: too large to decode safely ({pixels} pixels, more than "
                              f"{2 * limit})")
-    try:
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # as stored: ANYCOLOR fails on some TIFFs (OpenCV 5)
-    except cv2.error:
-        return None
-    if image is None or image.size == 0:
-        return None
+    image = _decode_tiff_as_stored(path, header)
+    if image is None:
+        raise ImageReadError(f"cannot read image {path}: a {header.width}x{header.height} TIFF of "
+                             f"{header.describe_samples()} that neither PIL nor OpenCV could decode (damaged, or a "
+                             f"kind of TIFF they do not read): save it as 8- or 16-bit, or as 32-bit float")
+    image = apply_orientation(image, header.orientation)
     return image[..., 2::-1] if image.ndim == 3 and image.shape[2] in (3, 4) else image  # BGR(A) -> RGB
+
+
+def _decode_tiff_as_stored(path: Path, header: TiffHeader) -> np.ndarray | None:
+    """The TIFF's pixels as stored, its orientation tag not applied; None when OpenCV cannot decode it.
+
+    OpenCV 5 turns a TIFF with orientation 2-4 itself but fails on 5-8 (an internal assertion), so a file with an
+    orientation tag other than 1 is decoded from a copy-on-write mapping with the tag set to 1 (the file itself is
+    not written, and only the page patched is copied), and the caller applies the orientation."""
+    try:
+        if header.orientation_at is None or header.stored_orientation == 1:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # as stored: ANYCOLOR fails on some TIFFs (OpenCV 5)
+        else:
+            data = np.memmap(path, dtype=np.uint8, mode="c")
+            at, fmt = header.orientation_at
+            data[at:at + struct.calcsize(fmt)] = np.frombuffer(struct.pack(fmt, 1), np.uint8)
+            image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+            del data
+    except (cv2.error, OSError, ValueError):
+        return None
+    return None if image is None or image.size == 0 else image
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """`image` (H x W or H x W x C) turned as a TIFF / EXIF orientation tag (1-8) says, as PIL's exif_transpose turns
+    a JPEG; a view, not a copy."""
+    if orientation in (5, 6, 7, 8):
+        image = image.swapaxes(0, 1)  # 5: transposed
+        orientation = {6: 2, 7: 3, 8: 4}.get(orientation, 1)  # then mirrored (6), turned (7) or flipped (8)
+    if orientation == 2:
+        return image[:, ::-1]
+    if orientation == 3:
+        return image[::-1, ::-1]
+    if orientation == 4:
+        return image[::-1]
+    return image
 
 
 def _tiff_to_rgb(image: np.ndarray, path: Path) -> np.ndarray:
@@ -155,27 +195,94 @@ def _tiff_to_rgb(image: np.ndarray, path: Path) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
 
 
-def tiff_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of a (classic, not Big-) TIFF's first image, from its header, for TIFFs PIL cannot open:
-    checked against the size limit before anything is decoded. None when it is no such TIFF."""
+@dataclass(frozen=True)
+class TiffHeader:
+    """What a TIFF's (classic or BigTIFF) first image directory says, read before anything is decoded."""
+
+    width: int
+    height: int
+    stored_orientation: int = 1  # the Orientation tag as written (1 when absent)
+    orientation_at: tuple[int, str] | None = None  # the tag value's file offset and struct format, to patch it
+    samples: int = 1
+    bits: int = 8
+    sample_format: int = 1  # 1 unsigned integer, 2 signed integer, 3 float
+
+    @property
+    def orientation(self) -> int:
+        """1-8; a value out of that range counts as 1 (upright), as PIL's exif_transpose takes it."""
+        return self.stored_orientation if 1 <= self.stored_orientation <= 8 else 1
+
+    @property
+    def shown_size(self) -> tuple[int, int]:
+        """(width, height) once turned upright."""
+        return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
+
+    def describe_samples(self) -> str:
+        kind = {1: "unsigned integer", 2: "signed integer", 3: "float"}.get(self.sample_format, "unknown format")
+        return f"{self.samples} channel(s) of {self.bits}-bit {kind}"
+
+
+# First four bytes -> (struct byte order, BigTIFF)
+_TIFF_MAGIC = {b"II*\x00": ("<", False), b"MM\x00*": (">", False), b"II+\x00": ("<", True), b"MM\x00+": (">", True)}
+_TIFF_TYPES = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8 (BigTIFF): the tags read here are of these types
+_TIFF_MAX_TAGS = 4096  # a real directory has a few dozen; more is a damaged header, not a reason to read megabytes
+_WIDTH, _LENGTH, _BITS, _ORIENTATION, _SAMPLES, _SAMPLE_FORMAT = 256, 257, 258, 274, 277, 339
+
+
+def read_tiff_header(path: Path) -> TiffHeader | None:
+    """The header of a TIFF or BigTIFF's first image: its size (checked against the size limit before anything is
+    decoded), orientation and sample kind. None when it is no TIFF, or its directory is damaged."""
     try:
         with path.open("rb") as f:
-            head = f.read(8)
-            order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(head[:4])
-            if order is None:
-                return None
-            f.seek(struct.unpack(order + "I", head[4:8])[0])
-            (count,) = struct.unpack(order + "H", f.read(2))
-            entries = f.read(12 * count)
-    except (OSError, struct.error):
+            return _parse_tiff_header(f)
+    except (OSError, struct.error, ValueError, OverflowError):
         return None
-    size = {}
-    for i in range(0, len(entries) - 11, 12):
-        tag, kind, n = struct.unpack(order + "HHI", entries[i:i + 8])
-        if tag in (256, 257) and n == 1 and kind in (3, 4):  # ImageWidth, ImageLength: SHORT or LONG
-            fmt, width = ("H", 2) if kind == 3 else ("I", 4)
-            size[tag] = struct.unpack(order + fmt, entries[i + 8:i + 8 + width])[0]
-    return (size[256], size[257]) if len(size) == 2 else None
+
+
+def _parse_tiff_header(f: BinaryIO) -> TiffHeader | None:
+    head = f.read(16)
+    layout = _TIFF_MAGIC.get(head[:4])
+    if layout is None:
+        return None
+    order, big = layout
+    count_fmt, entry_fmt, slot = ("Q", "HHQ", 8) if big else ("H", "HHI", 4)
+    ifd_at = struct.unpack(order + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+    f.seek(ifd_at)
+    (count,) = struct.unpack(order + count_fmt, f.read(struct.calcsize(order + count_fmt)))
+    if count > _TIFF_MAX_TAGS:
+        return None
+    entry = struct.calcsize(order + entry_fmt) + slot
+    first = ifd_at + struct.calcsize(order + count_fmt)
+    entries = f.read(entry * count)
+    values: dict[int, tuple[int, int, str]] = {}  # tag -> (first value, its file offset, struct format)
+    for i in range(0, len(entries) - entry + 1, entry):
+        tag, kind, n = struct.unpack(order + entry_fmt, entries[i:i + entry - slot])
+        fmt = _TIFF_TYPES.get(kind)
+        if tag not in (_WIDTH, _LENGTH, _BITS, _ORIENTATION, _SAMPLES, _SAMPLE_FORMAT) or fmt is None or n < 1:
+            continue
+        at = first + i + entry - slot  # the value itself, or where it is when it does not fit the slot
+        if n * struct.calcsize(fmt) > slot:
+            (at,) = struct.unpack(order + ("Q" if big else "I"), entries[i + entry - slot:i + entry])
+            f.seek(at)
+            raw = f.read(struct.calcsize(fmt))
+        else:
+            raw = entries[i + entry - slot:i + entry - slot + struct.calcsize(fmt)]
+        values[tag] = (struct.unpack(order + fmt, raw)[0], at, order + fmt)
+    if _WIDTH not in values or _LENGTH not in values or not values[_WIDTH][0] or not values[_LENGTH][0]:
+        return None
+    orientation = values.get(_ORIENTATION)
+    return TiffHeader(values[_WIDTH][0], values[_LENGTH][0],
+                      stored_orientation=orientation[0] if orientation else 1,
+                      orientation_at=(orientation[1], orientation[2]) if orientation else None,
+                      samples=values.get(_SAMPLES, (1,))[0], bits=values.get(_BITS, (1,))[0],
+                      sample_format=values.get(_SAMPLE_FORMAT, (1,))[0])
+
+
+def tiff_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of a TIFF or BigTIFF's first image as read_image_rgb gives it (its orientation applied), from
+    its header, for TIFFs PIL cannot open. None when it is no such TIFF."""
+    header = read_tiff_header(path)
+    return None if header is None else header.shown_size
 
 
 def _file_size(path: Path) -> int | None:

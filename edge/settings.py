@@ -67,7 +67,9 @@ class SourceSettings(_Section):
         description="folders and globs: keep watching for new images, each processed once when it has stopped "
                     "changing (oldest first), and never end; what was processed is recorded beside the alert "
                     "spool, so a restart goes on where it stopped. False: the images there at the start, then the "
-                    "end. Every photo counts, so realtime: true is refused with it",
+                    "end. Every photo counts, so realtime: true is refused with it. A video file: waited for while "
+                    "it is not there, if its folder exists (or lies where a drive is mounted later: /media, "
+                    "/run/media, /mnt, an /etc/fstab mount point); a folder that does not exist is an error",
     )
     stall_timeout_s: float = Field(default=5.0, gt=0, description="no frame for this long -> reopen")
     reconnect_min_s: float = Field(default=0.5, gt=0)

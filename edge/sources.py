@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import difflib
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ from typing import NoReturn, TextIO
 import cv2
 import numpy as np
 
+from drywallqa.edge.settings import ConfigError
 from drywallqa.imageio import READ_SUFFIXES, ImageIOError, ImageReadError, read_image_rgb
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,12 @@ WATCH_IO_ATTEMPTS = 5
 # watchdog restart while it was decoded or analysed), is skipped at the next start: recorded as done, logged as an
 # error naming it and reported in last_error, so one photo cannot stop the runtime for ever.
 WATCH_MAX_ATTEMPTS = 3
+# A watched video file is waited for while missing only where it can still appear: in a folder that exists, or under
+# a folder where drives are mounted (udisks: /media, /run/media; by hand or fstab: /mnt, or a mount point /etc/fstab
+# lists), which may be absent until the drive is. Elsewhere a missing folder is a typo: a configuration error.
+MOUNT_ROOTS = ("/media", "/run/media", "/mnt")
+FSTAB = Path("/etc/fstab")
+SIMILAR_NAMES_SCANNED = 10_000  # a "did you mean" hint looks at this many names of the folder at most
 
 
 class SourceError(RuntimeError):
@@ -70,6 +79,11 @@ class SourceError(RuntimeError):
 
 class UnreadableSource(SourceError):
     """The source is there but can never be read (a video file that no decoder opens): it ends, it is not retried."""
+
+
+class SourceConfigError(SourceError, ConfigError):
+    """A source setting that cannot work as written (a watched video file in a folder that does not exist): a
+    configuration error (`edge run` and `check-config` exit 78), not a source to wait for."""
 
 
 class NoNewFrame(Exception):
@@ -177,7 +191,7 @@ class CvCaptureSource(FrameSource):
     def open(self) -> None:
         self.close()
         if self.kind == "file" and not Path(self.uri).is_file():
-            raise SourceError(f"video file not found: {self.uri} (waiting for it to appear)")
+            raise SourceError(f"video file not found: {self.uri} (waiting for it to appear{_missing_hint(self.uri)})")
         if (age := self._still_changing()) is not None:
             raise SourceError(f"video file {self.uri} changed {age:.0f} s ago: opened once it has not changed for "
                               f"{FILE_SETTLE_S:.0f} s (it may still be being copied)")
@@ -941,12 +955,15 @@ def check_source_exists(uri: str, watch: bool = False) -> None:
     if classify_uri(uri, watch) != "file":
         return
     if watch and not Path(uri).expanduser().exists():
-        log.warning("source.uri: video file not found: %r; waiting for it to appear (source.watch: true)", uri)
+        if problem := unmountable_video_folder(uri):
+            raise SourceConfigError(f"source.uri: {problem}")
+        log.warning("source.uri: video file not found: %r; waiting for it to appear (source.watch: true)%s", uri,
+                    _missing_hint(uri))
         return
     if not Path(uri).expanduser().is_file():
         what = "video file" if Path(uri).suffix else "video file or folder"
-        raise SourceError(f"source.uri: {what} not found: {uri!r} (or a camera index, /dev/videoN, a URL, "
-                          f"a folder, a glob or 'demo')")
+        raise SourceError(f"source.uri: {what} not found: {uri!r}{_missing_hint(uri)} (or a camera index, "
+                          f"/dev/videoN, a URL, a folder, a glob or 'demo')")
     probe = CvCaptureSource(uri, "file")
     try:
         probe.open()
@@ -956,6 +973,59 @@ def check_source_exists(uri: str, watch: bool = False) -> None:
         pass  # still being written: the capture thread retries it
     finally:
         probe.close()
+
+
+def unmountable_video_folder(uri: str) -> str:
+    """Why a watched video file can never appear at `uri` ('' when it can): its folder does not exist, and is not
+    where a drive may be mounted later (see _may_be_mounted_later)."""
+    folder = Path(uri).expanduser().absolute().parent
+    if folder.is_dir() or _may_be_mounted_later(folder):
+        return ""
+    missing = folder
+    while not missing.parent.is_dir() and missing.parent != missing:
+        missing = missing.parent  # the first folder of the path that is not there
+    close = _similar_names(missing, folders=True)
+    hint = f" Did you mean {' or '.join(str(missing.with_name(n)) for n in close)}?" if close else ""
+    return (f"the folder of the video file {uri!r} does not exist: {missing}.{hint} Correct the path: a video file "
+            f"not there yet is waited for (source.watch) only in a folder that exists, or where a drive is mounted "
+            f"later (under {', '.join(MOUNT_ROOTS)} or an /etc/fstab mount point not mounted yet)")
+
+
+def _may_be_mounted_later(folder: Path, fstab: Path = FSTAB) -> bool:
+    """Whether the missing `folder` may be on a drive not mounted yet: it lies under MOUNT_ROOTS or under a mount
+    point that `fstab` lists and that is not mounted now, and no drive is mounted there already (the deepest folder
+    of its path that exists is no mount point below that root: then the drive is there, and the path is wrong)."""
+    existing = folder
+    while not existing.is_dir() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        lines = fstab.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    fields = [line.split() for line in lines if not line.lstrip().startswith("#")]
+    points = [Path(f[1].replace("\\040", " ")) for f in fields if len(f) > 1 and f[1].startswith("/")]  # \040: ' '
+    roots = [Path(root) for root in MOUNT_ROOTS] + [p for p in points if not os.path.ismount(p)]
+    return any((root == folder or root in folder.parents)
+               and not (root in existing.parents and os.path.ismount(existing)) for root in roots)
+
+
+def _missing_hint(path: str) -> str:
+    """'; did you mean site_cam.mp4?' naming the files beside a missing one whose names are close (a typo), or ''."""
+    close = _similar_names(Path(path).expanduser(), folders=False)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _similar_names(path: Path, *, folders: bool) -> list[str]:
+    """The names of the entries (files, or `folders`) beside `path` that are close to its own, case aside (at most
+    three, closest first); [] when none is, or its folder cannot be listed."""
+    try:
+        with os.scandir(path.parent) as entries:
+            names = [e.name for e in itertools.islice(entries, SIMILAR_NAMES_SCANNED)
+                     if not e.name.startswith(".") and (e.is_dir() if folders else e.is_file())]
+    except OSError:
+        return []
+    by_lower = {n.lower(): n for n in sorted(names)}
+    return [by_lower[c] for c in difflib.get_close_matches(path.name.lower(), list(by_lower), n=3, cutoff=0.6)]
 
 
 def make_source(uri: str, *, width: int | None = None, height: int | None = None, timeout_s: float = 5.0,

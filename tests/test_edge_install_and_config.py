@@ -120,6 +120,22 @@ def test_check_config_refuses_a_missing_video_file_as_run_does(tmp_path):
 
 
 
+def test_a_watched_video_file_in_a_mistyped_folder_stops_check_config_and_run_as_a_config_error(tmp_path):
+    """Before: with watch: true, a video file in a folder that does not exist ('vidoes') passed check-config with a
+    warning and `edge run` waited for it for ever. Both now exit EX_CONFIG (systemd does not restart it), naming the
+    missing folder and the close one."""
+    (tmp_path / "videos").mkdir()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"source: {{uri: {tmp_path / 'vidoes' / 'site.mp4'}, watch: true}}\n"
+                   f"mqtt: {{embedded_broker: never, port: 1}}\nspool: {{path: {tmp_path / 's.sqlite'}}}\n")
+    check = _edge("check-config", "--config", str(cfg))
+    run = _edge("run", "--config", str(cfg), "--max-frames", "1")
+    assert check.returncode == EXIT_CONFIG and run.returncode == EXIT_CONFIG, (check.stderr, run.stderr)
+    said = f"does not exist: {tmp_path / 'vidoes'}. Did you mean {tmp_path / 'videos'}?"
+    assert said in check.stderr and said in run.stderr, (check.stderr, run.stderr)
+    assert "Traceback" not in check.stderr + run.stderr
+
+
 def test_a_watched_folder_not_there_yet_is_accepted_and_picked_up_when_it_appears(tmp_path):
     """A share or SD card mounted after the service starts: with watch: true the missing folder is not a 'video file
     not found' (check-config passes, the source waits for it), and its photos are read once it is there."""

@@ -1,5 +1,6 @@
-"""Sources that are waited for: a watched video file not there yet (a USB drive mounted late at boot), a watched
-folder's record under another spelling of its path, and float TIFFs (thermal / HDR pipelines) read as RGB uint8."""
+"""Sources that are waited for: a watched video file not there yet (a USB drive mounted late at boot; a folder that
+does not exist is a config error, a name with a typo gets a 'did you mean'), a watched folder's record under another
+spelling of its path, and float TIFFs (thermal / HDR pipelines) read as RGB uint8."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from _edge_helpers import make_video, start_edge, write_config
 from _mqtt_fixtures import Collector, mosquitto_fixture, wait_until
 
 from drywallqa.edge.capture import Capture
+from drywallqa.edge.settings import ConfigError
 from drywallqa.edge.sources import (
     CvCaptureSource,
     EndOfSource,
     NoNewFrame,
+    SourceConfigError,
     SourceError,
     WatchedFolderSource,
+    _may_be_mounted_later,
     check_source_exists,
     make_source,
     watch_record_path,
@@ -60,11 +64,13 @@ def _settled(path: Path) -> None:
 
 
 def test_a_watched_video_file_not_there_yet_is_waited_for_then_played(tmp_path):
-    """Before: with source.watch, a video file not there yet (/media/usb/site.mp4, the drive mounted late) made
+    """Before: with source.watch, a video file not there yet (/mnt/usb/site.mp4, the drive mounted late) made
     `edge run` exit 1 at start, and systemd's start limit soon left the service failed. The user asked to wait: it
     is waited for (reconnecting, last_error naming the file), then played once it is there. Without watch, a missing
-    video file still stops the start (a typo)."""
+    video file still stops the start (a typo). Its folder is there (an empty mount point): a folder that is not is
+    a configuration error, see below."""
     video = tmp_path / "usb" / "site.avi"
+    video.parent.mkdir()
     with pytest.raises(SourceError, match="video file not found"):
         check_source_exists(str(video))
     check_source_exists(str(video), watch=True)  # no SourceError: waited for
@@ -76,7 +82,6 @@ def test_a_watched_video_file_not_there_yet_is_waited_for_then_played(tmp_path):
                    "the source waiting for the video file")
         assert "not found" in cap.stats.last_error and "waiting for it to appear" in cap.stats.last_error
         assert not cap.finished
-        video.parent.mkdir()
         _arrive(video, 6)
         frames = _drain(cap, 10)
         assert len(frames) == 6 and frames[0].image.shape == (120, 160, 3)
@@ -139,6 +144,7 @@ def test_edge_run_waits_for_a_watched_video_file_and_publishes_it_once_there(tmp
 
     model = export_random_model(tmp_path / "model", size=(64, 64))
     video = tmp_path / "usb" / "site.avi"
+    video.parent.mkdir()  # the drive's mount point, empty until it is mounted
     cfg = write_config(tmp_path / "edge.yaml", uri=str(video), model=model, port=mosquitto.port,
                        spool=tmp_path / "spool.sqlite", source={"watch": True}, mqtt={"status_interval_s": 0.5})
     collector = Collector(mosquitto.port, "drywallqa/dev1/#")
@@ -150,7 +156,6 @@ def test_edge_run_waits_for_a_watched_video_file_and_publishes_it_once_there(tmp
                                       and str(video) in s.get("last_error", "")], 90, "status: waiting for the file")
         assert "waiting for it to appear" in waiting[-1]["last_error"]
         assert proc.poll() is None, log.read_text()[-3000:]
-        video.parent.mkdir()
         _arrive(video, 4)
         wait_until(lambda: len(collector.payloads("detections")) >= 1, 60, "detections from the video")
         assert proc.wait(60) == 0, log.read_text()[-3000:]  # played to its end (no loop): a clean stop
@@ -163,6 +168,74 @@ def test_edge_run_waits_for_a_watched_video_file_and_publishes_it_once_there(tmp
                 proc.kill()
         collector.close()
     assert collector.payloads("status")[-1]["frames_processed"] == 4
+
+
+def test_a_watched_video_file_in_a_folder_that_does_not_exist_is_a_config_error(tmp_path):
+    """Before: with source.watch, a mistyped folder ('vidoes') was waited for for ever, `check-config` only warning.
+    A folder that does not exist cannot receive the file: a configuration error (SourceConfigError: a ConfigError,
+    so `edge run` and `check-config` exit 78) naming the folder and the close folder names beside it."""
+    (tmp_path / "videos").mkdir()
+    uri = str(tmp_path / "vidoes" / "site_cam.mp4")
+    with pytest.raises(SourceConfigError) as info:
+        check_source_exists(uri, watch=True)
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, SourceError)
+    message = str(info.value)
+    assert message.startswith(f"source.uri: the folder of the video file {uri!r} does not exist: "
+                              f"{tmp_path / 'vidoes'}.")
+    assert f"Did you mean {tmp_path / 'videos'}?" in message and "Correct the path" in message
+    deeper = str(tmp_path / "site-12" / "cam" / "site.mp4")  # the first missing folder of the path is named
+    with pytest.raises(SourceConfigError, match=f"does not exist: {tmp_path / 'site-12'}\\. Correct the path"):
+        check_source_exists(deeper, watch=True)
+
+
+def test_a_watched_video_file_where_a_drive_is_mounted_later_is_still_waited_for(tmp_path):
+    """The case watch on a video file is for: a folder under /media, /run/media or /mnt (udisks or by hand), or under
+    an /etc/fstab mount point not mounted yet, may be missing until the drive is: no error there."""
+    check_source_exists(f"/media/drywallqa-test-no-such-drive-{os.getpid()}/site.mp4", watch=True)  # no error
+    check_source_exists(f"/mnt/drywallqa-test-no-such-drive-{os.getpid()}/cam/site.mp4", watch=True)
+    fstab = tmp_path / "fstab"
+    point = tmp_path / "drive one"
+    fstab.write_text(f"# a comment\nUUID=0a1b  /  ext4  defaults  0 1\n"
+                     f"LABEL=CAM {str(point).replace(' ', chr(92) + '040')} exfat nofail 0 0\n")
+    assert _may_be_mounted_later(point / "cam", fstab)  # the fstab point, not mounted
+    assert _may_be_mounted_later(point, fstab)
+    assert not _may_be_mounted_later(tmp_path / "other" / "cam", fstab)
+    assert not _may_be_mounted_later(point / "cam", tmp_path / "no-fstab")
+
+
+def test_a_missing_video_file_names_the_close_files_beside_it(tmp_path):
+    """A video file name with a typo in a folder that exists: still waited for (with watch), but the warning at start,
+    the source's error (the status's last_error) and the refusal without watch name the close files there."""
+    (tmp_path / "site_cam.mp4").write_bytes(b"")
+    (tmp_path / "Site_Cam2.MP4").write_bytes(b"")
+    (tmp_path / "notes.txt").write_bytes(b"")
+    uri = str(tmp_path / "site-cam.mp4")
+    with pytest.raises(SourceError, match="not found: .*site-cam.mp4'; did you mean site_cam.mp4 or Site_Cam2.MP4\\? "):
+        check_source_exists(uri)
+    check_source_exists(uri, watch=True)  # waited for: no error
+    cap = Capture(make_source(uri, watch=True), realtime=False, reconnect_min_s=0.05, reconnect_max_s=0.2).start()
+    try:
+        wait_until(lambda: cap.stats.state == "reconnecting" and cap.stats.last_error, 5, "the source waiting")
+        assert cap.stats.last_error == (f"video file not found: {uri} (waiting for it to appear; did you mean "
+                                        f"site_cam.mp4 or Site_Cam2.MP4?)")
+    finally:
+        cap.stop()
+    far = str(tmp_path / "zzz.mp4")  # nothing close: no hint
+    with pytest.raises(SourceError) as info:
+        make_source(far, watch=True).open()
+    assert str(info.value) == f"video file not found: {far} (waiting for it to appear)"
+
+
+def test_check_config_names_close_files_for_a_watched_video_file_not_there(tmp_path):
+    (tmp_path / "site_cam.mp4").write_bytes(b"")
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"source: {{uri: {tmp_path / 'site-cam.mp4'}, watch: true}}\n"
+                   f"mqtt: {{embedded_broker: never, port: 1}}\nspool: {{path: {tmp_path / 's.sqlite'}}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRYWALLQA_") and k != "NOTIFY_SOCKET"}
+    proc = subprocess.run([sys.executable, "-m", "drywallqa.edge", "check-config", "--config", str(cfg)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "waiting for it to appear (source.watch: true); did you mean site_cam.mp4?" in proc.stderr, proc.stderr
 
 
 # -- a watched folder's record under another spelling of its path -----------------------------------------------

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from _foundation_fixtures import random_onnx, small_project, write_jpeg
 from PIL import Image
 
@@ -201,3 +203,117 @@ def test_predict_runs_batches_of_at_most_the_pixel_budget(tmp_path, monkeypatch)
     assert segmenter.batches == [2, 2, 1] and summary.images == 5
     assert len(list((tmp_path / "out").glob("*__crack.png"))) == 5
 
+
+
+# -- TIFFs that PIL cannot open: BigTIFF, orientation, sample kinds no decoder reads --------------------------------
+
+
+def _write_tiff(path: Path, pixels: np.ndarray, *, big: bool = False, orientation: int | None = None,
+                order: str = "<", size: tuple[int, int] | None = None) -> Path:
+    """An uncompressed one-strip TIFF (classic or BigTIFF) of `pixels` as stored, written by hand: neither OpenCV nor
+    PIL writes a BigTIFF of float RGB, nor an orientation tag on a float TIFF. `size` (width, height) overrides what
+    the header announces (a header bigger than its pixels)."""
+    a = np.ascontiguousarray(pixels, pixels.dtype.newbyteorder(order))
+    w, h = size or (a.shape[1], a.shape[0])
+    spp = 1 if a.ndim == 2 else a.shape[2]
+    tags = {256: (4, [w]), 257: (4, [h]), 258: (3, [a.itemsize * 8] * spp), 259: (3, [1]),
+            262: (3, [2 if spp >= 3 else 1]), 273: (4, [0]), 277: (3, [spp]), 278: (4, [h]), 279: (4, [a.nbytes]),
+            339: (3, [{"u": 1, "i": 2, "f": 3}[a.dtype.kind]] * spp)}
+    if orientation is not None:
+        tags[274] = (3, [orientation])
+    slot, count_fmt, entry_fmt = (8, "Q", "HHQ") if big else (4, "H", "HHI")
+    head = (b"II" if order == "<" else b"MM") + (
+        struct.pack(order + "HHHQ", 43, 8, 0, 16) if big else struct.pack(order + "HI", 42, 8))
+    packed = {tag: struct.pack(order + ("H" if kind == 3 else "I") * len(v), *v) for tag, (kind, v) in tags.items()}
+    extra_at = len(head) + struct.calcsize(order + count_fmt) + len(tags) * (
+        struct.calcsize(order + entry_fmt) + slot) + slot
+    packed[273] = struct.pack(order + "I", extra_at + sum(len(d) for d in packed.values() if len(d) > slot))
+    entries, extra = b"", b""
+    for tag in sorted(tags):  # a value longer than its slot goes after the directory, before the pixels
+        data = packed[tag]
+        if len(data) > slot:
+            value, extra = struct.pack(order + ("Q" if big else "I"), extra_at + len(extra)), extra + data
+        else:
+            value = data.ljust(slot, b"\0")
+        entries += struct.pack(order + entry_fmt, tag, tags[tag][0], len(tags[tag][1])) + value
+    path.write_bytes(head + struct.pack(order + count_fmt, len(tags)) + entries + b"\0" * slot + extra + a.tobytes())
+    return path
+
+
+def _float_rgb() -> np.ndarray:
+    """16 x 24, mid gray, with a pure red 8 x 8 block in the top left corner (a JPEG keeps it exactly: one block)."""
+    rgb = np.full((16, 24, 3), 0.5, np.float32)
+    rgb[:8, :8] = (1.0, 0.0, 0.0)
+    return rgb
+
+
+def _red_box(rgb: np.ndarray) -> tuple[tuple[int, int], list[int]]:
+    """The image's (height, width) and the bounding box (top, left, bottom, right) of its red block."""
+    rows, cols = np.nonzero((rgb[..., 0] > 200) & (rgb[..., 1] < 60))
+    return rgb.shape[:2], [int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())]
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("pixels, expected", [
+    (_float_rgb(), [255, 0, 0]),  # float RGB: thermal / HDR pipelines
+    ((_float_rgb() * 200).astype(np.int16), [200, 0, 0]),  # signed RGB, as OpenCV writes it
+    (_float_rgb()[..., 0].astype(np.float64), [255, 255, 255]),  # 64-bit float gray
+])
+def test_a_bigtiff_pil_cannot_open_is_read_as_rgb_uint8(tmp_path, pixels, expected, order):
+    """Before: 'cannot identify image file' for a BigTIFF (files over 4 GB, and what some scanners and GIS tools
+    write) of float or signed RGB: PIL opens none, and the OpenCV fallback only knew classic TIFF headers. Float
+    values are scaled as in a classic TIFF (0..1 by 255)."""
+    from drywallqa.imageio import read_image_rgb
+
+    path = _write_tiff(tmp_path / "scan.tif", pixels, big=True, order=order)
+    image = read_image_rgb(path)
+    assert image.dtype == np.uint8 and image.shape == (16, 24, 3)
+    assert image[0, 0].tolist() == expected and image[-1, -1].tolist() in ([128] * 3, [100] * 3, [0] * 3)
+
+
+def test_a_bigtiff_too_large_to_decode_is_refused_from_its_header(tmp_path):
+    """A BigTIFF's header gets the pixel limit a classic TIFF's gets, before anything is decoded. Before, it was not
+    read (so not checked) at all: 'cannot identify image file'."""
+    from PIL import Image
+
+    from drywallqa.imageio import ImageReadError, read_image_rgb, tiff_size
+
+    path = _write_tiff(tmp_path / "huge.tif", _float_rgb(), big=True, size=(20000, 20000))
+    assert tiff_size(path) == (20000, 20000)
+    assert 2 * Image.MAX_IMAGE_PIXELS < 20000 * 20000
+    with pytest.raises(ImageReadError, match=r"huge\.tif: too large to decode safely \(400000000 pixels"):
+        read_image_rgb(path)
+
+
+@pytest.mark.parametrize("big", [False, True])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_pil_cannot_open_is_turned_by_its_orientation_tag_as_a_jpeg_is(tmp_path, orientation, big):
+    """A float RGB TIFF with an orientation tag comes out turned exactly as a JPEG with the same EXIF orientation.
+    Before: with orientation 5-8 (a camera held upright: 6 or 8) it could not be read at all ('cannot identify
+    image file': OpenCV 5 fails on them); the dashboard's size from the header is the turned size too."""
+    from PIL import Image
+
+    from drywallqa.imageio import read_image_rgb, tiff_size
+
+    rgb = _float_rgb()
+    tiff = _write_tiff(tmp_path / "thermal.tif", rgb, big=big, orientation=orientation)
+    photo = Image.fromarray((rgb * 255).round().astype(np.uint8))
+    exif = photo.getexif()
+    exif[0x0112] = orientation
+    photo.save(tmp_path / "photo.jpg", exif=exif, quality=100, subsampling=0)
+    turned = read_image_rgb(tiff)
+    assert _red_box(turned) == _red_box(read_image_rgb(tmp_path / "photo.jpg"))
+    assert tiff_size(tiff) == (turned.shape[1], turned.shape[0])
+    assert turned[turned.shape[0] // 2, turned.shape[1] // 2].tolist() == [128, 128, 128]  # gray, not red
+
+
+def test_a_tiff_no_decoder_reads_says_what_it_holds_and_what_to_do(tmp_path):
+    """A 16-bit (half) float TIFF: neither PIL nor OpenCV decodes one. Before: 'cannot identify image file', as for a
+    file that is no image; now the message says what the TIFF holds and how to save it instead."""
+    from drywallqa.imageio import ImageReadError, read_image_rgb
+
+    path = _write_tiff(tmp_path / "half.tif", _float_rgb().astype(np.float16))
+    with pytest.raises(ImageReadError, match=r"half\.tif: a 24x16 TIFF of 3 channel\(s\) of 16-bit float that "
+                                             r"neither PIL nor OpenCV could decode .*save it as 8- or 16-bit, or as "
+                                             r"32-bit float"):
+        read_image_rgb(path)
