@@ -142,7 +142,8 @@ def crack_length(mask: np.ndarray, max_side: int = 640, max_half_width: float = 
     fit = (max_side - 2) / max(h, w, 1)  # - 2: the pad of one pixel all round
     if fit < 1.0:
         size = (max(1, round(w * fit)), max(1, round(h * fit)))
-        on = (mask > 0).view(np.uint8)  # 0/1, so that INTER_AREA's rounding keeps what is at least half covered
+        on = (mask > 0).view(np.uint8)  # a fresh copy: scaled in place to 0/255, so that INTER_AREA keeps every
+        on *= 255  # pixel a crack crosses (at 0/1 it rounds, keeping half-covered ones: a thin crack vanished)
         mask = cv2.resize(on, size, interpolation=cv2.INTER_AREA)
         pixel_size = (pixel_size[0] * w / size[0], pixel_size[1] * h / size[1])
     m = _pad1(mask)  # background all round, also for tight crops

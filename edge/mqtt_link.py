@@ -369,8 +369,8 @@ class EdgeLink:
         self.spool_error = f"alert spool cannot be written ({exc}); alerts kept in memory only"
 
     def _send_unspooled(self, alert: AlertPayload, payload: bytes, exc: sqlite3.Error) -> None:
+        self._failed_bytes = len(payload)  # first: a retry in between would probe 0 bytes, which a full disk may take
         self._spool_failed(exc)
-        self._failed_bytes = len(payload)
         if len(self._unspooled) >= self.spool.max_rows:  # bounded like the spool: memory must not run out
             self._dropped_in_memory += 1
             log.warning("alert %s dropped: the spool cannot be written and %d alerts already wait in memory "

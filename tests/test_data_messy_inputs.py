@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from _foundation_fixtures import make_yolo_dataset, small_project, write_data_config, write_jpeg
+from _foundation_fixtures import (
+    make_coco_dataset,
+    make_yolo_dataset,
+    small_project,
+    write_data_config,
+    write_jpeg,
+)
 from PIL import Image
 
 from drywallqa.cli import main
@@ -200,6 +206,27 @@ def test_a_root_pointing_at_a_data_yaml_says_to_use_its_folder(tmp_path, capsys)
     assert _prepare(cfg, tmp_path / "cache") == 2
     err = capsys.readouterr().err
     assert f"is a file; set 'root' to the dataset's folder ({tmp_path / 'site'}?)" in err, err
+
+
+def test_coco_photos_in_subfolders_are_keyed_by_their_path_and_get_their_own_labels(tmp_path, capsys):
+    """A COCO image folder is read with its subfolders too. Before: a photo there got the id and split key of its file
+    name alone, so old/a.jpg was a second 'a' and silently took a.jpg's objects. Now, as for YOLO, it is keyed by its
+    path below the folder, looked up in the COCO file by that path (its file_name), and skipped if not listed."""
+    top, bottom = {"bbox": [0, 0, 48, 20]}, {"bbox": [0, 20, 48, 20]}
+    root = make_coco_dataset(tmp_path / "coco", {"a.jpg": [top], "b.jpg": [top], "day2/a.jpg": [bottom]})
+    _image(root / "train", "old/a.jpg", seed=7)  # in no COCO file
+    cfg = write_data_config(tmp_path / "own.yaml", [{"name": "site", "root": str(root), "format": "coco",
+                                                     "class": "crack"}], None)
+    assert _prepare(cfg, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    assert "images kept: 3" in out and "image 'old/a.jpg' is not listed in the file" in out, out
+    _, masks, meta, _ = open_cache(tmp_path / "cache", 16)
+    rows = {m["id"]: i for i, m in enumerate(meta)}
+    assert sorted(rows) == ["a", "b", "day2~a"] and sorted(m["file"] for m in meta) == ["a.jpg", "b.jpg", "day2/a.jpg"]
+    assert masks[rows["a"]][:8].all() and not masks[rows["a"]][8:].any()
+    assert masks[rows["day2~a"]][8:].all() and not masks[rows["day2~a"]][:8].any()
+    sides = json.loads((tmp_path / "own.split.json").read_text())["datasets"]["site"]
+    assert sorted(sides) == ["a.jpg", "b.jpg", "day2/a.jpg", "old/a.jpg"]
 
 
 def test_upper_and_mixed_case_label_and_image_endings_are_read(tmp_path, capsys):

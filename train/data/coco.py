@@ -185,14 +185,18 @@ def coco_image_dir(split_dir: Path) -> Path:
 def coco_records(spec: DatasetSpec) -> list[ImageRecord]:
     """Images of a COCO dataset (`<root>/<split>/` with `_annotations.coco.json`, Roboflow's layout).
 
-    The record's label_path is the annotation file; `labels_for_record` picks the image's objects.
+    The record's label_path is the annotation file; `labels_for_record` picks the image's objects. A record is named,
+    as a YOLO one is, by its path below the image folder (whose subfolders are read too): its id, split key and COCO
+    `file_name`. By file name alone, two photos of one name were one id and one split key, and each took the objects
+    of the one listed under that name.
     """
     records = []
     for split in spec.splits:
         split_dir = spec.root / split
         ann = coco_annotation_file(split_dir)
-        for img in image_files(coco_image_dir(split_dir)):
-            records.append(ImageRecord(spec.name, spec.class_name, img, ann))
+        image_dir = coco_image_dir(split_dir)
+        for img in image_files(image_dir):
+            records.append(ImageRecord(spec.name, spec.class_name, img, ann, name=img.relative_to(image_dir).as_posix()))
     return records
 
 

@@ -218,7 +218,7 @@ def records_for(spec: DatasetSpec) -> list[ImageRecord]:
 
 def labels_for(record: ImageRecord, fmt: str, height: int, width: int) -> ParsedLabels:
     if fmt == "coco":
-        return coco.labels_for_image(record.label_path, record.image_path.name, height, width)
+        return coco.labels_for_image(record.label_path, record.file, height, width)
     return read_yolo_labels(record.label_path, width, height, record.class_ids)
 
 
