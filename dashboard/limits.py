@@ -7,9 +7,12 @@ rather than clipped (two clipped ids could become one device or one alert)."""
 
 from __future__ import annotations
 
+from drywallqa.edge.payloads import MAX_ID_CHARS  # device ids and alert event ids: one limit, both ends
+
+__all__ = ["MAX_ID_CHARS", "MESSAGE_CHARS", "NAME_CHARS", "MAX_LIST_ITEMS", "clip", "bounded", "id_problem"]
+
 MESSAGE_CHARS = 500  # free text meant for operators: last_error
 NAME_CHARS = 200  # names: model, source, prompts, class names, rules
-MAX_ID_CHARS = 128  # device ids and alert event ids (the edge's are host names and 32-digit hex)
 MAX_LIST_ITEMS = 64  # prompts, per-class results, regions (the edge lists 20 regions a class by default)
 MESSAGE_FIELDS = frozenset({"last_error"})
 ELLIPSIS = "\u2026"

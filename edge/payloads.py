@@ -21,6 +21,9 @@ TOPIC_DETECTIONS = "detections"
 TOPIC_ALERTS = "alerts"
 TOPIC_CMD = "cmd"
 TOPIC_SNAPSHOT = "snapshot"
+# Device ids (a topic level) and alert event ids: consumers (the dashboard) refuse longer ones, and the edge's config
+# refuses a longer mqtt.device_id, so that no device publishes what its dashboard drops.
+MAX_ID_CHARS = 128
 
 
 class _Payload(BaseModel):

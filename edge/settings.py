@@ -33,6 +33,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from drywallqa.edge.payloads import MAX_ID_CHARS
+
 ENV_PREFIX = "DRYWALLQA_"
 DEFAULT_CONFIG_NAME = "edge.yaml"
 
@@ -255,6 +257,9 @@ class EdgeSettings(BaseSettings):
         if self.instance and "device_id" not in self.mqtt.model_fields_set:
             # read at start, not written into the config: a device cloned from an image takes its own host name
             self.mqtt.device_id = f"{socket.gethostname()}-{self.instance}"
+        if len(self.mqtt.device_id) > MAX_ID_CHARS:  # a long FQDN as the host name, say
+            raise ValueError(f"mqtt.device_id {self.mqtt.device_id[:40]!r}... is {len(self.mqtt.device_id)} characters "
+                             f"long: at most {MAX_ID_CHARS} (the dashboard refuses longer ids); set a shorter one")
         return self
 
     @classmethod

@@ -445,6 +445,20 @@ def test_an_instance_names_the_device_id_unless_one_is_set(tmp_path, monkeypatch
         load_settings(cfg)
 
 
+def test_a_device_id_longer_than_the_dashboard_takes_is_a_config_error(tmp_path, monkeypatch):
+    """The dashboard refuses ids over MAX_ID_CHARS (a topic level two devices must not share once clipped), so a device
+    with a longer one would publish into the void: refused at start instead, naming the limit."""
+    from drywallqa.edge.payloads import MAX_ID_CHARS
+
+    _clean_env(monkeypatch)
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"mqtt: {{device_id: {'a' * MAX_ID_CHARS}}}\n")
+    assert load_settings(cfg).mqtt.device_id == "a" * MAX_ID_CHARS
+    cfg.write_text(f"mqtt: {{device_id: {'a' * (MAX_ID_CHARS + 1)}}}\n")
+    with pytest.raises(ConfigError, match=f"is {MAX_ID_CHARS + 1} characters long: at most {MAX_ID_CHARS}"):
+        load_settings(cfg)
+
+
 def test_each_camera_has_its_own_default_spool(tmp_path, monkeypatch):
     """Two cameras run by hand (no systemd state folder) must not meet on one spool, which one runtime locks."""
     from drywallqa.edge.settings import SpoolSettings
