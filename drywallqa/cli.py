@@ -66,7 +66,7 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     for ds, s in sizes.items():
         print(f"{ds}: train {s['train']} images / {s['train_bases']} base photos, "
               f"val {s['val']} images / {s['val_bases']} base photos")
-    for warning in split_warnings(sizes, "split"):
+    for warning in split_warnings(sizes, "split", setup.config_path):
         print(warning)
     print(f"wrote {path}")
     return 0
@@ -139,7 +139,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         description="Writes <out>/<imageID>__<prompt_with_underscores>.png: single channel, uint8, values "
                     "{0,255}, exactly the source image's size. Corrupt inputs are named, counted and skipped; "
                     "the exit status is 1 if any input failed.")
-    p.add_argument("inputs", nargs="+", help="image files, folders and/or glob patterns (quote globs)")
+    p.add_argument("inputs", nargs="+",
+                   help="image files, folders (their own images, not their subfolders') and/or glob patterns "
+                        "(quote globs; 'photos/**/*.jpg' reaches subfolders)")
     p.add_argument("--prompt", action="append", required=True,
                    help='text prompt, e.g. "segment crack" or "drywall seam" (repeat for several); one of the '
                         "model's prompts (configs/prompts.yaml: nine per class), matched ignoring case and punctuation; "
@@ -182,13 +184,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="IoU/Dice per prompt and class, false positives, latency; JSON/Markdown/HTML report",
-        description="Evaluates on a split of configs/split.json at native resolution. IoU and Dice are given "
+        description="Evaluates on a split of the data config's split file (configs/split.json by default) at "
+                    "native resolution. IoU and Dice are given "
                     "as the mean over images (an image where prediction and truth are both empty scores 1.0) "
                     "and pooled over all pixels. False positives: each class's prompts on the other dataset's "
                     "images (fraction of images with any predicted pixel, mean predicted area).")
     p.add_argument("--model", default=None, help="exported model (.onnx/.xml) or profile hrnet|lite (default: hrnet)")
     p.add_argument("--split", default="val", choices=["val", "train"], help="which side of the split (default: val)")
-    p.add_argument("--out", type=_path, default=None, help="folder for eval.json, eval.md and eval.html")
+    p.add_argument("--out", type=_path, default=None,
+                   help="folder for eval.json, eval.md and eval.html (default: none; the Markdown report is "
+                        "printed either way)")
     p.add_argument("--config", default=None, help="data config (default: configs/data.yaml)")
     p.add_argument("--split-file", type=_path, default=None, help="split file (default: from the data config)")
     p.add_argument("--backend", default="auto", choices=["auto", "openvino", "onnxruntime", "tensorrt"])

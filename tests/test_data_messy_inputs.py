@@ -278,6 +278,7 @@ def test_a_dataset_whose_every_photo_is_in_validation_is_warned_about(tmp_path, 
     assert main(["data", "split", "--config", str(cfg_path), "--split-file", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out  # `data split` alone says it too
     assert "warning: no training images in 'site'" in out and "run `drywallqa data split` again" in out
+    assert f"under `split:` in {cfg_path}" in out  # names the config it read, as prepare does
 
 
 @pytest.mark.parametrize("fraction,side", [(0.999, "training"), (0.001, "validation")])

@@ -26,7 +26,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="training config (configs/train_*.yaml)")
     p.add_argument("--epochs", type=positive_int, default=None, help="override the config's epochs")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override the config's batch size")
-    p.add_argument("--output", default=None, help="override where the fp16 weights are written")
+    p.add_argument("--output", default=None,
+                   help="where the fp16 weights are written (default: the config's `output:`; for "
+                        "configs/train_*.yaml the shipped file in models/, which training replaces)")
     p.add_argument("--runs-dir", default=None, help="override where checkpoints and logs go (default runs/)")
     p.add_argument("--cache", type=Path, default=None,
                    help="data cache root (default: the config's `cache:`, else cache/)")
