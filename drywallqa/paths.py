@@ -6,7 +6,16 @@ import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = Path(os.environ.get("DRYWALLQA_HOME", PACKAGE_DIR.parent))
+
+
+def project_root() -> Path:
+    """$DRYWALLQA_HOME as the environment says now, else the folder above the package. `edge --env-file` sets it after
+    this module was imported (as the service's EnvironmentFile= does before start), so the edge reads this, not
+    PROJECT_ROOT."""
+    return Path(os.environ.get("DRYWALLQA_HOME", PACKAGE_DIR.parent))
+
+
+PROJECT_ROOT = project_root()
 CONFIGS_DIR = PROJECT_ROOT / "configs"
 MODELS_DIR = PROJECT_ROOT / "models"
 EXPORTED_DIR = MODELS_DIR / "exported"
@@ -19,6 +28,11 @@ PROFILES = {
     "lite": "lite_effnet_lite0",
 }
 DEFAULT_PROFILE = "hrnet"
+
+
+def exported_dir() -> Path:
+    """EXPORTED_DIR under project_root() as it is now: where the edge looks for a profile's exported file."""
+    return project_root() / "models" / "exported"
 
 
 def profile_weights(profile: str) -> Path:

@@ -51,7 +51,7 @@ from drywallqa.edge.spool import (
     move_aside,
     spool_path_mistake,
 )
-from drywallqa.paths import EXPORTED_DIR, PROFILES
+from drywallqa.paths import PROFILES, exported_dir
 
 if TYPE_CHECKING:
     from drywallqa.edge.inference import PromptSegmenter
@@ -106,7 +106,7 @@ SET_PROMPTS_REJECTED = "set_prompts rejected: "
 def resolve_model_path(spec: str, backend: str = "auto") -> Path:
     """A profile name (hrnet | lite) -> its exported file; otherwise the path itself, which must exist."""
     if spec in PROFILES:
-        tried = [EXPORTED_DIR / f"{PROFILES[spec]}{suf}" for suf in _suffixes_for(backend)]
+        tried = [exported_dir() / f"{PROFILES[spec]}{suf}" for suf in _suffixes_for(backend)]
         for p in tried:
             if p.is_file():
                 return p

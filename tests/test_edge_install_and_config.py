@@ -313,6 +313,35 @@ def test_check_config_with_the_env_file_sees_what_the_service_sees(tmp_path):
     assert missing.returncode == EXIT_CONFIG and "environment file not found" in missing.stderr
 
 
+def test_check_config_finds_a_profile_where_the_env_files_drywallqa_home_says(tmp_path):
+    """DRYWALLQA_HOME in /etc/drywallqa/edge.env moves where `lite` and `hrnet` are looked for, for the service; with
+    --env-file, check-config must look there too, and not where this shell's own DRYWALLQA_HOME points."""
+    from _foundation_fixtures import random_onnx
+
+    home = tmp_path / "home"
+    (home / "models" / "exported").mkdir(parents=True)
+    shutil.copy(random_onnx(), home / "models" / "exported" / "lite_effnet_lite0.onnx")
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("model: {path: lite, backend: onnxruntime}\nmqtt: {embedded_broker: never}\n")
+    env = tmp_path / "edge.env"
+    env.write_text(f"DRYWALLQA_HOME={home}\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DRYWALLQA_")}
+
+    def drywallqa_edge(*args: str, **env: str) -> subprocess.CompletedProcess:  # as the unit runs it: `drywallqa edge`
+        return subprocess.run([sys.executable, "-c", "import sys; from drywallqa.cli import main; sys.exit(main())",
+                               "edge", *args], env={**base, **env}, capture_output=True, text=True, timeout=120)
+
+    proc = drywallqa_edge("check-config", "--config", str(cfg), "--model-check", "--env-file", str(env))
+    assert proc.returncode == 0, proc.stderr
+    assert f"model {home / 'models' / 'exported' / 'lite_effnet_lite0.onnx'}:" in proc.stdout
+
+    env.write_text("DRYWALLQA_MQTT__HOST=broker.site\n")  # the service would not see the shell's DRYWALLQA_HOME
+    shell = drywallqa_edge("check-config", "--config", str(cfg), "--model-check", "--env-file", str(env),
+                           DRYWALLQA_HOME=str(home))
+    assert "ignoring DRYWALLQA_HOME from this shell" in shell.stderr
+    assert str(home) not in shell.stdout + shell.stderr.replace("ignoring DRYWALLQA_HOME", "")
+
+
 def test_the_unit_does_not_restart_the_config_exit_status():
     from drywallqa.edge.service import ENV_FILE, unit_template_path
 
