@@ -42,7 +42,8 @@ class AlertEngine:
     @classmethod
     def from_settings(cls, rules: list[RuleSettings], resolve) -> AlertEngine:
         """`resolve(prompt_or_class) -> class name` (raises UnknownPromptError for unknown prompts)."""
-        return cls([Rule(resolve(r.prompt), r.metric, r.min, r.persistence_frames, r.cooldown_s) for r in rules])
+        return cls([Rule(resolve(r.prompt), r.metric, r.min, r.applied_persistence_frames, r.applied_cooldown_s)
+                    for r in rules])
 
     def can_fire(self, class_name: str, now: float) -> bool:
         """Whether any rule of `class_name` could fire at `now`: it has one, and is not cooling down.

@@ -258,6 +258,10 @@ class EdgeRunner:
         """The alert rules, each checked to watch a class that `watched` analyses (else it could never fire)."""
         engine = AlertEngine.from_settings(self.settings.alerts, self._resolve_class)
         unwatched_rules(engine, watched, raise_as=ConfigError)
+        if any((r.applied_persistence_frames, r.applied_cooldown_s) != (r.persistence_frames, r.cooldown_s)
+               for r in self.settings.alerts):
+            log.info("source %s is photos: the alert rules judge each photo alone (persistence_frames 1, cooldown_s "
+                     "0; the config's values apply to a camera or video)", self.settings.source.uri)
         skeleton_classes = self.settings.analysis.skeleton_classes
         unknown = [c for c in skeleton_classes if c not in self.meta.classes]
         if unknown:  # a typo ('cracks') would leave every length 0 and every length rule silent

@@ -21,10 +21,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -128,14 +130,29 @@ class RuleSettings(_Section):
     prompt: str = Field(description="prompt or class name the rule watches, e.g. 'segment crack'")
     metric: Literal["area_fraction", "skeleton_length_px", "region_count", "mean_confidence"] = "area_fraction"
     min: float = Field(ge=0.0, description="the rule fires when metric >= min (min 0 fires on any frame)")
-    persistence_frames: int = Field(default=3, ge=1)
+    persistence_frames: int = Field(default=3, ge=1, description="consecutive frames of a camera or video")
     cooldown_s: float = Field(default=60.0, ge=0.0, description="per class")
+    # Set by EdgeSettings: the source is photos (a folder, glob or image file), each judged alone.
+    _photos: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
     def _reachable(self) -> RuleSettings:
         if self.metric in FRACTION_METRICS and self.min > 1.0:
-            raise ValueError(f"min {self.min} can never be reached: {self.metric} lies between 0 and 1")
+            hint = f" (a percentage? {self.min:g} % is {self.min / 100:g})" if self.min <= 100 else ""
+            raise ValueError(f"min {self.min:g} can never be reached: {self.metric} is a fraction between 0 and 1"
+                             f"{hint}")
         return self
+
+    @property
+    def applied_persistence_frames(self) -> int:
+        """1 on photos: consecutive photos show different walls, so a crack in one photo must alert by itself."""
+        return 1 if self._photos else self.persistence_frames
+
+    @property
+    def applied_cooldown_s(self) -> float:
+        """0 on photos: every photo with a finding alerts. A cool-down in processing time would keep the alerts of
+        all but the first of a batch synced at once, and fewer the faster the device."""
+        return 0.0 if self._photos else self.cooldown_s
 
 
 class AnalysisSettings(_Section):
@@ -231,7 +248,8 @@ class EdgeSettings(BaseSettings):
     source: SourceSettings = Field(default_factory=SourceSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
-    alerts: list[RuleSettings] = Field(default_factory=list)
+    alerts: list[RuleSettings] = Field(default_factory=list, description="alert rules; none (or `alerts:` "
+                                       "with every rule commented out): no alerts")
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -249,6 +267,27 @@ class EdgeSettings(BaseSettings):
             raise ValueError("use 1-32 lower-case letters, digits, '-' or '_', starting with a letter or digit "
                              "(e.g. front, rear, cam-2)")
         return v
+
+    @field_validator("alerts", mode="before")
+    @classmethod
+    def _rule_list(cls, v: Any) -> Any:
+        if v is None:  # `alerts:` with every rule commented out
+            return []
+        if isinstance(v, dict) and not all(str(k).isdigit() for k in v):  # {"0": ...}: items set in the environment
+            raise PydanticCustomError(  # a list_type error still, which _env_note explains for the environment
+                "list_type", "must be a list of rules, each starting with '- ' under `alerts:`, e.g. "
+                "'  - {prompt: segment crack, metric: area_fraction, min: 0.01}'")
+        return v
+
+    @model_validator(mode="after")
+    def _rules_on_photos(self) -> EdgeSettings:
+        """Photos (a folder, a glob, an image file) are judged one by one: see RuleSettings.applied_*."""
+        from drywallqa.edge.sources import classify_uri  # it imports this module
+
+        photos = classify_uri(self.source.uri, self.source.watch) == "images"
+        for rule in self.alerts:
+            rule._photos = photos
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> EdgeSettings:

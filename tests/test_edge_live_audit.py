@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from _edge_helpers import clean_env, edge_cmd, start_edge, write_config
@@ -91,3 +94,22 @@ def test_a_length_rule_on_a_class_without_skeleton_is_refused(tmp_path, model):
     check_ok = subprocess.run([*edge_cmd(ok)[:3], "check-config", "--config", str(ok), "--model-check"],
                               env=clean_env(), capture_output=True, text=True, timeout=120)
     assert check_ok.returncode == 0, check_ok.stderr
+
+
+def test_a_folder_of_photos_alerts_on_every_photo_with_a_finding(tmp_path, model):
+    """With the shipped config's rules (persistence_frames 3, cooldown_s 60) a folder of photos, each showing what the
+    rule looks for, raised one alert, on the third photo: a crack had to be in three photos in a row, and the
+    cool-down then silenced the rest of the batch. Each photo is a wall of its own: every one alerts."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        assert cv2.imwrite(str(photos / f"wall-{i}.png"), np.full((64, 64, 3), 60 * i, np.uint8))
+    rule = {"prompt": "segment crack", "metric": "area_fraction", "min": 0.0,  # holds on every photo
+            "persistence_frames": 3, "cooldown_s": 60}
+    spool = tmp_path / "spool.sqlite"
+    cfg = write_config(tmp_path / "edge.yaml", uri=str(photos), model=model, port=1, spool=spool, rules=[rule])
+    run = subprocess.run(edge_cmd(cfg), env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with sqlite3.connect(spool) as db:  # no broker: every alert is still in the spool
+        alerts = [json.loads(p) for (p,) in db.execute("SELECT payload FROM outbox ORDER BY seq")]
+    assert [a["frame_id"] for a in alerts] == [0, 1, 2, 3], alerts

@@ -485,3 +485,53 @@ def test_can_fire_follows_the_cooldown_of_the_class():
     assert engine.update([ClassResult(class_name="crack", prompt="crack", area_fraction=0.1, region_count=1,
                                       mean_confidence=0.9, skeleton_length_px=80)], now=1)
     assert not engine.can_fire("crack", now=5) and engine.can_fire("crack", now=11)
+
+
+def _crack(area: float = 0.2) -> ClassResult:
+    return ClassResult(class_name="crack", prompt="segment crack", area_fraction=area, region_count=1,
+                       mean_confidence=0.9)
+
+
+def _fired_on_two_frames(settings) -> int:
+    engine = AlertEngine.from_settings(settings.alerts, lambda prompt: "crack")
+    return sum(len(engine.update([_crack()], now=t)) for t in (0.0, 1.0))
+
+
+def test_rules_judge_each_photo_alone_on_a_folder_and_count_frames_on_a_camera(tmp_path):
+    """On a folder of photos a rule with persistence_frames 3 and cooldown_s 60 (the shipped config's) alerted on no
+    photo with a crack unless the two before it had one too, and then on no other photo of a batch synced within the
+    minute: each photo is its own wall, so each finding alerts. A camera (and `--source` switching from a folder
+    to one, which re-validates the settings) keeps both."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"source: {{uri: '{photos}'}}\n"
+                   "alerts: [{prompt: segment crack, min: 0.01, persistence_frames: 3, cooldown_s: 60}]\n")
+    on_photos = load_settings(cfg)
+    assert _fired_on_two_frames(on_photos) == 2
+    assert on_photos.alerts[0].persistence_frames == 3  # as written (check-config shows it so)
+    data = on_photos.model_dump()
+    data["source"]["uri"] = "demo"  # what `edge run --source demo` does
+    on_camera = type(on_photos).model_validate(data)
+    assert _fired_on_two_frames(on_camera) == 0
+    data["source"]["uri"] = str(photos / "*.jpg")  # a glob of photos
+    assert _fired_on_two_frames(type(on_photos).model_validate(data)) == 2
+
+
+def test_alerts_with_every_rule_commented_out_mean_no_rules(tmp_path):
+    """`alerts:` left with its rules commented out was refused as 'alerts: Input should be a valid list'."""
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("alerts:\n#  - {prompt: segment crack, min: 0.01}\n")
+    assert load_settings(cfg).alerts == []
+
+
+@pytest.mark.parametrize(("rules", "expected"), [
+    ("alerts:\n  prompt: segment crack\n  min: 0.01\n", "alerts: must be a list of rules, each starting with '- '"),
+    ("alerts: [{prompt: crack, min: 5}]\n", "area_fraction is a fraction between 0 and 1 (a percentage? 5 % is 0.05)"),
+])
+def test_a_misshapen_alert_rule_says_what_to_write(tmp_path, rules, expected):
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(rules)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    assert expected in str(info.value), info.value
