@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from drywallqa.edge.payloads import AlertPayload, ClassResult
 from drywallqa.edge.settings import RuleSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +50,18 @@ class AlertEngine:
         """`resolve(prompt_or_class) -> class name` (raises UnknownPromptError for unknown prompts)."""
         return cls([Rule(resolve(r.prompt), r.metric, r.min, r.applied_persistence_frames, r.applied_cooldown_s)
                     for r in rules])
+
+    def carry_over(self, fired_wall: dict[str, float], now: float, now_wall: float) -> None:
+        """Cool-downs from before a restart: `fired_wall` maps a class to the wall-clock time of its last alert
+        (`fired_wall_times` of the previous run). `now` is monotonic, as `update` takes it; a time ahead of `now_wall`
+        (the clock stepped back since) counts as just fired."""
+        for class_name, fired in fired_wall.items():
+            if any(rule.class_name == class_name for rule in self.rules):
+                self._last_fired[class_name] = now - max(0.0, now_wall - fired)
+
+    def fired_wall_times(self, now: float, now_wall: float) -> dict[str, float]:
+        """Each class's last alert as a wall-clock time, for `carry_over` after a restart."""
+        return {c: now_wall - (now - t) for c, t in self._last_fired.items()}
 
     def can_fire(self, class_name: str, now: float) -> bool:
         """Whether any rule of `class_name` could fire at `now`: it has one, and is not cooling down.
@@ -96,3 +114,28 @@ def make_alert(firing: Firing, *, device_id: str, frame_id: int, timestamp: floa
         persisted_frames=firing.persisted_frames,
         snapshot_jpeg_b64=snapshot_b64,
     )
+
+
+def cooldowns_path(spool_path: Path) -> Path:
+    """Where a runtime keeps its classes' last alert times: beside its alert spool (one runtime holds that)."""
+    return spool_path.with_name(f"{spool_path.name}.cooldowns.json")
+
+
+def read_cooldowns(path: Path) -> dict[str, float]:
+    """{class: wall-clock time of its last alert} as the previous run wrote it; {} when there is none or it cannot be
+    read (logged: the cool-downs then start afresh, as before this file existed)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): float(v) for k, v in data.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("alert cool-downs %s cannot be read (%s): they start afresh", path, exc)
+        return {}
+
+
+def write_cooldowns(path: Path, fired_wall: dict[str, float]) -> None:
+    """Replace the file whole (a crash leaves the old one or the new one, never half of one); raises OSError."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(json.dumps(fired_wall), encoding="utf-8")
+    os.replace(tmp, path)

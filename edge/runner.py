@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from drywallqa.edge.alerts import AlertEngine, make_alert
+from drywallqa.edge.alerts import AlertEngine, cooldowns_path, make_alert, read_cooldowns, write_cooldowns
 from drywallqa.edge.analysis import WatchedClass, analyze_class
 from drywallqa.edge.broker import EmbeddedBroker, maybe_start_embedded
 from drywallqa.edge.capture import Capture, CaptureStats, Frame
@@ -215,6 +215,8 @@ class EdgeRunner:
         self.capture: Capture | None = None
         self.spool: Spool | None = None
         self._spool_aside_said: Path | None = None  # the damaged spool last reported in last_error
+        self._cooldowns: Path | None = None  # the classes' last alert times, kept over a restart (cooldowns_path)
+        self._cooldowns_failed = False  # its latest write failed (said once)
         # Inferred frames waiting for analysis; small, so the model never runs far ahead of publishing.
         self._post_queue: queue.Queue[tuple[Frame, np.ndarray, float] | None] = queue.Queue(maxsize=2)
         self._post_thread: threading.Thread | None = None
@@ -235,6 +237,7 @@ class EdgeRunner:
 
         self.spool = open_spool(s.spool, s.instance)
         self._note_spool_moved_aside()
+        self._carry_over_cooldowns()
         if self.spool.count():
             log.info("spool %s holds %d undelivered alert(s); replaying them first", self.spool.path,
                      self.spool.count())
@@ -314,6 +317,26 @@ class EdgeRunner:
             spool_dropped=self.link.spool_dropped if self.link else 0,
             last_error=self._last_error(cap),
         )
+
+    def _carry_over_cooldowns(self) -> None:
+        """A restart (the watchdog, a crash loop, an update) keeps each class's cool-down: it does not alert again
+        at once on the crack it alerted on a minute ago."""
+        if any(rule.cooldown_s > 0 for rule in self.engine.rules):
+            self._cooldowns = cooldowns_path(self.spool.path)
+            self.engine.carry_over(read_cooldowns(self._cooldowns), time.monotonic(), time.time())
+
+    def _record_cooldowns(self, now_mono: float) -> None:
+        if self._cooldowns is None:
+            return
+        try:
+            write_cooldowns(self._cooldowns, self.engine.fired_wall_times(now_mono, time.time()))
+        except OSError as exc:  # a full disk: the alert itself went out; only a restart's cool-down is at stake
+            if not self._cooldowns_failed:
+                log.warning("alert cool-downs %s cannot be written (%s): a restart would alert again at once",
+                            self._cooldowns, exc)
+            self._cooldowns_failed = True
+        else:
+            self._cooldowns_failed = False
 
     def _note_spool_moved_aside(self) -> None:
         """A damaged spool moved aside, at start or when a spool unopened at start opened later: said in last_error,
@@ -450,6 +473,8 @@ class EdgeRunner:
                 frame.alerts_in_memory = True  # not spooled: a restart before the broker has it loses it
             self.stats.alerts += 1
             log.info("alert %s: %s %s (frame %d)", alert.event_id, alert.class_name, alert.rule, frame.frame_id)
+        if firings:
+            self._record_cooldowns(now_mono)
         if want_detection:
             h, w = source_hw
             preview = None

@@ -113,3 +113,32 @@ def test_a_folder_of_photos_alerts_on_every_photo_with_a_finding(tmp_path, model
     with sqlite3.connect(spool) as db:  # no broker: every alert is still in the spool
         alerts = [json.loads(p) for (p,) in db.execute("SELECT payload FROM outbox ORDER BY seq")]
     assert [a["frame_id"] for a in alerts] == [0, 1, 2, 3], alerts
+
+
+def test_a_restart_keeps_the_cool_down_of_the_alert_it_sent_before(tmp_path, model):
+    """A watchdog restart, a crash loop or an update restarts the runtime: with the cool-down kept in memory only,
+    each start alerted again at once on the crack it had alerted on a minute before (one alert per restart). The
+    classes' last alert times are kept beside the spool, so the second run inside the cool-down sends none."""
+    rule = {"prompt": "segment crack", "metric": "area_fraction", "min": 0.0,  # holds on every frame
+            "persistence_frames": 1, "cooldown_s": 3600}
+    spool = tmp_path / "spool.sqlite"
+    cfg = write_config(tmp_path / "edge.yaml", uri="demo", model=model, port=1, spool=spool, rules=[rule],
+                       source={"fps": 20.0, "demo_size": [64, 80]})
+
+    def alerts_in_spool() -> int:
+        with sqlite3.connect(spool) as db:  # no broker: every alert is still in the spool
+            return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    for expected in (1, 1):
+        run = subprocess.run(edge_cmd(cfg, "--max-frames", "3"), env=clean_env(), capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert alerts_in_spool() == expected, run.stderr[-3000:]
+    cooldowns = json.loads((tmp_path / "spool.sqlite.cooldowns.json").read_text())
+    assert set(cooldowns) == {"crack"}
+
+    cooldowns["crack"] -= 7200  # two hours ago: the cool-down is over, the next run alerts
+    (tmp_path / "spool.sqlite.cooldowns.json").write_text(json.dumps(cooldowns))
+    run = subprocess.run(edge_cmd(cfg, "--max-frames", "3"), env=clean_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and alerts_in_spool() == 2, run.stderr[-3000:]

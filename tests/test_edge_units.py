@@ -535,3 +535,13 @@ def test_a_misshapen_alert_rule_says_what_to_write(tmp_path, rules, expected):
     with pytest.raises(ConfigError) as info:
         load_settings(cfg)
     assert expected in str(info.value), info.value
+
+
+def test_cool_downs_carried_over_a_restart_count_from_the_last_alert_and_a_clock_stepped_back():
+    engine = AlertEngine([Rule("crack", "area_fraction", 0.0, persistence_frames=1, cooldown_s=60)])
+    engine.carry_over({"crack": 1000.0, "taping": 1000.0}, now=5.0, now_wall=1030.0)  # crack fired 30 s ago
+    assert engine.fired_wall_times(5.0, 1030.0) == {"crack": 1000.0}  # no rule watches taping: not kept
+    assert not engine.can_fire("crack", 5.0 + 29) and engine.can_fire("crack", 5.0 + 30)
+    later = AlertEngine([Rule("crack", "area_fraction", 0.0, persistence_frames=1, cooldown_s=60)])
+    later.carry_over({"crack": 5000.0}, now=0.0, now_wall=1000.0)  # the clock stepped back: as if just fired
+    assert not later.can_fire("crack", 59.0) and later.can_fire("crack", 60.0)
