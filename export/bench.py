@@ -234,12 +234,12 @@ def _resolve_weights(args: argparse.Namespace, workdir: Path) -> list[Path]:
 def load_checked(weights_list: list[Path]) -> dict[Path, CheckedWeights]:
     """{file: load_weights(file)}: each file checked by loading it, before anything is measured. The export takes
     the loaded model over (run_bench's `loaded`), so no file is read and rebuilt twice."""
-    from drywallqa.train.checkpoint import load_weights
+    from drywallqa.export.cli import load_checked_weights
 
     checked = {}
     for path in weights_list:
         stat = path.stat()
-        checked[path] = CheckedWeights(load_weights(path), (stat.st_size, stat.st_mtime_ns))
+        checked[path] = CheckedWeights(load_checked_weights(path), (stat.st_size, stat.st_mtime_ns))
     return checked
 
 

@@ -4,7 +4,8 @@
 #   export/build_engine.sh models/exported/hrnet_w18_student_jetson_fp16.onnx [OUT.engine] [WORKSPACE_MiB]
 #
 # OUT.engine defaults to the name the edge runtime looks for: models/exported/hrnet_w18_student.engine for
-# `model.path: hrnet` (the ONNX's name without `_jetson_fp16`).
+# `model.path: hrnet` (the ONNX's name without `_jetson_fp16`). Only that Jetson export is taken, not the FP32
+# <model>.onnx beside it, whose engine's metadata would say fp32 and whose shapes may be dynamic.
 #
 # Flags (trtexec, TensorRT 8.6 / 10 on JetPack 6):
 #   --fp16                 allow FP16 kernels (the ONNX already holds FP16 weights; output stays float32)
@@ -42,7 +43,7 @@ out_dir="$(dirname -- "$engine")"
 # The metadata first: a bad ONNX should fail in a second, not after a build of several minutes.
 meta="$(mktemp)"
 trap 'rm -f -- "$meta" "$engine.partial"' EXIT
-"$python" - "$onnx" "$meta" <<'PY' || fail "cannot read the DrywallQA metadata of $onnx (see above)" 1
+"$python" - "$onnx" "$meta" <<'PY' || fail "cannot build from $onnx: its DrywallQA metadata (see above)" 1
 import json, sys
 from pathlib import Path
 onnx, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -54,7 +55,10 @@ except ImportError:  # drywallqa not installed here: the sidecar `drywallqa expo
     if not sidecar.is_file():
         sys.exit(f"drywallqa is not importable and {sidecar} is missing")
     text = sidecar.read_text(encoding="utf-8")
-json.loads(text)
+if (json.loads(text).get("extra") or {}).get("target") != "tensorrt":  # the FP32 ONNX, or a --dynamic-batch one
+    stem = onnx.stem.removesuffix("_jetson_fp16")
+    sys.exit(f"{onnx} is not the Jetson export (static shapes, FP16; its engine's metadata would not say so): "
+             f"give {stem}_jetson_fp16.onnx, written by `drywallqa export --target jetson`")
 out.write_text(text, encoding="utf-8")
 PY
 

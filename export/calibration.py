@@ -32,16 +32,21 @@ def pick_evenly(paths: list[Path], n: int) -> list[Path]:
 
 
 def load_resized(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
+    """The photos as uint8 N x H x W x 3; an unreadable one is skipped (logged), none readable is an
+    ImageReadError (one line from the CLI, not a traceback)."""
     h, w = size
-    images = []
+    images, errors = [], []
     for p in paths:
         try:
             rgb = read_image_rgb(p)  # resized as the runtime resizes (PromptSegmenter.preprocess)
             images.append(cv2.resize(rgb, (w, h), interpolation=resize_interpolation(rgb.shape[:2], size)))
         except ImageReadError as exc:
             log.warning("skipping unreadable calibration image: %s", exc)
+            errors.append(exc)
     if not images:
-        raise ValueError("no readable calibration images")
+        first = f" ({errors[0]})" if errors else ""
+        raise ImageReadError(f"none of the {len(paths)} calibration photos could be read{first}; check the photos of "
+                             f"the training split, or pass --calib 0 to skip INT8")
     return np.stack(images)
 
 
@@ -50,16 +55,36 @@ def calibration_paths(data_config: str | Path | None = None) -> list[Path]:
     on purpose that is missing, invalid or empty is an error, not a silent fallback); else those of
     configs/data.yaml, [] (logged) when that data is not here."""
     if data_config is not None:
-        paths = training_images(data_config)
-        if not paths:
-            raise FileNotFoundError(f"--calib-config {data_config}: its training split has no photos to calibrate "
-                                    f"INT8 on")
-        return paths
+        return _configured_paths(data_config)
     try:
         return training_images()
     except FileNotFoundError as exc:
         log.warning("training data not found (%s)", exc)
         return []
+
+
+def _configured_paths(data_config: str | Path) -> list[Path]:
+    """The training-split photos of a config named with --calib-config. A dataset whose folder is not there is
+    skipped with a warning when others have photos (INT8 is then calibrated without it), an error when none do."""
+    from drywallqa.train.data.prepare import load_setup
+
+    specs = load_setup(data_config).specs
+    missing = [f"{s.name!r} ({s.root})" for s in specs if not s.root.is_dir()]
+    not_there = (f"the data folder{'s' if len(missing) > 1 else ''} of {', '.join(missing)} "
+                 f"{'are' if len(missing) > 1 else 'is'} not there")
+    paths = training_images(data_config)
+    if paths and missing:
+        log.warning("--calib-config %s: %s; INT8 is calibrated without %s", data_config, not_there,
+                    "them" if len(missing) > 1 else "it")
+    if paths:
+        return paths
+    if missing:
+        why = not_there
+    else:
+        why = f"no photos in the training split of {', '.join(f'{s.name!r} ({s.root})' for s in specs)}"
+    raise FileNotFoundError(f"--calib-config {data_config}: no photos to calibrate INT8 on: {why}. Set each "
+                            f"dataset's `root` to the folder of your training photos (see configs/own_data.yaml), "
+                            f"or pass --calib 0 to skip INT8")
 
 
 def calibration_set(n: int, size: tuple[int, int], data_config: str | Path | None = None,

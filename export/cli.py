@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drywallqa.argtypes import non_negative_int, positive_int
+
+if TYPE_CHECKING:
+    from drywallqa.train.checkpoint import CheckpointInfo
+    from drywallqa.train.models.segmenter import Segmenter
 
 
 def _weights(args: argparse.Namespace) -> Path:
@@ -44,8 +49,52 @@ def _resolve_weights(args: argparse.Namespace, tmp: Path) -> Path:
     return _weights(args)
 
 
+TORCH_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save: a zip file (torch >= 1.6), or a bare pickle
+
+
+def _is_torch_checkpoint(path: Path) -> bool:
+    if path.suffix.lower() in TORCH_CHECKPOINT_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            return fh.read(4).startswith(_TORCH_SAVE_MAGIC)
+    except OSError:
+        return False
+
+
+def load_checked_weights(path: Path) -> tuple[Segmenter, CheckpointInfo]:
+    """load_weights(path), with what to do instead when `path` is a torch checkpoint: a training run's resume file
+    (runs/<name>/last.pt) is the first file a user finds in the run's folder, but export reads the .safetensors
+    file the run writes (its config's `output:`)."""
+    from drywallqa.train.checkpoint import CheckpointError, load_weights
+
+    try:
+        return load_weights(path)
+    except CheckpointError as exc:
+        if not _is_torch_checkpoint(path):
+            raise
+        raise CheckpointError(f"{path} is a torch checkpoint (a training run's resume file), which export does not "
+                              f"read: give --weights the .safetensors file the run wrote, the `output:` of its "
+                              f"training config (e.g. models/lite_effnet_lite0.safetensors)") from exc
+
+
 def _exit_on_signal(signum: int, _frame) -> None:
     raise SystemExit(128 + signum)
+
+
+def _checked_output_and_calibration(args: argparse.Namespace) -> list[Path] | None:
+    """Checks made before minutes of export and INT8 calibration, not after: --out takes files, and a
+    --calib-config that is missing, invalid or without photos stops here. Returns its photos (None: no such config),
+    passed on to the export rather than listed again."""
+    from drywallqa.outdir import ensure_writable_dir
+
+    ensure_writable_dir(args.out)
+    if args.calib_config is None or not args.calib or args.target not in ("openvino", "all"):
+        return None
+    from drywallqa.export.calibration import calibration_paths
+
+    return calibration_paths(args.calib_config)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -55,16 +104,8 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
 
     from drywallqa.export.pipeline import run_export
-    from drywallqa.outdir import ensure_writable_dir
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ensure_writable_dir(args.out)  # before minutes of export and INT8 calibration, not after
-    calib_paths = None
-    if args.calib_config is not None and args.calib and args.target in ("openvino", "all"):
-        from drywallqa.export.calibration import calibration_paths
-
-        # A missing, invalid or empty config stops here, before the export; the list is passed on, not made again.
-        calib_paths = calibration_paths(args.calib_config)
     # SIGTERM (a `timeout`, a CI job or service stopping) ends the export as Ctrl-C does: through the `finally`s
     # that remove its staging folder, instead of leaving the half-made files there.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -72,14 +113,32 @@ def _export(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:  # a temp folder only for random weights, which need a file
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory())) if args.random_arch else Path()
             weights = _resolve_weights(args, tmp)
+            loaded = load_checked_weights(weights)  # a wrong file stops here, before --out is made
+            calib_paths = _checked_output_and_calibration(args)
             out = run_export(weights, args.target, args.out, tuple(args.size) if args.size else None,
-                             args.dynamic_batch, args.calib, args.calib_config, calib_paths)
+                             args.dynamic_batch, args.calib, args.calib_config, calib_paths, loaded)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     for name, path in out.items():
         size = sum(p.stat().st_size for p in (path, path.with_suffix(".bin")) if p.is_file())
         print(f"{name:14s} {path}  ({size / 2**20:.1f} MiB)")
+    _warn_stale_siblings(args, out)
     return 0
+
+
+def _warn_stale_siblings(args: argparse.Namespace, out: dict[str, Path]) -> None:
+    """Files of this model name left in --out by an earlier export (another --target) or engine build are another
+    model now: a device given one would run the old weights or the old thresholds."""
+    import logging
+
+    from drywallqa.export.pipeline import stale_siblings
+
+    stale = stale_siblings(args.out, out)
+    if stale:
+        logging.getLogger("drywallqa.export").warning(
+            "in %s, %s: made by an earlier export or engine build, not remade by this one, and another model than "
+            "this export. Export again with --target all, rebuild the engine (export/build_engine.sh), or delete "
+            "them, so that no device runs the old model", args.out, "; ".join(stale))
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from drywallqa.contract import WEIGHTS_HASH_KEY
 from drywallqa.export.metadata import build_metadata
 
 if TYPE_CHECKING:
+    from drywallqa.contract import ModelMetadata
     from drywallqa.train.checkpoint import CheckpointInfo
     from drywallqa.train.models.segmenter import Segmenter
 
@@ -34,6 +36,9 @@ STAGING_PREFIX = ".export-"
 _OWNED_STAGING = re.compile(r"^\.export-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-")
 NOT_RUNNING, START_UNKNOWN = -1, 0  # what _process_start says instead of a start time
 UNOWNED_STALE_AFTER_S = 24 * 3600  # a staging folder of an older DrywallQA (no owner in its name) is left this long
+# What makes two exported files the same model for a device (precision, dynamic batch and `extra` may differ).
+CONTRACT_FIELDS = ("profile", "architecture", "version", "classes", "prompts", "thresholds", "mask_shapes",
+                   "text_encoder", "data_fingerprint")
 
 
 def run_export(
@@ -152,6 +157,7 @@ def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[in
     stem = Path(weights).stem
     meta = build_metadata(info, embed_dim=int(model.prompt_embeddings.shape[1]), input_size=size,
                           dynamic_batch=dynamic_batch, model_name=stem)
+    meta.extra[WEIGHTS_HASH_KEY] = _sha256(Path(weights))
     out: dict[str, Path] = {}
     onnx_path = export_onnx(model, meta, out_dir / f"{stem}.onnx", dynamic_batch=dynamic_batch)
     out["onnx"] = onnx_path
@@ -172,3 +178,62 @@ def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[in
         out["jetson_onnx"] = make_jetson_onnx(static, out_dir / f"{stem}_jetson_fp16.onnx")
         out["jetson_metadata"] = out["jetson_onnx"].with_suffix(".json")  # build_engine.sh binds it to the engine
     return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_family(stem: str) -> list[str]:
+    """Every file an export of weights `stem` may write, any target, and the engine export/build_engine.sh builds
+    from its Jetson ONNX by default."""
+    return [f"{stem}.onnx", f"{stem}_fp16.xml", f"{stem}_int8.xml", f"{stem}_jetson_fp16.onnx", f"{stem}.engine",
+            f"{stem}.plan"]
+
+
+def stale_siblings(out_dir: str | Path, made: dict[str, Path]) -> list[str]:
+    """The files in `out_dir` of the same model name as this export's `made` files, not remade by it, that are another
+    model than they are: made from other weights, or with another decision rule, vocabulary or input size (an
+    earlier export with another --target; an engine built before). Each as 'name (what differs)'. A device given one
+    of them would run the old model, so the export says so."""
+    from drywallqa.edge.backends import read_metadata
+
+    out_dir = Path(out_dir)
+    reference = read_metadata(made["onnx"])
+    made_names = {p.name for p in made.values()}
+    stale = []
+    for name in export_family(made["onnx"].stem):
+        path = out_dir / name
+        if name in made_names or not path.is_file():
+            continue
+        why = _how_it_differs(reference, path)
+        if why:
+            stale.append(f"{name} ({why})")
+    return stale
+
+
+def _how_it_differs(reference: ModelMetadata, path: Path) -> str:
+    from drywallqa.contract import InvalidModelError, ModelMetadata
+    from drywallqa.edge.backends import TENSORRT_SUFFIXES, read_metadata
+
+    try:
+        if path.suffix in TENSORRT_SUFFIXES:  # the metadata build_engine.sh wrote beside it, taken from its ONNX
+            sidecar = path.with_suffix(".json")
+            if not sidecar.is_file():
+                return ""  # built by hand: nothing tells what it was built from
+            other = ModelMetadata.from_json(sidecar.read_text(encoding="utf-8"), source=str(sidecar))
+        else:
+            other = read_metadata(path)
+    except (InvalidModelError, OSError, ValueError) as exc:
+        return f"its metadata cannot be read: {str(exc).splitlines()[0][:200]}"
+    fields = [f for f in CONTRACT_FIELDS if getattr(reference, f) != getattr(other, f)]
+    if (reference.input.height, reference.input.width) != (other.input.height, other.input.width):
+        fields.append("input size")
+    ours, theirs = reference.extra.get(WEIGHTS_HASH_KEY), other.extra.get(WEIGHTS_HASH_KEY)
+    if not fields and ours and theirs and ours != theirs:  # an older DrywallQA's export does not say: its contract tells
+        fields.append("made from other weights")
+    return ", ".join(fields)

@@ -135,3 +135,40 @@ def test_metadata_naming_other_classes_than_the_outputs_is_refused(jetson_onnx: 
     onnx.save(model, str(wrong))
     with pytest.raises(InvalidModelError, match="2 channels but the metadata names 1 classes"):
         load_backend(wrong, "onnxruntime", threads=1)
+
+
+def test_the_fp32_onnx_beside_the_jetson_one_is_refused(jetson_onnx: Path, tmp_path: Path) -> None:
+    """`--target all` writes <model>.onnx beside <model>_jetson_fp16.onnx; the FP32 one used to be built into an engine
+    whose metadata said fp32 (the engine is FP16) and whose shapes could be dynamic (--dynamic-batch)."""
+    fp32 = tmp_path / "exported" / "hrnet_w18_student.onnx"
+    fp32.parent.mkdir()
+    fp32.write_bytes((jetson_onnx.parents[1] / "effnet_lite0_fpn_64x64.onnx").read_bytes())
+    res = _run(str(fp32), tmp_path=tmp_path)
+    assert res.returncode == 1 and "is not the Jetson export" in res.stderr, res.stderr
+    assert "give hrnet_w18_student_jetson_fp16.onnx, written by `drywallqa export --target jetson`" in res.stderr
+    assert not (tmp_path / "bin" / "trtexec.args").exists()
+    assert sorted(p.name for p in fp32.parent.iterdir()) == ["hrnet_w18_student.onnx"]
+
+
+def test_re_exporting_other_weights_names_the_engine_built_from_the_old_ones(tmp_path: Path, caplog) -> None:
+    """On a Jetson the runtime takes <model>.engine first: re-exporting new weights (a new fine-tune run, or a new
+    threshold) left the engine of the old ones in use without a word. The export now names it."""
+    from drywallqa.cli import main
+    from drywallqa.export.random_weights import write_random_weights
+
+    weights = write_random_weights(tmp_path / "w.safetensors", "effnet_lite0_fpn", (64, 64), seed=0)
+    out = tmp_path / "exported"
+    argv = ["export", "--weights", str(weights), "--target", "jetson", "--size", "64", "64", "--out", str(out)]
+    assert main(argv) == 0
+    assert _run(str(out / "w_jetson_fp16.onnx"), tmp_path=tmp_path).returncode == 0
+    caplog.clear()
+    assert main(argv) == 0  # the same weights again: the engine is still theirs
+    assert "another model" not in caplog.text
+    write_random_weights(weights, "effnet_lite0_fpn", (64, 64), seed=1)  # same header, other weights
+    caplog.clear()
+    assert main(argv) == 0
+    assert "w.engine (made from other weights)" in caplog.text and "export/build_engine.sh" in caplog.text
+    assert _run(str(out / "w_jetson_fp16.onnx"), tmp_path=tmp_path).returncode == 0
+    caplog.clear()
+    assert main([*argv[:-5], "--size", "64", "96", "--out", str(out)]) == 0
+    assert "w.engine (input size)" in caplog.text

@@ -192,3 +192,74 @@ def test_a_dynamic_batch_jetson_export_leaves_only_what_it_lists(weights, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == sorted(made)
     printed = capsys.readouterr().out
     assert all(str(out / name) in printed for name in made), printed
+
+
+def test_a_torch_checkpoint_as_weights_says_which_file_to_give(tmp_path, capsys):
+    """runs/<name>/last.pt (the run's resume file, the first file in its folder) got 'cannot read it as a
+    safetensors weights file: header too large', and a wrong weights file left an empty --out folder behind."""
+    import torch
+
+    last = tmp_path / "runs" / "finetune" / "last.pt"
+    last.parent.mkdir(parents=True)
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, last)
+    renamed = last.with_name("resume.safetensors")
+    renamed.write_bytes(last.read_bytes())
+    for path in (last, renamed):
+        out = tmp_path / "exported"
+        assert main(["export", "--weights", str(path), "--target", "onnx", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path} is a torch checkpoint" in err and "the .safetensors file the run wrote" in err, err
+        assert not out.exists()
+    garbage = tmp_path / "w.safetensors"
+    garbage.write_text("not weights")
+    assert main(["export", "--weights", str(garbage), "--target", "onnx", "--out", str(tmp_path / "exported")]) == 2
+    assert "cannot read it as a safetensors weights file" in capsys.readouterr().err
+    assert not (tmp_path / "exported").exists()
+
+
+def test_a_partial_re_export_names_the_files_it_left_from_other_weights(weights, tmp_path, caplog):
+    """README's 'write a better threshold into the weights, then export again' with --target onnx left the Jetson
+    ONNX (and the IRs) of the old rule beside the new ONNX, silently: a device given one ran the old thresholds."""
+    from drywallqa.train.checkpoint import set_thresholds
+
+    own = tmp_path / "w.safetensors"
+    own.write_bytes(weights.read_bytes())
+    out = tmp_path / "exported"
+    argv = ["export", "--weights", str(own), "--size", "64", "64", "--out", str(out)]
+    assert main([*argv, "--target", "jetson"]) == 0
+    set_thresholds(own, {"crack": 0.3})
+    caplog.clear()
+    assert main([*argv, "--target", "onnx"]) == 0
+    assert "w_jetson_fp16.onnx (thresholds)" in caplog.text and "--target all" in caplog.text
+    assert read_metadata(out / "w.onnx").thresholds["crack"] == 0.3
+    caplog.clear()
+    assert main([*argv, "--target", "jetson"]) == 0  # the whole family remade: nothing to say
+    assert "another model" not in caplog.text
+    assert read_metadata(out / "w_jetson_fp16.onnx").thresholds["crack"] == 0.3
+
+
+def test_the_edge_says_when_a_profiles_ir_was_made_from_other_weights_than_its_onnx(weights, tmp_path, monkeypatch,
+                                                                                    caplog):
+    """A profile on OpenVINO runs its IR first. After a fine-tune exported with --target onnx only, the IR beside the
+    new ONNX is the old model: the device still runs it (the IR is what the profile means there), but says so."""
+    import logging
+
+    from drywallqa.edge.runner import resolve_model_path
+    from drywallqa.train.checkpoint import set_thresholds
+
+    own = tmp_path / "lite_effnet_lite0.safetensors"
+    own.write_bytes(weights.read_bytes())
+    exported = tmp_path / "home" / "models" / "exported"
+    argv = ["export", "--weights", str(own), "--size", "64", "64", "--out", str(exported)]
+    assert main([*argv, "--target", "openvino", "--calib", "0"]) == 0
+    monkeypatch.setenv("DRYWALLQA_HOME", str(tmp_path / "home"))
+    with caplog.at_level(logging.WARNING, logger="drywallqa.edge.runner"):
+        assert resolve_model_path("lite", "openvino").name == "lite_effnet_lite0_fp16.xml"
+    assert "other weights" not in caplog.text  # one export: one model
+
+    set_thresholds(own, {"crack": 0.3})  # another file: the IR is now another model than the ONNX made next
+    assert main([*argv, "--target", "onnx"]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="drywallqa.edge.runner"):
+        assert resolve_model_path("lite", "openvino").name == "lite_effnet_lite0_fp16.xml"
+    assert "lite_effnet_lite0_fp16.xml was made from other weights than lite_effnet_lite0.onnx" in caplog.text
