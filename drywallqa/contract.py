@@ -17,6 +17,9 @@ METADATA_KEY = "drywallqa"
 INPUT_NAME = "image"  # uint8, N x H x W x 3, RGB; scaling/normalisation live inside the graph
 OUTPUT_NAME = "probs"  # float32, N x C x H x W, per-class probabilities at the input resolution
 METADATA_SCHEMA_VERSION = 1
+# In every exported file's metadata.extra: the sha256 of the weights file it was made from (export/pipeline.py), so
+# that files of one model name made from other weights are told apart (an export left them behind).
+WEIGHTS_HASH_KEY = "weights_sha256"
 MaskShape = Literal["pixels", "boxes"]  # how a class's thresholded pixels become its mask (edge/mask_shapes.py)
 Threshold = Annotated[float, Field(ge=0.0, le=1.0)]  # a decision threshold on a class's probability
 

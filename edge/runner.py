@@ -58,8 +58,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What `drywallqa export --target openvino` writes, best first: INT8 costs no measurable IoU (MODEL.md) and runs
+# 2-3x faster than FP32 (3.1x on a Zen 4, 2.0x on a Zen 3 without VNNI: `drywallqa edge bench`).
+_OPENVINO_SUFFIXES = ("_int8.xml", "_fp16.xml", ".xml")
 _SUFFIXES_BY_BACKEND = {
-    "openvino": (".xml", ".onnx"),
+    "openvino": (*_OPENVINO_SUFFIXES, ".onnx"),
     "onnxruntime": (".onnx",),
     "tensorrt": (".engine", ".plan"),
 }
@@ -73,8 +76,8 @@ def _suffixes_for(backend: str) -> tuple[str, ...]:
     from drywallqa.edge.backends import tensorrt_unavailable_reason
 
     if tensorrt_unavailable_reason() is None:
-        return (".engine", ".plan", ".xml", ".onnx")
-    return (".xml", ".onnx", ".engine", ".plan")
+        return (".engine", ".plan", *_OPENVINO_SUFFIXES, ".onnx")
+    return (*_OPENVINO_SUFFIXES, ".onnx", ".engine", ".plan")
 
 
 def load_segmenter(model: ModelSettings, aliases: dict[str, str] | None = None) -> tuple[Path, PromptSegmenter]:
@@ -103,12 +106,32 @@ SNAPSHOT_WAITING = "snapshot requested before the first frame: answered once a f
 SET_PROMPTS_REJECTED = "set_prompts rejected: "
 
 
+def _warn_if_made_from_other_weights(chosen: Path, onnx: Path) -> None:
+    """A profile's IR or engine made from other weights than its ONNX beside it: an export since (`--target onnx`
+    after a fine-tune) left the older file, which the profile takes first. Said, since the device runs it."""
+    if chosen == onnx or not onnx.is_file():
+        return
+    from drywallqa.contract import WEIGHTS_HASH_KEY, InvalidModelError
+    from drywallqa.edge.backends import read_metadata
+
+    try:
+        ours, theirs = (read_metadata(p).extra.get(WEIGHTS_HASH_KEY) for p in (chosen, onnx))
+    except (InvalidModelError, OSError):
+        return  # what is wrong with the chosen file is said when it is loaded
+    if ours and theirs and ours != theirs:
+        log.warning("model %s was made from other weights than %s beside it (an export since left it): running %s; "
+                    "export again with --target all (or rebuild the engine), or delete it", chosen.name, onnx.name,
+                    chosen.name)
+
+
 def resolve_model_path(spec: str, backend: str = "auto") -> Path:
     """A profile name (hrnet | lite) -> its exported file; otherwise the path itself, which must exist."""
     if spec in PROFILES:
-        tried = [exported_dir() / f"{PROFILES[spec]}{suf}" for suf in _suffixes_for(backend)]
+        folder, stem = exported_dir(), PROFILES[spec]
+        tried = [folder / f"{stem}{suf}" for suf in _suffixes_for(backend)]
         for p in tried:
             if p.is_file():
+                _warn_if_made_from_other_weights(p, folder / f"{stem}.onnx")
                 return p
         how = (
             f"build one on the device with export/build_engine.sh from `drywallqa export --profile {spec} "
