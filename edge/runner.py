@@ -54,13 +54,15 @@ from drywallqa.edge.spool import (
 from drywallqa.paths import PROFILES, exported_dir
 
 if TYPE_CHECKING:
+    from drywallqa.contract import ModelMetadata
     from drywallqa.edge.inference import PromptSegmenter
 
 log = logging.getLogger(__name__)
 
 # What `drywallqa export --target openvino` writes, best first: INT8 costs no measurable IoU (MODEL.md) and runs
 # 2-3x faster than FP32 (3.1x on a Zen 4, 2.0x on a Zen 3 without VNNI: `drywallqa edge bench`).
-_OPENVINO_SUFFIXES = ("_int8.xml", "_fp16.xml", ".xml")
+_EXPORTED_IRS = ("_int8.xml", "_fp16.xml")
+_OPENVINO_SUFFIXES = (*_EXPORTED_IRS, ".xml")
 _SUFFIXES_BY_BACKEND = {
     "openvino": (*_OPENVINO_SUFFIXES, ".onnx"),
     "onnxruntime": (".onnx",),
@@ -73,11 +75,13 @@ def _suffixes_for(backend: str) -> tuple[str, ...]:
     TensorRT runs (a Jetson), since there the ONNX would run on the CPU."""
     if backend != "auto":
         return _SUFFIXES_BY_BACKEND[backend]
-    from drywallqa.edge.backends import tensorrt_unavailable_reason
+    from drywallqa.edge.backends import auto_backend_name, tensorrt_unavailable_reason
 
-    if tensorrt_unavailable_reason() is None:
-        return (".engine", ".plan", *_OPENVINO_SUFFIXES, ".onnx")
-    return (*_OPENVINO_SUFFIXES, ".onnx", ".engine", ".plan")
+    # The IRs only where `auto` runs an ONNX on OpenVINO too (x86): elsewhere (an ARM board, a Jetson without its
+    # engine) ONNX Runtime runs the profile's ONNX, as it did before the IRs were looked for.
+    on_cpu = _SUFFIXES_BY_BACKEND["openvino"] if auto_backend_name(Path("model.onnx")) == "openvino" else (".onnx",)
+    engines = _SUFFIXES_BY_BACKEND["tensorrt"]
+    return (*engines, *on_cpu) if tensorrt_unavailable_reason() is None else (*on_cpu, *engines)
 
 
 def load_segmenter(model: ModelSettings, aliases: dict[str, str] | None = None) -> tuple[Path, PromptSegmenter]:
@@ -106,22 +110,56 @@ SNAPSHOT_WAITING = "snapshot requested before the first frame: answered once a f
 SET_PROMPTS_REJECTED = "set_prompts rejected: "
 
 
-def _warn_if_made_from_other_weights(chosen: Path, onnx: Path) -> None:
-    """A profile's IR or engine made from other weights than its ONNX beside it: an export since (`--target onnx`
-    after a fine-tune) left the older file, which the profile takes first. Said, since the device runs it."""
-    if chosen == onnx or not onnx.is_file():
-        return
-    from drywallqa.contract import WEIGHTS_HASH_KEY, InvalidModelError
+def _metadata_or_none(path: Path) -> ModelMetadata | None:
+    from drywallqa.contract import InvalidModelError
     from drywallqa.edge.backends import read_metadata
 
     try:
-        ours, theirs = (read_metadata(p).extra.get(WEIGHTS_HASH_KEY) for p in (chosen, onnx))
-    except (InvalidModelError, OSError):
-        return  # what is wrong with the chosen file is said when it is loaded
-    if ours and theirs and ours != theirs:
+        return read_metadata(path)
+    except (InvalidModelError, OSError, ImportError):  # ImportError: an IR where OpenVINO is not installed
+        return None
+
+
+def _weights_of(meta: ModelMetadata | None) -> str | None:
+    from drywallqa.contract import WEIGHTS_HASH_KEY
+
+    return meta.extra.get(WEIGHTS_HASH_KEY) if meta is not None else None
+
+
+def _why_not_the_onnx_model(ours: ModelMetadata | None, theirs: ModelMetadata) -> str:
+    """How an IR's metadata fails to show it is the model of the ONNX beside it; '' when it is."""
+    if ours is None:
+        return "its metadata cannot be read"
+    if not _weights_of(ours):
+        return "it records no weights (an export of an older DrywallQA), so it may be another model"
+    if _weights_of(ours) != _weights_of(theirs):
+        return "it was made from other weights"
+    if (ours.input.height, ours.input.width) != (theirs.input.height, theirs.input.width):
+        return "it was exported at another input size"
+    return ""
+
+
+def _may_run(chosen: Path, onnx: Path) -> bool:
+    """Whether a profile runs `chosen` rather than the ONNX beside it. Every export rewrites the ONNX, so an IR not
+    shown to be its model is left from an earlier export (a fine-tune or a new threshold exported with --target onnx,
+    or an export of an older DrywallQA): passed over, said, and the ONNX runs, as before IRs were looked for. An
+    engine, built on the device, is still taken (the ONNX would run on the CPU), said if made from other weights."""
+    theirs = _metadata_or_none(onnx) if chosen != onnx and onnx.is_file() else None
+    if theirs is None:
+        return True  # no ONNX to compare with (a broken one is said when it is loaded)
+    ours = _metadata_or_none(chosen)
+    if chosen.name.endswith(_EXPORTED_IRS):
+        why = _why_not_the_onnx_model(ours, theirs)
+        if why:
+            log.warning("model %s passed over: %s (compared with %s beside it, which every export rewrites); "
+                        "running %s. Export again with --target openvino (or all) to run the IR", chosen.name, why,
+                        onnx.name, onnx.name)
+        return not why
+    if _weights_of(ours) and _weights_of(theirs) and _weights_of(ours) != _weights_of(theirs):
         log.warning("model %s was made from other weights than %s beside it (an export since left it): running %s; "
-                    "export again with --target all (or rebuild the engine), or delete it", chosen.name, onnx.name,
-                    chosen.name)
+                    "rebuild it (export/build_engine.sh on the Jetson export of these weights), or delete it", chosen.name,
+                    onnx.name, chosen.name)
+    return True
 
 
 def resolve_model_path(spec: str, backend: str = "auto") -> Path:
@@ -130,8 +168,7 @@ def resolve_model_path(spec: str, backend: str = "auto") -> Path:
         folder, stem = exported_dir(), PROFILES[spec]
         tried = [folder / f"{stem}{suf}" for suf in _suffixes_for(backend)]
         for p in tried:
-            if p.is_file():
-                _warn_if_made_from_other_weights(p, folder / f"{stem}.onnx")
+            if p.is_file() and _may_run(p, folder / f"{stem}.onnx"):
                 return p
         how = (
             f"build one on the device with export/build_engine.sh from `drywallqa export --profile {spec} "

@@ -132,7 +132,7 @@ class RuleSettings(_Section):
     min: float = Field(ge=0.0, description="the rule fires when metric >= min (min 0 fires on any frame)")
     persistence_frames: int = Field(default=3, ge=1, description="consecutive frames of a camera or video")
     cooldown_s: float = Field(default=60.0, ge=0.0, description="per class")
-    # Set by EdgeSettings: the source is photos (a folder, glob or image file), each judged alone.
+    # Set by EdgeSettings: the source is photos (a folder, glob or image file, not looped), each judged alone.
     _photos: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
@@ -281,10 +281,11 @@ class EdgeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _rules_on_photos(self) -> EdgeSettings:
-        """Photos (a folder, a glob, an image file) are judged one by one: see RuleSettings.applied_*."""
+        """Photos (a folder, a glob, an image file) are judged one by one: see RuleSettings.applied_*. Not with
+        `loop: true`, which shows the same photos again at every pass: the cool-down keeps those from alerting again."""
         from drywallqa.edge.sources import classify_uri  # it imports this module
 
-        photos = classify_uri(self.source.uri, self.source.watch) == "images"
+        photos = classify_uri(self.source.uri, self.source.watch) == "images" and not self.source.loop
         for rule in self.alerts:
             rule._photos = photos
         return self

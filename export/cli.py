@@ -58,9 +58,11 @@ def _is_torch_checkpoint(path: Path) -> bool:
         return True
     try:
         with path.open("rb") as fh:
-            return fh.read(4).startswith(_TORCH_SAVE_MAGIC)
+            head = fh.read(9)
     except OSError:
         return False
+    # A safetensors file is an 8-byte header length, then its JSON header: its first byte can be 0x80 too.
+    return head.startswith(_TORCH_SAVE_MAGIC) and head[8:9] != b"{"
 
 
 def load_checked_weights(path: Path) -> tuple[Segmenter, CheckpointInfo]:

@@ -208,6 +208,27 @@ def test_a_profile_on_openvino_runs_the_int8_ir_export_wrote_first(tmp_path, mon
     assert resolve_model_path("lite", "openvino").name == "lite_effnet_lite0_fp16.xml"
 
 
+def test_auto_takes_a_profiles_ir_only_where_it_runs_the_onnx_on_openvino_too(tmp_path):
+    """`auto` runs an ONNX on ONNX Runtime where OpenVINO is not (an ARM board, an install without it), but a profile
+    still took the IRs of a models/exported/ copied from the x86 machine that exported them: OpenVINO in place of the
+    ONNX Runtime the device ran before (or, without OpenVINO, a traceback). There the profile means its ONNX."""
+    exported = tmp_path / "models" / "exported"
+    exported.mkdir(parents=True)
+    for name in ("lite_effnet_lite0.onnx", "lite_effnet_lite0_fp16.xml", "lite_effnet_lite0_int8.xml"):
+        (exported / name).write_text("stand-in: only the names are looked at")
+    no_openvino = tmp_path / "site"
+    (no_openvino / "openvino").mkdir(parents=True)  # an install without OpenVINO, as auto_backend_name sees it
+    (no_openvino / "openvino" / "__init__.py").write_text("raise ImportError('OpenVINO is not installed here')\n")
+    code = ("from drywallqa.edge.backends import auto_backend_name\n"
+            "from drywallqa.edge.runner import resolve_model_path\n"
+            "assert auto_backend_name('model.onnx') == 'onnxruntime'\n"
+            "print(resolve_model_path('lite', 'auto').name)\n")
+    env = {**os.environ, "DRYWALLQA_HOME": str(tmp_path), "PYTHONPATH": str(no_openvino)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "lite_effnet_lite0.onnx"
+
+
 def test_a_folder_named_like_a_model_is_called_a_folder(tmp_path):
     (tmp_path / "model.onnx").mkdir()
     cfg = tmp_path / "edge.yaml"
@@ -536,6 +557,17 @@ def test_rules_judge_each_photo_alone_on_a_folder_and_count_frames_on_a_camera(t
     assert _fired_on_two_frames(on_camera) == 0
     data["source"]["uri"] = str(photos / "*.jpg")  # a glob of photos
     assert _fired_on_two_frames(type(on_photos).model_validate(data)) == 2
+
+
+def test_a_looped_folder_of_photos_keeps_the_cool_down(tmp_path):
+    """`loop: true` shows a folder's photos again and again: judged one by one without a cool-down, every photo with
+    a finding alerted again at every pass, several alerts a second for ever. The rules count as on a camera there."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"source: {{uri: '{photos}', loop: true}}\n"
+                   "alerts: [{prompt: segment crack, min: 0.01, persistence_frames: 1, cooldown_s: 60}]\n")
+    assert _fired_on_two_frames(load_settings(cfg)) == 1  # the same crack a second later: cooling down
 
 
 def test_alerts_with_every_rule_commented_out_mean_no_rules(tmp_path):

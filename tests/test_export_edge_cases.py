@@ -238,10 +238,27 @@ def test_a_partial_re_export_names_the_files_it_left_from_other_weights(weights,
     assert read_metadata(out / "w_jetson_fp16.onnx").thresholds["crack"] == 0.3
 
 
-def test_the_edge_says_when_a_profiles_ir_was_made_from_other_weights_than_its_onnx(weights, tmp_path, monkeypatch,
-                                                                                    caplog):
-    """A profile on OpenVINO runs its IR first. After a fine-tune exported with --target onnx only, the IR beside the
-    new ONNX is the old model: the device still runs it (the IR is what the profile means there), but says so."""
+def _without_weights_hash(ir: Path) -> None:
+    """Rewrite an IR as an export of an older DrywallQA left it: metadata without weights_sha256."""
+    import openvino as ov
+
+    from drywallqa.contract import METADATA_KEY, WEIGHTS_HASH_KEY
+
+    meta = read_metadata(ir)
+    del meta.extra[WEIGHTS_HASH_KEY]
+    model = ov.Core().read_model(str(ir))
+    model.set_rt_info(meta.to_json(), [METADATA_KEY])
+    older = ir.with_name("older.xml")
+    ov.save_model(model, str(older), compress_to_fp16=True)
+    older.replace(ir)
+    older.with_suffix(".bin").replace(ir.with_suffix(".bin"))
+
+
+def test_a_profile_passes_over_an_ir_that_is_not_the_model_of_its_onnx(weights, tmp_path, monkeypatch, caplog):
+    """A profile on OpenVINO runs its IR first. After a fine-tune (or a new threshold) exported with --target onnx,
+    the IR beside the new ONNX is the old model: the device ran it, with a warning, though every export rewrites the
+    ONNX. An IR of an older DrywallQA (no weights recorded) beside a newer ONNX was run without a word, where before
+    IRs were looked for the ONNX ran. Either is passed over now, said, and the ONNX runs."""
     import logging
 
     from drywallqa.edge.runner import resolve_model_path
@@ -255,11 +272,43 @@ def test_the_edge_says_when_a_profiles_ir_was_made_from_other_weights_than_its_o
     monkeypatch.setenv("DRYWALLQA_HOME", str(tmp_path / "home"))
     with caplog.at_level(logging.WARNING, logger="drywallqa.edge.runner"):
         assert resolve_model_path("lite", "openvino").name == "lite_effnet_lite0_fp16.xml"
-    assert "other weights" not in caplog.text  # one export: one model
+    assert "passed over" not in caplog.text  # one export: one model
 
+    _without_weights_hash(exported / "lite_effnet_lite0_fp16.xml")  # as an export before weights_sha256 left it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="drywallqa.edge.runner"):
+        assert resolve_model_path("lite", "openvino").name == "lite_effnet_lite0.onnx"
+    assert "lite_effnet_lite0_fp16.xml passed over: it records no weights" in caplog.text
+
+    assert main([*argv, "--target", "openvino", "--calib", "0"]) == 0
     set_thresholds(own, {"crack": 0.3})  # another file: the IR is now another model than the ONNX made next
     assert main([*argv, "--target", "onnx"]) == 0
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="drywallqa.edge.runner"):
-        assert resolve_model_path("lite", "openvino").name == "lite_effnet_lite0_fp16.xml"
-    assert "lite_effnet_lite0_fp16.xml was made from other weights than lite_effnet_lite0.onnx" in caplog.text
+        assert resolve_model_path("lite", "openvino").name == "lite_effnet_lite0.onnx"
+    assert "lite_effnet_lite0_fp16.xml passed over: it was made from other weights (compared with " \
+           "lite_effnet_lite0.onnx" in caplog.text
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_called_a_torch_checkpoint(weights, tmp_path,
+                                                                                                  capsys):
+    """A bare pickle starts with byte 0x80, and so does every safetensors file whose header length is 128 modulo 256:
+    a weights file whose tensors do not make its model (1 in 256 of them) was called a torch checkpoint, and the
+    real problem was not said."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from drywallqa.train.checkpoint import read_raw
+
+    header, tensors = read_raw(weights)
+    tensors.pop(sorted(tensors)[-1])  # a tensor short: the model cannot be built from it
+    broken = tmp_path / "w.safetensors"
+    for pad in range(256):
+        save_file(tensors, str(broken), metadata={**header, "note": "x" * pad})
+        if struct.unpack("<Q", broken.read_bytes()[:8])[0] % 256 == 0x80:
+            break
+    assert broken.read_bytes()[:1] == b"\x80"
+    assert main(["export", "--weights", str(broken), "--target", "onnx", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "its tensors do not make that model" in err and "torch checkpoint" not in err, err
