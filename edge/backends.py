@@ -108,6 +108,15 @@ def _openvino_metadata_text(path: Path) -> str | None:
 ENGINE_HASH_KEY = "engine_sha256"  # written into the sidecar's `extra` by export/build_engine.sh
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (engines and weights files run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _tensorrt_metadata_text(path: Path) -> tuple[str | None, Path]:
     """(the metadata text, the file it came from)."""
     sidecar = path.with_suffix(".json")
@@ -138,11 +147,7 @@ def _check_sidecar_is_for(engine: Path, sidecar: Path, text: str) -> None:
         log.warning("%s: carries no %s, so it cannot be checked against %s; rebuild with export/build_engine.sh "
                     "to bind them", sidecar, ENGINE_HASH_KEY, engine.name)
         return
-    digest = hashlib.sha256()
-    with engine.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
+    if file_sha256(engine) != expected:
         raise InvalidModelError(
             f"{sidecar}: this metadata was written for another engine (its {ENGINE_HASH_KEY} does not match "
             f"{engine.name}); rebuild with export/build_engine.sh, which writes the engine and its metadata together"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from drywallqa.contract import WEIGHTS_HASH_KEY
+from drywallqa.edge.backends import file_sha256
 from drywallqa.export.metadata import build_metadata
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[in
     stem = Path(weights).stem
     meta = build_metadata(info, embed_dim=int(model.prompt_embeddings.shape[1]), input_size=size,
                           dynamic_batch=dynamic_batch, model_name=stem)
-    meta.extra[WEIGHTS_HASH_KEY] = _sha256(Path(weights))
+    meta.extra[WEIGHTS_HASH_KEY] = file_sha256(Path(weights))
     out: dict[str, Path] = {}
     onnx_path = export_onnx(model, meta, out_dir / f"{stem}.onnx", dynamic_batch=dynamic_batch)
     out["onnx"] = onnx_path
@@ -178,14 +179,6 @@ def _export_into(weights: str | Path, target: str, out_dir: Path, size: tuple[in
         out["jetson_onnx"] = make_jetson_onnx(static, out_dir / f"{stem}_jetson_fp16.onnx")
         out["jetson_metadata"] = out["jetson_onnx"].with_suffix(".json")  # build_engine.sh binds it to the engine
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_family(stem: str) -> list[str]:

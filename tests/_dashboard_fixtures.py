@@ -35,6 +35,8 @@ from drywallqa.edge.payloads import (
 )
 
 PREFIX = "dqtest"
+# What the page sends with a POST (the server refuses a POST without the custom header: CSRF).
+POST_HEADERS = {"X-DrywallQA": "1", "Content-Type": "application/json"}
 
 
 @contextlib.contextmanager

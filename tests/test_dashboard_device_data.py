@@ -14,6 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from _dashboard_fixtures import (
+    POST_HEADERS,
     PREFIX,
     Publisher,
     alert,
@@ -44,8 +45,6 @@ from drywallqa.edge.payloads import (
     SnapshotPayload,
     topic,
 )
-
-POST_HEADERS = {"X-DrywallQA": "1", "Content-Type": "application/json"}
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from _dashboard_fixtures import (
+    POST_HEADERS,
     PREFIX,
     SecuredBroker,
     http_get,
@@ -34,8 +35,6 @@ from drywallqa.dashboard.auth import COOKIE_NAME
 from drywallqa.dashboard.bridge import BrokerConfig
 from drywallqa.dashboard.cli import main as dashboard_main
 from drywallqa.dashboard.server import DashboardApp, DashboardConfig
-
-POST_HEADERS = {"X-DrywallQA": "1", "Content-Type": "application/json"}
 
 
 @pytest.fixture

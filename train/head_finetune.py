@@ -12,7 +12,6 @@ it resumes from runs/<name>/last.pt and reuses a finished feature cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drywallqa.edge.backends import file_sha256
 from drywallqa.train.checkpoint import load_weights
 from drywallqa.train.cpu_tuning import keep_freed_memory_in_heap
 from drywallqa.train.losses import distillation_loss, segmentation_loss
@@ -44,7 +44,7 @@ STRIDE = 4
 
 
 def _file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(Path(path))[:16]
 
 
 def _read_done(done_file: Path) -> dict:
