@@ -9,7 +9,6 @@ alert can arrive twice but never not at all - consumers deduplicate on event_id.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import sqlite3
@@ -42,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_FAIL_LOG_INTERVAL_S = 60.0
 SPOOL_RETRY_S = 2.0  # while the spool cannot be written: how often the alerts kept in memory are written to it
+OTHER_QOS1_IN_FLIGHT = 16  # QoS 1 statuses and snapshots paho may hold besides the alerts (see _publish_alert)
 
 
 class LogThrottle:
@@ -105,15 +105,15 @@ class EdgeLink:
         self._spool_counted_dropped = spool.dropped()  # the spool's persisted count, as last read
         self._dropped_in_memory = 0  # alerts dropped while the spool could not be written (not in its counter)
         self.spool_error = ""  # set while the spool cannot be written (disk full, read-only): for status
-        # mid -> (event_id, payload) of alerts published from memory only (spool unwritable), until their PUBACK
-        self._unspooled: dict[int, tuple[str, bytes]] = {}
-        self._unspooled_lock = threading.Lock()  # its mid is recorded before its PUBACK is processed
+        # paho's info -> (event_id, payload) of alerts published from memory only (spool unwritable), until their
+        # PUBACK. Alerts are known by their MQTTMessageInfo, never by mid: see _process_acks.
+        self._unspooled: dict[mqtt.MQTTMessageInfo, tuple[str, bytes]] = {}
+        self._unspooled_lock = threading.Lock()  # send_alert's thread adds entries, the delivery thread removes them
         self._failed_bytes = 0  # the size of the latest alert the spool could not take (what a probe writes)
         self._spool_tried_at = 0.0  # monotonic time of the latest retry (_retry_spool)
         self._handed_early: set[int] = set()  # seqs of rows written from memory: with paho already, not handed again
         self._delivery_trouble = LogThrottle()
-        self._acks: collections.deque[int] = collections.deque()
-        self._inflight: dict[int, int] = {}  # mid -> spool seq (owned by the delivery thread)
+        self._inflight: dict[mqtt.MQTTMessageInfo, int] = {}  # paho's info -> spool seq (the delivery thread's)
         self._last_handed = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -233,8 +233,9 @@ class EdgeLink:
                       self.settings.port, self._short_sessions, SHORT_SESSION_S, client_id, client_id)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        # Called with paho's internal lock held: only record the ack, the delivery thread does the rest.
-        self._acks.append(mid)
+        # Only a wake-up: the mid does not say which alert, if any, was acknowledged (see _process_acks). paho calls
+        # this with its lock held and marks the message published right after; should the delivery thread look in
+        # between, its next pass (at most 0.5 s later) finds it.
         self._wake.set()
 
     def _on_message(self, client, userdata, message) -> None:
@@ -251,15 +252,31 @@ class EdgeLink:
 
     # -- delivery thread ---------------------------------------------------------------------------------
     def _process_acks(self) -> None:
-        while self._acks:
-            mid = self._acks.popleft()
-            with self._unspooled_lock:
-                self._unspooled.pop(mid, None)
-            seq = self._inflight.pop(mid, None)
-            if seq is not None:
-                self._handed_early.discard(seq)
-                self.spool.ack(seq)
-                self.delivered += 1
+        """Forget the alerts whose own PUBACK has come, and delete their rows. Asked of each alert's MQTTMessageInfo
+        (paho marks a QoS 1 message published only at its PUBACK), not taken from on_publish's mid: paho numbers
+        every publish, QoS 0 detections too, from one 16-bit counter that wraps after 65,535, and reports a QoS 0
+        message as published once it is sent, so a detection can bring the mid of an alert still unacknowledged."""
+        with self._unspooled_lock:
+            for info in [i for i in self._unspooled if i.is_published()]:
+                del self._unspooled[info]
+        for info in [i for i in self._inflight if i.is_published()]:
+            seq = self._inflight.pop(info)
+            self._handed_early.discard(seq)
+            self.spool.ack(seq)
+            self.delivered += 1
+
+    def _publish_alert(self, alert_topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        """Hand one alert to paho (QoS 1). paho refuses a QoS 1 publish whose mid (its counter wrapped) is still
+        waiting for its PUBACK, with MQTT_ERR_QUEUE_SIZE (no max_queued_messages is set here, so that is its only
+        cause): the next try gets the next mid. A publish while disconnected (MQTT_ERR_NO_CONN) is queued and sent
+        at the reconnect; that rc is cleared, else is_published() would raise even after its PUBACK."""
+        for _ in range(len(self._inflight) + len(self._unspooled) + OTHER_QOS1_IN_FLIGHT):
+            info = self._client.publish(alert_topic, payload, qos=1)
+            if info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                break
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        return info
 
     def _deliver_loop(self) -> None:
         while not self._stop.is_set():
@@ -278,11 +295,11 @@ class EdgeLink:
                         self._handed_early.discard(item.seq)
                         self._last_handed = item.seq
                         continue
-                    info = self._client.publish(item.topic, item.payload, qos=1)
-                    if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                    info = self._publish_alert(item.topic, item.payload)
+                    if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         log.warning("publish of spooled alert %s failed: %s", item.event_id, info.rc)
                         break
-                    self._inflight[info.mid] = item.seq  # paho keeps and re-sends it until PUBACK
+                    self._inflight[info] = item.seq  # paho keeps and re-sends it until PUBACK
                     self._last_handed = item.seq
                 self._process_acks()
                 trouble = self._delivery_trouble
@@ -325,9 +342,9 @@ class EdgeLink:
             self._spool_failed(exc)  # still not: said (again, should a success on another thread have cleared it)
             return
         with self._unspooled_lock:
-            for (mid, _), seq in zip(held, seqs, strict=True):
-                self._unspooled.pop(mid, None)
-                self._inflight[mid] = seq  # its PUBACK (perhaps already queued) now deletes the row
+            for (info, _), seq in zip(held, seqs, strict=True):
+                self._unspooled.pop(info, None)
+                self._inflight[info] = seq  # its PUBACK (perhaps come already) now deletes the row
                 self._handed_early.add(seq)
         if held:
             log.warning("alert spool %s: %d alert(s) kept in memory written to it", self.spool.path, len(held))
@@ -376,12 +393,12 @@ class EdgeLink:
             log.warning("alert %s dropped: the spool cannot be written and %d alerts already wait in memory "
                         "(%d dropped in total)", alert.event_id, len(self._unspooled), self.spool_dropped)
             return
-        with self._unspooled_lock:
-            info = self._client.publish(self.topic_alerts, payload, qos=1)
-            if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                # paho keeps (and after a reconnect re-sends) it until its PUBACK; kept here to be spooled later
-                self._unspooled[info.mid] = (alert.event_id, payload)
-                return
+        info = self._publish_alert(self.topic_alerts, payload)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # paho keeps (and after a reconnect re-sends) it until its PUBACK; kept here to be spooled later
+            with self._unspooled_lock:
+                self._unspooled[info] = (alert.event_id, payload)
+            return
         self._dropped_in_memory += 1
         log.error("alert %s lost: the spool cannot be written and publishing failed: %s", alert.event_id, info.rc)
 
