@@ -23,6 +23,7 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -135,6 +136,15 @@ class RuleSettings(_Section):
     # Set by EdgeSettings: the source is photos (a folder, glob or image file, not looped), each judged alone.
     _photos: bool = PrivateAttr(default=False)
 
+    @field_validator("min", "persistence_frames", "cooldown_s", mode="before")
+    @classmethod
+    def _not_a_bool(cls, v: Any) -> Any:
+        """pydantic would read true as 1: `min: yes` on area_fraction would then wait for a frame all crack."""
+        if isinstance(v, bool):
+            raise ValueError(f"must be a number, not {str(v).lower()} (YAML reads yes/no, on/off and true/false "
+                             f"as true or false)")
+        return v
+
     @model_validator(mode="after")
     def _reachable(self) -> RuleSettings:
         if self.metric in FRACTION_METRICS and self.min > 1.0:
@@ -153,6 +163,20 @@ class RuleSettings(_Section):
         """0 on photos: every photo with a finding alerts. A cool-down in processing time would keep the alerts of
         all but the first of a batch synced at once, and fewer the faster the device."""
         return 0.0 if self._photos else self.cooldown_s
+
+
+def rule_label(index: int, rule: Any) -> str:
+    """'alert rule 2: {prompt: segment crack, min: 0.01}': a rule as the user counts (from 1, in the order of the
+    file) and wrote it (a RuleSettings: the fields it set), so an error says which of several rules is meant."""
+    if isinstance(rule, BaseModel):  # 80, not 80.0, for `min: 80`
+        rule = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                for k, v in rule.model_dump(include=rule.model_fields_set).items()}
+    try:  # one flow-style item, e.g. {prompt: crack, min: 5} or crack, as YAML writes it
+        text = yaml.safe_dump([rule], default_flow_style=True, sort_keys=False, allow_unicode=True,
+                              width=2**20).strip()[1:-1]
+    except yaml.YAMLError:
+        text = repr(rule)
+    return f"alert rule {index + 1}: {text if len(text) <= 160 else text[:157] + '...'}"
 
 
 class AnalysisSettings(_Section):
@@ -248,8 +272,8 @@ class EdgeSettings(BaseSettings):
     source: SourceSettings = Field(default_factory=SourceSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
-    alerts: list[RuleSettings] = Field(default_factory=list, description="alert rules; none (or `alerts:` "
-                                       "with every rule commented out): no alerts")
+    alerts: list[RuleSettings] = Field(default_factory=list, description="alert rules; none (`alerts: []`, "
+                                       "`alerts: {}` or `alerts:` with every rule commented out): no alerts")
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -271,13 +295,47 @@ class EdgeSettings(BaseSettings):
     @field_validator("alerts", mode="before")
     @classmethod
     def _rule_list(cls, v: Any) -> Any:
-        if v is None:  # `alerts:` with every rule commented out
+        if v is None or (isinstance(v, dict) and not v):  # `alerts:` with every rule commented out, `alerts: {}`
             return []
         if isinstance(v, dict) and not all(str(k).isdigit() for k in v):  # {"0": ...}: items set in the environment
             raise PydanticCustomError(  # a list_type error still, which _env_note explains for the environment
                 "list_type", "must be a list of rules, each starting with '- ' under `alerts:`, e.g. "
                 "'  - {prompt: segment crack, metric: area_fraction, min: 0.01}'")
         return v
+
+    @field_validator("alerts", mode="wrap")
+    @classmethod
+    def _errors_name_their_rule(cls, v: Any, handler: ValidatorFunctionWrapHandler) -> list[RuleSettings]:
+        """Each error inside a rule carries `rule_label` in its ctx: `alerts.3.min` alone leaves a user counting
+        from 0 through a long list (format_validation_error shows it)."""
+        try:
+            return handler(v)
+        except ValidationError as exc:
+            errors = []
+            for err in exc.errors():
+                ctx = dict(err.get("ctx") or {})
+                index = err["loc"][0] if err["loc"] else None
+                if isinstance(v, list) and isinstance(index, int) and 0 <= index < len(v):
+                    ctx["rule"] = rule_label(index, v[index])
+                errors.append({"type": PydanticCustomError(err["type"], err["msg"], ctx or None),
+                               "loc": err["loc"], "input": err["input"]})
+            raise ValidationError.from_exception_data(exc.title, errors) from None
+
+    @field_validator("alerts")
+    @classmethod
+    def _no_repeated_rule(cls, rules: list[RuleSettings]) -> list[RuleSettings]:
+        """A rule written twice is most likely a copy whose prompt or threshold was meant to change: the rule meant
+        (e.g. one on taping) would be missing unseen."""
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(rules):
+            key = json.dumps(rule.model_dump(), sort_keys=True)
+            if key in seen:
+                raise PydanticCustomError(
+                    "repeated_rule", f"{rule_label(i, rule)} repeats {rule_label(seen[key], rules[seen[key]])} "
+                    f"(the same prompt, metric, min, persistence_frames and cooldown_s): remove one, or change it to "
+                    f"the rule you meant")
+            seen[key] = i
+        return rules
 
     @model_validator(mode="after")
     def _rules_on_photos(self) -> EdgeSettings:
@@ -332,6 +390,8 @@ def format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid edge configuration ({origin}):"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if "rule" in err.get("ctx", {}):  # an error inside an alert rule: which one, as written
+            field += f" ({err['ctx']['rule']})"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; see configs/edge.yaml for every setting)"
