@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drywallqa.edge.durable import replace_durably
 from drywallqa.edge.payloads import AlertPayload, ClassResult
 from drywallqa.edge.settings import RuleSettings
 
 log = logging.getLogger(__name__)
+
+PhotoKey = tuple[str, int, int]  # a watched photo's path, size and mtime_ns (WatchedFolderSource's frame key)
+# The uuid5 namespace of photo_event_id: fixed for good (another one would give every photo's alerts new ids).
+_PHOTO_ALERTS = uuid.UUID("5c0f7d2e-3b1a-5e8c-9d4f-0a6b2c8e1f37")
 
 
 @dataclass
@@ -97,10 +101,22 @@ class AlertEngine:
         return fired
 
 
-def make_alert(firing: Firing, *, device_id: str, frame_id: int, timestamp: float, snapshot_b64: str) -> AlertPayload:
+def photo_event_id(device_id: str, photo: PhotoKey, class_name: str, rule: str) -> str:
+    """The event_id of an alert on a watched photo: the same in every run for the same photo (path, size, mtime_ns),
+    class and rule. A photo whose alert reached the broker from memory only (spool disk full) is processed again
+    after a restart; its alert then repeats the id, and consumers drop it as the duplicate it is."""
+    path, size, mtime_ns = photo
+    return uuid.uuid5(_PHOTO_ALERTS, json.dumps([device_id, path, size, mtime_ns, class_name, rule])).hex
+
+
+def make_alert(firing: Firing, *, device_id: str, frame_id: int, timestamp: float, snapshot_b64: str,
+               photo: PhotoKey | None = None) -> AlertPayload:
+    """An alert of `firing`; its event_id is random, or photo_event_id for a frame that is a watched `photo`."""
     r = firing.result
+    event_id = (photo_event_id(device_id, photo, r.class_name, firing.rule.label) if photo is not None
+                else uuid.uuid4().hex)
     return AlertPayload(
-        event_id=uuid.uuid4().hex,
+        event_id=event_id,
         device_id=device_id,
         timestamp=timestamp,
         frame_id=frame_id,
@@ -135,7 +151,6 @@ def read_cooldowns(path: Path) -> dict[str, float]:
 
 
 def write_cooldowns(path: Path, fired_wall: dict[str, float]) -> None:
-    """Replace the file whole (a crash leaves the old one or the new one, never half of one); raises OSError."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(fired_wall), encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace the file whole (a crash or power cut leaves the old one or the new one, never half of one or an empty
+    one); raises OSError."""
+    replace_durably(path, json.dumps(fired_wall).encode())

@@ -531,8 +531,11 @@ def auto_backend_name(model_path: str | Path) -> str:
 
 
 def load_backend(model_path: str | Path, backend: str = "auto", threads: int | None = None,
-                 cpu_isa: str = "native", openvino_device: str | None = None) -> InferenceBackend:
-    """Open an exported model with the chosen runtime; metadata comes from the file (InvalidModelError if absent)."""
+                 cpu_isa: str = "native", openvino_device: str | None = None,
+                 metadata: ModelMetadata | None = None) -> InferenceBackend:
+    """Open an exported model with the chosen runtime; metadata comes from the file (InvalidModelError if absent),
+    unless the caller passes what `read_metadata` gave it for this file a moment ago (read once: an engine's
+    sidecar warned about once)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     path = _existing(model_path)
@@ -540,7 +543,8 @@ def load_backend(model_path: str | Path, backend: str = "auto", threads: int | N
         backend = auto_backend_name(path)
     if backend == "tensorrt":
         _import_tensorrt()  # clear error before touching the file
-    metadata = read_metadata(path)
+    if metadata is None:
+        metadata = read_metadata(path)
     if backend == "onnxruntime":
         return OnnxRuntimeBackend(path, metadata, threads=threads)
     if backend == "openvino":

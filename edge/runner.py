@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from drywallqa.edge.alerts import AlertEngine, cooldowns_path, make_alert, read_cooldowns, write_cooldowns
+from drywallqa.edge.alerts import (
+    AlertEngine,
+    PhotoKey,
+    cooldowns_path,
+    make_alert,
+    read_cooldowns,
+    write_cooldowns,
+)
 from drywallqa.edge.analysis import WatchedClass, analyze_class
 from drywallqa.edge.broker import EmbeddedBroker, maybe_start_embedded
 from drywallqa.edge.capture import Capture, CaptureStats, Frame
@@ -40,7 +47,14 @@ from drywallqa.edge.payloads import (
 )
 from drywallqa.edge.render import draw_masks, jpeg_b64
 from drywallqa.edge.sdnotify import Watchdog, notify
-from drywallqa.edge.settings import ConfigError, EdgeSettings, ModelSettings, SpoolSettings
+from drywallqa.edge.settings import (
+    ConfigError,
+    EdgeSettings,
+    ModelSettings,
+    RuleSettings,
+    SpoolSettings,
+    rule_label,
+)
 from drywallqa.edge.sources import check_source_exists, make_source, watch_record_path
 from drywallqa.edge.spool import (
     Spool,
@@ -52,6 +66,7 @@ from drywallqa.edge.spool import (
     spool_path_mistake,
 )
 from drywallqa.paths import PROFILES, exported_dir
+from drywallqa.vocab import UnknownPromptError
 
 if TYPE_CHECKING:
     from drywallqa.contract import ModelMetadata
@@ -91,8 +106,9 @@ def load_segmenter(model: ModelSettings, aliases: dict[str, str] | None = None) 
     from drywallqa.edge.inference import PromptSegmenter
     from drywallqa.vocab import VocabularyError
 
-    path = resolve_model_path(model.path, model.backend)
-    backend = load_backend(path, model.backend, model.threads, model.openvino_cpu_isa, model.openvino_device)
+    path, metadata = _resolve_model(model.path, model.backend)
+    backend = load_backend(path, model.backend, model.threads, model.openvino_cpu_isa, model.openvino_device,
+                           metadata=metadata)
     try:
         return path, PromptSegmenter(backend, flip_tta=model.flip_tta, aliases=aliases)
     except VocabularyError as exc:
@@ -139,14 +155,15 @@ def _why_not_the_onnx_model(ours: ModelMetadata | None, theirs: ModelMetadata) -
     return ""
 
 
-def _may_run(chosen: Path, onnx: Path) -> bool:
-    """Whether a profile runs `chosen` rather than the ONNX beside it. Every export rewrites the ONNX, so an IR not
-    shown to be its model is left from an earlier export (a fine-tune or a new threshold exported with --target onnx,
-    or an export of an older DrywallQA): passed over, said, and the ONNX runs, as before IRs were looked for. An
+def _may_run(chosen: Path, onnx: Path) -> tuple[bool, ModelMetadata | None]:
+    """Whether a profile runs `chosen` rather than the ONNX beside it, and `chosen`'s metadata when it was read (for
+    the loader: an engine's sidecar read twice would be warned about twice). Every export rewrites the ONNX, so an IR
+    not shown to be its model is left from an earlier export (a fine-tune or a new threshold exported with --target
+    onnx, or an export of an older DrywallQA): passed over, said, and the ONNX runs, as before IRs were looked for. An
     engine, built on the device, is still taken (the ONNX would run on the CPU), said if made from other weights."""
     theirs = _metadata_or_none(onnx) if chosen != onnx and onnx.is_file() else None
     if theirs is None:
-        return True  # no ONNX to compare with (a broken one is said when it is loaded)
+        return True, None  # no ONNX to compare with (a broken one is said when it is loaded)
     ours = _metadata_or_none(chosen)
     if chosen.name.endswith(_EXPORTED_IRS):
         why = _why_not_the_onnx_model(ours, theirs)
@@ -154,22 +171,29 @@ def _may_run(chosen: Path, onnx: Path) -> bool:
             log.warning("model %s passed over: %s (compared with %s beside it, which every export rewrites); "
                         "running %s. Export again with --target openvino (or all) to run the IR", chosen.name, why,
                         onnx.name, onnx.name)
-        return not why
+        return not why, ours
     if _weights_of(ours) and _weights_of(theirs) and _weights_of(ours) != _weights_of(theirs):
         log.warning("model %s was made from other weights than %s beside it (an export since left it): running %s; "
                     "rebuild it (export/build_engine.sh on the Jetson export of these weights), or delete it", chosen.name,
                     onnx.name, chosen.name)
-    return True
+    return True, ours
 
 
 def resolve_model_path(spec: str, backend: str = "auto") -> Path:
     """A profile name (hrnet | lite) -> its exported file; otherwise the path itself, which must exist."""
+    return _resolve_model(spec, backend)[0]
+
+
+def _resolve_model(spec: str, backend: str) -> tuple[Path, ModelMetadata | None]:
+    """resolve_model_path, with the file's metadata where choosing it read that (None: the loader reads it)."""
     if spec in PROFILES:
         folder, stem = exported_dir(), PROFILES[spec]
         tried = [folder / f"{stem}{suf}" for suf in _suffixes_for(backend)]
         for p in tried:
-            if p.is_file() and _may_run(p, folder / f"{stem}.onnx"):
-                return p
+            if p.is_file():
+                runs, metadata = _may_run(p, folder / f"{stem}.onnx")
+                if runs:
+                    return p, metadata
         how = (
             f"build one on the device with export/build_engine.sh from `drywallqa export --profile {spec} "
             f"--target jetson` (see Dockerfile.jetson)"
@@ -186,16 +210,20 @@ def resolve_model_path(spec: str, backend: str = "auto") -> Path:
                           f"a profile: {', '.join(PROFILES)})")
     if not path.is_file():
         raise ConfigError(f"model.path: file not found: {path} (or use a profile: {', '.join(PROFILES)})")
-    return path
+    return path, None
 
 
-def unwatched_rules(engine: AlertEngine, watched: list[WatchedClass], raise_as: type[Exception]) -> None:
-    """Raise `raise_as` when an alert rule watches a class that no analysed prompt covers: it could never fire."""
+def unwatched_rules(engine: AlertEngine, rules: list[RuleSettings], watched: list[WatchedClass],
+                    raise_as: type[Exception]) -> None:
+    """Raise `raise_as` when an alert rule watches a class that no analysed prompt covers: it could never fire.
+    `rules` are the settings' rules the engine was made from, in its order: the message names each as written."""
     classes = {w.class_name for w in watched}
-    missing = sorted({rule.class_name for rule in engine.rules} - classes)
-    if missing:
-        raise raise_as(f"alerts: rules watch class(es) {missing}, but the prompts "
-                       f"{[w.prompt for w in watched]} cover none of them; add a prompt for each")
+    unwatched = [(i, rule.class_name) for i, rule in enumerate(engine.rules) if rule.class_name not in classes]
+    if unwatched:
+        which = "; ".join(f"alerts.{i} ({rule_label(i, rules[i])}) watches {name!r}" for i, name in unwatched)
+        raise raise_as(f"alerts: rules watch class(es) {sorted({name for _, name in unwatched})}, but the prompts "
+                       f"{[w.prompt for w in watched]} cover none of them: {which}; add a prompt for each, or "
+                       f"remove the rule")
 
 
 def open_spool(settings: SpoolSettings, instance: str | None = None) -> Spool:
@@ -238,6 +266,15 @@ def open_spool(settings: SpoolSettings, instance: str | None = None) -> Spool:
                           f"writable file, e.g. under $STATE_DIRECTORY)") from exc
     spool.moved_aside = moved_aside
     return spool
+
+
+def _photo_of(frame: Frame) -> PhotoKey | None:
+    """The watched photo (path, size, mtime_ns) a frame is, which names it across restarts; None for the frames of a
+    camera, stream or video (their alerts keep random event_ids)."""
+    key = frame.key
+    if isinstance(key, tuple) and len(key) == 3 and isinstance(key[0], str):
+        return key  # type: ignore[return-value]
+    return None
 
 
 @dataclass
@@ -319,8 +356,13 @@ class EdgeRunner:
 
     def resolve_rules(self, watched: list[WatchedClass]) -> AlertEngine:
         """The alert rules, each checked to watch a class that `watched` analyses (else it could never fire)."""
+        for i, rule in enumerate(self.settings.alerts):  # a prompt not known: which rule (analysis.prompts has one too)
+            try:
+                self._resolve_class(rule.prompt)
+            except UnknownPromptError as exc:
+                raise ConfigError(f"alerts.{i} ({rule_label(i, rule)}): {exc}") from exc
         engine = AlertEngine.from_settings(self.settings.alerts, self._resolve_class)
-        unwatched_rules(engine, watched, raise_as=ConfigError)
+        unwatched_rules(engine, self.settings.alerts, watched, raise_as=ConfigError)
         if any((r.applied_persistence_frames, r.applied_cooldown_s) != (r.persistence_frames, r.cooldown_s)
                for r in self.settings.alerts):
             log.info("source %s is photos: the alert rules judge each photo alone (persistence_frames 1, cooldown_s "
@@ -334,7 +376,8 @@ class EdgeRunner:
                               f"{', '.join(self.meta.classes)}")
         for i, rule in enumerate(engine.rules):  # a length is measured only for these classes: 0 for the others
             if rule.metric == "skeleton_length_px" and rule.min > 0 and rule.class_name not in skeleton_classes:
-                raise ConfigError(f"alerts.{i}: a skeleton_length_px rule on class {rule.class_name!r} could never "
+                raise ConfigError(f"alerts.{i} ({rule_label(i, self.settings.alerts[i])}): a skeleton_length_px "
+                                  f"rule on class {rule.class_name!r} could never "
                                   f"fire: lengths are measured only for analysis.skeleton_classes "
                                   f"{skeleton_classes} (the model's classes: {', '.join(self.meta.classes)})")
         return engine
@@ -450,7 +493,7 @@ class EdgeRunner:
                 if not cmd.prompts:
                     raise ValueError("set_prompts needs a non-empty 'prompts' list")
                 watched = self.resolve_prompts(cmd.prompts)
-                unwatched_rules(self.engine, watched, raise_as=ValueError)  # alerts must not go quiet unseen
+                unwatched_rules(self.engine, self.settings.alerts, watched, raise_as=ValueError)  # not quiet unseen
                 self.watched = watched
                 if self.last_error.startswith(SET_PROMPTS_REJECTED):  # not an unrelated error (a failed frame)
                     self.last_error = ""
@@ -528,7 +571,7 @@ class EdgeRunner:
             side = s.mqtt.snapshot_max_side
             snapshot = jpeg_b64(draw_masks(frame.image, snap_masks, max_side=side), side)
             alert = make_alert(firing, device_id=s.mqtt.device_id, frame_id=frame.frame_id,
-                               timestamp=frame.wall_time, snapshot_b64=snapshot)
+                               timestamp=frame.wall_time, snapshot_b64=snapshot, photo=_photo_of(frame))
             if not self.link.send_alert(alert):
                 frame.alerts_in_memory = True  # not spooled: a restart before the broker has it loses it
             self.stats.alerts += 1

@@ -27,6 +27,7 @@ from typing import NoReturn, TextIO
 import cv2
 import numpy as np
 
+from drywallqa.edge.durable import replace_durably
 from drywallqa.edge.settings import ConfigError
 from drywallqa.imageio import READ_SUFFIXES, ImageIOError, ImageReadError, read_image_rgb
 
@@ -550,23 +551,12 @@ class WatchRecord:
         if self.path is None:
             return
         self.close()
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        lines = [json.dumps({"drywallqa-watched": self.VERSION, "uri": self.uri}) + "\n"]
+        lines += [json.dumps([p, s, m]) + "\n" for p, (s, m) in entries.items()]
+        lines += [json.dumps([p, s, m, "attempt"]) + "\n" for p, (s, m, n) in self.attempts.items() for _ in range(n)]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps({"drywallqa-watched": self.VERSION, "uri": self.uri}) + "\n")
-                f.writelines(json.dumps([p, s, m]) + "\n" for p, (s, m) in entries.items())
-                f.writelines(json.dumps([p, s, m, "attempt"]) + "\n" for p, (s, m, n) in self.attempts.items()
-                             for _ in range(n))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            with contextlib.suppress(OSError):  # the rename itself durable; not every file system allows it
-                dir_fd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            replace_durably(self.path, "".join(lines).encode("utf-8"))
         except OSError as exc:
             self._failed(exc)
             self._lines = -1
