@@ -51,6 +51,7 @@ from drywallqa.train.data.split import (
     grouped_split,
     leaked_bases,
     read_split,
+    side_sizes,
     split_sizes,
     write_split,
 )
@@ -233,6 +234,18 @@ class Example:
     skipped: str | None = None
 
 
+def _label_skip(record: ImageRecord, labels: ParsedLabels) -> str | None:
+    """Why an image's labels cannot be used (file missing or unreadable, not in its COCO file, every line rejected);
+    None for usable labels, an empty label file (a genuine negative) too."""
+    fatal = [i for i in labels.issues if i.fatal]
+    if fatal:
+        return f"{record.image_path}: {fatal[0].reason} ({fatal[0].path})"
+    if labels.issues and not labels.objects:
+        return (f"{record.image_path}: no usable label ({len(labels.issues)} rejected, see the label issues); fix "
+                f"{record.label_path} (an empty label file marks an image with nothing to find)")
+    return None
+
+
 def load_labelled(record: ImageRecord, fmt: str, box_strategy: str) -> Example:
     """Decode + rasterise one image; unreadable images, missing label files and label files whose every
     line was rejected become a skip reason (an empty label file is a genuine negative and is kept)."""
@@ -242,13 +255,9 @@ def load_labelled(record: ImageRecord, fmt: str, box_strategy: str) -> Example:
         return Example(record, skipped=str(exc))
     h, w = image.shape[:2]
     labels = labels_for(record, fmt, h, w)
-    fatal = [i for i in labels.issues if i.fatal]
-    if fatal:
-        return Example(record, labels=labels, skipped=f"{record.image_path}: {fatal[0].reason} ({fatal[0].path})")
-    if labels.issues and not labels.objects:
-        return Example(record, labels=labels, skipped=f"{record.image_path}: no usable label ({len(labels.issues)} "
-                       f"rejected, see the label issues); fix {record.label_path} (an empty label file marks an "
-                       f"image with nothing to find)")
+    skipped = _label_skip(record, labels)
+    if skipped is not None:
+        return Example(record, labels=labels, skipped=skipped)
     try:
         mask = rasterize(labels.objects, h, w, box_strategy)
     except ValueError as exc:
@@ -256,7 +265,50 @@ def load_labelled(record: ImageRecord, fmt: str, box_strategy: str) -> Example:
     return Example(record, image, mask, labels)
 
 
+def label_skip_reason(record: ImageRecord) -> str | None:
+    """`load_labelled`'s skip reason for the labels alone, read without decoding the image (YOLO coordinates are
+    normalised; a COCO image is read at the size its file gives), with the first rejected line; None: usable."""
+    if record.label_format == "coco":
+        entry = coco.load_coco_cached(record.label_path).images.get(record.file, {})  # absent: "not listed"
+        labels = labels_for(record, "coco", int(entry.get("height", 0)), int(entry.get("width", 0)))
+    else:
+        labels = read_yolo_labels(record.label_path, 1, 1, record.class_ids)
+    reason = _label_skip(record, labels)
+    rejected = [i for i in labels.issues if not i.fatal]
+    return f"{reason}; first rejected line: {rejected[0]}" if reason and rejected else reason
+
+
+def split_records(records: dict[str, list[ImageRecord]]) -> tuple[dict[str, list[ImageRecord]], dict[str, list[str]]]:
+    """(the records the split file lists, why each other one is left out), by dataset.
+
+    An image whose labels cannot be used is never trained or evaluated on, so the split file does not list it and
+    the split sizes do not count it; `data split` and `data prepare` leave out the same images."""
+    used: dict[str, list[ImageRecord]] = {}
+    left_out: dict[str, list[str]] = {}
+    for ds, recs in records.items():
+        reasons = [(r, label_skip_reason(r)) for r in recs]
+        used[ds] = [r for r, reason in reasons if reason is None]
+        left_out[ds] = [reason for _, reason in reasons if reason is not None]
+    return used, left_out
+
+
+def listed_records(records: dict[str, list[ImageRecord]],
+                   skipped: list[ImageRecord]) -> dict[str, list[ImageRecord]]:
+    """`split_records`' first part, from a prepare run: of the images it skipped, those whose labels cannot be used
+    are left out (an unreadable photo with usable labels stays listed: `data split` cannot tell it apart); every
+    cached image has usable labels. So the labels are read again only for the skipped images."""
+    unlisted = {r for r in skipped if label_skip_reason(r) is not None}
+    return {ds: [r for r in recs if r not in unlisted] for ds, recs in records.items()}
+
+
+def image_sizes(split: dict[str, dict[str, str]], records: dict[str, list[ImageRecord]]) -> dict[str, dict[str, int]]:
+    """Split sizes counted in images, not split entries: two photos of one name in two splits of a dataset
+    (train/images/IMG_1.jpg, valid/images/IMG_1.jpg) share one entry, and one side, but both are used."""
+    return {ds: side_sizes((r.file, split[ds][r.file]) for r in recs) for ds, recs in records.items()}
+
+
 def build_split(setup: DataSetup, records: dict[str, list[ImageRecord]]) -> dict[str, dict[str, str]]:
+    """The grouped split of `records` (give `split_records`' first part: the images with usable labels)."""
     split = {
         ds: grouped_split(ds, [r.file for r in recs], setup.val_fraction, setup.seed)
         for ds, recs in records.items()
@@ -380,8 +432,10 @@ def require_label_folders(setup: DataSetup) -> None:
 
 
 def unassigned_images(split: dict[str, dict[str, str]], records: dict[str, list[ImageRecord]]) -> int:
-    """How many images on disk the split file does not list (on neither side)."""
-    return sum(r.file not in split.get(ds, {}) for ds, recs in records.items() for r in recs)
+    """How many images on disk with usable labels the split file does not list (on neither side); one without is
+    never listed (`split_records`), so running `data split` again would not assign it."""
+    return sum(r.file not in split.get(ds, {}) and label_skip_reason(r) is None
+               for ds, recs in records.items() for r in recs)
 
 
 def warn_unassigned(count: int, split_file: Path) -> None:
@@ -413,14 +467,34 @@ def split_warnings(sizes: dict[str, dict[str, int]], command: str, config: str |
     return warnings
 
 
+def require_labelled(setup: DataSetup, records: dict[str, list[ImageRecord]], left_out: dict[str, list[str]]) -> None:
+    """`data split`'s form of `require_kept`: a dataset none of whose images has usable labels is an error (its split
+    would be empty, and the empty-side warnings would give the wrong advice)."""
+    for spec in setup.specs:
+        if left_out[spec.name] and len(left_out[spec.name]) == len(records[spec.name]):
+            raise DataError(f"dataset {spec.name!r}: none of its {len(records[spec.name])} images could be used "
+                            f"(first: {left_out[spec.name][0]}); fix its labels or remove it from "
+                            f"{setup.config_path}. Nothing was written")
+
+
+def warn_left_out(left_out: dict[str, list[str]]) -> None:
+    for ds, reasons in left_out.items():
+        if reasons:
+            print(f"drywallqa: warning: {len(reasons)} images of {ds!r} are not in the split, their labels cannot be "
+                  f"used (first: {reasons[0]}); `drywallqa data prepare` lists them all", file=sys.stderr)
+
+
 def write_split_file(setup: DataSetup, split_file: Path | None = None) -> tuple[Path, dict[str, dict[str, int]]]:
-    """`drywallqa data split`: (re)write the grouped split file only."""
+    """`drywallqa data split`: (re)write the grouped split file only; the sizes are of the images it assigns."""
     target = check_split_target(split_file or setup.split_file)
     records = collect_records(setup)
     require_images(setup, records)
-    split = build_split(setup, records)
+    used, left_out = split_records(records)
+    require_labelled(setup, records, left_out)
+    split = build_split(setup, used)
     write_split(target, split, setup.seed, setup.val_fraction)
-    return target, split_sizes(split)
+    warn_left_out(left_out)
+    return target, image_sizes(split, used)
 
 
 def _iter_examples(items: list[tuple[ImageRecord, str]], box_strategy: str, workers: int) -> Iterator[Example]:
@@ -489,14 +563,17 @@ def _add_example(ex: Example, summary: PrepareSummary, first_skip: dict[str, str
 
 
 def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split: dict[str, dict[str, str]],
-                  sizes: list[int], out_dir: Path, summary: PrepareSummary, workers: int, progress: bool) -> None:
-    """Decode, rasterise and cache every image; on any failure every work folder is removed, old caches kept."""
+                  sizes: list[int], out_dir: Path, summary: PrepareSummary, workers: int,
+                  progress: bool) -> list[ImageRecord]:
+    """Decode, rasterise and cache every image; returns the skipped ones. On any failure every work folder is
+    removed, old caches kept."""
     vocab = load_vocabulary()
     fmt_of = {s.name: s.format for s in setup.specs}
     items = [(r, fmt_of[ds]) for ds in records for r in records[ds]]
     writers: dict[int, CacheWriter] = {}
     meta: list[dict] = []
     first_skip: dict[str, str] = {}
+    skipped: list[ImageRecord] = []
     try:
         for size in sorted(set(sizes)):
             writers[size] = CacheWriter(out_dir, size, len(items))
@@ -504,6 +581,7 @@ def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split
         for ex in _iter_examples(items, setup.box_strategy, workers):
             bar.update(1)
             if not _add_example(ex, summary, first_skip):
+                skipped.append(ex.record)
                 continue
             assert ex.image is not None and ex.mask is not None
             for size, writer in writers.items():
@@ -515,14 +593,15 @@ def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split
         require_kept(setup, records, summary, first_skip)
         # The sizes (and their warnings) of what training and eval get: a skipped photo is on neither side, so a
         # side whose every photo was skipped (no label files, say) reads 0, not the split file's count.
-        summary.split = split_sizes({s.name: {m["file"]: m["split"] for m in meta if m["dataset"] == s.name}
-                                     for s in setup.specs})
+        summary.split = {s.name: side_sizes((m["file"], m["split"]) for m in meta if m["dataset"] == s.name)
+                         for s in setup.specs}
         info = {"classes": list(vocab.classes), "box_strategy": setup.box_strategy, "mask_values": [0, 1],
                 "fingerprint": summary.fingerprint, "split_file": summary.split_file}
         for writer in writers.values():  # every size complete before any old cache is replaced
             writer.seal(meta, info)
         for size, writer in writers.items():
             summary.caches[size] = str(writer.publish())
+        return skipped
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -547,7 +626,7 @@ def prepare(
     records = collect_records(setup)
     require_images(setup, records)
     require_label_folders(setup)
-    split = build_split(setup, records)
+    split = build_split(setup, records)  # the side of every image, for the caches (a side depends on its name alone)
     summary = PrepareSummary(split=split_sizes(split), split_file=str(target),
                              fingerprint=fingerprint(records, setup.box_strategy), config=str(setup.config_path))
     summary.issues += coco_file_issues(setup, records)
@@ -556,8 +635,9 @@ def prepare(
     # SIGTERM ends the run as Ctrl-C does: through the cleanup that removes the half-written work folders (their
     # disk space reserved up front: gigabytes at --sizes 512).
     with sigterm_as_interrupt():
-        _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
-    write_split(target, split, setup.seed, setup.val_fraction)
+        skipped = _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
+        listed = build_split(setup, listed_records(records, skipped))
+    write_split(target, listed, setup.seed, setup.val_fraction)
     (out_dir / "prepare_summary.json").write_text(json.dumps(summary.as_dict(), indent=1) + "\n", encoding="utf-8")
     return summary
 
@@ -571,6 +651,7 @@ def records_in_split(setup: DataSetup, side: str, skip_missing: bool = False) ->
     specs = [s for s in setup.specs if s.root.is_dir()] if skip_missing else setup.specs
     records = collect_records(DataSetup(specs, setup.box_strategy, setup.split_file, setup.val_fraction,
                                         setup.seed, setup.config_path))
-    split = read_split(setup.split_file) if setup.split_file.is_file() else build_split(setup, records)
+    split = (read_split(setup.split_file) if setup.split_file.is_file()
+             else build_split(setup, split_records(records)[0]))
     warn_unassigned(unassigned_images(split, records), setup.split_file)
     return {ds: [r for r in recs if split.get(ds, {}).get(r.file) == side] for ds, recs in records.items()}

@@ -53,6 +53,11 @@ class ImageRecord:
         return self.name or self.image_path.name
 
     @property
+    def label_format(self) -> str:
+        """'coco' when the label is its split's COCO annotation file (JSON), else 'yolo' (one .txt per image)."""
+        return "coco" if self.label_path.suffix.lower() == ".json" else "yolo"
+
+    @property
     def image_id(self) -> str:
         return PurePosixPath(self.file).with_suffix("").as_posix().replace("/", SUBFOLDER_SEPARATOR)
 

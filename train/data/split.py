@@ -116,18 +116,21 @@ def leaked_bases(split: dict[str, dict[str, str]]) -> dict[str, list[str]]:
     return leaks
 
 
+def side_sizes(files: Iterable[tuple[str, str]]) -> dict[str, int]:
+    """{'train': images, 'val': images, 'train_bases': n, 'val_bases': n} of (file name, side) pairs, one pair per
+    image: two photos of one name (in two splits of a dataset) share one entry of the split file but are two images."""
+    row = {"train": 0, "val": 0, "train_bases": 0, "val_bases": 0}
+    bases: dict[str, set[str]] = {"train": set(), "val": set()}
+    for name, side in files:
+        row[side] = row.get(side, 0) + 1
+        bases.setdefault(side, set()).add(base_name(name))
+    row["train_bases"], row["val_bases"] = len(bases["train"]), len(bases["val"])
+    return row
+
+
 def split_sizes(split: dict[str, dict[str, str]]) -> dict[str, dict[str, int]]:
-    """dataset -> {'train': images, 'val': images, 'train_bases': n, 'val_bases': n}."""
-    out: dict[str, dict[str, int]] = {}
-    for dataset, files in split.items():
-        row = {"train": 0, "val": 0, "train_bases": 0, "val_bases": 0}
-        bases: dict[str, set[str]] = {"train": set(), "val": set()}
-        for name, side in files.items():
-            row[side] = row.get(side, 0) + 1
-            bases.setdefault(side, set()).add(base_name(name))
-        row["train_bases"], row["val_bases"] = len(bases["train"]), len(bases["val"])
-        out[dataset] = row
-    return out
+    """dataset -> {'train': images, 'val': images, 'train_bases': n, 'val_bases': n}, one image per entry."""
+    return {dataset: side_sizes(files.items()) for dataset, files in split.items()}
 
 
 def files_in_split(split: dict[str, dict[str, str]], dataset: str, side: str) -> list[str]:
