@@ -340,10 +340,12 @@ class EdgeSettings(BaseSettings):
     @model_validator(mode="after")
     def _rules_on_photos(self) -> EdgeSettings:
         """Photos (a folder, a glob, an image file) are judged one by one: see RuleSettings.applied_*. Not with
-        `loop: true`, which shows the same photos again at every pass: the cool-down keeps those from alerting again."""
+        `loop: true`, which shows the same photos again at every pass: the cool-down keeps those from alerting again.
+        A watched folder never ends, so it never loops: `loop` does not apply to it."""
         from drywallqa.edge.sources import classify_uri  # it imports this module
 
-        photos = classify_uri(self.source.uri, self.source.watch) == "images" and not self.source.loop
+        looped = self.source.loop and not self.source.watch
+        photos = classify_uri(self.source.uri, self.source.watch) == "images" and not looped
         for rule in self.alerts:
             rule._photos = photos
         return self

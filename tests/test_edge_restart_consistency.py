@@ -183,18 +183,30 @@ def test_a_watched_photo_processed_again_after_a_restart_repeats_its_alerts_even
     assert sent[0] == sent[1] != sent[2], sent  # p0 sent twice (from memory, then after the restart), with one id
 
 
+def _two_frames(tmp_path: Path, kind: str) -> str:
+    """The uri of a 2-frame video, or of a folder of 2 photos (not watched)."""
+    if kind == "video":
+        return str(make_video(tmp_path / "site.avi", 2, size=(96, 128)))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        _photo(folder, f"p{i}.png", 60 - i)
+    return str(folder)
+
+
 @pytest.mark.slow
-def test_alerts_on_video_frames_keep_random_event_ids_across_a_restart(tmp_path, lite_model):
-    """A video played again after a restart shows its frames again, numbered as before: their alerts are new
-    alerts, each with an id of its own."""
+@pytest.mark.parametrize("kind", ["video", "unwatched folder"])
+def test_alerts_on_video_frames_keep_random_event_ids_across_a_restart(tmp_path, lite_model, kind):
+    """A video played again after a restart shows its frames again, numbered as before; a folder that is not
+    watched is run again from its first photo: their alerts are new alerts, each with an id of its own (only a
+    watched folder's photos, each processed once, repeat their ids)."""
     from drywallqa.edge.runner import EdgeRunner
     from drywallqa.edge.settings import load_settings
     from drywallqa.edge.spool import Spool
 
-    video = make_video(tmp_path / "site.avi", 2, size=(96, 128))
     spool = tmp_path / "state" / "spool.sqlite"
-    cfg = _amend(write_config(tmp_path / "edge.yaml", uri=str(video), model=lite_model, port=free_port(),
-                              spool=spool), spool={"flush_timeout_s": 0.1})  # no broker: nothing to wait for
+    cfg = _amend(write_config(tmp_path / "edge.yaml", uri=_two_frames(tmp_path, kind), model=lite_model,
+                              port=free_port(), spool=spool), spool={"flush_timeout_s": 0.1})  # no broker: no wait
     for _ in range(2):
         runner = EdgeRunner(load_settings(cfg)).setup()
         try:

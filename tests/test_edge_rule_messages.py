@@ -79,6 +79,26 @@ def test_a_yes_or_no_where_a_rule_wants_a_number_is_refused(tmp_path, field):
     assert "must be a number, not true" in text, text
 
 
+def test_a_watched_folder_with_loop_true_judges_each_photo_alone(tmp_path):
+    """A watched folder never ends, so `loop: true` does not apply to it (edge/MQTT.md), and it shows each photo
+    once. Before, `loop: true` beside `watch: true` counted it as a looped folder: a crack photo alerted only after
+    two more crack photos in a row, and then no crack photo of the next 60 s alerted."""
+    from drywallqa.edge.alerts import AlertEngine
+    from drywallqa.edge.payloads import ClassResult
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"source: {{uri: '{photos}', watch: true, loop: true}}\n"
+                   "alerts: [{prompt: segment crack, min: 0.01, persistence_frames: 3, cooldown_s: 60}]\n")
+    rules = load_settings(cfg).alerts
+    assert (rules[0].applied_persistence_frames, rules[0].applied_cooldown_s) == (1, 0.0)
+    engine = AlertEngine.from_settings(rules, lambda prompt: "crack")
+    crack = ClassResult(class_name="crack", prompt="segment crack", area_fraction=0.1, region_count=1,
+                        mean_confidence=0.9)
+    assert [len(engine.update([crack], now=t)) for t in (0.0, 1.0)] == [1, 1]  # two crack photos, two alerts
+
+
 def test_a_rule_that_cannot_fire_names_its_number_too(tmp_path):
     text = _refused(tmp_path, "alerts:\n  - {prompt: segment crack, min: 0.01}\n  - {prompt: segment crack, min: 5}\n")
     assert "alerts.1 (alert rule 2: {prompt: segment crack, min: 5}): " in text and "5 % is 0.05" in text, text
