@@ -564,9 +564,10 @@ def _add_example(ex: Example, summary: PrepareSummary, first_skip: dict[str, str
 
 def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split: dict[str, dict[str, str]],
                   sizes: list[int], out_dir: Path, summary: PrepareSummary, workers: int,
-                  progress: bool) -> list[ImageRecord]:
-    """Decode, rasterise and cache every image; returns the skipped ones. On any failure every work folder is
-    removed, old caches kept."""
+                  progress: bool) -> dict[str, dict[str, str]]:
+    """Decode, rasterise and cache every image; returns the split to write (`listed_records`: decided before any
+    cache is published, so no failure in between leaves a new cache beside the old split file). On any failure
+    every work folder is removed, old caches kept."""
     vocab = load_vocabulary()
     fmt_of = {s.name: s.format for s in setup.specs}
     items = [(r, fmt_of[ds]) for ds in records for r in records[ds]]
@@ -597,11 +598,12 @@ def _write_caches(setup: DataSetup, records: dict[str, list[ImageRecord]], split
                          for s in setup.specs}
         info = {"classes": list(vocab.classes), "box_strategy": setup.box_strategy, "mask_values": [0, 1],
                 "fingerprint": summary.fingerprint, "split_file": summary.split_file}
+        listed = build_split(setup, listed_records(records, skipped))
         for writer in writers.values():  # every size complete before any old cache is replaced
             writer.seal(meta, info)
         for size, writer in writers.items():
             summary.caches[size] = str(writer.publish())
-        return skipped
+        return listed
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -635,8 +637,7 @@ def prepare(
     # SIGTERM ends the run as Ctrl-C does: through the cleanup that removes the half-written work folders (their
     # disk space reserved up front: gigabytes at --sizes 512).
     with sigterm_as_interrupt():
-        skipped = _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
-        listed = build_split(setup, listed_records(records, skipped))
+        listed = _write_caches(setup, records, split, sizes, out_dir, summary, workers, progress)
     write_split(target, listed, setup.seed, setup.val_fraction)
     (out_dir / "prepare_summary.json").write_text(json.dumps(summary.as_dict(), indent=1) + "\n", encoding="utf-8")
     return summary
