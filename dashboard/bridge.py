@@ -36,7 +36,7 @@ from drywallqa.edge.payloads import (
 
 from .limits import id_problem
 from .state import LiveState
-from .store import AlertStore
+from .store import AlertStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class MqttBridge:
         DeviceOfflineError, and nothing sent, for a device shown offline: it would not answer."""
         cmd_topic = self._device_topic(device_id, TOPIC_CMD)
         if not self.state.broker.connected:
-            raise ConnectionError(f"not connected to the broker {self.config.url}")
+            raise ConnectionError(self._not_connected("the snapshot request was not sent"))
         offline = self.state.offline_since(device_id)
         if offline is not None:
             when, before = offline
@@ -203,11 +203,16 @@ class MqttBridge:
         other consumer brings it back) and drop it from the page. A device that is still running reappears with
         its next status."""
         if not self.state.broker.connected:
-            raise ConnectionError(f"not connected to the broker {self.config.url}")
+            raise ConnectionError(self._not_connected("the device's retained status was not cleared"))
         info = self.client.publish(self._device_topic(device_id, TOPIC_STATUS), b"", qos=1, retain=True)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"could not clear the device's retained status: {mqtt.error_string(info.rc)}")
         self.state.remove_device(device_id)
+
+    def _not_connected(self, what: str) -> str:
+        """Why a command was refused while the broker link is down, and what to do about it."""
+        return (f"not connected to the broker {self.config.url} ({self.state.broker.detail}): {what}. The dashboard "
+                "reconnects by itself: try again once the page shows 'broker: connected'.")
 
     def _device_topic(self, device_id: str, leaf: str) -> str:
         """A topic of one device: an id from a request that spans topic levels or holds a wildcard would send a
@@ -255,6 +260,9 @@ class MqttBridge:
             self.handle(msg.topic, msg.payload, retained=bool(msg.retain))
         except PayloadError as exc:
             log.warning("ignored message on %s: %s", msg.topic, exc)
+            self.state.note_invalid(f"{msg.topic}: {exc}")
+        except StoreError as exc:  # the alert is lost (the broker has it acknowledged): say why, where it is seen
+            log.error("%s: %s", msg.topic, exc)
             self.state.note_invalid(f"{msg.topic}: {exc}")
         except Exception as exc:  # never let one message kill the network thread
             log.exception("error handling message on %s", msg.topic)
@@ -305,10 +313,11 @@ class MqttBridge:
             problem = ""
         except PayloadError as exc:  # keep the alert itself: losing it would be worse than a missing picture
             jpeg, problem = b"", str(exc)
-        if self.store.add_alert(alert, jpeg):
-            stored = self.store.get(alert.event_id)
-            if stored is not None:  # None only if it was trimmed at once (max_alerts reached by older times)
-                self.announce_alert(stored)
+        if not self.store.add_alert(alert, jpeg):
+            return  # a repeat (QoS 1, a device's spool, a watched photo after a restart): already told
+        stored = self.store.get(alert.event_id)
+        if stored is not None:
+            self.announce_alert(stored)
         if problem:  # reported with the ignored messages, but this alert is listed: say so
             raise PayloadError(f"alert {alert.event_id} kept without its picture: {problem}")
 

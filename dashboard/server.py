@@ -44,7 +44,7 @@ from .review import (
     resolve_under,
 )
 from .state import DEFAULT_MAX_DEVICES, LiveState
-from .store import AlertStore
+from .store import AlertStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(self._alerts(query))
             parts = [unquote(p) for p in path.strip("/").split("/")]
             if len(parts) == 3 and parts[0] == "alerts" and parts[2] == "snapshot.jpg":
-                return self._jpeg(self.app.store.snapshot(parts[1]), f"no snapshot for alert {parts[1]!r}")
+                return self._alert_snapshot(parts[1])
             if len(parts) == 3 and parts[0] == "devices" and parts[2] == "frame.jpg":
                 return self._jpeg(self.app.state.frame(parts[1]), f"no frame yet for device {parts[1]!r}")
             if path == "/review":
@@ -358,6 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json({"error": f"no such endpoint: {path}"}, 404)
         except _Throttled as exc:
             return self._too_many(exc.retry_after)
+        except StoreError as exc:  # a full disk: say so, instead of closing the connection without an answer
+            return self._json({"error": str(exc)}, 503)
         except ValueError as exc:
             return self._json({"error": str(exc)}, 400)
         except (BrokenPipeError, ConnectionResetError):
@@ -405,23 +407,27 @@ class _Handler(BaseHTTPRequestHandler):
         return self.app.store.alerts(class_name=cls, include_acked=include_acked, limit=limit, before=before)
 
     def _ack(self, event_id: str, ack: bool) -> None:
-        body = self._read_body()
-        data = json.loads(body) if body.strip() else {}
-        if not isinstance(data, dict):
-            raise ValueError("body must be a JSON object")
+        data = _ack_body(self._read_body())
         try:
             if ack:
                 self.app.store.acknowledge(
-                    event_id, by=str(data.get("by", "")), note=str(data.get("note", ""))
+                    event_id, by=str(data.get("by") or ""), note=str(data.get("note") or "")
                 )
             else:
                 self.app.store.unacknowledge(event_id)
         except KeyError:
-            return self._json({"error": f"unknown alert {event_id!r}"}, 404)
+            return self._json({"error": _unknown_alert(event_id)}, 404)
         item = self.app.store.get(event_id)
-        if item is not None:
-            self.app.bridge.announce_alert(item)
+        if item is None:  # an undo for an alert dropped since the page showed it: nothing to undo
+            return self._json({"error": _unknown_alert(event_id)}, 404)
+        self.app.bridge.announce_alert(item)
         self._json(item)
+
+    def _alert_snapshot(self, event_id: str) -> None:
+        data = self.app.store.snapshot(event_id)
+        if data is None:
+            return self._error(404, _unknown_alert(event_id))
+        self._jpeg(data, f"alert {event_id!r} came without a usable picture (the page footer said why)")
 
     def _jpeg(self, data: bytes | None, missing: str) -> None:
         if not data:
@@ -541,6 +547,23 @@ class _Handler(BaseHTTPRequestHandler):
             ctype += "; charset=utf-8"
         headers = {"Cache-Control": "no-cache", "Content-Security-Policy": REVIEW_FILE_CSP}
         self._send(200, path.read_bytes(), ctype, headers)
+
+
+def _ack_body(body: bytes) -> dict:
+    """The optional JSON body of an ack or undo; ValueError (a 400) saying what is expected."""
+    expected = 'expected a JSON object such as {"by": "name", "note": "text"}, or no body'
+    try:
+        data = json.loads(body) if body.strip() else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the request body is not JSON ({exc}): {expected}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"the request body is a JSON {type(data).__name__}: {expected}")
+    return data
+
+
+def _unknown_alert(event_id: str) -> str:
+    return (f"unknown alert {event_id!r}: the store no longer holds it (the oldest alerts are dropped beyond "
+            "--max-alerts) or never did; reload the page for the current list")
 
 
 # --- server-rendered pages (small; the live page is static/index.html) --------------------------------

@@ -91,7 +91,7 @@ class AlertStore:
         """Insert an alert (its text clipped); returns False when its event_id was seen before (a duplicate delivery,
         or a device re-sending it from its spool), even if that alert was dropped since."""
         meta = bounded(alert.model_dump(exclude={"snapshot_jpeg_b64"}))
-        with self._lock, self._transaction():
+        with self._lock, self._writing(f"alert {alert.event_id}"), self._transaction():
             cur = self._db.execute("INSERT OR IGNORE INTO seen_alerts (event_id) VALUES (?)", (alert.event_id,))
             if cur.rowcount != 1:
                 return False
@@ -116,10 +116,22 @@ class AlertStore:
         self._db.execute("BEGIN")
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite ends the transaction itself on some errors (a full disk)
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A write that fails (disk full, file made read-only) as a StoreError saying what was not saved and why."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"{what} was not saved: cannot write the dashboard store {self.path} ({exc}). Free disk space "
+                "there or make the file writable; the dashboard goes on once it can write again."
+            ) from exc
 
     def seen_count(self) -> int:
         """How many alert ids are remembered for deduplication."""
@@ -204,16 +216,17 @@ class AlertStore:
         with self._lock:
             if self._db.execute("SELECT 1 FROM alerts WHERE event_id = ?", (event_id,)).fetchone() is None:
                 raise KeyError(event_id)
-            self._db.execute(
-                "INSERT OR IGNORE INTO acks VALUES (?, ?, ?, ?)",
-                (event_id, time.time(), by[:200], note[:1000]),
-            )
+            with self._writing(f"the acknowledgement of alert {event_id}"):
+                self._db.execute(
+                    "INSERT OR IGNORE INTO acks VALUES (?, ?, ?, ?)",
+                    (event_id, time.time(), by[:200], note[:1000]),
+                )
             row = self._db.execute(
                 "SELECT acked_at, by, note FROM acks WHERE event_id = ?", (event_id,)
             ).fetchone()
         return Ack(event_id, row[0], row[1], row[2])
 
     def unacknowledge(self, event_id: str) -> bool:
-        with self._lock:
+        with self._lock, self._writing(f"the undo of alert {event_id}'s acknowledgement"):
             cur = self._db.execute("DELETE FROM acks WHERE event_id = ?", (event_id,))
         return cur.rowcount == 1

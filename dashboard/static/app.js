@@ -265,8 +265,14 @@ async function setAck(eventId, ack) {
   const res = await fetch(`/api/alerts/${encodeURIComponent(eventId)}/${ack ? "ack" : "unack"}`, {
     method: "POST", headers: { "X-DrywallQA": "1", "Content-Type": "application/json" }, body: "{}",
   });
-  if (res.ok) { takeAlert(await res.json()); schedule("alerts"); }
-  else alert(`Could not update the alert: ${res.status} ${await res.text()}`);
+  if (res.ok) { takeAlert(await res.json()); schedule("alerts"); return; }
+  if (res.status === 404) { model.alerts.delete(eventId); schedule("alerts"); }  // dropped from the store since
+  alert(`Could not update the alert: ${await errorText(res)}`);
+}
+
+// The server's {"error": ...} message, else the HTTP status.
+async function errorText(res) {
+  try { return (await res.json()).error || `HTTP ${res.status}`; } catch (e) { return `HTTP ${res.status}`; }
 }
 
 async function requestSnapshot(deviceId) {
