@@ -1,8 +1,9 @@
-"""`drywallqa edge ...`: run the live loop, check a config, time the model, install the systemd service."""
+"""`drywallqa edge ...`: run the live loop, check a config, time the model, install or remove the systemd unit."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the edge runtime on a device. Settings come from a YAML file, overridden by "
                     "DRYWALLQA_<SECTION>__<KEY> environment variables (e.g. DRYWALLQA_MQTT__HOST=broker).")
     sub = edge.add_subparsers(dest="edge_command", required=True,
-                              metavar="{run,check-config,bench,install-service}")
+                              metavar="{run,check-config,bench,install-service,uninstall-service}")
 
     run = sub.add_parser("run", help="run the live loop (Ctrl-C / SIGTERM / SIGHUP stops it cleanly)",
                          description="Capture frames, segment the configured prompts, publish detections and "
@@ -88,8 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=_cmd_bench)
 
     inst = sub.add_parser("install-service", help="install the systemd unit (Type=notify, watchdog)",
-                          description="Write drywallqa-edge.service and an environment file. Needs root unless "
-                                      "--prefix points elsewhere; --dry-run only prints what would be written.")
+                          description="Write drywallqa-edge.service and an environment file, then enable and "
+                                      "(re)start it (exit 1 if systemd cannot). Needs root unless --prefix points "
+                                      "elsewhere; --dry-run only prints what would be written.")
     inst.add_argument("--prefix", type=Path, default=Path("/"), help="file system root to install under (tests)")
     inst.add_argument("--config", type=Path, default=None,
                       help="config path the service reads (copied from the packaged default if missing; default "
@@ -104,8 +107,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "added to a bare program; a full command is used as given (default: this "
                            "environment's drywallqa)")
     inst.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
-    inst.add_argument("--no-enable", action="store_true", help="do not run systemctl daemon-reload/enable")
+    inst.add_argument("--no-enable", action="store_true",
+                      help="only write the files: no systemctl daemon-reload, enable and restart")
     inst.set_defaults(func=_cmd_install)
+
+    uninst = sub.add_parser("uninstall-service", help="stop, disable and remove the systemd unit (keeps the config, "
+                                                      "secrets and undelivered alerts)",
+                            description="Stop and disable drywallqa-edge.service (or a camera's unit with "
+                                        "--instance) and remove its unit file. The config, the environment file "
+                                        "and the state folder with undelivered alerts stay: an install again takes "
+                                        "them up.")
+    uninst.add_argument("--prefix", type=Path, default=Path("/"), help="file system root it was installed under")
+    uninst.add_argument("--instance", default=None, metavar="NAME", help="the unit of camera NAME "
+                                                                       "(drywallqa-edge-NAME.service)")
+    uninst.set_defaults(func=_cmd_uninstall)
 
 
 def _frame_size(text: str) -> tuple[int, int]:
@@ -140,20 +155,41 @@ def _load(args: argparse.Namespace, **overrides):
     from drywallqa.edge.settings import load_settings
 
     if args.env_file:
-        _use_env_file(args.env_file)
+        _refuse_misspelt_prefix(_use_env_file(args.env_file), " in " + " or ".join(str(p) for p in args.env_file))
+    else:
+        _refuse_misspelt_prefix(os.environ)
     return load_settings(args.config, **overrides)
 
 
-def _use_env_file(paths: list[Path]) -> None:
+def _refuse_misspelt_prefix(environ: Mapping[str, str], where: str = "") -> None:
+    """ConfigError for a variable meant for the runtime whose prefix is misspelt (DRYWALQA_MQTT__HOST in edge.env):
+    the settings read only DRYWALLQA_*, so the service would run on the config's value without a word."""
+    from drywallqa.edge.settings import ENV_PREFIX, ConfigError
+
+    want = ENV_PREFIX.rstrip("_")
+    for name in environ:
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX):
+            continue
+        cuts = [i for i, ch in enumerate(upper[:len(ENV_PREFIX) + 4]) if ch == "_"] + [len(upper)]
+        score, cut = max((difflib.SequenceMatcher(None, upper[:i].replace("_", ""), want).ratio(), i) for i in cuts)
+        if score >= 0.8:
+            rest = upper[cut + 1:]
+            hint = f" (did you mean {ENV_PREFIX}{rest}?)" if rest and not rest.startswith("_") else ""
+            raise ConfigError(f"environment variable {name}{where} is not read: the runtime reads only names that "
+                              f"start with {ENV_PREFIX}{hint}")
+
+
+def _use_env_file(paths: list[Path]) -> dict[str, str]:
     """Make this process's DRYWALLQA_* environment the files', as systemd gives the service (a later file's line
-    wins; ConfigError if one is unreadable). The shell's own DRYWALLQA_* variables are dropped, since the service
-    never sees them."""
+    wins; ConfigError if one is unreadable); returns the files' variables. The shell's own DRYWALLQA_* variables
+    are dropped, since the service never sees them."""
     from drywallqa.edge.envfile import read_env_file
     from drywallqa.edge.settings import ENV_PREFIX
 
     values: dict[str, str] = {}
     for path in paths:
-        values.update(read_env_file(path))
+        values.update(read_env_file(path, strict=True))
     dropped = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k not in values)
     for name in dropped:
         del os.environ[name]
@@ -161,6 +197,7 @@ def _use_env_file(paths: list[Path]) -> None:
         print(f"note: ignoring {', '.join(dropped)} from this shell: the service sees only "
               f"{' and '.join(str(p) for p in paths)}", file=sys.stderr)
     os.environ.update(values)
+    return values
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -323,6 +360,12 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
     return install_service(prefix=args.prefix, config=args.config, user=args.user, exec_path=args.exec_path,
                            dry_run=args.dry_run, enable=not args.no_enable, instance=args.instance)
+
+
+def _cmd_uninstall(args: argparse.Namespace) -> int:
+    from drywallqa.edge.service import uninstall_service
+
+    return uninstall_service(prefix=args.prefix, instance=args.instance)
 
 
 def main(argv: list[str] | None = None) -> int:

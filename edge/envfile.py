@@ -13,7 +13,9 @@ by character:
 Where systemd would quietly skip a line (its warning is easy to miss in the journal) or where its versions disagree,
 this is an error naming the line instead: a line without `=`, a name that is not a variable name (`export X=1`), a
 quote left open at the end of the file, and a comment ending in a backslash (before systemd 254, which Ubuntu 22.04
-and JetPack 6 predate, that comment also swallows the next line).
+and JetPack 6 predate, that comment also swallows the next line). With `strict` (what `edge check-config` reads), a
+`#` after a value's blank or closing quote is one too: systemd has no comment after a value and hands the service
+`broker.site# main broker` as the host.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ _DOUBLE_QUOTE_ESCAPES = '"\\`$'
 class _Parser:
     """systemd's states: pre_key, key, pre_value, value, value_escape, single, double, double_escape, comment."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, strict: bool = False) -> None:
         self.path = path
+        self.strict = strict
+        self.hash_after_blank = False  # the value being read has a '#' after a blank or a closing quote
         self.values: dict[str, str] = {}
         self.line = 1  # the line being read
         self.start = 1  # the line the current assignment started on
@@ -51,17 +55,31 @@ class _Parser:
 
     def push(self) -> None:
         name = "".join(self.key).strip(_WHITESPACE)
+        if name.startswith("\ufeff") and _NAME.fullmatch(name[1:]):
+            raise self.error(self.start, f"the file starts with a byte order mark (U+FEFF, written by some Windows "
+                                         f"editors): systemd reads it as part of the name {name[1:]!r} and skips "
+                                         f"this line. Save the file as UTF-8 without BOM (e.g. sed -i '1s/^\\xEF"
+                                         f"\\xBB\\xBF//' {self.path})")
         if not _NAME.fullmatch(name):
             raise self.error(self.start, f"expected NAME=VALUE, got a name {name[:60]!r} (systemd would skip this "
                                          f"line)")
         if self.trailing_ws is not None:
             del self.value[self.trailing_ws:]
-        self.values[name] = "".join(self.value)
-        self.key, self.value, self.trailing_ws = [], [], None
+        value = "".join(self.value)
+        if self.strict and self.hash_after_blank:
+            raise self.error(self.start, f"'#' after a value does not start a comment in an environment file: "
+                                         f"systemd gives {name} the value {value[:80]!r}. Put the comment on a line "
+                                         f"of its own (or quote the value if the '#' belongs to it)")
+        self.values[name] = value
+        self.key, self.value, self.trailing_ws, self.hash_after_blank = [], [], None, False
 
     def parse(self, text: str) -> dict[str, str]:
         state = "pre_key"
+        prev, quote_closed = "", False
         for c in text:
+            if c == "#" and state in ("pre_value", "value") and (prev in (" ", "\t") or quote_closed):
+                self.hash_after_blank = True  # `A=x # note`, `A="x" # note`, `A="x"#note`: meant as a comment
+            was = state
             if state == "pre_key":
                 if c in "#;":
                     state = "comment"
@@ -131,6 +149,8 @@ class _Parser:
                     raise self.error(self.line, "a comment ends in a backslash: systemd before version 254 also "
                                                 "ignores the next line, later versions do not; remove the backslash")
                 state = "comment"
+            prev = "\\" if was == "value_escape" else c  # an escaped blank (`a\ #b`) belongs to the value
+            quote_closed = was in ("single", "double") and state == "pre_value"
             if c == "\n":
                 self.line += 1
         if state in ("single", "double", "double_escape"):
@@ -143,8 +163,9 @@ class _Parser:
         return self.values
 
 
-def read_env_file(path: str | Path) -> dict[str, str]:
-    """The variables the file sets, in order (a later assignment of a name wins, as in systemd)."""
+def read_env_file(path: str | Path, strict: bool = False) -> dict[str, str]:
+    """The variables the file sets, in order (a later assignment of a name wins, as in systemd). `strict`: also
+    refuse a `#` that reads as a comment after a value but is part of it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -157,4 +178,4 @@ def read_env_file(path: str | Path) -> dict[str, str]:
     except OSError as exc:
         raise ConfigError(f"cannot read the environment file {path}: {exc.strerror or exc} (the service's file "
                           f"is readable by root only: run the check with sudo)") from None
-    return _Parser(path).parse(text)
+    return _Parser(path, strict).parse(text)

@@ -109,10 +109,45 @@ def unit_command(argv: list[str]) -> str:
 PROTECTED_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
 
 
+def in_protected_home(path: Path) -> bool:
+    return any(path == home or home in path.parents for home in PROTECTED_HOMES)
+
+
 def hidden_by_protect_home(exec_cmd: str) -> bool:
     """The unit sets ProtectHome=yes, so a command under /home or /root cannot start as the service."""
-    program = Path(shlex.split(exec_cmd)[0])
-    return any(program == home or home in program.parents for home in PROTECTED_HOMES)
+    return in_protected_home(Path(shlex.split(exec_cmd)[0]))
+
+
+# The settings that name a file or folder of the device.
+PATH_SETTINGS = ("model.path", "source.uri", "spool.path", "mqtt.tls.ca_certs", "mqtt.tls.certfile", "mqtt.tls.keyfile")
+
+
+def read_config(config_path: Path) -> dict:
+    """The config's YAML as a dict; {} when there is none to read (`edge check-config` reports a broken one)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def setting(data: dict, dotted: str) -> object:
+    for key in dotted.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def hidden_from_service(config: Path, data: dict) -> list[str]:
+    """What the service cannot reach: the config itself, or a path a setting names, under /home, /root or
+    /run/user (ProtectHome=yes hides them) or under `~` (the service's home is its state folder)."""
+    found = [f"the config {config}"] if in_protected_home(config) else []
+    for dotted in PATH_SETTINGS:
+        value = setting(data, dotted)
+        if isinstance(value, str) and (value.startswith("~") or in_protected_home(Path(value))):
+            found.append(f"{dotted} {value}")
+    return found
 
 
 def _replace_once(text: str, old: str, new: str, origin: Path) -> str:
@@ -220,17 +255,66 @@ def install_service(*, prefix: Path = Path("/"), config: Path | None = None, use
     unit_path.parent.mkdir(parents=True, exist_ok=True)
     unit_path.write_text(unit, encoding="utf-8")
     unit_path.chmod(0o644)
+    _warn_unreachable(config, config_path, instance)
     edge = shlex.join(argv[:-1]) if argv[-1] == "run" else "drywallqa edge"  # what the unit runs, less `run`
     env_args = " ".join(f"--env-file {path}" for path in env_files(instance))
     print(f"installed {unit_path}\nconfig    {config_path}\nsecrets   {', '.join(str(e) for e, _ in envs)}\n"
           f"check it: {edge} check-config --config {shlex.quote(str(config))} {env_args} --model-check")
     if real_root:
         _ensure_user(user)
-        if enable and shutil.which("systemctl"):
-            subprocess.run(["systemctl", "daemon-reload"], check=False)
-            subprocess.run(["systemctl", "enable", "--now", name], check=False)
-        print(f"status: systemctl status {name}   logs: journalctl -u {name.removesuffix('.service')} -f")
+        if enable:
+            return start_unit(name)
+        print(f"not started (--no-enable): sudo systemctl daemon-reload && sudo systemctl enable --now {name}")
     return 0
+
+
+def start_unit(name: str) -> int:
+    """daemon-reload, enable and (re)start the unit: a reinstall (a new --exec, an upgraded DrywallQA) runs the new
+    unit and code at once, not from the next reboot. 0, or 1 with what to do when systemd could not."""
+    logs = f"journalctl -u {name.removesuffix('.service')}"
+    if not shutil.which("systemctl"):
+        print(f"error: no systemctl here: {name} is written but not enabled. On a device that runs systemd: "
+              f"sudo systemctl daemon-reload && sudo systemctl enable --now {name}", file=sys.stderr)
+        return 1
+    for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", name], ["systemctl", "restart", name]):
+        if subprocess.run(cmd, check=False).returncode != 0:
+            print(f"error: `{shlex.join(cmd)}` failed (its message is above): {name} is written but not running. "
+                  f"See `systemctl status {name}` and `{logs}`, fix the cause, then install again (or use "
+                  f"--no-enable where systemd does not run)", file=sys.stderr)
+            return 1
+    print(f"status: systemctl status {name}   logs: {logs} -f")
+    return 0
+
+
+def spool_outside_state(data: dict, instance: str | None = None) -> Path | None:
+    """The config's spool.path when it lies outside the unit's state folder, else None. ProtectSystem=strict
+    leaves the service nothing else to write: the spool would not open (a read-only file system, says the runtime,
+    though the disk is not) and undelivered alerts would live in memory only, lost at the next restart."""
+    path = setting(data, "spool.path")
+    if not path:
+        return None
+    path = Path(str(path))
+    return None if path.is_absolute() and state_dir(instance) in path.parents else path
+
+
+def _warn_unreachable(config: Path, config_path: Path, instance: str | None) -> None:
+    """Warn about what the config names that the unit's sandbox keeps from the service (`config_path`: the file
+    as installed, under --prefix)."""
+    data = read_config(config_path)
+    name, state = unit_name(instance), state_dir(instance)
+    hidden = hidden_from_service(config, data)
+    if hidden:
+        print(f"warning: the service cannot reach {'; '.join(hidden)}: the unit hides /home, /root and /run/user "
+              f"(ProtectHome=yes), and its ~ is {state}. Move them outside (e.g. /etc/drywallqa, /srv/drywallqa) "
+              f"and name them there", file=sys.stderr)
+    path = spool_outside_state(data, instance)
+    if path is None or any(h.startswith("spool.path ") for h in hidden):
+        return
+    where = f"ReadWritePaths={path.parent}" if path.is_absolute() else "an absolute spool.path"
+    print(f"warning: {config_path} sets spool.path {path}, outside the service's state folder {state}, the only "
+          f"place the unit lets it write (ProtectSystem=strict): its alert spool would not open and undelivered "
+          f"alerts would be lost at a restart. Remove spool.path (the service then keeps its spool in {state}), or "
+          f"run `sudo systemctl edit {name}` and add [Service] {where}", file=sys.stderr)
 
 
 def _ensure_user(user: str) -> None:
@@ -243,3 +327,54 @@ def _ensure_user(user: str) -> None:
         pass
     subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/drywallqa-edge",
                     "--shell", "/usr/sbin/nologin", "--user-group", "--groups", "video", user], check=True)
+
+
+def state_dir(instance: str | None = None) -> Path:
+    """The unit's StateDirectory= (its alert spool, a watched folder's record)."""
+    return Path("/var/lib") / unit_name(instance).removesuffix(".service")
+
+
+def installed_config(unit_text: str) -> Path | None:
+    """The --config an installed unit's ExecStart= names (systemd quoting undone), or None."""
+    for line in unit_text.splitlines():
+        if line.startswith("ExecStart="):
+            try:
+                words = shlex.split(line.removeprefix("ExecStart=").replace("%%", "%").replace("$$", "$"))
+            except ValueError:
+                return None
+            if "--config" in words[:-1]:
+                return Path(words[words.index("--config") + 1])
+    return None
+
+
+def uninstall_service(*, prefix: Path = Path("/"), instance: str | None = None) -> int:
+    """Stop, disable and remove the unit. The config, the secrets and the state folder (undelivered alerts) stay:
+    they are the site's, and an install again takes them up."""
+    try:
+        check_instance(instance)
+    except ServiceInstallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = unit_name(instance)
+    unit_path = _under(prefix, Path("/etc/systemd/system") / name)
+    real_root = prefix.resolve() == Path("/")
+    if not unit_path.is_file():
+        print(f"nothing to remove: {unit_path} is not there (another --instance?)")
+        return 0
+    if real_root and os.geteuid() != 0:
+        print("error: removing the service from / needs root (sudo), or use --prefix DIR", file=sys.stderr)
+        return 2
+    config = installed_config(unit_path.read_text(encoding="utf-8")) or default_config(instance)
+    if real_root and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "disable", "--now", name], check=False)
+    unit_path.unlink()
+    if real_root and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        subprocess.run(["systemctl", "reset-failed", name], check=False, stderr=subprocess.DEVNULL)
+    kept = [_under(prefix, path) for path in (config, *env_files(instance), state_dir(instance))]
+    kept.append(unit_path.with_name(f"{name}.d"))  # the site's drop-ins (systemctl edit)
+    print(f"removed {unit_path}\nkept (the site's config, secrets, undelivered alerts and drop-ins; delete them by "
+          f"hand if unwanted, an install again takes them up):\n"
+          + "\n".join(f"  {path}" for path in kept if path.exists()))
+    return 0
+
