@@ -163,21 +163,23 @@ def _load(args: argparse.Namespace, **overrides):
 
 def _refuse_misspelt_prefix(environ: Mapping[str, str], where: str = "") -> None:
     """ConfigError for a variable meant for the runtime whose prefix is misspelt (DRYWALQA_MQTT__HOST in edge.env):
-    the settings read only DRYWALLQA_*, so the service would run on the config's value without a word."""
-    from drywallqa.edge.settings import ENV_PREFIX, ConfigError
+    the settings read only DRYWALLQA_*, so the service would run on the config's value without a word. Only a
+    name whose rest names a setting counts: the check sees the whole environment at every start, where other
+    programs' DRYWALL_* variables (Kubernetes' DRYWALL_QA_SERVICE_HOST for a Service drywall-qa) are no mistake."""
+    from drywallqa.edge.settings import ENV_PREFIX, ConfigError, EdgeSettings
 
     want = ENV_PREFIX.rstrip("_")
     for name in environ:
         upper = name.upper()
         if upper.startswith(ENV_PREFIX):
             continue
-        cuts = [i for i, ch in enumerate(upper[:len(ENV_PREFIX) + 4]) if ch == "_"] + [len(upper)]
-        score, cut = max((difflib.SequenceMatcher(None, upper[:i].replace("_", ""), want).ratio(), i) for i in cuts)
-        if score >= 0.8:
+        for cut in (i for i, ch in enumerate(upper[:len(ENV_PREFIX) + 4]) if ch == "_"):
             rest = upper[cut + 1:]
-            hint = f" (did you mean {ENV_PREFIX}{rest}?)" if rest and not rest.startswith("_") else ""
-            raise ConfigError(f"environment variable {name}{where} is not read: the runtime reads only names that "
-                              f"start with {ENV_PREFIX}{hint}")
+            if rest.lower().split("__", 1)[0] not in EdgeSettings.model_fields:
+                continue
+            if difflib.SequenceMatcher(None, upper[:cut].replace("_", ""), want).ratio() >= 0.8:
+                raise ConfigError(f"environment variable {name}{where} is not read: the runtime reads only names "
+                                  f"that start with {ENV_PREFIX} (did you mean {ENV_PREFIX}{rest}?)")
 
 
 def _use_env_file(paths: list[Path]) -> dict[str, str]:

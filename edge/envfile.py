@@ -178,4 +178,6 @@ def read_env_file(path: str | Path, strict: bool = False) -> dict[str, str]:
     except OSError as exc:
         raise ConfigError(f"cannot read the environment file {path}: {exc.strerror or exc} (the service's file "
                           f"is readable by root only: run the check with sudo)") from None
+    if text.startswith("\ufeff") and text[1:2] in ("#", ";"):
+        text = text[1:]  # systemd skips this first line (a name that is not one): a comment, so nothing is lost
     return _Parser(path, strict).parse(text)

@@ -141,13 +141,23 @@ def setting(data: dict, dotted: str) -> object:
 
 def hidden_from_service(config: Path, data: dict) -> list[str]:
     """What the service cannot reach: the config itself, or a path a setting names, under /home, /root or
-    /run/user (ProtectHome=yes hides them) or under `~` (the service's home is its state folder)."""
+    /run/user (ProtectHome=yes hides them) or under `~` (the service's home is its state folder, which is the
+    right place for spool.path only)."""
     found = [f"the config {config}"] if in_protected_home(config) else []
     for dotted in PATH_SETTINGS:
         value = setting(data, dotted)
-        if isinstance(value, str) and (value.startswith("~") or in_protected_home(Path(value))):
+        if not isinstance(value, str) or (dotted == "spool.path" and _home_relative(value) is not None):
+            continue
+        if value.startswith("~") or in_protected_home(Path(value)):
             found.append(f"{dotted} {value}")
     return found
+
+
+def _home_relative(value: str) -> str | None:
+    """What follows `~` or `~/` in a path (the service's own home), else None (`~user/x` is another's home)."""
+    if value == "~":
+        return ""
+    return value[2:] if value.startswith("~/") else None
 
 
 def _replace_once(text: str, old: str, new: str, origin: Path) -> str:
@@ -236,8 +246,9 @@ def install_service(*, prefix: Path = Path("/"), config: Path | None = None, use
             if not env_path.exists():
                 print(f"# would write {env_path} (mode 0600)\n{template}")
         if real_root:
-            print(f"# would create system user {user!r} (group video) if missing, then: systemctl daemon-reload && "
-                  f"systemctl enable --now {name}")
+            then = (f"systemctl daemon-reload && systemctl enable {name} && systemctl restart {name}" if enable
+                    else "nothing more (--no-enable)")
+            print(f"# would create system user {user!r} (group video) if missing, then: {then}")
         return 0
     if real_root and os.geteuid() != 0:
         print("error: installing into / needs root (sudo), or use --prefix DIR / --dry-run", file=sys.stderr)
@@ -293,7 +304,8 @@ def spool_outside_state(data: dict, instance: str | None = None) -> Path | None:
     path = setting(data, "spool.path")
     if not path:
         return None
-    path = Path(str(path))
+    rest = _home_relative(str(path))
+    path = Path(str(path)) if rest is None else state_dir(instance) / rest  # the unit's HOME is its state folder
     return None if path.is_absolute() and state_dir(instance) in path.parents else path
 
 

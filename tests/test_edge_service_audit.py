@@ -56,6 +56,20 @@ def test_the_service_refuses_a_misspelt_prefix_in_its_environment(tmp_path):
     assert "DRYWALL_QA_SOURCE__URI is not read" in proc.stderr and "DRYWALLQA_SOURCE__URI?" in proc.stderr
 
 
+def test_other_programs_drywall_variables_do_not_stop_the_service(tmp_path):
+    """The check runs on the whole environment at every start. Kubernetes gives each pod <SERVICE>_SERVICE_HOST
+    and <SERVICE>_PORT for every Service of its namespace (a dashboard Service named drywall-qa), and a site may
+    have its own DRYWALL_* variables: none names an edge setting, so none is a misspelt prefix. Before, each one
+    stopped the service with the config status (never restarted)."""
+    others = {"DRYWALL_QA_SERVICE_HOST": "10.0.0.7", "DRYWALL_QA_PORT": "tcp://10.0.0.7:8080",
+              "DRYWALL_SITE": "site-12", "DRYWALLQA": "1"}
+    proc = _edge("check-config", "--config", str(_config(tmp_path)), env=others)
+    assert proc.returncode == 0, proc.stderr
+    proc = _edge("check-config", "--config", str(_config(tmp_path)),
+                 env={**others, "DRYWALQA_LOG_LEVEL": "DEBUG"})  # a top-level setting, misspelt: still refused
+    assert proc.returncode == EXIT_CONFIG and "DRYWALQA_LOG_LEVEL is not read" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("line", ['DRYWALLQA_MQTT__HOST="broker.site"  # main broker',
                                   "DRYWALLQA_MQTT__HOST=broker.site # main broker"])
 def test_a_comment_after_a_value_in_the_env_file_is_an_error_naming_the_line(tmp_path, line):
@@ -137,6 +151,7 @@ def test_uninstall_removes_the_unit_and_keeps_the_sites_config_secrets_and_spool
     ("/data/alerts/spool.sqlite", "ReadWritePaths=/data/alerts"),
     ("spool.sqlite", "an absolute spool.path"),
     ("/var/lib/drywallqa-edge/spool.sqlite", None),
+    ("~/spool.sqlite", None),  # the unit's HOME is its state folder: that is where this spool lies
     (None, None),
 ])
 def test_install_warns_about_a_spool_the_unit_cannot_write(tmp_path, spool, warned):
@@ -188,3 +203,25 @@ def test_an_env_file_saved_with_a_byte_order_mark_says_so(tmp_path):
     assert fix.returncode == 0
     proc = _edge("check-config", "--config", str(_config(tmp_path)), "--env-file", str(env))
     assert proc.returncode == 0 and '"host": "broker.site"' in proc.stdout and '"port": 1884' in proc.stdout
+
+
+def test_a_byte_order_mark_before_the_installed_files_first_comment_is_harmless(tmp_path):
+    """The installer's edge.env starts with a comment, so a Windows editor puts its BOM there: systemd skips that
+    first line, a comment anyway, and reads the rest. check-config refused the file, quoting a name
+    '\\ufeff# Environment for ...' (the very message the BOM check was meant to replace)."""
+    from drywallqa.edge.service import ENV_TEMPLATE
+
+    env = tmp_path / "edge.env"
+    env.write_bytes(b"\xef\xbb\xbf" + ENV_TEMPLATE.replace("\n", "\r\n").encode() + b"DRYWALLQA_MQTT__HOST=site\r\n")
+    proc = _edge("check-config", "--config", str(_config(tmp_path)), "--env-file", str(env))
+    assert proc.returncode == 0, proc.stderr
+    assert '"host": "site"' in proc.stdout
+
+
+def test_the_dry_run_says_the_install_restarts_a_running_service(tmp_path):
+    """A reinstall restarts the unit (the new code runs at once); the dry run said `enable --now`, which leaves a
+    running service on the old code, so a technician checking first was told the opposite of what happens."""
+    proc = _edge("install-service", "--dry-run", "--exec", "/opt/dq/bin/drywallqa")
+    assert proc.returncode == 0, proc.stderr
+    assert "systemctl daemon-reload && systemctl enable drywallqa-edge.service && systemctl restart " \
+           "drywallqa-edge.service" in proc.stdout and "--now" not in proc.stdout
