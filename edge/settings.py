@@ -497,7 +497,17 @@ def _env_vars_not_json(environ: Mapping[str, str] | None = None) -> list[str]:
     return bad
 
 
-def check_environment(environ: dict[str, str] | None = None) -> None:
+def _service_link(var: str, env: Mapping[str, str]) -> bool:
+    """A variable Kubernetes gives every pod for a Service of its namespace: a Service named drywallqa-mqtt (a
+    broker beside the edge) sets DRYWALLQA_MQTT_PORT=tcp://10.0.0.11:1883 next to DRYWALLQA_MQTT_SERVICE_HOST.
+    Not a mistyped mqtt.port, which would hold a number; refusing it would keep the edge from ever starting."""
+    if not var.upper().endswith("_PORT"):
+        return False
+    return (f"{var[:-len('_PORT')]}_SERVICE_HOST" in env
+            and env[var].lower().startswith(("tcp://", "udp://", "sctp://")))
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
     """Refuse DRYWALLQA_<SECTION>_<KEY> (one underscore) for a real setting: pydantic-settings would ignore it
     silently, and a broker host typed that way means a device publishing to the wrong place. Likewise
     DRYWALLQA_<NOT A SECTION>__<KEY> (DRYWALLQA_MQQT__HOST): only the edge's settings use '__'. Other
@@ -505,7 +515,7 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
     env = os.environ if environ is None else environ
     sections = {name: field.annotation for name, field in EdgeSettings.model_fields.items()}
     for var in env:
-        if not var.upper().startswith(ENV_PREFIX):
+        if not var.upper().startswith(ENV_PREFIX) or _service_link(var, env):
             continue
         rest = var[len(ENV_PREFIX):].lower()
         head = rest.split("__", 1)[0]

@@ -79,6 +79,21 @@ def test_a_misspelt_section_in_the_environment_is_refused(tmp_path, monkeypatch)
     assert load_settings().mqtt.host == "127.0.0.1"
 
 
+def test_a_kubernetes_service_link_is_not_taken_for_a_mistyped_setting(monkeypatch):
+    """Kubernetes gives every pod these for a Service named drywallqa-mqtt in its namespace (a broker beside the
+    edge); DRYWALLQA_MQTT_PORT looks like mqtt.port written with one underscore, but its value is a link."""
+    _clean_env(monkeypatch)
+    links = {"DRYWALLQA_MQTT_SERVICE_HOST": "10.0.0.11", "DRYWALLQA_MQTT_SERVICE_PORT": "1883",
+             "DRYWALLQA_MQTT_PORT": "tcp://10.0.0.11:1883", "DRYWALLQA_MQTT_PORT_1883_TCP": "tcp://10.0.0.11:1883",
+             "DRYWALLQA_MQTT_PORT_1883_TCP_PORT": "1883", "DRYWALLQA_MQTT_PORT_1883_TCP_ADDR": "10.0.0.11"}
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().mqtt.port == 1883
+    monkeypatch.setenv("DRYWALLQA_MQTT_PORT", "1884")  # a number: a user's mqtt.port with one underscore
+    with pytest.raises(ConfigError, match="DRYWALLQA_MQTT_PORT is not read: a setting inside a section needs '__'"):
+        load_settings()
+
+
 @pytest.mark.parametrize("var,value", [("DRYWALLQA_ANALYSIS__ALIASES", '{"hairline crack": crack'),
                                        ("DRYWALLQA_SOURCE__DEMO_SIZE", "480x640"),
                                        ("DRYWALLQA_MQTT", "host=broker")])
