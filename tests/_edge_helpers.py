@@ -111,3 +111,55 @@ def run_as_nobody(fn: Callable[[], object]) -> object:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child running as 'nobody' failed"
     return json.loads(data)
+
+
+class FakeTensorRT:
+    """TensorRT does not run on this machine: the few TensorRT 10 / 8.6 calls TensorRTBackend makes, on an engine
+    with uint8 `image` in, float `probs` out; `context` is what create_execution_context gives (None: TensorRT could
+    not make one). Nothing is inferred with it."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, _severity) -> None:
+            pass
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "TensorIOMode.INPUT", "TensorIOMode.OUTPUT"
+
+    def __init__(self, hw: tuple[int, int], channels: int, context: object) -> None:
+        fake = self
+        self.shapes = {"image": (1, *hw, 3), "probs": (1, channels, *hw)}
+
+        class Engine:
+            num_io_tensors = 2
+
+            def get_tensor_name(self, i: int) -> str:
+                return ["image", "probs"][i]
+
+            def get_tensor_mode(self, name: str) -> str:
+                return fake.TensorIOMode.INPUT if name == "image" else fake.TensorIOMode.OUTPUT
+
+            def get_tensor_dtype(self, name: str) -> str:
+                return "DataType.UINT8" if name == "image" else "DataType.FLOAT"
+
+            def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+                return fake.shapes[name]
+
+            def create_execution_context(self):
+                return context
+
+        class Runtime:
+            def __init__(self, _logger) -> None:
+                pass
+
+            def deserialize_cuda_engine(self, _data: bytes) -> Engine:
+                return Engine()
+
+        self.Runtime = Runtime
+
+
+class FakeCudart:
+    @staticmethod
+    def cudaStreamCreate():
+        return 0, "stream"

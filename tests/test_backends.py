@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from _edge_helpers import FakeCudart, FakeTensorRT
 from _export_fixtures import export_random_model
 from onnx import TensorProto, helper
 
@@ -332,57 +333,6 @@ def test_edge_check_config_reports_a_missing_openvino_device(model_path, capsys,
     assert "OpenVINO device 'GPU' is not available here" in capsys.readouterr().err
 
 
-class _FakeTrt:
-    """The few TensorRT 10 / 8.6 calls TensorRTBackend makes, on an engine with uint8 `image` in, float `probs`
-    out; `context` is what create_execution_context gives (None: TensorRT could not make one)."""
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, _severity) -> None:
-            pass
-
-    class TensorIOMode:
-        INPUT, OUTPUT = "TensorIOMode.INPUT", "TensorIOMode.OUTPUT"
-
-    def __init__(self, hw: tuple[int, int], channels: int, context: object) -> None:
-        fake = self
-        self.shapes = {"image": (1, *hw, 3), "probs": (1, channels, *hw)}
-
-        class Engine:
-            num_io_tensors = 2
-
-            def get_tensor_name(self, i: int) -> str:
-                return ["image", "probs"][i]
-
-            def get_tensor_mode(self, name: str) -> str:
-                return fake.TensorIOMode.INPUT if name == "image" else fake.TensorIOMode.OUTPUT
-
-            def get_tensor_dtype(self, name: str) -> str:
-                return "DataType.UINT8" if name == "image" else "DataType.FLOAT"
-
-            def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-                return fake.shapes[name]
-
-            def create_execution_context(self):
-                return context
-
-        class Runtime:
-            def __init__(self, _logger) -> None:
-                pass
-
-            def deserialize_cuda_engine(self, _data: bytes) -> Engine:
-                return Engine()
-
-        self.Runtime = Runtime
-
-
-class _FakeCudart:
-    @staticmethod
-    def cudaStreamCreate():
-        return 0, "stream"
-
-
 def test_tensorrt_backend_without_an_execution_context_fails_at_load(tmp_path, monkeypatch):
     """create_execution_context returns None when TensorRT cannot make one (out of memory on a Jetson, whose GPU
     shares the RAM): a load error the service restarts on, not a backend whose every frame then fails."""
@@ -393,9 +343,9 @@ def test_tensorrt_backend_without_an_execution_context_fails_at_load(tmp_path, m
                                     text_encoder=TextEncoderInfo(name="none", dim=1))
     engine = tmp_path / "fake.engine"
     engine.write_bytes(b"engine")
-    trt = _FakeTrt(SIZE, len(meta.classes), context=object())
-    monkeypatch.setattr(backends, "_import_tensorrt", lambda: (trt, _FakeCudart))
+    trt = FakeTensorRT(SIZE, len(meta.classes), context=object())
+    monkeypatch.setattr(backends, "_import_tensorrt", lambda: (trt, FakeCudart))
     assert backends.TensorRTBackend(engine, meta).input_hw == SIZE  # the fake is a loadable engine
-    monkeypatch.setattr(backends, "_import_tensorrt", lambda: (_FakeTrt(SIZE, len(meta.classes), None), _FakeCudart))
+    monkeypatch.setattr(backends, "_import_tensorrt", lambda: (FakeTensorRT(SIZE, len(meta.classes), None), FakeCudart))
     with pytest.raises(RuntimeError, match="execution context"):
         backends.TensorRTBackend(engine, meta)

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import pytest
 import yaml
-from _edge_helpers import fill, make_video, small_disk, write_config
+from _edge_helpers import FakeCudart, FakeTensorRT, fill, make_video, small_disk, write_config
 from _export_fixtures import export_random_model
 from _mqtt_fixtures import Collector, free_port, mosquitto_fixture, wait_until
 
@@ -225,56 +225,6 @@ def test_alerts_on_video_frames_keep_random_event_ids_across_a_restart(tmp_path,
 # -- a model's metadata at start --------------------------------------------------------------------------------
 
 
-class _StandInTensorRT:
-    """TensorRT does not run on this machine: the few calls TensorRTBackend makes when it loads an engine with
-    uint8 `image` (1 x H x W x 3) in and float `probs` (1 x C x H x W) out. Nothing is inferred with it."""
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, _severity) -> None:
-            pass
-
-    class TensorIOMode:
-        INPUT, OUTPUT = "TensorIOMode.INPUT", "TensorIOMode.OUTPUT"
-
-    def __init__(self, hw: tuple[int, int], channels: int) -> None:
-        shapes = {"image": (1, *hw, 3), "probs": (1, channels, *hw)}
-        modes = self.TensorIOMode
-
-        class Engine:
-            num_io_tensors = 2
-
-            def get_tensor_name(self, i: int) -> str:
-                return list(shapes)[i]
-
-            def get_tensor_mode(self, name: str) -> str:
-                return modes.INPUT if name == "image" else modes.OUTPUT
-
-            def get_tensor_dtype(self, name: str) -> str:
-                return "DataType.UINT8" if name == "image" else "DataType.FLOAT"
-
-            def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-                return shapes[name]
-
-            def create_execution_context(self) -> object:
-                return object()
-
-        class Runtime:
-            def __init__(self, _logger) -> None:
-                pass
-
-            def deserialize_cuda_engine(self, _data: bytes) -> Engine:
-                return Engine()
-
-        self.Runtime = Runtime
-
-    class cudart:  # noqa: N801 - cuda-python's module name
-        @staticmethod
-        def cudaStreamCreate() -> tuple[int, str]:  # noqa: N802 - cuda-python's name
-            return 0, "stream"
-
-
 def test_a_start_on_an_engine_reads_its_sidecar_once_and_warns_once(tmp_path, monkeypatch, caplog):
     """A profile that finds an engine compares it with the ONNX beside it (weights), then loads it: its sidecar was
     read twice, and one without engine_sha256 (built by an older build_engine.sh) was warned about twice in every
@@ -289,8 +239,8 @@ def test_a_start_on_an_engine_reads_its_sidecar_once_and_warns_once(tmp_path, mo
     assert backends.ENGINE_HASH_KEY not in meta.extra
     (exported / "lite_effnet_lite0.engine").write_bytes(b"an engine built on the device")
     (exported / "lite_effnet_lite0.json").write_text(meta.to_json())  # as an older build_engine.sh wrote it
-    trt = _StandInTensorRT((meta.input.height, meta.input.width), len(meta.classes))
-    monkeypatch.setattr(backends, "_import_tensorrt", lambda: (trt, trt.cudart))
+    trt = FakeTensorRT((meta.input.height, meta.input.width), len(meta.classes), context=object())
+    monkeypatch.setattr(backends, "_import_tensorrt", lambda: (trt, FakeCudart))
     monkeypatch.setenv("DRYWALLQA_HOME", str(tmp_path / "home"))
     cfg = _amend(write_config(tmp_path / "edge.yaml", uri="demo", model=Path("lite"), port=free_port(),
                               spool=tmp_path / "spool.sqlite"),
