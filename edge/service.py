@@ -272,7 +272,11 @@ def install_service(*, prefix: Path = Path("/"), config: Path | None = None, use
     print(f"installed {unit_path}\nconfig    {config_path}\nsecrets   {', '.join(str(e) for e, _ in envs)}\n"
           f"check it: {edge} check-config --config {shlex.quote(str(config))} {env_args} --model-check")
     if real_root:
-        _ensure_user(user)
+        try:
+            _ensure_user(user)
+        except ServiceInstallError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         if enable:
             return start_unit(name)
         print(f"not started (--no-enable): sudo systemctl daemon-reload && sudo systemctl enable --now {name}")
@@ -329,7 +333,28 @@ def _warn_unreachable(config: Path, config_path: Path, instance: str | None) -> 
           f"run `sudo systemctl edit {name}` and add [Service] {where}", file=sys.stderr)
 
 
+SERVICE_GROUPS = ("video",)  # the unit's SupplementaryGroups=: cameras (/dev/video*) and the Jetson GPU
+
+
+def useradd_command(user: str, groups: tuple[str, ...] = SERVICE_GROUPS) -> list[str]:
+    """The useradd that creates the service user; only groups this system has (useradd refuses an unknown one)."""
+    import grp
+
+    known = []
+    for group in groups:
+        try:
+            grp.getgrnam(group)
+            known.append(group)
+        except KeyError:
+            print(f"warning: this system has no {group!r} group, which the unit's SupplementaryGroups= needs "
+                  f"(without it systemd cannot start the unit): sudo groupadd --system {group}, then install again",
+                  file=sys.stderr)
+    return (["useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/drywallqa-edge", "--shell",
+             "/usr/sbin/nologin", "--user-group"] + (["--groups", ",".join(known)] if known else []) + [user])
+
+
 def _ensure_user(user: str) -> None:
+    """Create the service user when missing; ServiceInstallError saying what to do when useradd cannot."""
     import pwd
 
     try:
@@ -337,8 +362,13 @@ def _ensure_user(user: str) -> None:
         return
     except KeyError:
         pass
-    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/drywallqa-edge",
-                    "--shell", "/usr/sbin/nologin", "--user-group", "--groups", "video", user], check=True)
+    cmd = useradd_command(user)
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        why = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        raise ServiceInstallError(f"cannot create the service user {user!r} ({shlex.join(cmd)}: {why}); create it "
+                                  f"by hand, or pass --user with an existing account, then install again") from exc
 
 
 def state_dir(instance: str | None = None) -> Path:

@@ -5,6 +5,7 @@ Everything goes into a temporary root (never the real /etc/systemd)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,28 @@ def test_the_dry_run_says_the_install_restarts_a_running_service(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "systemctl daemon-reload && systemctl enable drywallqa-edge.service && systemctl restart " \
            "drywallqa-edge.service" in proc.stdout and "--now" not in proc.stdout
+
+
+def test_the_service_user_gets_only_groups_the_system_has(capsys):
+    """useradd refuses a group the system lacks (a minimal image without 'video'): the installer stopped with a
+    traceback. That group is left out of useradd and named, with how to add it (the unit's SupplementaryGroups=
+    needs it)."""
+    from drywallqa.edge.service import useradd_command
+
+    cmd = useradd_command("svc", groups=("root", "drywallqa-no-such-group"))
+    assert cmd[-1] == "svc" and cmd[cmd.index("--groups") + 1] == "root"
+    err = capsys.readouterr().err
+    assert "no 'drywallqa-no-such-group' group" in err and "groupadd --system drywallqa-no-such-group" in err
+    assert "--groups" not in useradd_command("svc", groups=("drywallqa-no-such-group",))
+
+
+@pytest.mark.skipif(shutil.which("useradd") is None, reason="needs useradd")
+def test_a_user_useradd_refuses_is_a_clear_error_not_a_traceback():
+    """A name useradd refuses creates nothing: the error names the command, useradd's reason and what to do."""
+    from drywallqa.edge.service import ServiceInstallError, _ensure_user
+
+    with pytest.raises(ServiceInstallError) as info:
+        _ensure_user("Not A Valid Name!")
+    message = str(info.value)
+    assert "cannot create the service user 'Not A Valid Name!'" in message and "useradd --system" in message
+    assert "--user with an existing account" in message
