@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from drywallqa.edge.settings import INSTANCE_NAME, default_config_path
+from drywallqa.edge.settings import INSTANCE_NAME, ConfigError, default_config_path, read_config_file
 from drywallqa.paths import PROJECT_ROOT
 
 UNIT_NAME = "drywallqa-edge.service"
@@ -123,14 +123,11 @@ PATH_SETTINGS = ("model.path", "source.uri", "spool.path", "mqtt.tls.ca_certs", 
 
 
 def read_config(config_path: Path) -> dict:
-    """The config's YAML as a dict; {} when there is none to read (`edge check-config` reports a broken one)."""
-    import yaml
-
+    """The config's settings as a dict; {} when there is none to read (`edge check-config` reports a broken one)."""
     try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return read_config_file(config_path)
+    except ConfigError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def setting(data: dict, dotted: str) -> object:
@@ -349,7 +346,7 @@ def useradd_command(user: str, groups: tuple[str, ...] = SERVICE_GROUPS) -> list
             print(f"warning: this system has no {group!r} group, which the unit's SupplementaryGroups= needs "
                   f"(without it systemd cannot start the unit): sudo groupadd --system {group}, then install again",
                   file=sys.stderr)
-    return (["useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/drywallqa-edge", "--shell",
+    return (["useradd", "--system", "--no-create-home", "--home-dir", str(state_dir()), "--shell",
              "/usr/sbin/nologin", "--user-group"] + (["--groups", ",".join(known)] if known else []) + [user])
 
 

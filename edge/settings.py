@@ -429,9 +429,8 @@ def _env_note(loc: tuple[Any, ...], error_type: str = "") -> str:
     return f" (set by the environment: {', '.join(inside)})"
 
 
-def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSettings:
-    """Read the YAML file (default: the packaged configs/edge.yaml), apply env overrides, validate."""
-    path = Path(config) if config is not None else default_config_path()
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings mapping of a YAML config file; ConfigError saying what is wrong with the file."""
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; give the YAML file in it, e.g. {path / DEFAULT_CONFIG_NAME}")
     if not path.is_file():
@@ -449,6 +448,13 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSet
                           f"{default_config_path()} there, or write '{{}}' to run on the built-in defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSettings:
+    """Read the YAML file (default: the packaged configs/edge.yaml), apply env overrides, validate."""
+    path = Path(config) if config is not None else default_config_path()
+    read_config_file(path)
     check_environment()
     _YAML_PATH["path"] = path
     try:
