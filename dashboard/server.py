@@ -401,9 +401,11 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 before = (float(query["before"][0]), (query.get("before_id") or [""])[0])
             except ValueError as exc:
-                raise ReviewError("before must be an alert timestamp (a number)") from exc
+                raise ReviewError(
+                    "before must be the sort_time (a number) of the last alert of the previous page"
+                ) from exc
             if not math.isfinite(before[0]):
-                raise ReviewError("before must be a finite alert timestamp")
+                raise ReviewError("before must be a finite number: the sort_time of the previous page's last alert")
         return self.app.store.alerts(class_name=cls, include_acked=include_acked, limit=limit, before=before)
 
     def _ack(self, event_id: str, ack: bool) -> None:

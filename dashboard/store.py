@@ -20,6 +20,12 @@ from .limits import bounded
 # until the broker acknowledges it, which may be long after the dashboard dropped it to stay within max_alerts.
 SEEN_IDS_PER_ALERT = 10
 
+# Alerts are listed by the device's timestamp only when it is plausible; otherwise by the time the dashboard received
+# them. A device without a real-time clock or NTP boots in 1970 (its alerts would sink below the first page) and
+# one whose clock runs ahead would pin its alerts on top; a replayed spool's old but true times keep their place.
+EARLIEST_ALERT_TIME = 1577836800.0  # 2020-01-01 UTC: no DrywallQA device sent an alert before
+CLOCK_AHEAD_MARGIN_S = 300.0  # a device clock this far ahead of the dashboard's is still believed
+
 
 class StoreError(RuntimeError):
     """The alert store file cannot be opened or is not a dashboard store."""
@@ -41,9 +47,9 @@ CREATE TABLE IF NOT EXISTS alerts (
     class_name  TEXT NOT NULL,
     payload     TEXT NOT NULL,          -- the AlertPayload JSON minus the snapshot
     snapshot    BLOB NOT NULL,          -- decoded JPEG bytes
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    sort_time   REAL NOT NULL           -- what the list is ordered by: see alert_sort_time
 );
-CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (timestamp);
 -- ids of alerts received lately, kept after their alert is trimmed so that a re-sent one is still a duplicate
 CREATE TABLE IF NOT EXISTS seen_alerts (event_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS acks (
@@ -53,6 +59,14 @@ CREATE TABLE IF NOT EXISTS acks (
     note     TEXT NOT NULL DEFAULT ''
 );
 """
+
+
+def alert_sort_time(timestamp: float, received_at: float) -> float:
+    """The device's timestamp if its clock is plausible (not before EARLIEST_ALERT_TIME, not more than
+    CLOCK_AHEAD_MARGIN_S after the alert was received), else the time the dashboard received it."""
+    if EARLIEST_ALERT_TIME <= timestamp <= received_at + CLOCK_AHEAD_MARGIN_S:
+        return timestamp
+    return received_at
 
 
 class AlertStore:
@@ -72,6 +86,7 @@ class AlertStore:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            self._add_sort_time()
             # a store from before seen_alerts existed: its alerts are the ones seen so far
             self._db.execute("INSERT OR IGNORE INTO seen_alerts (event_id) SELECT event_id FROM alerts ORDER BY rowid")
         except (sqlite3.DatabaseError, OSError) as exc:
@@ -82,6 +97,17 @@ class AlertStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _add_sort_time(self) -> None:
+        """A store from before sort_time existed gets the column, filled by the rule new alerts follow."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(alerts)")}
+        if "sort_time" not in columns:
+            self._db.create_function("alert_sort_time", 2, alert_sort_time, deterministic=True)
+            with self._transaction():
+                self._db.execute("ALTER TABLE alerts ADD COLUMN sort_time REAL NOT NULL DEFAULT 0")
+                self._db.execute("UPDATE alerts SET sort_time = alert_sort_time(timestamp, received_at)")
+                self._db.execute("DROP INDEX IF EXISTS alerts_by_time")  # the old listing order's index
+        self._db.execute("CREATE INDEX IF NOT EXISTS alerts_by_sort_time ON alerts (sort_time, event_id)")
 
     @property
     def max_seen_ids(self) -> int:
@@ -95,8 +121,10 @@ class AlertStore:
             cur = self._db.execute("INSERT OR IGNORE INTO seen_alerts (event_id) VALUES (?)", (alert.event_id,))
             if cur.rowcount != 1:
                 return False
+            received = received_at if received_at is not None else time.time()
             self._db.execute(
-                "INSERT OR IGNORE INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO alerts (event_id, device_id, timestamp, class_name, payload, snapshot, "
+                "received_at, sort_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     alert.event_id,
                     alert.device_id,
@@ -104,7 +132,8 @@ class AlertStore:
                     meta["class_name"],
                     json.dumps(meta),
                     sqlite3.Binary(snapshot_jpeg),
-                    received_at if received_at is not None else time.time(),
+                    received,
+                    alert_sort_time(alert.timestamp, received),
                 ),
             )
             self._trim()
@@ -163,13 +192,14 @@ class AlertStore:
         event_id: str | None = None,
         before: tuple[float, str] | None = None,
     ) -> list[dict]:
-        """Newest first, as JSON-ready dicts (no snapshot bytes; each has `acked`/`ack` fields).
+        """Newest first by sort_time, as JSON-ready dicts (no snapshot bytes; each has `acked`/`ack` fields, its
+        `sort_time`, and `device_clock_off` when it is listed by the time received, not the device's clock).
 
-        `before=(timestamp, event_id)` pages: only alerts older than that one (ties broken on event_id), so a
+        `before=(sort_time, event_id)` pages: only alerts listed below that one (ties broken on event_id), so a
         client can walk the whole history a page at a time even while new alerts arrive."""
         sql = (
-            "SELECT a.payload, a.received_at, length(a.snapshot), k.acked_at, k.by, k.note FROM alerts a "
-            "LEFT JOIN acks k ON k.event_id = a.event_id WHERE 1=1"
+            "SELECT a.payload, a.received_at, a.sort_time, a.sort_time != a.timestamp, length(a.snapshot), "
+            "k.acked_at, k.by, k.note FROM alerts a LEFT JOIN acks k ON k.event_id = a.event_id WHERE 1=1"
         )
         args: list[object] = []
         if event_id is not None:
@@ -181,16 +211,18 @@ class AlertStore:
         if not include_acked:
             sql += " AND k.event_id IS NULL"
         if before is not None:
-            sql += " AND (a.timestamp < ? OR (a.timestamp = ? AND a.event_id < ?))"
+            sql += " AND (a.sort_time < ? OR (a.sort_time = ? AND a.event_id < ?))"
             args.extend([before[0], before[0], before[1]])
-        sql += " ORDER BY a.timestamp DESC, a.event_id DESC LIMIT ?"
+        sql += " ORDER BY a.sort_time DESC, a.event_id DESC LIMIT ?"
         args.append(limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         out = []
-        for payload, received_at, snapshot_size, acked_at, by, note in rows:
+        for payload, received_at, sort_time, clock_off, snapshot_size, acked_at, by, note in rows:
             item = json.loads(payload)
             item["received_at"] = received_at
+            item["sort_time"] = sort_time
+            item["device_clock_off"] = bool(clock_off)
             url = f"/alerts/{quote(item['event_id'], safe='')}/snapshot.jpg"
             item["snapshot_url"] = url if snapshot_size else None
             item["acked"] = acked_at is not None

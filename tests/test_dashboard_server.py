@@ -381,13 +381,14 @@ def test_start_up_errors_name_what_is_wrong(tmp_path: Path, monkeypatch) -> None
 
 def test_alert_pages_and_totals_through_the_api(dashboard, publisher) -> None:
     snap = make_jpeg()
+    sent = time.time() - 600  # a plausible device clock: listed by it
     for i in range(7):
-        publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", f"evt-{i}", snap, timestamp=2000.0 + i))
+        publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", f"evt-{i}", snap, timestamp=sent + i))
     wait_until(lambda: len(get_json(dashboard, "/api/alerts")) == 7, 10, "7 alerts stored")
     first = get_json(dashboard, "/api/alerts?limit=3")
     assert [a["event_id"] for a in first] == ["evt-6", "evt-5", "evt-4"]
     last = first[-1]
-    older = get_json(dashboard, f"/api/alerts?limit=10&before={last['timestamp']}&before_id={last['event_id']}")
+    older = get_json(dashboard, f"/api/alerts?limit=10&before={last['sort_time']}&before_id={last['event_id']}")
     assert [a["event_id"] for a in older] == ["evt-3", "evt-2", "evt-1", "evt-0"]
     assert http_get(dashboard, "/api/alerts?before=soon")[0] == 400
     assert http_get(dashboard, "/api/alerts?before=nan")[0] == 400

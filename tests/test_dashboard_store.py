@@ -79,8 +79,9 @@ def test_store_trims_by_arrival_not_by_the_devices_clock(tmp_path: Path) -> None
 def test_paging_walks_the_whole_history_once_even_with_equal_times(tmp_path: Path) -> None:
     store = AlertStore(tmp_path / "s.sqlite")
     jpeg = make_jpeg()
+    t0 = 1.7e9  # a plausible device clock, so the alerts are listed by it
     for i in range(25):  # pairs of alerts share a timestamp: the cursor must break the tie, not skip or repeat
-        store.add_alert(alert("cam", f"e{i:02d}", jpeg, timestamp=1000.0 + i // 2), jpeg)
+        store.add_alert(alert("cam", f"e{i:02d}", jpeg, timestamp=t0 + i // 2), jpeg, received_at=t0 + 60)
     store.acknowledge("e03")
     seen: list[str] = []
     before = None
@@ -89,11 +90,11 @@ def test_paging_walks_the_whole_history_once_even_with_equal_times(tmp_path: Pat
         if not page:
             break
         seen += [a["event_id"] for a in page]
-        before = (page[-1]["timestamp"], page[-1]["event_id"])
+        before = (page[-1]["sort_time"], page[-1]["event_id"])
     assert sorted(seen) == [f"e{i:02d}" for i in range(25)] and len(seen) == 25
     assert seen[0] == "e24" and seen[-1] == "e00"
     assert store.counts() == {"open": 24, "acknowledged": 1, "total": 25}
-    open_only = store.alerts(include_acked=False, limit=100, before=(1002.0, "e04"))
+    open_only = store.alerts(include_acked=False, limit=100, before=(t0 + 2, "e04"))
     assert [a["event_id"] for a in open_only] == ["e02", "e01", "e00"]  # e03 acknowledged, e04 not older
 
 

@@ -181,6 +181,9 @@ async function forgetDevice(deviceId) {
 // The page holds the newest alerts that match the filter and pages older ones in from the server on request;
 // the store keeps up to --max-alerts. Totals come from the server.
 //
+// Alerts are ordered by the server's `sort_time`: the device's timestamp, or the time received when the device's
+// clock is implausible (`device_clock_off`: 1970 after a boot without network time, or years ahead).
+//
 // Invariant, so that paging never skips an alert: while older ones exist on the server (`olderAvailable`),
 // `model.alerts` holds exactly the matching alerts at or above `cursor` (the oldest one held), and "show
 // older" asks for the ones below it. An alert that arrives below the cursor (a device replaying its spool)
@@ -192,13 +195,13 @@ function alertFilter() {
   return { cls: document.getElementById("alert-class").value, showAcked: document.getElementById("show-acked").checked };
 }
 const matches = (a, f) => (!f.cls || a.class_name === f.cls) && (f.showAcked || !a.acked);
-const newerFirst = (x, y) => (y.timestamp - x.timestamp) || (y.event_id < x.event_id ? -1 : y.event_id > x.event_id ? 1 : 0);
+const newerFirst = (x, y) => (y.sort_time - x.sort_time) || (y.event_id < x.event_id ? -1 : y.event_id > x.event_id ? 1 : 0);
 const olderThan = (a, b) => newerFirst(a, b) > 0;
 
 function alertsQuery(f, before) {
   const q = new URLSearchParams({ limit: String(ALERT_PAGE + 1), include_acked: f.showAcked ? "1" : "0" });
   if (f.cls) q.set("class", f.cls);
-  if (before) { q.set("before", String(before.timestamp)); q.set("before_id", before.event_id); }
+  if (before) { q.set("before", String(before.sort_time)); q.set("before_id", before.event_id); }
   return `/api/alerts?${q}`;
 }
 
@@ -294,6 +297,7 @@ function renderAlert(a) {
     el("div", {}, el("b", { class: `cls cls-${a.class_name}`, text: a.class_name }), " ",
       el("span", { class: "device-id", text: a.device_id }), " ", el("span", { class: "rule", text: a.rule })),
     el("div", { class: "meta", text: `${fmtTime(a.timestamp)} | frame #${a.frame_id} | prompt "${a.prompt}"` }),
+    a.device_clock_off ? el("div", { class: "meta warn clock-off", text: `device clock wrong: listed by the time received, ${fmtTime(a.sort_time)}` }) : null,
     el("div", { class: "figures-line", text: figures.join(" | ") }),
     a.acked ? el("div", { class: "meta ack-info", text: `acknowledged ${fmtTime(a.ack.acked_at)}` }) : null));
   li.append(el("button", { class: "ack", text: a.acked ? "undo" : "acknowledge", onclick: () => setAck(a.event_id, !a.acked) }));

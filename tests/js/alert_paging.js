@@ -1,5 +1,6 @@
 // Drives the dashboard's real app.js (loaded into a Node vm with a minimal DOM) against an in-memory alert
-// store that answers /api/alerts like dashboard/store.py (newest first, keyset cursor, filters). Alerts arrive
+// store that answers /api/alerts like dashboard/store.py (newest first by sort_time, keyset cursor, filters; a
+// device timestamp that disagrees stands for a wrong device clock, which the order must ignore). Alerts arrive
 // as the SSE stream would deliver them, interleaved at random with page loads, resyncs, acknowledgements and
 // late (replayed) alerts. After each trial the page pages down to the end; every open alert must have been
 // shown. Prints one JSON line: {"trials": N, "missed": [...]}.
@@ -31,13 +32,13 @@ const document = { getElementById: (id) => (elements[id] ||= element(id)), creat
 
 let store = [];
 const pending = [];
-const newerFirst = (x, y) => (y.timestamp - x.timestamp) || (y.event_id < x.event_id ? -1 : y.event_id > x.event_id ? 1 : 0);
+const newerFirst = (x, y) => (y.sort_time - x.sort_time) || (y.event_id < x.event_id ? -1 : y.event_id > x.event_id ? 1 : 0);
 function answer(url) {  // what dashboard/store.py's alerts() returns for this query
   const p = new URL("http://dashboard" + url).searchParams;
   let rows = store.filter((a) => (!p.get("class") || a.class_name === p.get("class")) && (p.get("include_acked") === "1" || !a.acked));
   if (p.get("before")) {
     const t = Number(p.get("before")), id = p.get("before_id");
-    rows = rows.filter((a) => a.timestamp < t || (a.timestamp === t && a.event_id < id));
+    rows = rows.filter((a) => a.sort_time < t || (a.sort_time === t && a.event_id < id));
   }
   return rows.sort(newerFirst).slice(0, Number(p.get("limit"))).map((a) => ({ ...a }));
 }
@@ -61,7 +62,8 @@ async function answerAll() {
   }
 }
 let serial = 0;
-const newAlert = (timestamp) => ({ event_id: `e${String(serial++).padStart(6, "0")}`, timestamp, class_name: rnd(4) ? "crack" : "taping", acked: false });
+const newAlert = (sortTime) => ({ event_id: `e${String(serial++).padStart(6, "0")}`, sort_time: sortTime,
+  timestamp: random() < 0.2 ? rnd(50) : sortTime, class_name: rnd(4) ? "crack" : "taping", acked: false });
 
 (async () => {
   const missed = [];
