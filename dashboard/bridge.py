@@ -10,6 +10,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -80,6 +81,42 @@ class DeviceOfflineError(RuntimeError):
     """A command for a device the dashboard knows to be offline: it was not sent."""
 
 
+class AlertHeld(StoreError):
+    """The store could not write an alert: it is held in memory and written as soon as the store can be
+    (MqttBridge.retry_held). `withheld`: its PUBACK is withheld, so the broker still has it as well."""
+
+    def __init__(self, message: str, withheld: bool) -> None:
+        super().__init__(message)
+        self.withheld = withheld
+
+
+# mosquitto sends a client at most max_inflight_messages (default 20) QoS 1 messages it has not acknowledged, then
+# holds back every other one for it: withholding more than a few PUBACKs would stall statuses and alerts alike.
+WITHHELD_ACKS = 8
+
+
+@dataclass(frozen=True)
+class HoldLimits:
+    """Alerts the store could not write (disk full, file read-only) are held in memory and retried. Each one's
+    PUBACK is withheld, up to `withheld_acks` of them, so the broker delivers it again if the dashboard stops
+    first; the bounds apply to the others, held in memory only (beyond them the oldest is dropped: lost)."""
+
+    alerts: int = 1000
+    picture_bytes: int = 64 * 2**20
+    withheld_acks: int = WITHHELD_ACKS
+    retry_s: float = 5.0
+
+
+@dataclass
+class _HeldAlert:
+    alert: AlertPayload
+    jpeg: bytes
+    problem: str  # why its picture was not kept, reported once it is stored
+    received_at: float
+    mid: int | None = None  # the PUBACK withheld for this message id of connection `link`; None: none withheld
+    link: int = 0
+
+
 PENDING_REQUESTS = 256  # snapshot requests remembered until answered (the oldest forgotten beyond that)
 
 
@@ -108,10 +145,12 @@ class MqttBridge:
     """Owns one paho client running in its own thread; reconnects forever with a capped back-off.
 
     The session is persistent (clean_session=False, stable client id), so QoS 1 alerts published while the
-    dashboard's link was down are delivered when it comes back, as long as the broker kept running.
+    dashboard's link was down are delivered when it comes back, as long as the broker kept running. Messages are
+    acknowledged once handled; an alert the store cannot write is held in memory and retried (HoldLimits).
     """
 
-    def __init__(self, config: BrokerConfig, state: LiveState, store: AlertStore) -> None:
+    def __init__(self, config: BrokerConfig, state: LiveState, store: AlertStore,
+                 hold: HoldLimits = HoldLimits()) -> None:
         self.config = config
         self.state = state
         self.store = store
@@ -125,6 +164,7 @@ class MqttBridge:
             client_id=client_id,
             clean_session=False,
             protocol=mqtt.MQTTv311,
+            manual_ack=True,  # a QoS 1 message is acknowledged once handled: see _on_message
         )
         if config.username:
             self.client.username_pw_set(config.username, config.password)
@@ -144,18 +184,140 @@ class MqttBridge:
         self._refused = False  # the broker refused this connection's login: its disconnect says nothing new
         self._requests: OrderedDict[str, str] = OrderedDict()  # snapshot request id -> device id, until answered
         self._requests_lock = threading.Lock()
+        self.hold = hold
+        self._held: OrderedDict[str, _HeldAlert] = OrderedDict()  # event id -> alert not yet stored, in arrival order
+        self._held_lock = threading.Lock()  # also orders acks against _link changes
+        self._link = 0  # the connection generation: a message id means something on its own connection only
+        self._retry_trouble = LogThrottle()
+        self._stopping = threading.Event()
+        self._retry_thread = threading.Thread(target=self._retry_loop, name="dashboard-held-alerts", daemon=True)
 
     def start(self) -> None:
         """Connect in the background: a broker that is down at start-up is retried, not fatal."""
         self.state.set_broker(False, f"connecting to {self.config.url}")
         self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         self.client.loop_start()
+        self._retry_thread.start()
         self._started.set()
 
     def stop(self) -> None:
         if self._started.is_set():
+            self._stopping.set()
+            self._retry_thread.join()
             self.client.disconnect()
             self.client.loop_stop()
+            self._warn_unsaved()
+
+    def held_ids(self) -> list[str]:
+        """The event ids of the alerts held in memory (the store could not write them), oldest first."""
+        with self._held_lock:
+            return list(self._held)
+
+    def withheld_acks(self) -> int:
+        """How many held alerts have their PUBACK withheld on the current connection (the broker keeps them)."""
+        with self._held_lock:
+            return self._withheld_now()
+
+    def retry_held(self) -> int:
+        """Store the held alerts, oldest first, until the store fails again; returns how many were stored. Each one
+        stored (or found stored already) is announced and its PUBACK sent."""
+        done = 0
+        for held in self._held_snapshot():
+            try:
+                added = self.store.add_alert(held.alert, held.jpeg, received_at=held.received_at)
+            except StoreError as exc:
+                if self._retry_trouble.hit():
+                    log.error("%d alert(s) still held in memory: %s", len(self._held_snapshot()), exc)
+                return done
+            self._saved(held.alert.event_id, added, held.problem)
+            done += 1
+        if done:
+            self._retry_trouble.reset()
+            log.info("the store can be written again: %d held alert(s) saved", done)
+            self.state.note_invalid(f"the store can be written again: the {done} alert(s) held in memory are saved")
+        return done
+
+    def _retry_loop(self) -> None:
+        while not self._stopping.wait(self.hold.retry_s):
+            try:
+                self.retry_held()
+            except Exception:  # never let one failure end the retries
+                log.exception("error while saving held alerts")
+
+    def _held_snapshot(self) -> list[_HeldAlert]:
+        with self._held_lock:
+            return list(self._held.values())
+
+    def _withheld_now(self) -> int:
+        """Held alerts whose PUBACK is withheld on the current connection (caller holds _held_lock)."""
+        return sum(1 for h in self._held.values() if h.mid is not None and h.link == self._link)
+
+    def _hold(self, held: _HeldAlert, mid: int | None) -> bool:
+        """Keep an alert the store could not write; withhold the PUBACK of message `mid` (of the current connection)
+        while fewer than hold.withheld_acks are. True when it is withheld: the caller must not send it."""
+        event_id = held.alert.event_id
+        with self._held_lock:
+            held = self._held.setdefault(event_id, held)  # a copy delivered again replaces nothing
+            withheld = mid is not None and self._withheld_now() < self.hold.withheld_acks
+            if withheld and (held.mid is None or held.link != self._link):
+                held.mid, held.link = mid, self._link
+            else:
+                withheld = False
+                if held.mid is not None and held.link != self._link:
+                    held.mid = None  # stale, and this copy is acknowledged: the broker no longer has it
+            dropped = self._over_bounds()
+        for lost in dropped:
+            self._report_lost(lost)
+        return withheld
+
+    def _over_bounds(self) -> list[_HeldAlert]:
+        """Drop the oldest alerts held in memory only (not withheld) beyond hold's bounds (caller holds the lock)."""
+        dropped = []
+        memory_only = [h for h in self._held.values() if h.mid is None or h.link != self._link]
+        size = sum(len(h.jpeg) for h in memory_only)
+        while memory_only and (len(self._held) > self.hold.alerts or size > self.hold.picture_bytes):
+            lost = memory_only.pop(0)
+            del self._held[lost.alert.event_id]
+            size -= len(lost.jpeg)
+            dropped.append(lost)
+        return dropped
+
+    def _held_note(self, withheld: bool) -> str:
+        """What becomes of an alert just held, for the log and the page footer."""
+        count = len(self.held_ids())
+        if withheld:
+            return f"Held in memory ({count} alert(s) so far) and saved once the store can be written."
+        return (f"Held in memory only ({count} alert(s) so far; the broker keeps at most {self.hold.withheld_acks}): "
+                "lost if the dashboard stops before the store can be written.")
+
+    def _report_lost(self, lost: _HeldAlert) -> None:
+        message = (f"alert {lost.alert.event_id} of {lost.alert.device_id} is lost: the store could not be written "
+                   f"and more than {self.hold.alerts} alerts or {self.hold.picture_bytes / 2**20:.0f} MiB of "
+                   "pictures were held in memory waiting for it. Free disk space or make the store writable.")
+        log.error("%s", message)
+        self.state.note_invalid(message)
+
+    def _saved(self, event_id: str, added: bool, problem: str) -> None:
+        """An alert is in the store: release its held copy (sending the PUBACK withheld on this connection, never
+        one of an older connection, which could acknowledge another message) and announce it."""
+        with self._held_lock:
+            held = self._held.pop(event_id, None)
+            if held is not None and held.mid is not None and held.link == self._link:
+                self.client.ack(held.mid, 1)
+        if held is None and not added:
+            return  # a repeat (QoS 1, a device's spool, a watched photo after a restart): already told
+        stored = self.store.get(event_id)
+        if stored is not None:
+            self.announce_alert(stored)
+        if problem and added:  # a held alert whose picture was refused: say so now that it is listed
+            self.state.note_invalid(f"alert {event_id} kept without its picture: {problem}")
+
+    def _warn_unsaved(self) -> None:
+        with self._held_lock:
+            held, withheld = len(self._held), sum(1 for h in self._held.values() if h.mid is not None)
+        if held:
+            log.error("stopped with %d alert(s) not saved (the store could not be written): the broker delivers "
+                      "%d of them again at the next start; the others are lost", held, withheld)
 
     def request_snapshot(self, device_id: str) -> str:
         """Ask a device for a fresh annotated frame (it answers on its `snapshot` topic); returns the request id.
@@ -230,6 +392,7 @@ class MqttBridge:
                 detail += " (check --mqtt-username and the password in $DRYWALLQA_DASHBOARD_MQTT_PASSWORD)"
             self._trouble_detail(detail + "; retrying")
             return
+        self._new_link()
         self._refused = False
         self._trouble.reset()
         client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in LEAVES])
@@ -242,12 +405,19 @@ class MqttBridge:
         self._trouble_detail(detail, logging.WARNING)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._new_link()
         if self._refused:  # the broker closes a refused login: keep saying why
             return
         detail = f"connection lost ({reason_code}); reconnecting"
         if self.state.broker.connected:
             log.warning("disconnected from %s: %s", self.config.url, reason_code)
         self.state.set_broker(False, detail)
+
+    def _new_link(self) -> None:
+        """A connection went down or came up: message ids withheld so far are void (the broker delivers those
+        alerts again on the next connection, with the ids of that one)."""
+        with self._held_lock:
+            self._link += 1
 
     def _trouble_detail(self, detail: str, level: int = logging.ERROR) -> None:
         """Show a connection trouble on the page at every retry and in the log at first and once a minute."""
@@ -256,20 +426,29 @@ class MqttBridge:
             log.log(level, "%s (%d failed attempt(s) so far)", detail, self._trouble.count)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        """Handle a message, then send its PUBACK (manual_ack): every one is acknowledged, invalid ones included,
+        except an alert the store could not write and whose PUBACK is withheld (see _hold)."""
+        withheld = False
         try:
-            self.handle(msg.topic, msg.payload, retained=bool(msg.retain))
+            self.handle(msg.topic, msg.payload, retained=bool(msg.retain), mid=msg.mid if msg.qos else None)
         except PayloadError as exc:
             log.warning("ignored message on %s: %s", msg.topic, exc)
             self.state.note_invalid(f"{msg.topic}: {exc}")
-        except StoreError as exc:  # the alert is lost (the broker has it acknowledged): say why, where it is seen
+        except StoreError as exc:  # an alert held in memory (AlertHeld): say why and what becomes of it
+            withheld = isinstance(exc, AlertHeld) and exc.withheld
             log.error("%s: %s", msg.topic, exc)
             self.state.note_invalid(f"{msg.topic}: {exc}")
         except Exception as exc:  # never let one message kill the network thread
             log.exception("error handling message on %s", msg.topic)
             self.state.note_invalid(f"{msg.topic}: internal error {exc!r}")
+        finally:
+            if msg.qos and not withheld:
+                client.ack(msg.mid, msg.qos)
 
     # --- message handling (also called directly by tests) -----------------------------------------
-    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
+    def handle(self, topic: str, payload: bytes, retained: bool = False, mid: int | None = None) -> None:
+        """Validate and apply one message. `mid`: its id, for a QoS 1 message of the current connection whose PUBACK
+        the caller sends unless AlertHeld says it is withheld."""
         parts = topic.split("/")
         if len(parts) < 2 or "/".join(parts[:-2]) != self.prefix:
             raise PayloadError(f"unexpected topic {topic!r} (prefix {self.prefix!r})")
@@ -298,13 +477,13 @@ class MqttBridge:
                 jpeg = decode_jpeg_b64(snap.jpeg_b64, "jpeg_b64")
                 self.state.update_snapshot(snap, jpeg, answers_request=self._answers_request(snap))
             elif leaf == TOPIC_ALERTS:
-                self._handle_alert(_same_device(AlertPayload.model_validate_json(payload), device))
+                self._handle_alert(_same_device(AlertPayload.model_validate_json(payload), device), mid)
             else:
                 raise PayloadError(f"unexpected topic leaf {leaf!r}")
         except ValidationError as exc:
             raise PayloadError(f"invalid {leaf} payload: {exc}") from exc
 
-    def _handle_alert(self, alert: AlertPayload) -> None:
+    def _handle_alert(self, alert: AlertPayload, mid: int | None = None) -> None:
         too_long = id_problem("event_id", alert.event_id)
         if too_long:
             raise PayloadError(f"alert refused: its {too_long}")
@@ -313,12 +492,15 @@ class MqttBridge:
             problem = ""
         except PayloadError as exc:  # keep the alert itself: losing it would be worse than a missing picture
             jpeg, problem = b"", str(exc)
-        if not self.store.add_alert(alert, jpeg):
-            return  # a repeat (QoS 1, a device's spool, a watched photo after a restart): already told
-        stored = self.store.get(alert.event_id)
-        if stored is not None:
-            self.announce_alert(stored)
-        if problem:  # reported with the ignored messages, but this alert is listed: say so
+        received_at = time.time()
+        try:
+            added = self.store.add_alert(alert, jpeg, received_at=received_at)
+        except StoreError as exc:
+            slim = alert.model_copy(update={"snapshot_jpeg_b64": ""})  # the store takes the decoded picture only
+            withheld = self._hold(_HeldAlert(slim, jpeg, problem, received_at), mid)
+            raise AlertHeld(f"{exc} {self._held_note(withheld)}", withheld) from exc
+        self._saved(alert.event_id, added, "")
+        if added and problem:  # reported with the ignored messages, but this alert is listed: say so
             raise PayloadError(f"alert {alert.event_id} kept without its picture: {problem}")
 
 
