@@ -187,6 +187,7 @@ class MqttBridge:
         self.hold = hold
         self._held: OrderedDict[str, _HeldAlert] = OrderedDict()  # event id -> alert not yet stored, in arrival order
         self._held_lock = threading.Lock()  # also orders acks against _link changes
+        self._held_problem = ""  # the store's latest error while alerts are held
         self._link = 0  # the connection generation: a message id means something on its own connection only
         self._retry_trouble = LogThrottle()
         self._stopping = threading.Event()
@@ -228,13 +229,14 @@ class MqttBridge:
             except StoreError as exc:
                 if self._retry_trouble.hit():
                     log.error("%d alert(s) still held in memory: %s", len(self._held_snapshot()), exc)
+                if done:
+                    self._show_held(str(exc))
                 return done
             self._saved(held.alert.event_id, added, held.problem)
             done += 1
         if done:
             self._retry_trouble.reset()
             log.info("the store can be written again: %d held alert(s) saved", done)
-            self.state.note_invalid(f"the store can be written again: the {done} alert(s) held in memory are saved")
         return done
 
     def _retry_loop(self) -> None:
@@ -283,19 +285,34 @@ class MqttBridge:
         return dropped
 
     def _held_note(self, withheld: bool) -> str:
-        """What becomes of an alert just held, for the log and the page footer."""
+        """What becomes of an alert just held, for the log."""
         count = len(self.held_ids())
         if withheld:
             return f"Held in memory ({count} alert(s) so far) and saved once the store can be written."
         return (f"Held in memory only ({count} alert(s) so far; the broker keeps at most {self.hold.withheld_acks}): "
                 "lost if the dashboard stops before the store can be written.")
 
+    def _show_held(self, problem: str | None = None) -> None:
+        """Put the held alerts on the page's banner (none: the banner goes): why (`problem`, the store's latest
+        error; None: the one shown so far), and what becomes of them."""
+        with self._held_lock:
+            count, withheld = len(self._held), self._withheld_now()
+            if problem is not None:
+                self._held_problem = problem
+            problem = self._held_problem
+        if withheld < count:
+            fate = (f"{withheld} of them are kept by the broker as well; the other {count - withheld} are lost if the "
+                    "dashboard stops before then")
+        else:
+            fate = "the broker keeps them as well, should the dashboard stop before then"
+        self.state.set_alerts_held(count, f"{problem} They are saved as soon as it can be written ({fate}).")
+
     def _report_lost(self, lost: _HeldAlert) -> None:
         message = (f"alert {lost.alert.event_id} of {lost.alert.device_id} is lost: the store could not be written "
                    f"and more than {self.hold.alerts} alerts or {self.hold.picture_bytes / 2**20:.0f} MiB of "
                    "pictures were held in memory waiting for it. Free disk space or make the store writable.")
         log.error("%s", message)
-        self.state.note_invalid(message)
+        self.state.note_alert_lost(message)
 
     def _saved(self, event_id: str, added: bool, problem: str) -> None:
         """An alert is in the store: release its held copy (sending the PUBACK withheld on this connection, never
@@ -304,6 +321,8 @@ class MqttBridge:
             held = self._held.pop(event_id, None)
             if held is not None and held.mid is not None and held.link == self._link:
                 self.client.ack(held.mid, 1)
+        if held is not None:
+            self._show_held()
         if held is None and not added:
             return  # a repeat (QoS 1, a device's spool, a watched photo after a restart): already told
         stored = self.store.get(event_id)
@@ -434,8 +453,10 @@ class MqttBridge:
         except PayloadError as exc:
             log.warning("ignored message on %s: %s", msg.topic, exc)
             self.state.note_invalid(f"{msg.topic}: {exc}")
-        except StoreError as exc:  # an alert held in memory (AlertHeld): say why and what becomes of it
-            withheld = isinstance(exc, AlertHeld) and exc.withheld
+        except AlertHeld as exc:  # on the page's banner already (_show_held)
+            withheld = exc.withheld
+            log.error("%s: %s", msg.topic, exc)
+        except StoreError as exc:
             log.error("%s: %s", msg.topic, exc)
             self.state.note_invalid(f"{msg.topic}: {exc}")
         except Exception as exc:  # never let one message kill the network thread
@@ -498,6 +519,7 @@ class MqttBridge:
         except StoreError as exc:
             slim = alert.model_copy(update={"snapshot_jpeg_b64": ""})  # the store takes the decoded picture only
             withheld = self._hold(_HeldAlert(slim, jpeg, problem, received_at), mid)
+            self._show_held(str(exc))
             raise AlertHeld(f"{exc} {self._held_note(withheld)}", withheld) from exc
         self._saved(alert.event_id, added, "")
         if added and problem:  # reported with the ignored messages, but this alert is listed: say so

@@ -135,6 +135,10 @@ class LiveState:
         self.broker = BrokerView()
         self.invalid_messages = 0
         self.last_invalid = ""
+        self.alerts_held = 0  # alerts the store could not write, held in memory by the bridge until it can
+        self.held_detail = ""  # why, and what becomes of them
+        self.alerts_lost = 0
+        self.last_lost = ""
         self._subs: set[Subscription] = set()
         # Frame URLs carry this counter and are cached by browsers for an hour: it starts at the time of start-up
         # (in microseconds), so a restarted dashboard never hands out a URL that an open page cached before.
@@ -176,6 +180,10 @@ class LiveState:
             data = self.broker.to_json()
         data["invalid_messages"] = self.invalid_messages
         data["last_invalid"] = self.last_invalid
+        data["alerts_held"] = self.alerts_held
+        data["held_detail"] = self.held_detail
+        data["alerts_lost"] = self.alerts_lost
+        data["last_lost"] = self.last_lost
         data["devices_dropped"] = self.devices_dropped
         data["max_devices"] = self.max_devices
         return data
@@ -328,4 +336,18 @@ class LiveState:
         with self._lock:
             self.invalid_messages += 1
             self.last_invalid = clip(message, MESSAGE_CHARS)
+        self.publish("broker", self.broker_json())
+
+    def set_alerts_held(self, count: int, detail: str) -> None:
+        """How many alerts wait in memory for the store to be writable (0: none), and why: shown on the page's
+        banner, since they are lost if the dashboard stops (beyond those the broker keeps)."""
+        with self._lock:
+            self.alerts_held = count
+            self.held_detail = clip(detail, MESSAGE_CHARS) if count else ""
+        self.publish("broker", self.broker_json())
+
+    def note_alert_lost(self, message: str) -> None:
+        with self._lock:
+            self.alerts_lost += 1
+            self.last_lost = clip(message, MESSAGE_CHARS)
         self.publish("broker", self.broker_json())

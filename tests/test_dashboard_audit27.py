@@ -114,12 +114,13 @@ def test_a_store_that_cannot_be_written_is_reported_not_a_dropped_connection(tmp
         assert "acknowledgement of alert e1 was not saved" in error and "make the file writable" in error, error
 
         publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", "e2", make_jpeg()))
-        broker = wait_until(lambda: (b := get_json(app, "/api/state")["broker"])["invalid_messages"] and b, 10,
-                            "the lost alert to be reported")
-        assert "alert e2 was not saved" in broker["last_invalid"], broker["last_invalid"]
+        broker = wait_until(lambda: (b := get_json(app, "/api/state")["broker"])["alerts_held"] and b, 10,
+                            "the unsaved alert to be reported")
+        assert "alert e2 was not saved" in broker["held_detail"], broker["held_detail"]
 
         app.store._db.execute("PRAGMA query_only = 0")  # writable again: the store goes on
         _send_alerts(app, publisher, ["e3"])
+        wait_until(lambda: app.store.get("e2") is not None, 15, "the held alert e2 to be saved")  # not lost
         assert http_post(app, "/api/alerts/e1/ack", b"{}", POST_HEADERS)[0] == 200
 
 

@@ -5,9 +5,12 @@ persistence, so a session survives a broker restart), real SQLite made to refuse
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import re
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,9 @@ from drywallqa.dashboard.bridge import AlertHeld, BrokerConfig, HoldLimits, Mqtt
 from drywallqa.dashboard.state import LiveState
 from drywallqa.dashboard.store import AlertStore
 from drywallqa.edge.payloads import TOPIC_ALERTS, TOPIC_STATUS, topic
+
+NODE = shutil.which("node") or shutil.which("nodejs")
+ROOT = Path(__file__).resolve().parents[1]
 
 NO_TIMER = HoldLimits(retry_s=3600)  # held alerts are retried only when the test calls retry_held()
 
@@ -99,14 +105,18 @@ def test_an_alert_the_store_cannot_write_is_saved_and_announced_once_it_can(tmp_
         sub = app.state.subscribe()
         writable(app.store, False)
         publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", "e1", make_jpeg()))
-        wait_until(lambda: "alert e1 was not saved" in app.state.last_invalid, 10, "the failed write to be reported")
-        assert "Held in memory (1 alert(s) so far) and saved once the store can be written" in app.state.last_invalid
+        wait_until(lambda: app.state.alerts_held == 1, 10, "the failed write to be reported")
+        banner = app.state.broker_json()
+        assert banner["alerts_held"] == 1 and banner["held_detail"].startswith("alert e1 was not saved")
+        assert "saved as soon as it can be written (the broker keeps them as well" in banner["held_detail"]
+        assert app.state.invalid_messages == 0  # not an invalid message: a valid alert waiting for the store
 
         writable(app.store, True)
         wait_until(lambda: app.store.get("e1") is not None, 10, "the held alert to be saved")  # was lost for good
         assert app.store.snapshot("e1") == make_jpeg()
         wait_until(lambda: "e1" in announced(sub), 10, "the saved alert to be announced to browsers")
-        assert "the store can be written again" in app.state.last_invalid
+        wait_until(lambda: app.state.alerts_held == 0, 10, "the banner to go")
+        assert app.state.broker_json()["held_detail"] == ""
     finally:
         app.stop()
 
@@ -115,7 +125,7 @@ def test_a_withheld_alert_is_delivered_again_to_the_next_dashboard(mosquitto, pu
     writable(store, False)
     with running_bridge(mosquitto.port, store, publisher, client_id="dash-same") as bridge:
         publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", "e1", make_jpeg()))
-        wait_until(lambda: "alert e1 was not saved" in bridge.state.last_invalid, 10, "the failed write")
+        wait_until(lambda: bridge.state.alerts_held == 1, 10, "the failed write")
     # the dashboard stopped with the alert unsaved; the store is writable at its next start
     writable(store, True)
     with running_bridge(mosquitto.port, store, publisher, client_id="dash-same"):
@@ -181,9 +191,10 @@ def test_a_held_alert_not_withheld_says_it_is_lost_if_the_dashboard_stops(mosqui
         writable(store, False)
         for event_id in ("e1", "e2"):
             publisher.publish("cam-1", TOPIC_ALERTS, alert("cam-1", event_id, make_jpeg()))
-        wait_until(lambda: "alert e2 was not saved" in bridge.state.last_invalid, 10, "the second failed write")
-        assert "Held in memory only (2 alert(s) so far; the broker keeps at most 1): lost if the dashboard stops" \
-            in bridge.state.last_invalid
+        wait_until(lambda: bridge.state.alerts_held == 2, 10, "the second failed write")
+        assert bridge.state.held_detail.startswith("alert e2 was not saved")
+        assert "1 of them are kept by the broker as well; the other 1 are lost if the dashboard stops" \
+            in bridge.state.held_detail
         assert bridge.withheld_acks() == 1
 
 
@@ -197,8 +208,50 @@ def test_beyond_the_bound_the_oldest_held_alert_is_dropped_and_said_lost(store, 
     assert bridge.held_ids() == ["e3", "e4", "e5"]
     lost = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "is lost" in r.getMessage()]
     assert len(lost) == 2 and lost[0].startswith("alert e1 of cam-1 is lost: the store could not be written")
-    assert bridge.state.last_invalid.startswith("alert e2 of cam-1 is lost") and bridge.state.invalid_messages == 2
+    assert bridge.state.last_lost.startswith("alert e2 of cam-1 is lost") and bridge.state.alerts_lost == 2
+    assert bridge.state.alerts_held == 3
 
     writable(store, True)
     assert bridge.retry_held() == 3
     assert [a["event_id"] for a in store.alerts()] == ["e5", "e4", "e3"] and bridge.held_ids() == []
+
+
+_BANNER = """
+const fs = require("fs"), vm = require("vm");
+const nodes = {};
+const node = (id) => nodes[id] ??= { id, textContent: "", hidden: false, title: "", dataset: {}, children: [],
+  append() {}, setAttribute() {}, addEventListener() {}, replaceChildren() {} };
+const document = { getElementById: node, createElement: node, addEventListener() {}, body: { dataset: {} } };
+const context = { document, console, Date, Map, Set, Math, JSON, URLSearchParams, window: {}, setTimeout: () => 0,
+  setInterval() {}, EventSource: function () {} };
+vm.createContext(context);
+vm.runInContext(fs.readFileSync(process.argv[1], "utf8") + ";globalThis.__model = model; globalThis.__links = renderLinks;",
+  context);
+context.__model.streamUp = true;
+context.__model.broker = JSON.parse(process.argv[2]);
+context.__links();
+console.log(JSON.stringify({ banner: nodes.banner.textContent, hidden: nodes.banner.hidden,
+  footer: nodes.invalid.textContent }));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install nodejs)")
+def test_the_page_banner_says_alerts_wait_for_the_store_and_the_footer_counts_lost_ones(store) -> None:
+    bridge = MqttBridge(bridge_config(free_port(), "dash-p"), LiveState(), store, HoldLimits(alerts=2))  # not started
+    writable(store, False)
+    for event_id in ("e1", "e2", "e3"):
+        with pytest.raises(AlertHeld):
+            bridge.handle(topic(PREFIX, "cam-1", TOPIC_ALERTS), alert("cam-1", event_id, make_jpeg()).model_dump_json())
+
+    def page() -> dict:
+        out = subprocess.run([NODE, "-e", _BANNER, str(ROOT / "dashboard/static/app.js"),
+                              json.dumps(dict(bridge.state.broker_json(), connected=True))], capture_output=True, text=True, timeout=60,
+                             check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    held = page()
+    assert not held["hidden"] and held["banner"].startswith("2 alert(s) received but not saved yet: alert e3 was not")
+    assert "1 alert(s) lost (the store could not be written); last: alert e1 of cam-1 is lost" in held["footer"]
+    writable(store, True)
+    assert bridge.retry_held() == 2
+    assert page()["hidden"]  # all saved: the banner goes, the loss stays in the footer

@@ -50,11 +50,13 @@ function renderLinks() {
   } else if (b && !b.connected) {
     msgs.push(`Dashboard server disconnected from the MQTT broker ${b.url} since ${fmtTime(b.since)} (${b.detail}). Device states below are the last known ones.`);
   }
+  if (b && b.alerts_held) msgs.push(`${b.alerts_held} alert(s) received but not saved yet: ${b.held_detail}`);
   banner.hidden = msgs.length === 0;
   banner.textContent = msgs.join(" ");
   const inv = document.getElementById("invalid");
   const notes = [];
   if (b && b.invalid_messages) notes.push(`${b.invalid_messages} invalid MQTT message(s) ignored; last: ${b.last_invalid}`);
+  if (b && b.alerts_lost) notes.push(`${b.alerts_lost} alert(s) lost (the store could not be written); last: ${b.last_lost}`);
   if (b && b.devices_dropped) notes.push(`${b.devices_dropped} device(s) dropped from the list to stay within ${b.max_devices} (--max-devices; the longest-silent go first, offline ones before others)`);
   inv.textContent = notes.join(" | ");
   document.body.dataset.stale = (!model.streamUp || (b && !b.connected)) ? "1" : "0";
