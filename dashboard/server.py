@@ -34,6 +34,7 @@ from .auth import (
     trusted_proxy_networks,
 )
 from .bridge import BrokerConfig, DeviceOfflineError, MqttBridge
+from .export import alerts_csv, all_alerts, export_filename
 from .review import (
     BROWSER_IMAGE_SUFFIXES,
     ReviewError,
@@ -54,6 +55,7 @@ REVIEW_FILE_SUFFIXES = set(IMAGE_SUFFIXES) | {".html", ".htm", ".css", ".js", ".
 # own origin, where a script could call its API with the signed-in user's cookie: let them show images and
 # styles (the eval report's are inline and data: URIs) and run nothing.
 REVIEW_FILE_CSP = "default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; font-src 'self' data:"
+INCLUDE_ACKED_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -304,6 +306,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(self.app.full_state())
             if path == "/api/alerts":
                 return self._json(self._alerts(query))
+            if path == "/api/alerts.csv":
+                return self._alerts_csv(query)
             parts = [unquote(p) for p in path.strip("/").split("/")]
             if len(parts) == 3 and parts[0] == "alerts" and parts[2] == "snapshot.jpg":
                 return self._alert_snapshot(parts[1])
@@ -390,8 +394,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._redirect("/", {"Set-Cookie": cookie})
 
     def _alerts(self, query: dict[str, list[str]]) -> list[dict]:
-        cls = (query.get("class") or [""])[0] or None
-        include_acked = (query.get("include_acked") or ["1"])[0] not in ("0", "false", "no")
+        cls, include_acked = _alert_filter(query)
         try:
             limit = max(1, min(5000, int((query.get("limit") or ["500"])[0])))
         except ValueError as exc:
@@ -407,6 +410,17 @@ class _Handler(BaseHTTPRequestHandler):
             if not math.isfinite(before[0]):
                 raise ReviewError("before must be a finite number: the sort_time of the previous page's last alert")
         return self.app.store.alerts(class_name=cls, include_acked=include_acked, limit=limit, before=before)
+
+    def _alerts_csv(self, query: dict[str, list[str]]) -> None:
+        """Every alert the store holds that matches the filter, newest first, as a CSV download (UTF-8 with a
+        byte order mark, which Excel needs to read accents in notes right)."""
+        cls, include_acked = _alert_filter(query)
+        body = alerts_csv(all_alerts(self.app.store, cls, include_acked)).encode("utf-8-sig", "replace")
+        headers = {
+            "Cache-Control": "no-store",
+            "Content-Disposition": f'attachment; filename="{export_filename(time.time())}"',
+        }
+        self._send(200, body, "text/csv; charset=utf-8", headers)
 
     def _ack(self, event_id: str, ack: bool) -> None:
         data = _ack_body(self._read_body())
@@ -549,6 +563,16 @@ class _Handler(BaseHTTPRequestHandler):
             ctype += "; charset=utf-8"
         headers = {"Cache-Control": "no-cache", "Content-Security-Policy": REVIEW_FILE_CSP}
         self._send(200, path.read_bytes(), ctype, headers)
+
+
+def _alert_filter(query: dict[str, list[str]]) -> tuple[str | None, bool]:
+    """The class (None: all) and include_acked (default: yes) of an alert listing; ReviewError (a 400) for an
+    include_acked that is not a yes or a no, rather than reading a typo as "yes"."""
+    cls = (query.get("class") or [""])[0] or None
+    include_acked = (query.get("include_acked") or ["1"])[0]
+    if include_acked.strip().lower() not in INCLUDE_ACKED_VALUES:
+        raise ReviewError(f"include_acked must be 1 or 0 (or true/false, yes/no), not {include_acked!r}")
+    return cls, INCLUDE_ACKED_VALUES[include_acked.strip().lower()]
 
 
 def _ack_body(body: bytes) -> dict:
