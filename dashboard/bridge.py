@@ -294,18 +294,19 @@ class MqttBridge:
 
     def _show_held(self, problem: str | None = None) -> None:
         """Put the held alerts on the page's banner (none: the banner goes): why (`problem`, the store's latest
-        error; None: the one shown so far), and what becomes of them."""
+        error; None: the one shown so far), and what becomes of them. Counted and shown under _held_lock: the MQTT
+        and retry threads both call this, and a count shown after a newer one would stay on the banner."""
         with self._held_lock:
             count, withheld = len(self._held), self._withheld_now()
             if problem is not None:
                 self._held_problem = problem
-            problem = self._held_problem
-        if withheld < count:
-            fate = (f"{withheld} of them are kept by the broker as well; the other {count - withheld} are lost if the "
-                    "dashboard stops before then")
-        else:
-            fate = "the broker keeps them as well, should the dashboard stop before then"
-        self.state.set_alerts_held(count, f"{problem} They are saved as soon as it can be written ({fate}).")
+            if withheld < count:
+                fate = (f"{withheld} of them are kept by the broker as well; the other {count - withheld} are lost "
+                        "if the dashboard stops before then")
+            else:
+                fate = "the broker keeps them as well, should the dashboard stop before then"
+            self.state.set_alerts_held(count, f"{self._held_problem} They are saved as soon as it can be written "
+                                              f"({fate}).")
 
     def _report_lost(self, lost: _HeldAlert) -> None:
         message = (f"alert {lost.alert.event_id} of {lost.alert.device_id} is lost: the store could not be written "

@@ -103,11 +103,28 @@ class AlertStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(alerts)")}
         if "sort_time" not in columns:
             self._db.create_function("alert_sort_time", 2, alert_sort_time, deterministic=True)
-            with self._transaction():
-                self._db.execute("ALTER TABLE alerts ADD COLUMN sort_time REAL NOT NULL DEFAULT 0")
-                self._db.execute("UPDATE alerts SET sort_time = alert_sort_time(timestamp, received_at)")
-                self._db.execute("DROP INDEX IF EXISTS alerts_by_time")  # the old listing order's index
+            try:
+                with self._transaction():
+                    self._db.execute("ALTER TABLE alerts ADD COLUMN sort_time REAL NOT NULL DEFAULT 0")
+                    self._db.execute("UPDATE alerts SET sort_time = alert_sort_time(timestamp, received_at)")
+                    self._db.execute("DROP INDEX IF EXISTS alerts_by_time")  # the old listing order's index
+                    self._db.execute("CREATE INDEX alerts_by_sort_time ON alerts (sort_time, event_id)")
+            except sqlite3.Error as exc:
+                raise StoreError(self._upgrade_failed(exc)) from exc
         self._db.execute("CREATE INDEX IF NOT EXISTS alerts_by_sort_time ON alerts (sort_time, event_id)")
+
+    def _upgrade_failed(self, exc: sqlite3.Error) -> str:
+        """Why an older store was not upgraded, and what to do. The upgrade rewrites every alert (their pictures
+        included), so a disk with room for the old store's writes may not have room for it; the generic advice to
+        move the file away would throw the alert history and its acknowledgements away."""
+        size_mib = self.path.stat().st_size / 2**20 if self.path.exists() else 0.0
+        self._db.close()  # rolled back: closing removes what the attempt wrote to the -wal file
+        return (
+            f"cannot upgrade the dashboard store {self.path} to this version ({exc}): its alerts get the time they "
+            f"are listed by, which rewrites each of them and needs about {size_mib:.1f} MiB free on that disk. The "
+            "file is left as it was, with its alerts and acknowledgements: free disk space there (or make the file "
+            "writable) and start the dashboard again."
+        )
 
     @property
     def max_seen_ids(self) -> int:

@@ -11,6 +11,7 @@ import random
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +227,38 @@ def test_the_page_says_when_an_alert_is_listed_by_the_time_received() -> None:
     clock_off, clock_right = json.loads(out.stdout.strip().splitlines()[-1])
     assert "device clock wrong: listed by the time received" in clock_off
     assert "device clock wrong" not in clock_right
+
+
+_OPEN_WITH_FILE_LIMIT = """
+import resource, signal, sys
+from drywallqa.dashboard.store import AlertStore, StoreError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like one on a full disk
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    AlertStore(sys.argv[1]).close()
+except StoreError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_an_older_store_without_room_for_its_upgrade_says_to_free_space_and_is_left_intact(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    picture = b"\xff\xd8" + random.Random(3).randbytes(20_000)
+    rows = [("old-right" if i == 0 else f"old-{i:02d}", T - 100 * i, T - 100 * i + 1) for i in range(40)]
+    _old_store(path, rows, picture)
+    # files may grow to 150 kB only, in a subprocess (the limit and its signal stay out of the test process): the
+    # old dashboard opened this store (its open writes nothing), the upgrade rewrites ~0.8 MB of alerts
+    out = subprocess.run([sys.executable, "-c", _OPEN_WITH_FILE_LIMIT, str(path), "150000"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 3, out.stdout + out.stderr
+    said = out.stdout
+    assert f"cannot upgrade the dashboard store {path} to this version" in said
+    assert "free disk space there (or make the file writable) and start the dashboard again" in said
+    assert "MiB free on that disk" in said and "Move the file away" not in said  # moving it loses the history
+    store = AlertStore(path)  # with room, the same file upgrades with everything in it
+    listed = store.alerts()
+    assert _ids(listed) == [r[0] for r in rows] and store.snapshot("old-39") == picture
+    assert store.alerts(event_id="old-right")[0]["ack"] == {"acked_at": T, "by": "ana", "note": "patched"}
+    store.close()

@@ -11,6 +11,7 @@ import queue
 import re
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +256,33 @@ def test_the_page_banner_says_alerts_wait_for_the_store_and_the_footer_counts_lo
     writable(store, True)
     assert bridge.retry_held() == 2
     assert page()["hidden"]  # all saved: the banner goes, the loss stays in the footer
+
+
+class _StoreWritableAgainMidBanner(LiveState):
+    """The real LiveState, except that the first time the banner is to show held alerts the store becomes writable
+    and the retry thread runs: it saves the alert while the MQTT thread is about to show it held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bridge: MqttBridge | None = None
+        self.retry: threading.Thread | None = None
+
+    def set_alerts_held(self, count: int, detail: str) -> None:
+        if count and self.retry is None and self.bridge is not None:
+            writable(self.bridge.store, True)
+            self.retry = threading.Thread(target=self.bridge.retry_held)
+            self.retry.start()
+            self.retry.join(1)  # it overtook this banner, unless it waits for it (the banner is shown under a lock)
+        super().set_alerts_held(count, detail)
+
+
+def test_the_banner_never_keeps_a_held_count_that_the_retry_thread_already_cleared(store) -> None:
+    state = _StoreWritableAgainMidBanner()
+    bridge = MqttBridge(bridge_config(free_port(), "dash-r"), state, store, NO_TIMER)  # not started
+    state.bridge = bridge
+    writable(store, False)
+    with pytest.raises(AlertHeld):
+        bridge.handle(topic(PREFIX, "cam-1", TOPIC_ALERTS), alert("cam-1", "e1", make_jpeg()).model_dump_json())
+    state.retry.join()
+    assert store.get("e1") is not None and bridge.held_ids() == []
+    assert state.alerts_held == 0 and state.broker_json()["held_detail"] == ""  # was 1: "1 alert(s) ... not saved"
