@@ -14,6 +14,7 @@ from urllib.parse import quote
 from drywallqa.edge.payloads import DetectionPayload, SnapshotPayload, StatusPayload
 
 from .limits import MESSAGE_CHARS, bounded, clip
+from .store import CLOCK_AHEAD_MARGIN_S, alert_sort_time
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ class DeviceView:
     frame_timestamp: float = 0.0
     last_seen: float = 0.0
     device_time: float | None = None  # the device's clock in its latest status, detection or snapshot
+    # Its clock minus this dashboard's at its latest live message (None: unknown, or the device is offline), and
+    # whether its alerts are listed by the time received then (its clock before 2020 or ahead: alert_sort_time).
+    clock_offset_s: float | None = None
+    clock_alerts_by_receipt: bool = False
 
     @property
     def offline(self) -> bool:
@@ -106,7 +111,21 @@ class DeviceView:
                 else None
             ),
             "last_seen": self.last_seen,
+            "clock_offset_s": self.clock_offset_s,
+            "clock_off": self.clock_offset_s is not None and abs(self.clock_offset_s) > CLOCK_AHEAD_MARGIN_S,
+            "clock_alerts_by_receipt": self.clock_alerts_by_receipt,
         }
+
+    def note_clock(self, sent_at: float | None) -> None:
+        """Compare the device's clock with this dashboard's: `sent_at` is the device's time on a message sent just
+        now (a live one); None when the device went offline, which leaves no clock to compare (and the statuses
+        queued for a dashboard that was away end with an old one)."""
+        if sent_at is None:
+            self.clock_offset_s, self.clock_alerts_by_receipt = None, False
+            return
+        received = time.time()
+        self.clock_offset_s = sent_at - received
+        self.clock_alerts_by_receipt = alert_sort_time(sent_at, received) != sent_at
 
 
 @dataclass
@@ -267,6 +286,10 @@ class LiveState:
             dev = self._device(status.device_id, sent_at=None if seen_live else status.timestamp)
             if not status.last_will:
                 dev.device_time = status.timestamp
+            if status.state == "offline":
+                dev.note_clock(None)
+            elif not retained:  # a retained status may be old: the broker replays it at every subscribe
+                dev.note_clock(status.timestamp)
             dev.status = data
             out = dev.to_json()
         self._announce(out)
@@ -310,6 +333,8 @@ class LiveState:
             dev = self._device(det.device_id)
             dev.detection = bounded(det.model_dump(exclude={"preview_jpeg_b64"}))
             dev.device_time = det.timestamp
+            if not retained:
+                dev.note_clock(det.timestamp)
             if preview_jpeg:
                 self._set_frame(dev, preview_jpeg, "detection", det.timestamp, fresh=not retained)
             out = dev.to_json()
@@ -320,6 +345,8 @@ class LiveState:
         with self._lock:
             dev = self._device(snap.device_id)
             dev.device_time = snap.timestamp
+            if answers_request:  # any other one may have waited in the broker's queue for this dashboard
+                dev.note_clock(snap.timestamp)
             self._set_frame(dev, jpeg, "snapshot", snap.timestamp, fresh=answers_request)
             out = dev.to_json()
         self._announce(out)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from drywallqa.edge.payloads import AlertPayload
+from drywallqa.edge.payloads import EARLIEST_PLAUSIBLE_TIME, AlertPayload
 
 from .limits import bounded
 
@@ -23,7 +23,7 @@ SEEN_IDS_PER_ALERT = 10
 # Alerts are listed by the device's timestamp only when it is plausible; otherwise by the time the dashboard received
 # them. A device without a real-time clock or NTP boots in 1970 (its alerts would sink below the first page) and
 # one whose clock runs ahead would pin its alerts on top; a replayed spool's old but true times keep their place.
-EARLIEST_ALERT_TIME = 1577836800.0  # 2020-01-01 UTC: no DrywallQA device sent an alert before
+EARLIEST_ALERT_TIME = EARLIEST_PLAUSIBLE_TIME  # 2020-01-01 UTC: no DrywallQA device sent an alert before
 CLOCK_AHEAD_MARGIN_S = 300.0  # a device clock this far ahead of the dashboard's is still believed
 
 

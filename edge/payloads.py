@@ -24,6 +24,7 @@ TOPIC_SNAPSHOT = "snapshot"
 # Device ids (a topic level) and alert event ids: consumers (the dashboard) refuse longer ones, and the edge's config
 # refuses a longer mqtt.device_id, so that no device publishes what its dashboard drops.
 MAX_ID_CHARS = 128
+EARLIEST_PLAUSIBLE_TIME = 1577836800.0  # 2020-01-01 UTC: a message timestamped before it comes from an unset clock
 
 
 class _Payload(BaseModel):

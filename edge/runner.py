@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ from drywallqa.edge.broker import EmbeddedBroker, maybe_start_embedded
 from drywallqa.edge.capture import Capture, CaptureStats, Frame
 from drywallqa.edge.mqtt_link import EdgeLink
 from drywallqa.edge.payloads import (
+    EARLIEST_PLAUSIBLE_TIME,
     ClassResult,
     CommandPayload,
     DetectionPayload,
@@ -277,6 +279,17 @@ def _photo_of(frame: Frame) -> PhotoKey | None:
     return None
 
 
+def clock_problem(now: float) -> str:
+    """What is wrong with a system clock reading `now` (seconds since the epoch), or "" if it is plausible: a device
+    without a real-time clock or network time boots in 1970, and stamps every message with that."""
+    if now >= EARLIEST_PLAUSIBLE_TIME:
+        return ""
+    reads = datetime.fromtimestamp(max(now, 0.0), timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return (f"the system clock reads {reads} UTC: it was never set, so alerts and statuses carry wrong times (a "
+            "dashboard lists them by the time it receives them). Turn on network time (sudo timedatectl set-ntp "
+            "true) or fit a real-time clock")
+
+
 @dataclass
 class LoopStats:
     processed: int = 0
@@ -299,6 +312,8 @@ class EdgeRunner:
         self.stop_event = threading.Event()
         self.paused = False
         self.last_error = ""
+        self._wall_clock = time.time  # what status() reads the time from (a test sets a clock never set)
+        self._clock_said = ""  # the clock problem last logged ("" once the clock was found set)
         self._commands: queue.Queue[CommandPayload] = queue.Queue()
         self._last_status = 0.0
         self._last_detection = 0.0
@@ -325,6 +340,7 @@ class EdgeRunner:
         if s.model.opencv_threads:
             cv2.setNumThreads(s.model.opencv_threads)
         check_source_exists(s.source.uri, s.source.watch)
+        self._clock_error(self._wall_clock())
         self.model_path, self.segmenter = load_segmenter(s.model, s.analysis.aliases)
         self.meta = self.segmenter.metadata
         self.watched = self.resolve_prompts(s.analysis.prompts)
@@ -403,10 +419,12 @@ class EdgeRunner:
         cap = self.capture.stats if self.capture else None
         if state == "online" and self.paused:
             state = "paused"
+        now = self._wall_clock()
+        clock = self._clock_error(now)
         return StatusPayload(
             device_id=self.settings.mqtt.device_id,
             state=state,  # type: ignore[arg-type]
-            timestamp=time.time(),
+            timestamp=now,
             model=getattr(self, "model_path", Path("")).name,
             source=self.settings.source.uri,
             source_state=cap.state if cap else "",
@@ -418,7 +436,7 @@ class EdgeRunner:
             fps=round(self.stats.fps, 2),
             spooled_alerts=self._undelivered_alerts(),
             spool_dropped=self.link.spool_dropped if self.link else 0,
-            last_error=self._last_error(cap),
+            last_error=self._last_error(cap) or clock or self._snapshot_hint(),
         )
 
     def _carry_over_cooldowns(self) -> None:
@@ -459,8 +477,9 @@ class EdgeRunner:
         """What is wrong now before what went wrong once: a spool that cannot be written (alerts or deliveries), a
         broker that keeps closing the connection, a source being reconnected or ended by an error (each cleared when it is over), then
         the latest rejected command or failed frame, then the source's last error (cleared once frames flow again
-        after a reopen), and only when there is none, that a snapshot request waits for the first frame. A rejected
-        command must not hide, for as long as the device runs, why its camera is down."""
+        after a reopen). Only when there is none does status() say that the clock was never set, and then that a
+        snapshot request waits for the first frame. A rejected command must not hide, for as long as the device
+        runs, why its camera is down."""
         self._note_spool_moved_aside()
         now = ((self.spool.open_error if self.spool else "") or self.link.spool_error
                or (self.spool.ack_error if self.spool else "") or self.link.link_error if self.link else "")
@@ -468,9 +487,21 @@ class EdgeRunner:
             now = self.capture.source.ongoing_error
         if not now and cap is not None and cap.state in ("reconnecting", "ended"):
             now = cap.last_error
-        said = now or self.last_error or (cap.last_error if cap else "")
-        # A snapshot request waiting for the first frame is only a hint: never in place of an error.
-        return said or (SNAPSHOT_WAITING if self._snapshots_waiting else "")
+        return now or self.last_error or (cap.last_error if cap else "")
+
+    def _clock_error(self, now: float) -> str:
+        """clock_problem(now), logged when it starts (a warning) and when it ends (NTP synced after boot)."""
+        problem = clock_problem(now)
+        if problem and not self._clock_said:
+            log.warning("%s", problem)
+        elif self._clock_said and not problem:
+            log.info("the system clock is set now: statuses and alerts carry true times again")
+        self._clock_said = problem
+        return problem
+
+    def _snapshot_hint(self) -> str:
+        """A snapshot request waiting for the first frame is only a hint: never in place of an error."""
+        return SNAPSHOT_WAITING if self._snapshots_waiting else ""
 
     def _publish_status(self) -> None:
         if self.link is not None:

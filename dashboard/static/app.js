@@ -30,6 +30,13 @@ function ago(t) {
 }
 const agoServer = (t) => ago(t - model.clockOffset);  // a time on the server's clock, told on this browser's
 const pct = (x) => `${(100 * x).toFixed(2)} %`;
+function span(s) {  // a length of time, rounded for reading: "12 min", "3.5 h", "40 days", "56 years"
+  s = Math.abs(s);
+  if (s < 3600) return `${(s / 60).toFixed(0)} min`;
+  if (s < 2 * 86400) return `${(s / 3600).toFixed(1)} h`;
+  if (s < 365.25 * 86400) return `${(s / 86400).toFixed(0)} days`;
+  return `${(s / (365.25 * 86400)).toFixed(0)} years`;
+}
 
 // ---- broker / stream indicators --------------------------------------------------------------------
 function renderLinks() {
@@ -107,6 +114,15 @@ function figuresTable(det) {
   return table;
 }
 
+// The device's clock, by its latest live message, is off the dashboard's by more than the store believes
+// (`clock_off`): most often a board without a real-time clock or network time, booted in 1970.
+function clockNote(d) {
+  if (!d.clock_off) return null;
+  const off = `device clock ${span(d.clock_offset_s)} ${d.clock_offset_s > 0 ? "ahead of" : "behind"} the dashboard's`;
+  const listed = d.clock_alerts_by_receipt ? "alerts are listed by the time received" : "its alerts are listed by its own, too early, times";
+  return `${off}: ${listed}; set up network time on the device`;
+}
+
 function renderDevice(d) {
   const st = d.status;
   const state = deviceState(d);
@@ -137,6 +153,8 @@ function renderDevice(d) {
     if (st.prompts && st.prompts.length) card.append(el("p", { class: "meta", text: "prompts: " + st.prompts.join(", ") }));
     if (st.last_error) card.append(el("p", { class: "meta warn", text: "last error: " + st.last_error }));
   }
+  const clock = clockNote(d);
+  if (clock) card.append(el("p", { class: "meta warn clock-off", text: clock }));
   if (d.frame) {
     card.append(el("a", { href: d.frame.url, target: "_blank", rel: "noopener" },
       el("img", { class: "frame", src: d.frame.url, alt: `latest frame from ${d.device_id}` })));

@@ -1,0 +1,134 @@
+"""A device whose clock is off the dashboard's (a board without a real-time clock or network time boots in 1970)
+is named on its card, so that the operator can fix the cause: before, its alerts were quietly listed by the time
+received and nothing said why. The offset is taken from the device's latest live message only: a retained status
+(replayed by the broker at every subscribe, possibly old) and a snapshot that may have waited in the broker's queue
+say nothing about its clock now. Real LiveState, real mosquitto and HTTP, the real app.js in Node."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from _dashboard_fixtures import (
+    detection,
+    get_json,
+    make_jpeg,
+    running_dashboard,
+    running_mosquitto,
+    running_publisher,
+    status,
+)
+from _mqtt_fixtures import wait_until
+
+from drywallqa.dashboard.state import LiveState
+from drywallqa.dashboard.store import CLOCK_AHEAD_MARGIN_S, EARLIEST_ALERT_TIME
+from drywallqa.edge.payloads import EARLIEST_PLAUSIBLE_TIME, TOPIC_STATUS, SnapshotPayload
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE = shutil.which("node") or shutil.which("nodejs")
+BOOTED_IN_1970 = 180.0
+
+
+def _card(state: LiveState, device_id: str) -> dict:
+    return next(d for d in state.devices_json() if d["device_id"] == device_id)
+
+
+def _clock(card: dict) -> tuple[bool, bool]:
+    return card["clock_off"], card["clock_alerts_by_receipt"]
+
+
+def test_one_floor_for_the_edge_and_the_dashboard() -> None:
+    assert EARLIEST_ALERT_TIME == EARLIEST_PLAUSIBLE_TIME == 1577836800.0  # 2020-01-01 UTC
+
+
+def test_a_live_status_from_1970_is_flagged_and_a_retained_one_is_not() -> None:
+    state = LiveState()
+    state.update_status(status("cam", timestamp=BOOTED_IN_1970), retained=True)  # replayed: maybe from long ago
+    assert _card(state, "cam")["clock_offset_s"] is None and _clock(_card(state, "cam")) == (False, False)
+
+    before = time.time()
+    state.update_status(status("cam", timestamp=BOOTED_IN_1970))
+    card = _card(state, "cam")
+    assert BOOTED_IN_1970 - time.time() <= card["clock_offset_s"] <= BOOTED_IN_1970 - before
+    assert _clock(card) == (True, True)
+
+    state.update_status(status("cam", timestamp=time.time() - 7200), retained=True)  # a re-subscribe's replay
+    assert _card(state, "cam")["clock_offset_s"] == card["clock_offset_s"]
+
+    state.update_status(status("cam", state="offline", timestamp=BOOTED_IN_1970 + 60))  # no clock to read now
+    assert _card(state, "cam")["clock_offset_s"] is None and _clock(_card(state, "cam")) == (False, False)
+
+
+def test_a_clock_ahead_or_behind_by_more_than_the_margin_is_flagged_either_way() -> None:
+    state = LiveState()
+    det = detection("cam").model_copy(update={"timestamp": time.time() + 3600})  # an hour ahead
+    state.update_detection(det, None)
+    assert _clock(_card(state, "cam")) == (True, True)  # its alerts would pin on top: listed by the time received
+
+    state.update_status(status("cam", timestamp=time.time() - 2 * CLOCK_AHEAD_MARGIN_S))
+    card = _card(state, "cam")
+    assert card["clock_offset_s"] < -CLOCK_AHEAD_MARGIN_S
+    assert _clock(card) == (True, False)  # behind but after 2020: its alerts keep the device's (too early) time
+
+    state.update_status(status("cam", timestamp=time.time() - 60))  # a minute off: within the margin
+    assert _clock(_card(state, "cam")) == (False, False)
+
+    late = SnapshotPayload(device_id="cam", timestamp=BOOTED_IN_1970, frame_id=1, jpeg_b64="")
+    state.update_snapshot(late, make_jpeg())  # not an answer to this dashboard: it may have waited in a queue
+    assert _clock(_card(state, "cam")) == (False, False)
+    state.update_snapshot(late, make_jpeg(), answers_request=True)  # asked for just now: its time is the clock's
+    assert _clock(_card(state, "cam")) == (True, True)
+
+
+def test_through_the_broker_a_retained_1970_status_is_not_counted_a_live_one_is(tmp_path: Path) -> None:
+    with running_mosquitto(tmp_path) as broker, running_publisher(broker.port) as publisher:
+        publisher.publish("robot", TOPIC_STATUS, status("robot", timestamp=BOOTED_IN_1970), retain=True)
+        with running_dashboard(tmp_path, broker.port) as app:
+
+            def robot(frames: int) -> dict | None:
+                devices = get_json(app, "/api/state")["devices"]
+                return next((d for d in devices if d["status"]["frames_processed"] == frames), None)
+
+            card = wait_until(lambda: robot(120), 10, "the retained status")
+            assert card["clock_offset_s"] is None and card["clock_off"] is False
+            publisher.publish("robot", TOPIC_STATUS, status("robot", timestamp=BOOTED_IN_1970 + 10,
+                                                            frames_processed=121), retain=True)
+            card = wait_until(lambda: robot(121), 10, "the live status")
+            assert card["clock_off"] is True and card["clock_alerts_by_receipt"] is True
+
+
+_RENDER = """
+const fs = require("fs"), vm = require("vm");
+const node = (tag) => ({ tag, textContent: "", children: [], dataset: {}, append(...c) { this.children.push(...c); },
+  setAttribute() {}, addEventListener() {}, replaceChildren() {} });
+const document = { getElementById: node, createElement: node, addEventListener() {}, body: { dataset: {} } };
+const context = { document, console, Date, Map, Set, Math, JSON, URLSearchParams, window: {}, setTimeout: () => 0,
+  setInterval() {}, EventSource: function () {} };
+vm.createContext(context);
+vm.runInContext(fs.readFileSync(process.argv[1], "utf8") + ";globalThis.__render = renderDevice;", context);
+const text = (n) => typeof n === "string" ? n : n.textContent + " " + n.children.map(text).join(" ");
+const base = { device_id: "robot", status: null, detection: null, frame: null, last_seen: 0,
+  clock_offset_s: null, clock_off: false, clock_alerts_by_receipt: false };
+console.log(JSON.stringify([
+  text(context.__render({ ...base, clock_offset_s: -1.77e9, clock_off: true, clock_alerts_by_receipt: true })),
+  text(context.__render({ ...base, clock_offset_s: 5400, clock_off: true, clock_alerts_by_receipt: true })),
+  text(context.__render({ ...base, clock_offset_s: -900, clock_off: true })),
+  text(context.__render({ ...base, clock_offset_s: 30 })),
+  text(context.__render(base))]));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install nodejs)")
+def test_the_card_says_how_far_the_device_clock_is_off_and_what_to_do() -> None:
+    out = subprocess.run([NODE, "-e", _RENDER, str(ROOT / "dashboard/static/app.js")],
+                         capture_output=True, text=True, timeout=60, check=True)
+    years, ahead, behind, close, unknown = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ("device clock 56 years behind the dashboard's: alerts are listed by the time received; set up network "
+            "time on the device") in years
+    assert "device clock 1.5 h ahead of the dashboard's: alerts are listed by the time received" in ahead
+    assert "device clock 15 min behind the dashboard's: its alerts are listed by its own, too early, times" in behind
+    assert "device clock" not in close and "device clock" not in unknown
