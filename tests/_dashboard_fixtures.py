@@ -292,3 +292,36 @@ def get_json(app: DashboardApp, path: str, headers: dict[str, str] | None = None
     code, _, body = http_get(app, path, headers)
     assert code == 200, (code, body[:300])
     return json.loads(body)
+
+
+NODE = shutil.which("node") or shutil.which("nodejs")
+needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install nodejs)")
+APP_JS = Path(__file__).resolve().parents[1] / "dashboard" / "static" / "app.js"
+
+# The page's app.js in Node with a minimal DOM: each element is a plain object keeping its text and children, so a
+# test calls the page's own render functions and reads what they would show. The test's script runs after app.js,
+# with `app(name)` (a top-level name of app.js), `nodes` (elements fetched by id), `text(element)` (its text and
+# its children's) and `args` (run_app_js's arguments) in scope, and prints its result as JSON last.
+_APP_JS_HARNESS = """
+const fs = require("fs"), vm = require("vm");
+const nodes = {};
+const node = (tag) => ({ tag, textContent: "", hidden: false, title: "", children: [], dataset: {},
+  append(...c) { this.children.push(...c); }, setAttribute() {}, addEventListener() {}, replaceChildren() {} });
+const document = { getElementById: (id) => nodes[id] ??= node(id), createElement: node, addEventListener() {},
+  body: { dataset: {} } };
+const context = { document, console, Date, Map, Set, Math, JSON, URLSearchParams, window: {}, setTimeout: () => 0,
+  setInterval() {}, EventSource: function () {} };
+vm.createContext(context);
+vm.runInContext(fs.readFileSync(process.argv[1], "utf8"), context);
+const app = (name) => vm.runInContext(name, context);
+const text = (n) => n == null ? "" : typeof n === "string" ? n : n.textContent + " " + n.children.map(text).join(" ");
+const args = process.argv.slice(2);
+"""
+
+
+def run_app_js(script: str, *args: str) -> object:
+    """Run dashboard/static/app.js, then `script` (see _APP_JS_HARNESS), in Node; returns what it printed last."""
+    assert NODE is not None, "node is not installed (apt-get install nodejs)"
+    out = subprocess.run([NODE, "-e", _APP_JS_HARNESS + script, str(APP_JS), *args], capture_output=True, text=True,
+                         timeout=60, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from _dashboard_fixtures import (
     get_json,
     http_get,
     make_jpeg,
+    needs_node,
+    run_app_js,
     running_dashboard,
     running_mosquitto,
     running_publisher,
@@ -32,8 +33,6 @@ from drywallqa.dashboard.server import DashboardApp
 from drywallqa.dashboard.store import CLOCK_AHEAD_MARGIN_S, EARLIEST_ALERT_TIME, AlertStore
 from drywallqa.edge.payloads import TOPIC_ALERTS
 
-ROOT = Path(__file__).resolve().parents[1]
-NODE = shutil.which("node") or shutil.which("nodejs")
 T = 1.75e9  # a plausible "now" (2025) for the store-level tests, which pass received_at themselves
 YEARS_AHEAD = T + 6 * 365 * 86400.0  # a clock in 2031
 
@@ -200,31 +199,19 @@ def _walk(app: DashboardApp) -> list[str]:
     return walked
 
 
-_RENDER = """
-const fs = require("fs"), vm = require("vm");
-const node = (tag) => ({ tag, textContent: "", children: [], dataset: {}, append(...c) { this.children.push(...c); },
-  setAttribute() {}, addEventListener() {}, replaceChildren() {} });
-const document = { getElementById: node, createElement: node, addEventListener() {}, body: { dataset: {} } };
-const context = { document, console, Date, Map, Set, Math, JSON, URLSearchParams, window: {}, setTimeout: () => 0,
-  setInterval() {}, EventSource: function () {} };
-vm.createContext(context);
-vm.runInContext(fs.readFileSync(process.argv[1], "utf8") + ";globalThis.__render = renderAlert;", context);
-const text = (n) => typeof n === "string" ? n : n.textContent + n.children.map(text).join("");
+_ALERTS = """
+const render = app("renderAlert");
 const base = { event_id: "e", device_id: "cam", class_name: "crack", rule: "r", timestamp: 12, frame_id: 1,
   prompt: "p", area_fraction: 0.1, skeleton_length_px: 0, region_count: 1, mean_confidence: 0.5,
   persisted_frames: 3, acked: false, snapshot_url: null, sort_time: 1.75e9 };
-console.log(JSON.stringify([text(context.__render({ ...base, device_clock_off: true })),
-  text(context.__render({ ...base, timestamp: 1.75e9, device_clock_off: false }))]));
+console.log(JSON.stringify([text(render({ ...base, device_clock_off: true })),
+  text(render({ ...base, timestamp: 1.75e9, device_clock_off: false }))]));
 """
 
 
-@pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install nodejs)")
+@needs_node
 def test_the_page_says_when_an_alert_is_listed_by_the_time_received() -> None:
-    out = subprocess.run(
-        [NODE, "-e", _RENDER, str(ROOT / "dashboard/static/app.js")],
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    clock_off, clock_right = json.loads(out.stdout.strip().splitlines()[-1])
+    clock_off, clock_right = run_app_js(_ALERTS)
     assert "device clock wrong: listed by the time received" in clock_off
     assert "device clock wrong" not in clock_right
 

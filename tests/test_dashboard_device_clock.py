@@ -6,17 +6,15 @@ say nothing about its clock now. Real LiveState, real mosquitto and HTTP, the re
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from _dashboard_fixtures import (
     detection,
     get_json,
     make_jpeg,
+    needs_node,
+    run_app_js,
     running_dashboard,
     running_mosquitto,
     running_publisher,
@@ -28,8 +26,6 @@ from drywallqa.dashboard.state import LiveState
 from drywallqa.dashboard.store import CLOCK_AHEAD_MARGIN_S, EARLIEST_ALERT_TIME
 from drywallqa.edge.payloads import EARLIEST_PLAUSIBLE_TIME, TOPIC_STATUS, SnapshotPayload
 
-ROOT = Path(__file__).resolve().parents[1]
-NODE = shutil.which("node") or shutil.which("nodejs")
 BOOTED_IN_1970 = 180.0
 
 
@@ -101,32 +97,22 @@ def test_through_the_broker_a_retained_1970_status_is_not_counted_a_live_one_is(
             assert card["clock_off"] is True and card["clock_alerts_by_receipt"] is True
 
 
-_RENDER = """
-const fs = require("fs"), vm = require("vm");
-const node = (tag) => ({ tag, textContent: "", children: [], dataset: {}, append(...c) { this.children.push(...c); },
-  setAttribute() {}, addEventListener() {}, replaceChildren() {} });
-const document = { getElementById: node, createElement: node, addEventListener() {}, body: { dataset: {} } };
-const context = { document, console, Date, Map, Set, Math, JSON, URLSearchParams, window: {}, setTimeout: () => 0,
-  setInterval() {}, EventSource: function () {} };
-vm.createContext(context);
-vm.runInContext(fs.readFileSync(process.argv[1], "utf8") + ";globalThis.__render = renderDevice;", context);
-const text = (n) => typeof n === "string" ? n : n.textContent + " " + n.children.map(text).join(" ");
+_CARDS = """
+const render = app("renderDevice");
 const base = { device_id: "robot", status: null, detection: null, frame: null, last_seen: 0,
   clock_offset_s: null, clock_off: false, clock_alerts_by_receipt: false };
 console.log(JSON.stringify([
-  text(context.__render({ ...base, clock_offset_s: -1.77e9, clock_off: true, clock_alerts_by_receipt: true })),
-  text(context.__render({ ...base, clock_offset_s: 5400, clock_off: true, clock_alerts_by_receipt: true })),
-  text(context.__render({ ...base, clock_offset_s: -900, clock_off: true })),
-  text(context.__render({ ...base, clock_offset_s: 30 })),
-  text(context.__render(base))]));
+  text(render({ ...base, clock_offset_s: -1.77e9, clock_off: true, clock_alerts_by_receipt: true })),
+  text(render({ ...base, clock_offset_s: 5400, clock_off: true, clock_alerts_by_receipt: true })),
+  text(render({ ...base, clock_offset_s: -900, clock_off: true })),
+  text(render({ ...base, clock_offset_s: 30 })),
+  text(render(base))]));
 """
 
 
-@pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install nodejs)")
+@needs_node
 def test_the_card_says_how_far_the_device_clock_is_off_and_what_to_do() -> None:
-    out = subprocess.run([NODE, "-e", _RENDER, str(ROOT / "dashboard/static/app.js")],
-                         capture_output=True, text=True, timeout=60, check=True)
-    years, ahead, behind, close, unknown = json.loads(out.stdout.strip().splitlines()[-1])
+    years, ahead, behind, close, unknown = run_app_js(_CARDS)
     assert ("device clock 56 years behind the dashboard's: alerts are listed by the time received; set up network "
             "time on the device") in years
     assert "device clock 1.5 h ahead of the dashboard's: alerts are listed by the time received" in ahead

@@ -9,8 +9,6 @@ import json
 import logging
 import queue
 import re
-import shutil
-import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -23,6 +21,8 @@ from _dashboard_fixtures import (
     alert,
     make_app,
     make_jpeg,
+    needs_node,
+    run_app_js,
     running_publisher,
     status,
 )
@@ -32,9 +32,6 @@ from drywallqa.dashboard.bridge import AlertHeld, BrokerConfig, HoldLimits, Mqtt
 from drywallqa.dashboard.state import LiveState
 from drywallqa.dashboard.store import AlertStore
 from drywallqa.edge.payloads import TOPIC_ALERTS, TOPIC_STATUS, topic
-
-NODE = shutil.which("node") or shutil.which("nodejs")
-ROOT = Path(__file__).resolve().parents[1]
 
 NO_TIMER = HoldLimits(retry_s=3600)  # held alerts are retried only when the test calls retry_held()
 
@@ -218,25 +215,16 @@ def test_beyond_the_bound_the_oldest_held_alert_is_dropped_and_said_lost(store, 
 
 
 _BANNER = """
-const fs = require("fs"), vm = require("vm");
-const nodes = {};
-const node = (id) => nodes[id] ??= { id, textContent: "", hidden: false, title: "", dataset: {}, children: [],
-  append() {}, setAttribute() {}, addEventListener() {}, replaceChildren() {} };
-const document = { getElementById: node, createElement: node, addEventListener() {}, body: { dataset: {} } };
-const context = { document, console, Date, Map, Set, Math, JSON, URLSearchParams, window: {}, setTimeout: () => 0,
-  setInterval() {}, EventSource: function () {} };
-vm.createContext(context);
-vm.runInContext(fs.readFileSync(process.argv[1], "utf8") + ";globalThis.__model = model; globalThis.__links = renderLinks;",
-  context);
-context.__model.streamUp = true;
-context.__model.broker = JSON.parse(process.argv[2]);
-context.__links();
+const model = app("model");
+model.streamUp = true;
+model.broker = JSON.parse(args[0]);
+app("renderLinks")();
 console.log(JSON.stringify({ banner: nodes.banner.textContent, hidden: nodes.banner.hidden,
   footer: nodes.invalid.textContent }));
 """
 
 
-@pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install nodejs)")
+@needs_node
 def test_the_page_banner_says_alerts_wait_for_the_store_and_the_footer_counts_lost_ones(store) -> None:
     bridge = MqttBridge(bridge_config(free_port(), "dash-p"), LiveState(), store, HoldLimits(alerts=2))  # not started
     writable(store, False)
@@ -245,10 +233,7 @@ def test_the_page_banner_says_alerts_wait_for_the_store_and_the_footer_counts_lo
             bridge.handle(topic(PREFIX, "cam-1", TOPIC_ALERTS), alert("cam-1", event_id, make_jpeg()).model_dump_json())
 
     def page() -> dict:
-        out = subprocess.run([NODE, "-e", _BANNER, str(ROOT / "dashboard/static/app.js"),
-                              json.dumps(dict(bridge.state.broker_json(), connected=True))], capture_output=True, text=True, timeout=60,
-                             check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_app_js(_BANNER, json.dumps(dict(bridge.state.broker_json(), connected=True)))
 
     held = page()
     assert not held["hidden"] and held["banner"].startswith("2 alert(s) received but not saved yet: alert e3 was not")
