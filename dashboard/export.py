@@ -19,7 +19,7 @@ COLUMNS = (
     "region_count", "crack_length_px", "mean_confidence", "persisted_frames", "frame_id", "acknowledged",
     "acknowledged_at", "acknowledged_by", "note", "snapshot_url",
 )
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may read as the start of a formula
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")  # what a spreadsheet may read as the start of a formula
 EXPORT_PAGE = 500  # alerts fetched from the store per call while walking the whole history
 
 
@@ -87,9 +87,10 @@ def _cell(value: object) -> object:
 
 
 def safe_text(text: str) -> str:
-    """`text` with a leading `'` when a spreadsheet could take it for a formula (it starts with one of
-    FORMULA_STARTS); the quote makes the cell text and shows that it was added."""
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
+    """`text` with a leading `'` when a spreadsheet could take it for a formula: it starts with one of
+    FORMULA_STARTS, also after spaces (Excel and Sheets skip leading blanks, so ` =cmd` runs too). The quote makes
+    the cell text and shows that it was added."""
+    return "'" + text if text.lstrip().startswith(FORMULA_STARTS) or text.startswith(FORMULA_STARTS) else text
 
 
 def _bool(value: object) -> str:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from drywallqa.edge.payloads import DetectionPayload, SnapshotPayload, StatusPayload
+from drywallqa.edge.payloads import EARLIEST_PLAUSIBLE_TIME, DetectionPayload, SnapshotPayload, StatusPayload
 
 from .limits import MESSAGE_CHARS, bounded, clip
 from .store import CLOCK_AHEAD_MARGIN_S, alert_sort_time
@@ -288,11 +288,21 @@ class LiveState:
                 dev.device_time = status.timestamp
             if status.state == "offline":
                 dev.note_clock(None)
-            elif not retained:  # a retained status may be old: the broker replays it at every subscribe
-                dev.note_clock(status.timestamp)
+            elif not retained and not self._may_have_waited(status.timestamp):
+                dev.note_clock(status.timestamp)  # a retained status may be old: the broker replays it at subscribe
             dev.status = data
             out = dev.to_json()
         self._announce(out)
+
+    def _may_have_waited(self, sent_at: float) -> bool:
+        """Whether a live (QoS 1) status dated `sent_at` may have waited in this dashboard's persistent session
+        while it was away (a restart, a dropped link) rather than come from a clock that is behind: it is dated
+        before this broker connection came up and more than the margin behind now. Such a status's age is how long
+        it waited, as likely as the clock's error, so it is not read as the clock. A time before 2020 is never a
+        wait (the clock was never set), and a clock that is truly behind shows in its detections, and in its
+        statuses once the connection has been up longer than the clock is behind."""
+        now = time.time()
+        return EARLIEST_PLAUSIBLE_TIME <= sent_at < self.broker.since and sent_at < now - CLOCK_AHEAD_MARGIN_S
 
     def _will_status(self, known: DeviceView | None, will: StatusPayload, retained: bool) -> dict:
         """The status to show for a last will. The broker fixed the will's figures and time when the device's

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from _dashboard_fixtures import (
+    PREFIX,
     detection,
     get_json,
     make_jpeg,
@@ -22,9 +23,11 @@ from _dashboard_fixtures import (
 )
 from _mqtt_fixtures import wait_until
 
+from drywallqa.dashboard.bridge import BrokerConfig
+from drywallqa.dashboard.server import DashboardApp
 from drywallqa.dashboard.state import LiveState
 from drywallqa.dashboard.store import CLOCK_AHEAD_MARGIN_S, EARLIEST_ALERT_TIME
-from drywallqa.edge.payloads import EARLIEST_PLAUSIBLE_TIME, TOPIC_STATUS, SnapshotPayload
+from drywallqa.edge.payloads import EARLIEST_PLAUSIBLE_TIME, TOPIC_DETECTIONS, TOPIC_STATUS, SnapshotPayload
 
 BOOTED_IN_1970 = 180.0
 
@@ -65,6 +68,7 @@ def test_a_clock_ahead_or_behind_by_more_than_the_margin_is_flagged_either_way()
     state.update_detection(det, None)
     assert _clock(_card(state, "cam")) == (True, True)  # its alerts would pin on top: listed by the time received
 
+    state.broker.since = time.time() - 3600  # the broker connection has been up an hour: nothing queued is this new
     state.update_status(status("cam", timestamp=time.time() - 2 * CLOCK_AHEAD_MARGIN_S))
     card = _card(state, "cam")
     assert card["clock_offset_s"] < -CLOCK_AHEAD_MARGIN_S
@@ -95,6 +99,32 @@ def test_through_the_broker_a_retained_1970_status_is_not_counted_a_live_one_is(
                                                             frames_processed=121), retain=True)
             card = wait_until(lambda: robot(121), 10, "the live status")
             assert card["clock_off"] is True and card["clock_alerts_by_receipt"] is True
+
+
+def test_a_status_that_waited_in_the_broker_for_the_dashboard_is_not_taken_for_a_clock_behind(tmp_path: Path) -> None:
+    """The dashboard's session is persistent: statuses sent while it was away (a restart) wait in the broker and
+    come, not retained, once it is back; the last of them may be an hour old (the broker's queue was full, the
+    status interval is long). Its age is not the device's clock: no "clock behind" on a device that is fine. A
+    clock truly behind still shows, by a live detection (QoS 0: never queued)."""
+    with running_mosquitto(tmp_path) as broker, running_publisher(broker.port) as publisher:
+        broker_config = BrokerConfig(host="127.0.0.1", port=broker.port, prefix=PREFIX,
+                                     client_id="dash-clock-session", keepalive=5, reconnect_max_s=1)
+
+        def cam(app: DashboardApp, frames: int) -> dict | None:
+            devices = get_json(app, "/api/state")["devices"]
+            return next((d for d in devices if d["status"] and d["status"]["frames_processed"] == frames), None)
+
+        with running_dashboard(tmp_path, broker.port, broker=broker_config) as app:  # its session: subscribed
+            live = status("cam", frames_processed=1)  # sent until it arrives: then the session's subscription is up
+            wait_until(lambda: publisher.publish("cam", TOPIC_STATUS, live) or cam(app, 1), 10, "the live status")
+        hour_ago = time.time() - 3600  # sent while the dashboard was away, by a clock that is right
+        publisher.publish("cam", TOPIC_STATUS, status("cam", timestamp=hour_ago, frames_processed=2))
+        with running_dashboard(tmp_path, broker.port, broker=broker_config) as app:
+            card = wait_until(lambda: cam(app, 2), 10, "the status the broker kept for the dashboard")
+            assert card["clock_off"] is False and card["clock_offset_s"] is None, card
+            publisher.publish("cam", TOPIC_DETECTIONS, detection("cam").model_copy(update={"timestamp": hour_ago}))
+            card = wait_until(lambda: (c := cam(app, 2)) and c["clock_off"] and c, 10, "the live detection")
+            assert card["clock_offset_s"] < -CLOCK_AHEAD_MARGIN_S and card["clock_alerts_by_receipt"] is False
 
 
 _CARDS = """

@@ -141,13 +141,26 @@ def test_the_page_form_downloads_what_its_filter_shows(dashboard: DashboardApp) 
         assert [r["event_id"] for r in rows] == expected, fields
 
 
+def test_enter_in_the_filters_does_not_download() -> None:
+    """Enter on the "show acknowledged" box or the class select submits a form implicitly (HTML: a click on the
+    form's default button, its first submit button): that button is a disabled one, so only a click on "download
+    CSV" downloads, and a keyboard user who presses Enter on a filter stays on the page as before."""
+    form = _FormReader()
+    form.feed((ROOT / "dashboard/static/index.html").read_text())
+    (_, default_disabled), *others = form.submit_buttons
+    assert default_disabled, "the form's default button must be disabled: Enter on a filter would download"
+    assert ("download-alerts", False) in others
+
+
 class _FormReader(HTMLParser):
-    """The alert filter form of index.html: its action, method and named fields (name, value, is a checkbox)."""
+    """The alert filter form of index.html: its action, method, named fields (name, value, is a checkbox) and submit
+    buttons in page order (id, disabled)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.action = self.method = None
         self.fields: list[tuple[str, str, bool]] = []
+        self.submit_buttons: list[tuple[str | None, bool]] = []
         self._in_form = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -157,6 +170,8 @@ class _FormReader(HTMLParser):
         elif self._in_form and tag in ("input", "select") and a.get("name"):
             value = "" if tag == "select" else a.get("value") or "on"  # the select shows "all" (value "")
             self.fields.append((a["name"], value, a.get("type") == "checkbox"))
+        if self._in_form and (tag, a.get("type") or "submit") in (("button", "submit"), ("input", "submit")):
+            self.submit_buttons.append((a.get("id"), "disabled" in a))
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "form":
@@ -182,6 +197,20 @@ def test_text_a_spreadsheet_would_run_is_neutralised(tmp_path: Path) -> None:
     assert row["prompt"] == "'+cmd|' /C calc'!A0" and row["rule"] == "'-2+3"
     assert row["acknowledged_by"] == "'\r=cmd" and row["note"] == "'=1+2"
     assert row["mean_confidence"] == -0.5  # unquoted: read back as a number, not text
+
+
+def test_a_formula_after_leading_blanks_or_a_line_break_is_neutralised_too(dashboard: DashboardApp) -> None:
+    """Excel and Sheets skip blanks before a formula: ` =cmd` (a space, a no-break space) runs as `=cmd` does, and a
+    cell that opens with a line break is neutralised like one that opens with a tab or CR. Text that merely starts
+    with a space keeps its place unchanged."""
+    assert dashboard.store.add_alert(alert("\u00a0=cmd", "blank-1", make_jpeg(), " =1+1", timestamp=T0,
+                                           prompt="\n=2+2", rule="  plain rule"), make_jpeg(), received_at=T0)
+    body = json.dumps({"by": "  +bob", "note": "\t @SUM(1)"})
+    assert http_post(dashboard, "/api/alerts/blank-1/ack", body, POST_HEADERS)[0] == 200
+    (row,) = download(dashboard)
+    assert row["device_id"] == "'\u00a0=cmd" and row["class"] == "' =1+1" and row["prompt"] == "'\n=2+2"
+    assert row["acknowledged_by"] == "'  +bob" and row["note"] == "'\t @SUM(1)"
+    assert row["rule"] == "  plain rule"
 
 
 def test_text_that_is_not_valid_unicode_does_not_break_the_file(dashboard: DashboardApp) -> None:
