@@ -6,6 +6,7 @@ say nothing about its clock now. Real LiveState, real mosquitto and HTTP, the re
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -148,3 +149,27 @@ def test_the_card_says_how_far_the_device_clock_is_off_and_what_to_do() -> None:
     assert "device clock 1.5 h ahead of the dashboard's: alerts are listed by the time received" in ahead
     assert "device clock 15 min behind the dashboard's: its alerts are listed by its own, too early, times" in behind
     assert "device clock" not in close and "device clock" not in unknown
+
+
+_AGES = """
+const now = Date.now() / 1000;
+const base = { device_id: "robot", detection: null, frame: null, last_seen: now };
+const status = { state: "online", timestamp: 180, source: "demo", source_state: "open", model: "m", fps: 9,
+  frames_processed: 5, prompts: [] };
+const detection = { frame_id: 7, width: 96, height: 64, inference_ms: 12.5, timestamp: 180, results: [] };
+const card = (d) => text(app("renderDevice")({ ...base, ...d }));
+console.log(JSON.stringify([
+  card({ status, detection, clock_offset_s: 180 - now, clock_off: true, clock_alerts_by_receipt: true }),
+  card({ status: { ...status, timestamp: now - 3 * 86400 }, clock_offset_s: null, clock_off: false }),
+]));
+"""
+
+
+@needs_node
+def test_a_card_tells_ages_on_the_dashboards_clock_even_from_a_clock_in_1970() -> None:
+    """A status and a detection just received from a device whose clock reads 1970 are told as seconds old, not as
+    "498866.0 h ago"; an age beyond two days reads in days."""
+    booted_1970, days_old = run_app_js(_AGES)
+    assert re.search(r"status \d+ s ago", booted_1970), booted_1970
+    assert re.search(r"12\.5 ms inference, \d+ s ago", booted_1970), booted_1970
+    assert "status 3 days ago" in days_old, days_old

@@ -24,9 +24,7 @@ const fmtTime = (t) => (t ? new Date(t * 1000).toLocaleString() : "-");
 function ago(t) {
   if (!t) return "";
   const s = Math.max(0, Date.now() / 1000 - t);
-  if (s < 60) return `${s.toFixed(0)} s ago`;
-  if (s < 3600) return `${(s / 60).toFixed(0)} min ago`;
-  return `${(s / 3600).toFixed(1)} h ago`;
+  return s < 60 ? `${s.toFixed(0)} s ago` : `${span(s)} ago`;
 }
 const agoServer = (t) => ago(t - model.clockOffset);  // a time on the server's clock, told on this browser's
 const pct = (x) => `${(100 * x).toFixed(2)} %`;
@@ -125,6 +123,9 @@ function clockNote(d) {
 
 function renderDevice(d) {
   const st = d.status;
+  // A device time told as an age on the dashboard's clock: one from a clock that is off (1970) is moved by that
+  // offset, or the card would say "498866 h ago" of a status just received.
+  const sinceSent = (t) => agoServer(d.clock_off ? t - d.clock_offset_s : t);
   const state = deviceState(d);
   const card = el("article", { class: "device", "data-device": d.device_id, "data-state": state });
   const badge = el("span", { class: `state state-${state}`, text: state,
@@ -136,7 +137,7 @@ function renderDevice(d) {
     // It went offline while this dashboard was not connected: when is not known, only that it was before then.
     card.append(el("p", { class: "meta warn lost", text: `connection lost without a clean stop (last will) while this dashboard was not connected: offline since before ${fmtTime(st.offline_since_before)}; latest status ${fmtTime(st.timestamp)}; figures are its last known ones` }));
   } else if (st && st.last_will) {
-    card.append(el("p", { class: "meta warn lost", text: `connection lost without a clean stop (last will) ${agoServer(st.timestamp)}; figures are its last known ones` }));
+    card.append(el("p", { class: "meta warn lost", text: `connection lost without a clean stop (last will) ${sinceSent(st.timestamp)}; figures are its last known ones` }));
   } else if (state === "silent") {
     card.append(el("p", { class: "meta warn lost", text: `nothing heard since ${fmtTime(d.last_seen)}` }));
   }
@@ -147,7 +148,7 @@ function renderDevice(d) {
       `${st.fps.toFixed(1)} fps`,
       `${st.frames_processed} frames` + (st.frames_dropped ? `, ${st.frames_dropped} dropped` : "") + (st.frames_corrupt ? `, ${st.frames_corrupt} corrupt` : ""),
       st.spooled_alerts ? `${st.spooled_alerts} alerts spooled` : "",
-      `status ${agoServer(st.timestamp)}`,
+      `status ${sinceSent(st.timestamp)}`,
     ].filter(Boolean);
     card.append(el("p", { class: "meta", text: bits.join(" | ") }));
     if (st.prompts && st.prompts.length) card.append(el("p", { class: "meta", text: "prompts: " + st.prompts.join(", ") }));
@@ -170,7 +171,7 @@ function renderDevice(d) {
   }
   const det = d.detection;
   if (det) {
-    card.append(el("p", { class: "meta", text: `frame #${det.frame_id} ${det.width}x${det.height}, ${det.inference_ms.toFixed(1)} ms inference, ${agoServer(det.timestamp)}` }));
+    card.append(el("p", { class: "meta", text: `frame #${det.frame_id} ${det.width}x${det.height}, ${det.inference_ms.toFixed(1)} ms inference, ${sinceSent(det.timestamp)}` }));
     card.append(figuresTable(det));
   }
   return card;
@@ -217,6 +218,14 @@ function alertFilter() {
 const matches = (a, f) => (!f.cls || a.class_name === f.cls) && (f.showAcked || !a.acked);
 const newerFirst = (x, y) => (y.sort_time - x.sort_time) || (y.event_id < x.event_id ? -1 : y.event_id > x.event_id ? 1 : 0);
 const olderThan = (a, b) => newerFirst(a, b) > 0;
+
+// The CSV download of what the filter shows (every page the store keeps), for the link beside the filters.
+function csvHref(f) {
+  const q = new URLSearchParams({ include_acked: f.showAcked ? "1" : "0" });
+  if (f.cls) q.set("class", f.cls);
+  return `/api/alerts.csv?${q}`;
+}
+const followFilters = () => { document.getElementById("download-alerts").href = csvHref(alertFilter()); };
 
 function alertsQuery(f, before) {
   const q = new URLSearchParams({ limit: String(ALERT_PAGE + 1), include_acked: f.showAcked ? "1" : "0" });
@@ -416,8 +425,8 @@ function connect() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  document.getElementById("alert-class").addEventListener("change", () => loadAlerts(true));
-  document.getElementById("show-acked").addEventListener("change", () => loadAlerts(true));
+  document.getElementById("alert-class").addEventListener("change", () => { followFilters(); loadAlerts(true); });
+  document.getElementById("show-acked").addEventListener("change", () => { followFilters(); loadAlerts(true); });
   document.getElementById("older-alerts").addEventListener("click", () => loadAlerts(false));
   renderLinks();
   connect();
