@@ -30,10 +30,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
-    YamlConfigSettingsSource,
 )
 
 from drywallqa.edge.payloads import MAX_ID_CHARS
@@ -372,15 +372,17 @@ class EdgeSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Priority, highest first: explicit arguments, environment, the YAML file.
-        yaml_path = _YAML_PATH.get("path")
+        # The file's settings as load_settings read and checked them (pydantic-settings' YAML source is an
+        # InitSettingsSource over the same yaml.safe_load of the file: this one does not read the file again).
+        yaml_data = _YAML_DATA.get("data")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if yaml_path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+        if yaml_data is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=yaml_data))
         return tuple(sources)
 
 
-# The YAML file for the next EdgeSettings() construction (pydantic-settings reads it from model_config or here).
-_YAML_PATH: dict[str, Path | None] = {"path": None}
+# The YAML file's settings for the next EdgeSettings() construction (load_settings sets them, then clears them).
+_YAML_DATA: dict[str, dict[str, Any] | None] = {"data": None}
 
 
 def default_config_path() -> Path:
@@ -454,9 +456,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSettings:
     """Read the YAML file (default: the packaged configs/edge.yaml), apply env overrides, validate."""
     path = Path(config) if config is not None else default_config_path()
-    read_config_file(path)
+    data = read_config_file(path)
     check_environment()
-    _YAML_PATH["path"] = path
+    _YAML_DATA["data"] = data
     try:
         return EdgeSettings(**overrides)
     except ValidationError as exc:
@@ -467,7 +469,7 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> EdgeSet
                           f"the environment must be JSON, e.g. {ENV_PREFIX}ANALYSIS__PROMPTS="
                           f"'[\"segment crack\"]'; a single setting needs '__', e.g. {ENV_PREFIX}MQTT__HOST") from exc
     finally:
-        _YAML_PATH["path"] = None
+        _YAML_DATA["data"] = None
 
 
 def _is_complex(annotation: Any) -> bool:
