@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 from .store import AlertStore
@@ -26,19 +25,14 @@ EXPORT_PAGE = 500  # alerts fetched from the store per call while walking the wh
 def all_alerts(store: AlertStore, class_name: str | None = None, include_acked: bool = True) -> list[dict]:
     """Every alert the store holds that matches, newest first, fetched a page at a time with the store's
     `before` cursor (an alert arriving meanwhile is above the cursor and left out, never listed twice)."""
-    return list(_walk(lambda before: store.alerts(
-        class_name=class_name, include_acked=include_acked, limit=EXPORT_PAGE, before=before)))
-
-
-def _walk(fetch: Callable[[tuple[float, str] | None], list[dict]]) -> Iterator[dict]:
+    alerts: list[dict] = []
     before: tuple[float, str] | None = None
     while True:
-        page = fetch(before)
-        yield from page
+        page = store.alerts(class_name=class_name, include_acked=include_acked, limit=EXPORT_PAGE, before=before)
+        alerts += page
         if len(page) < EXPORT_PAGE:
-            return
-        last = page[-1]
-        before = (last["sort_time"], last["event_id"])
+            return alerts
+        before = (page[-1]["sort_time"], page[-1]["event_id"])
 
 
 def alerts_csv(alerts: list[dict]) -> str:

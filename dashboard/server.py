@@ -570,9 +570,10 @@ def _alert_filter(query: dict[str, list[str]]) -> tuple[str | None, bool]:
     include_acked that is not a yes or a no, rather than reading a typo as "yes"."""
     cls = (query.get("class") or [""])[0] or None
     include_acked = (query.get("include_acked") or ["1"])[0]
-    if include_acked.strip().lower() not in INCLUDE_ACKED_VALUES:
+    value = INCLUDE_ACKED_VALUES.get(include_acked.strip().lower())
+    if value is None:
         raise ReviewError(f"include_acked must be 1 or 0 (or true/false, yes/no), not {include_acked!r}")
-    return cls, INCLUDE_ACKED_VALUES[include_acked.strip().lower()]
+    return cls, value
 
 
 def _ack_body(body: bytes) -> dict:
